@@ -1,0 +1,47 @@
+"""Errors calmgraph raises. Problems with the user's input subclass `ValueError`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class CalmGraphError(Exception):
+    """Base of every error calmgraph raises on purpose."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a spec, at a location such as `edges[1].layers[0]`."""
+
+    loc: str
+    msg: str
+
+    def __str__(self) -> str:
+        return f"{self.loc}: {self.msg}" if self.loc else self.msg
+
+
+class SpecError(CalmGraphError, ValueError):
+    """The composition spec is invalid. `problems` lists every problem found, each with its location."""
+
+    def __init__(self, problems: list[Problem], header: str = "invalid composition spec"):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{header} ({len(self.problems)} problem{'s' * (len(self.problems) != 1)}):\n{lines}")
+
+
+class LayerRefError(SpecError):
+    """A layer reference in the spec does not name a block of its model (found only once models are known)."""
+
+    def __init__(self, problems: list[Problem]):
+        super().__init__(problems, header="layer references do not match the models")
+
+
+class ModelError(CalmGraphError, ValueError):
+    """The models passed to `compile` do not fit the spec (missing, wrong type, device or dtype clash)."""
+
+
+class TraceError(CalmGraphError, ValueError):
+    """No front end could turn a model into a torch.fx graph."""
+
+
+class InputError(CalmGraphError, ValueError):
+    """A composed model was called with inputs of the wrong name, shape or dtype."""

@@ -1,0 +1,85 @@
+"""The composition graph: models as nodes, edges from the model read to the model it feeds (networkx).
+
+It decides what a spec may say about its models as a whole: one anchor, unique names, no cycles, every
+augment reaching the anchor, no way for the future of the shared sequence to leak into the past.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import networkx as nx
+
+from .errors import Problem
+
+if TYPE_CHECKING:
+    from .spec import CompositionSpec
+
+
+def composition_graph(spec: "CompositionSpec") -> nx.DiGraph:
+    """Node attributes: `role` (anchor | augment), `input` (shared | prompt). Edge attribute: `index` list."""
+    g = nx.DiGraph()
+    g.add_node(spec.anchor.name, role="anchor", input="shared")
+    for aug in spec.augments:
+        g.add_node(aug.name, role="augment", input=aug.input)
+    for i, edge in enumerate(spec.edges):
+        if g.has_edge(edge.source, edge.target):
+            g.edges[edge.source, edge.target]["index"].append(i)
+        else:
+            g.add_edge(edge.source, edge.target, index=[i])
+    return g
+
+
+def build_order(spec: "CompositionSpec") -> list[str]:
+    """Models in an order where every model comes after all it reads; the anchor last."""
+    return list(nx.lexicographical_topological_sort(composition_graph(spec)))
+
+
+def graph_problems(spec: "CompositionSpec") -> list[Problem]:
+    problems: list[Problem] = []
+    anchor = spec.anchor.name
+    names = {anchor: "anchor.name"}
+    for i, aug in enumerate(spec.augments):
+        if aug.name == anchor:
+            problems.append(Problem(f"augments[{i}].name", f"{aug.name!r} is the anchor; a model cannot be both anchor and augment"))
+        elif aug.name in names:
+            problems.append(Problem(f"augments[{i}].name", f"duplicate model name {aug.name!r} (also at {names[aug.name]})"))
+        else:
+            names[aug.name] = f"augments[{i}].name"
+    known = ", ".join(names)
+    inputs = {anchor: "shared", **{a.name: a.input for a in spec.augments}}
+
+    for i, edge in enumerate(spec.edges):
+        for end in ("source", "target"):
+            name = getattr(edge, end)
+            if name not in names:
+                problems.append(Problem(f"edges[{i}].{end}", f"unknown model {name!r} (models: {known})"))
+        if edge.source == edge.target:
+            problems.append(Problem(f"edges[{i}]", f"self-loop: {edge.source!r} cannot attend to itself"))
+        elif edge.source == anchor:
+            problems.append(Problem(f"edges[{i}].source", f"the anchor {anchor!r} is what the composition computes; it cannot feed another model"))
+        elif inputs.get(edge.source) == "shared" and inputs.get(edge.target) == "prompt":
+            problems.append(Problem(
+                f"edges[{i}]",
+                f"{edge.source!r} reads the shared sequence and {edge.target!r} a prompt: the prompt model would "
+                f"see the whole shared sequence and leak its future into the anchor; make {edge.source!r} a prompt "
+                f"augment or {edge.target!r} a shared one"))
+        if isinstance(edge.layers, list):
+            seen: dict[tuple, int] = {}
+            for j, pair in enumerate(edge.layers):
+                if pair in seen:
+                    problems.append(Problem(f"edges[{i}].layers[{j}]", f"duplicate layer pair {list(pair)} (also at layers[{seen[pair]}])"))
+                seen.setdefault(pair, j)
+    if problems:
+        return problems  # the graph checks below assume known, distinct names
+
+    g = composition_graph(spec)
+    try:
+        cycle = nx.find_cycle(g)
+        path = " -> ".join([u for u, _ in cycle] + [cycle[0][0]])
+        problems.append(Problem("edges", f"cycle {path}: a model cannot (indirectly) attend to itself"))
+    except nx.NetworkXNoCycle:
+        pass
+    for i, aug in enumerate(spec.augments):
+        if not nx.has_path(g, aug.name, anchor):
+            problems.append(Problem(f"augments[{i}]", f"augment {aug.name!r} reaches the anchor {anchor!r} through no edge; add an edge or remove it"))
+    return problems

@@ -1,0 +1,202 @@
+"""The composition spec: which models, which edges, which layer pairs. Pure data (pydantic v2).
+
+A spec is checked in two steps. Here: its shape and its composition graph (names, cycles, reachability),
+every problem reported at once with its location. In `compile`: the layer references against the real
+models (`resolve.py`), before anything is built.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PositiveInt, Tag, ValidationError,
+                      model_validator)
+
+from .errors import Problem, SpecError
+
+NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]*$"  # becomes part of attribute and argument names in the graph
+
+LayerRef = Union[int, str]  # block index (negative counts from the end) or qualified block name
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def __init__(self, **data: Any):
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise spec_error_from(e) from None
+
+
+class CrossAttentionSpec(_Spec):
+    """How each cross-attention block is built. `None` means: derive it from the models."""
+
+    heads: PositiveInt | None = None          # default: the target's head count if known, else dim // 64
+    dim_head: PositiveInt | None = None       # default: dim // heads
+    norm: Literal["rms", "layer", "none"] = "rms"   # pre-norm of the target's hidden states
+    gate: Literal["zero", "tanh"] = "zero"    # zero: output projection starts at 0; tanh: gate starts at 0
+    project_context: bool = True              # f_proj: linear map from source dim to target dim
+
+
+class CrossAttentionOverride(_Spec):
+    """Per-edge override: only the fields given replace the spec-wide defaults."""
+
+    heads: PositiveInt | None = None
+    dim_head: PositiveInt | None = None
+    norm: Literal["rms", "layer", "none"] | None = None
+    gate: Literal["zero", "tanh"] | None = None
+    project_context: bool | None = None
+
+
+class Every(_Spec):
+    """The paper's layer choice: source layers k-1, 2k-1, ... paired with target layers spread uniformly."""
+
+    every: PositiveInt
+
+
+LayerPair = tuple[LayerRef, LayerRef]  # (source layer, target layer)
+
+
+def _layers_kind(v: Any) -> str:
+    return "every" if isinstance(v, (dict, Every)) else "pairs"
+
+
+Layers = Annotated[
+    Union[Annotated[Every, Tag("every")], Annotated[list[LayerPair], Field(min_length=1), Tag("pairs")]],
+    Discriminator(_layers_kind),
+]
+
+
+class ModelSpec(_Spec):
+    name: str = Field(pattern=NAME_PATTERN)
+    blocks: str | None = None                  # qualified name of the ModuleList of blocks; auto if omitted
+    tap: Literal["output", "input"] = "output"  # read/modify each block's output or its input
+
+
+class AnchorSpec(ModelSpec):
+    pass
+
+
+class AugmentSpec(ModelSpec):
+    input: Literal["shared", "prompt"] = "shared"  # shared: the anchor's tokens (causal); prompt: its own
+
+
+class EdgeSpec(_Spec):
+    source: str
+    target: str
+    layers: Layers
+    cross_attention: CrossAttentionOverride | None = None
+
+
+class CompositionSpec(_Spec):
+    """An anchor, its augments, and the edges (with layer pairs) through which they feed it."""
+
+    anchor: AnchorSpec
+    augments: list[AugmentSpec] = Field(min_length=1)
+    edges: list[EdgeSpec] = Field(min_length=1)
+    cross_attention: CrossAttentionSpec = CrossAttentionSpec()
+
+    @model_validator(mode="after")
+    def _check_graph(self) -> "CompositionSpec":
+        from .graph import graph_problems  # graph.py builds on this module's types
+        problems = graph_problems(self)
+        if problems:
+            raise SpecError(problems)
+        return self
+
+    # -- views --------------------------------------------------------------------------------------
+    @property
+    def models(self) -> list[ModelSpec]:
+        return [self.anchor, *self.augments]
+
+    def model(self, name: str) -> ModelSpec:
+        return next(m for m in self.models if m.name == name)
+
+    def cross_attention_for(self, edge: EdgeSpec) -> CrossAttentionSpec:
+        if edge.cross_attention is None:
+            return self.cross_attention
+        return self.cross_attention.model_copy(update=edge.cross_attention.model_dump(exclude_none=True))
+
+    # -- serialisation ------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json", exclude_defaults=True)
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "CompositionSpec":
+        if not isinstance(data, dict):
+            raise SpecError([Problem("", f"a spec is a mapping with keys anchor, augments, edges; got {type(data).__name__}")])
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "CompositionSpec":
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise SpecError([Problem("", f"not valid YAML: {e}")]) from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "CompositionSpec":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SpecError([Problem("", f"not valid JSON: {e}")]) from None
+        return cls.from_dict(data)
+
+
+def load_spec(source: str | Path | dict | CompositionSpec) -> CompositionSpec:
+    """A spec from a `.yaml`/`.yml`/`.json` file, a dict, or a spec (returned as is)."""
+    if isinstance(source, CompositionSpec):
+        return source
+    if isinstance(source, dict):
+        return CompositionSpec.from_dict(source)
+    path = Path(source)
+    if not path.is_file():
+        raise SpecError([Problem("", f"no spec file at {str(path)!r}")])
+    text = path.read_text()
+    if path.suffix.lower() == ".json":
+        return CompositionSpec.from_json(text)
+    return CompositionSpec.from_yaml(text)
+
+
+# -- pydantic errors -> located problems -------------------------------------------------------------
+_TAGS = {"every", "pairs"}
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in _TAGS and i > 0 and loc[i - 1] == "layers":
+            continue  # the discriminator's tag, not a key the user wrote
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def spec_error_from(e: ValidationError) -> SpecError:
+    problems = []
+    for err in e.errors():
+        ctx_error = (err.get("ctx") or {}).get("error")
+        if isinstance(ctx_error, SpecError):  # raised by the graph check: already located
+            problems.extend(ctx_error.problems)
+            continue
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling; unknown keys are not ignored)"
+        elif err["type"] == "missing":
+            msg = "required but missing"
+        if "input" in err and err["type"] not in ("missing",):
+            msg += f" (got {err['input']!r})"
+        problems.append(Problem(_loc(err["loc"]), msg))
+    return SpecError(problems)
