@@ -1,0 +1,14 @@
+"""calmgraph: compose language models CALM-style, compiled into one torch.fx GraphModule."""
+from .composed import ComposedModel
+from .compiler import TapPoint, compile, tap_points
+from .cross_attention import CrossAttention
+from .errors import CalmGraphError, InputError, LayerRefError, ModelError, SpecError, TraceError
+from .spec import (AnchorSpec, AugmentSpec, CompositionSpec, CrossAttentionSpec, EdgeSpec, Every,
+                   load_spec)
+
+__all__ = [
+    "AnchorSpec", "AugmentSpec", "CalmGraphError", "ComposedModel", "CompositionSpec", "CrossAttention",
+    "CrossAttentionSpec", "EdgeSpec", "Every", "InputError", "LayerRefError", "ModelError", "SpecError",
+    "TapPoint", "TraceError", "compile", "load_spec", "tap_points",
+]
+__version__ = "0.1.0"

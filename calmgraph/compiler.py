@@ -1,0 +1,67 @@
+"""`compile`: spec + models -> one fused torch.fx GraphModule. Each stage is a pass in `passes/`."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.fx as fx
+import torch.nn as nn
+
+from .blocks import find_blocks
+from .composed import ComposedModel
+from .errors import LayerRefError, Problem
+from .blocks import BlockListError
+from .graph import build_order
+from .passes.gather import find_all_blocks, gather
+from .passes.merge import merge
+from .passes.prune import prune as prune_pass
+from .passes.resolve import resolve
+from .passes.splice import splice
+from .passes.trace import model_device, trace_model
+from .passes.verify import verify
+from .spec import CompositionSpec, load_spec
+
+
+def compile(spec: CompositionSpec | str | Path | dict, models: dict[str, nn.Module] | None = None, *,
+            prune: bool = True) -> ComposedModel:
+    """Compile a composition. The models are not modified; see the README for what this means for
+    `requires_grad`. Every problem with the spec or the models is raised before anything is built."""
+    started = time.perf_counter()
+    spec = load_spec(spec)
+    models = gather(spec, models)                                   # names, types, one device
+    blocks = find_all_blocks(spec, models)                          # every model's block list
+    traced = {m.name: trace_model(m.name, models[m.name], blocks[m.name], tap=m.tap,
+                                  prompt=getattr(m, "input", "shared") == "prompt") for m in spec.models}
+    links = resolve(spec, traced)                                   # layer refs -> (source, target) blocks
+    order = build_order(spec)                                       # sources before targets, anchor last
+    merged = merge(spec, traced, order)                             # one graph, namespaced per model
+    splice(merged, links, order)                                    # cross-attention nodes
+    owner = fx.GraphModule(merged.root, merged.graph)
+    augments = [a.name for a in spec.augments]
+    pruned = prune_pass(owner.graph, {a: merged.taps[a] for a in augments},
+                        {a: merged.outputs[a] for a in augments}, enabled=prune)
+    composed = ComposedModel(owner, owner.graph, spec=spec, links=links, pruned=pruned,
+                             frontends={n: t.frontend for n, t in traced.items()}, input_names=merged.input_names)
+    anchor_out = merged.outputs[spec.anchor.name].meta["val"].shape
+    verify(composed, sum(a.input == "prompt" for a in spec.augments), model_device(models[spec.anchor.name]), anchor_out)
+    composed.compile_seconds = time.perf_counter() - started
+    return composed
+
+
+@dataclass(frozen=True)
+class TapPoint:
+    index: int
+    name: str    # qualified module name of the block
+    dim: int     # hidden size of what the block reads/writes
+
+
+def tap_points(model: nn.Module, blocks: str | None = None, *, tap: str = "output",
+               prompt: bool = False) -> list[TapPoint]:
+    """The blocks of `model` an edge can tap, in order, with their hidden sizes (from tracing)."""
+    try:
+        found = find_blocks(model, blocks)
+    except BlockListError as e:
+        raise LayerRefError([Problem("blocks", str(e))]) from None
+    traced = trace_model(type(model).__name__, model, found, prompt=prompt, tap=tap)
+    return [TapPoint(b.index, b.name, int(n.meta["val"].shape[-1])) for b, n in zip(found, traced.taps)]

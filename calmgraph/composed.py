@@ -1,0 +1,49 @@
+"""The compiled composition: one torch.fx.GraphModule, plus what it was built from."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch.fx as fx
+import torch.nn as nn
+
+from .passes.prune import PruneReport
+from .passes.resolve import Link
+from .passes.splice import ROOT
+from .spec import CompositionSpec
+
+
+class ComposedModel(fx.GraphModule):
+    """`composed(input_ids, <augment>_input_ids=..., <augment>_mask=...) -> anchor logits (B, T, vocab)`.
+
+    Each model lives under its spec name (`composed.base`, `composed.kv`), sharing the user's weight
+    storage through frozen parameters; the new cross-attention blocks live under `composed.xattn`.
+    """
+
+    def __init__(self, root: nn.Module, graph: fx.Graph, *, spec: CompositionSpec, links: list[Link],
+                 pruned: PruneReport, frontends: dict[str, str], input_names: list[str]):
+        super().__init__(root, graph, class_name="ComposedModel")
+        self.spec = spec
+        self.links = links
+        self.pruned = pruned
+        self.frontends = frontends
+        self.input_names = input_names
+        self.compile_seconds: float | None = None
+
+    def new_parameters(self) -> Iterator[nn.Parameter]:
+        """The only trainable parameters: those of the cross-attention blocks."""
+        return self.get_submodule(ROOT).parameters()
+
+    def named_new_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((f"{ROOT}.{n}", p) for n, p in self.get_submodule(ROOT).named_parameters())
+
+    def train(self, mode: bool = True) -> "ComposedModel":
+        """Only the new blocks change mode: the frozen models always run as in eval (no dropout)."""
+        super().train(mode)
+        for m in self.spec.models:
+            if hasattr(self, m.name):
+                getattr(self, m.name).eval()
+        return self
+
+    def summary(self) -> str:
+        from .report import summary
+        return summary(self)

@@ -1,0 +1,47 @@
+"""The block CALM adds for each (source layer, target layer) pair: f_proj then f_cross (Bansal et al., 2024).
+
+    delta = W_O . Attn(Q = norm(H_B) W_Q, K = f_proj(H_A) W_K, V = f_proj(H_A) W_V)      H_B <- H_B + delta
+
+The block returns only `delta`; the residual add is its own node in the fused graph. With `gate="zero"`
+W_O starts at zero, with `gate="tanh"` a scalar gate tanh(g) starts at zero: either way the composition
+computes exactly the target model at initialisation.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+NORMS = {"rms": nn.RMSNorm, "layer": nn.LayerNorm, "none": lambda dim: nn.Identity()}
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, dim_context: int, *, heads: int, dim_head: int, norm: str = "rms",
+                 gate: str = "zero", project_context: bool = True, causal: bool = False):
+        super().__init__()
+        if not project_context and dim_context != dim:
+            raise ValueError(f"project_context=False needs equal dims; got context {dim_context} and {dim}")
+        self.heads, self.causal = heads, causal
+        inner = heads * dim_head
+        self.norm = NORMS[norm](dim)
+        self.proj = nn.Linear(dim_context, dim) if project_context else nn.Identity()  # f_proj
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+        self.gate = nn.Parameter(torch.zeros(1)) if gate == "tanh" else None
+        if gate == "zero":
+            nn.init.zeros_(self.to_out.weight)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None):
+        """x: (B, T, dim) target states; context: (B, S, dim_context) source states; context_mask: (B, S),
+        nonzero where the source position is real (prompt mode). Causal blocks need S == T."""
+        c = self.proj(context.to(self.to_kv.weight.dtype))                        # (B, S, dim)
+        q = rearrange(self.to_q(self.norm(x)), "b t (h d) -> b h t d", h=self.heads)
+        k, v = rearrange(self.to_kv(c), "b s (two h d) -> two b h s d", two=2, h=self.heads)
+        mask = None if context_mask is None else context_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal)
+        if mask is not None:  # a prompt that is all padding gives no context (and not NaN)
+            out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+        out = self.to_out(rearrange(out, "b h t d -> b t (h d)"))
+        return out * self.gate.tanh() if self.gate is not None else out

@@ -1,0 +1,89 @@
+"""Pass 3, merge: every model's graph -> ONE graph, each model namespaced under its name.
+
+Node names get the model's name as prefix (`kv_add_7`), attribute targets its submodule (`kv.transformer...`).
+The fused inputs: `input_ids` (the anchor and shared augments), then per prompt augment `<name>_input_ids`
+and an optional `<name>_mask`. The fused output: the anchor's output.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..errors import InputError
+from ..spec import CompositionSpec
+from .trace import ENTRY, TracedModel
+
+MODEL_KEY = "calmgraph_model"  # node.meta key: which model a node came from
+
+
+def check_token_ids(input_ids: torch.Tensor, name: str) -> torch.Tensor:
+    """Call-time check of a token-id input (the graph's first node for each input)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():
+        got = (f"a {tuple(input_ids.shape)} {input_ids.dtype} tensor" if isinstance(input_ids, torch.Tensor)
+               else type(input_ids).__name__)
+        raise InputError(f"{name} must be a (batch, seq) tensor of integer token ids; got {got}")
+    return input_ids
+
+
+def prompt_mask(input_ids: torch.Tensor, mask: torch.Tensor | None, name: str) -> torch.Tensor:
+    """The padding mask of a prompt (1 = real token); all ones when none is given."""
+    if mask is None:
+        return torch.ones_like(input_ids)
+    if not isinstance(mask, torch.Tensor) or mask.shape != input_ids.shape:
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise InputError(f"{name} must have the shape of its input ids {tuple(input_ids.shape)}; got {got}")
+    return mask
+
+
+@dataclass
+class Merged:
+    graph: fx.Graph
+    root: nn.Module                              # holds each model's frozen copy under its name
+    taps: dict[str, list[fx.Node]]               # per model, per block: tap node in the fused graph
+    outputs: dict[str, fx.Node]                  # per model: its output node (the anchor's is the result)
+    masks: dict[str, fx.Node] = field(default_factory=dict)  # per prompt augment: its padding mask
+    input_names: list[str] = field(default_factory=list)
+
+
+def merge(spec: CompositionSpec, traced: dict[str, TracedModel], order: list[str]) -> Merged:
+    graph = fx.Graph()
+    root = nn.Module()
+    prompts = [a.name for a in spec.augments if a.input == "prompt"]
+
+    # Inputs first: every required one, then the optional masks (Python's argument order).
+    raw_ids = {None: graph.placeholder("input_ids")}
+    raw_ids.update({name: graph.placeholder(f"{name}_input_ids") for name in prompts})
+    raw_masks = {name: graph.placeholder(f"{name}_mask", default_value=None) for name in prompts}
+    ids = {key: graph.call_function(check_token_ids, (node, node.name)) for key, node in raw_ids.items()}
+    merged = Merged(graph, root, {}, {}, input_names=[n.name for n in (*raw_ids.values(), *raw_masks.values())])
+    for name in prompts:
+        merged.masks[name] = graph.call_function(prompt_mask, (ids[name], raw_masks[name], f"{name}_mask"))
+
+    for name in order:
+        model = traced[name]
+        root.add_module(name, model.module)
+        inputs = [ids[name], merged.masks[name]] if name in prompts else [ids[None]]
+        env: dict[fx.Node, fx.Node] = {}
+        placeholders = iter(inputs)
+        for node in model.graph.nodes:
+            if node.op == "placeholder":
+                env[node] = next(placeholders)
+            elif node.op == "output":
+                out = node.args[0]
+                while isinstance(out, (tuple, list)) and len(out) == 1:  # torch.export flattens outputs
+                    out = out[0]
+                merged.outputs[name] = env[out]
+            else:
+                target = f"{name}.{node.target}" if node.op in ("get_attr", "call_module") else node.target
+                new = graph.create_node(node.op, target, fx.node.map_arg(node.args, env.__getitem__),
+                                        fx.node.map_arg(node.kwargs, env.__getitem__), name=f"{name}_{node.name.removeprefix(ENTRY + '_')}",
+                                        type_expr=node.type)
+                new.meta = {**node.meta, MODEL_KEY: name}
+                env[node] = new
+        merged.taps[name] = [env[n] for n in model.taps]
+
+    graph.output(merged.outputs[spec.anchor.name])
+    return merged

@@ -1,0 +1,112 @@
+"""Pass 2, resolve: every edge's layer references -> concrete (source block, target block) links.
+
+Runs on the traced models, before anything is built: every reference that does not fit its model is
+reported at once, with its location in the spec, a "did you mean", and the model's tap points.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+
+from ..errors import LayerRefError, Problem
+from ..spec import CompositionSpec, CrossAttentionSpec, Every
+from .trace import TracedModel
+
+
+@dataclass(frozen=True)
+class Link:
+    """One cross-attention block: target block `target_layer` attends to source block `source_layer`."""
+
+    edge: int                  # index into spec.edges
+    source: str
+    target: str
+    source_layer: int
+    target_layer: int
+    source_dim: int
+    target_dim: int
+    heads: int
+    dim_head: int
+    config: CrossAttentionSpec
+    causal: bool               # shared source: position t sees source positions <= t
+
+    @property
+    def module_path(self) -> tuple[str, str]:
+        return f"{self.source}_to_{self.target}", f"l{self.source_layer}_to_l{self.target_layer}"
+
+
+def every_pairs(k: int, n_source: int, n_target: int) -> list[tuple[int, int]]:
+    """The paper's choice: source layers k-1, 2k-1, ... (n = n_source // k) with n target layers spread
+    uniformly, the last pair at the target's last block (target i = round((i+1) * n_target / n) - 1)."""
+    n = n_source // k
+    return [((i + 1) * k - 1, max(0, math.floor((i + 1) * n_target / n + 0.5) - 1)) for i in range(n)]
+
+
+def _tap_list(model: TracedModel) -> str:
+    names = [b.name for b in model.blocks]
+    shown = names if len(names) <= 8 else [*names[:3], "...", *names[-3:]]
+    return f"{len(names)} blocks: {', '.join(shown)}"
+
+
+def _resolve_ref(ref, model: TracedModel, loc: str, problems: list[Problem]) -> int | None:
+    n = len(model.blocks)
+    if isinstance(ref, int):
+        if -n <= ref < n:
+            return ref % n
+        problems.append(Problem(loc, f"layer {ref} is out of range for {model.name!r}, which has {n} blocks "
+                                     f"(0..{n - 1}, or -{n}..-1 from the end)"))
+        return None
+    for block in model.blocks:
+        if block.name == ref:
+            return block.index
+    close = difflib.get_close_matches(ref, [b.name for b in model.blocks], n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    problems.append(Problem(loc, f"{ref!r} is not a block of {model.name!r}; {hint}tap points: {_tap_list(model)}"))
+    return None
+
+
+def _heads(config: CrossAttentionSpec, target: TracedModel) -> tuple[int, int]:
+    heads = config.heads or (target.heads if target.heads and target.dim % target.heads == 0 else None)
+    heads = heads or max(1, target.dim // 64)
+    return heads, config.dim_head or max(1, target.dim // heads)
+
+
+def resolve(spec: CompositionSpec, traced: dict[str, TracedModel]) -> list[Link]:
+    problems: list[Problem] = []
+    links: list[Link] = []
+    inputs = {spec.anchor.name: "shared", **{a.name: a.input for a in spec.augments}}
+    for i, edge in enumerate(spec.edges):
+        source, target = traced[edge.source], traced[edge.target]
+        config = spec.cross_attention_for(edge)
+        if not config.project_context and source.dim != target.dim:
+            problems.append(Problem(f"edges[{i}].cross_attention.project_context",
+                                    f"false needs equal hidden sizes, but {source.name!r} has {source.dim} and "
+                                    f"{target.name!r} {target.dim}; set it to true"))
+        if isinstance(edge.layers, Every):
+            if edge.layers.every > len(source.blocks):
+                problems.append(Problem(f"edges[{i}].layers.every",
+                                        f"{edge.layers.every} exceeds the depth of {source.name!r} ({len(source.blocks)} blocks)"))
+                continue
+            pairs = every_pairs(edge.layers.every, len(source.blocks), len(target.blocks))
+        else:
+            pairs = []
+            for j, (s, t) in enumerate(edge.layers):
+                rs = _resolve_ref(s, source, f"edges[{i}].layers[{j}][0]", problems)
+                rt = _resolve_ref(t, target, f"edges[{i}].layers[{j}][1]", problems)
+                if rs is not None and rt is not None:
+                    pairs.append((rs, rt))
+        heads, dim_head = _heads(config, target)
+        for s, t in pairs:
+            links.append(Link(i, edge.source, edge.target, s, t, source.dim, target.dim, heads, dim_head,
+                              config, causal=inputs[edge.source] == "shared"))
+    seen: dict[tuple, int] = {}
+    for link in links:
+        key = (link.source, link.target, link.source_layer, link.target_layer)
+        if key in seen:
+            problems.append(Problem(f"edges[{link.edge}].layers",
+                                    f"layer pair ({link.source_layer}, {link.target_layer}) of {link.source!r} -> "
+                                    f"{link.target!r} is also given by edges[{seen[key]}]"))
+        seen.setdefault(key, link.edge)
+    if problems:
+        raise LayerRefError(problems)
+    return links

@@ -1,0 +1,64 @@
+"""Pass 4, splice: a cross-attention node for every link, its delta added to the target's tap.
+
+All links into one tap read the tap's original value and their deltas are summed (order-free):
+    h' = h + xattn_1(h, ctx_1) + xattn_2(h, ctx_2)
+Every later use of h then reads h'. Targets are spliced in build order, so a model that is both a target
+and a source (augment -> augment -> anchor) passes on its composed states.
+"""
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+
+import torch.nn as nn
+
+from ..cross_attention import CrossAttention
+from .merge import Merged
+from .resolve import Link
+
+ROOT = "xattn"  # every new module lives under this attribute: composed.xattn.<source>_to_<target>.l<i>_to_l<j>
+
+
+def build_block(link: Link, like) -> CrossAttention:
+    """A cross-attention block on the device and in the floating dtype of the target's states `like`."""
+    c = link.config
+    block = CrossAttention(link.target_dim, link.source_dim, heads=link.heads, dim_head=link.dim_head,
+                           norm=c.norm, gate=c.gate, project_context=c.project_context, causal=link.causal)
+    return block.to(device=like.device, dtype=like.dtype)
+
+
+def splice(merged: Merged, links: list[Link], order: list[str]) -> dict[str, CrossAttention]:
+    """Adds the blocks under `merged.root.xattn` and rewires the graph. Returns {module path: block}."""
+    graph, root = merged.graph, merged.root
+    root.add_module(ROOT, nn.ModuleDict())
+    into: dict[tuple[str, int], list[Link]] = defaultdict(list)
+    for link in links:
+        into[link.target, link.target_layer].append(link)
+    added = {}
+    for target in order:
+        for (name, layer), group in sorted(into.items(), key=lambda kv: kv[0][1]):
+            if name != target:
+                continue
+            tap = merged.taps[target][layer]
+            created, last, total = set(), tap, tap
+            for link in group:
+                edge_key, pair_key = link.module_path
+                edges = root.get_submodule(ROOT)
+                if edge_key not in edges:
+                    edges[edge_key] = nn.ModuleDict()
+                block = edges[edge_key][pair_key] = build_block(link, tap.meta["val"])
+                path = f"{ROOT}.{edge_key}.{pair_key}"
+                added[path] = block
+                context = merged.taps[link.source][link.source_layer]
+                args = (tap, context, merged.masks[link.source]) if link.source in merged.masks else (tap, context)
+                with graph.inserting_after(last):
+                    delta = graph.call_module(path, args)
+                with graph.inserting_after(delta):
+                    total = graph.call_function(operator.add, (total, delta))
+                delta.meta = total.meta = {"calmgraph_link": link, **{k: tap.meta[k] for k in ("val",) if k in tap.meta}}
+                created |= {delta, total}
+                last = total
+            tap.replace_all_uses_with(total, delete_user_cb=lambda user: user not in created)
+            merged.taps[target][layer] = total
+    graph.lint()
+    return added

@@ -1,0 +1,243 @@
+"""Pass 1, trace: each model -> a torch.fx graph with its blocks' tap nodes and hidden size found.
+
+Two front ends, tried in turn: a torch.fx `Tracer` that keeps each block's modules as leaves (a readable,
+module-level graph) and `torch.export` (non-strict, dynamic batch and sequence; an ATen-level graph).
+transformers models go to torch.export first (their mask builders defeat symbolic tracing).
+
+The user's model is never traced itself: it is deep-copied with every parameter and buffer replaced by a
+frozen alias of the same storage (no weight is copied, the user's `requires_grad` is not touched), and the
+copy is put in eval mode.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from ..blocks import Block, head_count
+from ..errors import TraceError
+
+ENTRY = "model"  # attribute under which the entry wrapper holds the model; stripped from node targets
+EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 7  # distinct sizes, so the tracer cannot mistake one for the other
+# Modules that do shape arithmetic a symbolic tracer cannot follow; kept opaque by the fx front end.
+FX_LEAF_CLASSES = ("AbsolutePositionalEmbedding", "ScaledSinusoidalEmbedding", "RotaryEmbedding", "BertEmbeddings")
+
+
+@dataclass
+class TracedModel:
+    """One model as a graph: placeholders (input_ids[, attention_mask]) -> one tensor output."""
+
+    name: str
+    module: nn.Module          # the frozen alias copy; every get_attr/call_module target is relative to it
+    graph: fx.Graph
+    blocks: list[Block]
+    taps: list[fx.Node]        # per block, the node holding the tapped hidden states (B, T, dim)
+    dim: int
+    heads: int | None
+    frontend: str              # "fx" or "export"
+
+
+def frozen_alias(model: nn.Module) -> nn.Module:
+    """A structural copy of `model` sharing its weight storage; parameters frozen, user's flags untouched."""
+    memo: dict[int, torch.Tensor] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(p.detach(), requires_grad=False)
+    for b in model.buffers():
+        memo[id(b)] = b.detach()
+    alias = copy.deepcopy(model, memo)
+    return alias.eval()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def first_tensor(out):
+    """The logits (or hidden states) in whatever a model returns: a tensor, an HF output, a tuple."""
+    if isinstance(out, (torch.Tensor, fx.Proxy)):  # a Proxy while the fx front end traces
+        return out
+    for key in ("logits", "last_hidden_state"):
+        value = getattr(out, key, None)
+        if isinstance(value, (torch.Tensor, fx.Proxy)):
+            return value
+    if isinstance(out, dict):
+        return first_tensor(next(iter(out.values())))
+    if isinstance(out, (tuple, list)) and out:
+        return first_tensor(out[0])
+    raise TypeError(f"model returned {type(out).__name__}, in which no tensor was found")
+
+
+def _call_kwargs(model: nn.Module) -> tuple[dict, str | None]:
+    """Keyword arguments that turn a model's cache off, and the name under which it takes a padding mask."""
+    params = inspect.signature(model.forward).parameters
+    fixed = {"use_cache": False} if "use_cache" in params else {}
+    mask_kw = next((k for k in ("attention_mask", "mask") if k in params), None)
+    return fixed, mask_kw
+
+
+class Entry(nn.Module):
+    """forward(input_ids) -> one tensor, whatever the model returns."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        setattr(self, ENTRY, model)
+        self.fixed_kwargs, _ = _call_kwargs(model)
+
+    def forward(self, input_ids):
+        return first_tensor(self.model(input_ids, **self.fixed_kwargs))
+
+
+class PromptEntry(Entry):
+    """forward(input_ids, attention_mask) -> one tensor; the padding mask reaches the model if it takes one."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        _, self.mask_kw = _call_kwargs(model)
+
+    def forward(self, input_ids, attention_mask):
+        kwargs = dict(self.fixed_kwargs)
+        if self.mask_kw == "mask":  # x-transformers: boolean, True = attend
+            kwargs["mask"] = attention_mask.bool()
+        elif self.mask_kw is not None:
+            kwargs[self.mask_kw] = attention_mask
+        return first_tensor(self.model(input_ids, **kwargs))
+
+
+def example_inputs(prompt: bool, device: torch.device) -> tuple[torch.Tensor, ...]:
+    ids = torch.zeros(EXAMPLE_BATCH, EXAMPLE_SEQ + prompt, dtype=torch.long, device=device)
+    return (ids, torch.ones_like(ids)) if prompt else (ids,)
+
+
+# -- front ends ---------------------------------------------------------------------------------------
+class _BlockLeafTracer(fx.Tracer):
+    def __init__(self, block_modules: tuple[str, ...]):
+        super().__init__()
+        self.block_modules = block_modules
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, (nn.ModuleList, nn.ModuleDict)):
+            return False
+        if any(qualname == p or qualname.startswith(p + ".") for p in self.block_modules):
+            return True
+        return type(m).__name__ in FX_LEAF_CLASSES or super().is_leaf_module(m, qualname)
+
+
+def trace_fx(entry: Entry, blocks: list[Block], inputs: tuple) -> fx.GraphModule:
+    members = tuple(f"{ENTRY}.{m}" for b in blocks for m in b.members)
+    graph = _BlockLeafTracer(members).trace(entry)
+    gm = fx.GraphModule(entry, graph)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    FakeTensorProp(gm, mode).propagate(*[mode.from_tensor(t) for t in inputs])
+    return gm
+
+
+def trace_export(entry: Entry, blocks: list[Block], inputs: tuple) -> fx.GraphModule:
+    dims = tuple({0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO} for _ in inputs)
+    program = torch.export.export(entry, inputs, strict=False, dynamic_shapes=dims)
+    gm = program.module()
+    for node in list(gm.graph.nodes):  # export's input guards check the original signature; we change it
+        if node.op == "call_module" and node.target == "_guards_fn":
+            gm.graph.erase_node(node)
+    return gm
+
+
+FRONTENDS = {"fx": trace_fx, "export": trace_export}
+
+
+def frontend_order(model: nn.Module) -> list[str]:
+    is_hf = type(model).__module__.startswith("transformers.")
+    return ["export", "fx"] if is_hf else ["fx", "export"]
+
+
+# -- taps ---------------------------------------------------------------------------------------------
+def _in(node: fx.Node, members: tuple[str, ...]) -> bool:
+    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+        if any(path == m or path.startswith(m + ".") for m in members):
+            return True
+    return False
+
+
+def _hidden(node: fx.Node) -> torch.Tensor | None:
+    val = node.meta.get("val")
+    return val if isinstance(val, torch.Tensor) and val.ndim == 3 and val.is_floating_point() else None
+
+
+def block_outputs(graph: fx.Graph, blocks: list[Block]) -> list[fx.Node]:
+    """For each block, the last node computed inside it that is read outside it: the block's output."""
+    outs = []
+    for block in blocks:
+        members = tuple(f"{ENTRY}.{m}" for m in block.members)
+        inside = [n for n in graph.nodes if _in(n, members)]
+        escaping = [n for n in inside if any(not _in(u, members) for u in n.users)]
+        # a block returning a tuple: its hidden states are element 0
+        escaping = [next((u for u in n.users if getattr(u.target, "__name__", "") == "getitem" and u.args[1] == 0), n)
+                    if _hidden(n) is None and n.op == "call_module" else n for n in escaping]
+        hidden = [n for n in escaping if _hidden(n) is not None]
+        if not hidden:
+            raise TraceError(f"found no hidden states (batch, seq, dim) leaving block {block.name!r}")
+        outs.append(hidden[-1])
+    return outs
+
+
+def block_inputs(graph: fx.Graph, blocks: list[Block], outputs: list[fx.Node]) -> list[fx.Node]:
+    """For each block, the hidden states it reads: the previous block's output, or for the first block
+    the value from outside it with the shape of its output (the embeddings)."""
+    members = tuple(f"{ENTRY}.{m}" for m in blocks[0].members)
+    dim = _hidden(outputs[0]).shape[-1]
+    feeding = [a for n in graph.nodes if _in(n, members) for a in n.all_input_nodes
+               if not _in(a, members) and _hidden(a) is not None and _hidden(a).shape[-1] == dim]
+    if not feeding:
+        raise TraceError(f"found no hidden states entering block {blocks[0].name!r}")
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return [max(feeding, key=order.__getitem__), *outputs[:-1]]
+
+
+def _strip_entry(gm: fx.GraphModule, alias: nn.Module) -> fx.Graph:
+    """Make every attribute target relative to the model copy; export's own constants move onto it."""
+    prefix = ENTRY + "."
+    for node in gm.graph.nodes:
+        if node.op not in ("get_attr", "call_module"):
+            continue
+        if node.target.startswith(prefix):
+            node.target = node.target[len(prefix):]
+        else:  # a constant torch.export lifted out of the code (e.g. a tensor literal)
+            value = getattr(gm, node.target)
+            name = "_calmgraph_" + node.target.replace(".", "_")
+            if isinstance(value, torch.Tensor):
+                alias.register_buffer(name, value, persistent=False)
+            else:
+                setattr(alias, name, value)
+            node.target = name
+    return gm.graph
+
+
+def trace_model(name: str, model: nn.Module, blocks: list[Block], *, prompt: bool, tap: str) -> TracedModel:
+    alias = frozen_alias(model)
+    entry = (PromptEntry if prompt else Entry)(alias)
+    inputs = example_inputs(prompt, model_device(model))
+    reasons = {}
+    for frontend in frontend_order(model):
+        try:
+            gm = FRONTENDS[frontend](entry, blocks, inputs)
+            outputs = block_outputs(gm.graph, blocks)
+            taps = outputs if tap == "output" else block_inputs(gm.graph, blocks, outputs)
+            break
+        except Exception as e:  # noqa: BLE001 - every front end's reason goes into the final error
+            reasons[frontend] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+    else:
+        detail = "\n".join(f"  - {k}: {v}" for k, v in reasons.items())
+        raise TraceError(
+            f"could not trace model {name!r} ({type(model).__name__}) with any front end:\n{detail}\n"
+            "hint: a model must run as model(input_ids) (prompt augments: also attention_mask=) and return "
+            "a tensor, an HF output or a tuple; name its block list with `blocks:` if the wrong one was picked")
+    graph = _strip_entry(gm, alias)
+    return TracedModel(name, alias, graph, blocks, taps, int(_hidden(taps[0]).shape[-1]),
+                       head_count(alias, blocks), frontend)

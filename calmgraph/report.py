@@ -1,0 +1,48 @@
+"""Plain-text tables describing a composition (what `calmgraph demo` prints)."""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .composed import ComposedModel
+
+
+def table(rows: list[list], header: list[str]) -> str:
+    cells = [header, *[[str(c) for c in r] for r in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(cells[0]), line(["-" * w for w in widths]), *map(line, cells[1:])])
+
+
+def summary(composed: "ComposedModel") -> str:
+    spec, pruned = composed.spec, composed.pruned
+    frozen = defaultdict(int)
+    for name, p in composed.named_parameters():
+        if not p.requires_grad:
+            frozen[name.split(".")[0]] += p.numel()
+    models = []
+    for m in spec.models:
+        role = "anchor" if m.name == spec.anchor.name else f"augment ({m.input})"
+        kept = (f"{pruned.blocks_kept[m.name]}/{pruned.blocks_total[m.name]}" if m.name in pruned.blocks_kept
+                else "all")
+        head = "removed" if pruned.head_removed.get(m.name) else "kept"
+        models.append([m.name, role, composed.frontends[m.name], f"{frozen[m.name]:,}", kept, head,
+                       pruned.nodes_before.get(m.name, 0) - pruned.nodes_after.get(m.name, 0)])
+    pairs = defaultdict(list)
+    params = defaultdict(int)
+    for link in composed.links:
+        pairs[link.edge].append(f"{link.source_layer}->{link.target_layer}")
+        block = composed.get_submodule(".".join(("xattn", *link.module_path)))
+        params[link.edge] += sum(p.numel() for p in block.parameters())
+    edges = [[f"{e.source} -> {e.target}", " ".join(pairs[i]), composed.links[[l.edge for l in composed.links].index(i)].heads,
+              f"{params[i]:,}"] for i, e in enumerate(spec.edges)]
+    n_new = sum(p.numel() for p in composed.new_parameters())
+    n_frozen = sum(frozen.values())
+    seconds = f"{composed.compile_seconds:.2f} s" if composed.compile_seconds is not None else "n/a"
+    return "\n\n".join([
+        table(models, ["model", "role", "front end", "frozen params", "blocks run", "head", "nodes pruned"]),
+        table(edges, ["edge", "layer pairs (source->target)", "heads", "new params"]),
+        f"parameters: {n_new:,} new (trainable) vs {n_frozen:,} frozen ({100 * n_new / max(1, n_frozen):.2f}%)\n"
+        f"fused graph: {len(composed.graph.nodes)} nodes, {pruned.nodes_removed} pruned; compiled in {seconds}",
+    ])
