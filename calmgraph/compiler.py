@@ -19,7 +19,7 @@ from .passes.prune import prune as prune_pass
 from .passes.resolve import resolve
 from .passes.splice import splice
 from .passes.trace import model_device, trace_model
-from .passes.verify import verify
+from .passes.verify import example_args, verify
 from .spec import CompositionSpec, load_spec
 
 
@@ -32,7 +32,8 @@ def compile(spec: CompositionSpec | str | Path | dict, models: dict[str, nn.Modu
     models = gather(spec, models)                                   # names, types, one device
     blocks = find_all_blocks(spec, models)                          # every model's block list
     traced = {m.name: trace_model(m.name, models[m.name], blocks[m.name], tap=m.tap,
-                                  prompt=getattr(m, "input", "shared") == "prompt") for m in spec.models}
+                                  prompt=getattr(m, "input", "shared") == "prompt",
+                                  prompt_input=getattr(m, "prompt_input", "input_ids")) for m in spec.models}
     links = resolve(spec, traced)                                   # layer refs -> (source, target) blocks
     order = build_order(spec)                                       # sources before targets, anchor last
     merged = merge(spec, traced, order)                             # one graph, namespaced per model
@@ -44,7 +45,8 @@ def compile(spec: CompositionSpec | str | Path | dict, models: dict[str, nn.Modu
     composed = ComposedModel(owner, owner.graph, spec=spec, links=links, pruned=pruned,
                              frontends={n: t.frontend for n, t in traced.items()}, input_names=merged.input_names)
     anchor_out = merged.outputs[spec.anchor.name].meta["val"].shape
-    verify(composed, sum(a.input == "prompt" for a in spec.augments), model_device(models[spec.anchor.name]), anchor_out)
+    prompts = [traced[a.name].example for a in spec.augments if a.input == "prompt"]
+    verify(composed, example_args(prompts, model_device(models[spec.anchor.name])), anchor_out)
     composed.compile_seconds = time.perf_counter() - started
     return composed
 
@@ -57,11 +59,11 @@ class TapPoint:
 
 
 def tap_points(model: nn.Module, blocks: str | None = None, *, tap: str = "output",
-               prompt: bool = False) -> list[TapPoint]:
+               prompt: bool = False, prompt_input: str = "input_ids") -> list[TapPoint]:
     """The blocks of `model` an edge can tap, in order, with their hidden sizes (from tracing)."""
     try:
         found = find_blocks(model, blocks)
     except BlockListError as e:
         raise LayerRefError([Problem("blocks", str(e))]) from None
-    traced = trace_model(type(model).__name__, model, found, prompt=prompt, tap=tap)
+    traced = trace_model(type(model).__name__, model, found, prompt=prompt, tap=tap, prompt_input=prompt_input)
     return [TapPoint(b.index, b.name, int(n.meta["val"].shape[-1])) for b, n in zip(found, traced.taps)]

@@ -13,7 +13,8 @@ from .spec import CompositionSpec
 
 
 class ComposedModel(fx.GraphModule):
-    """`composed(input_ids, <augment>_input_ids=..., <augment>_mask=...) -> anchor logits (B, T, vocab)`.
+    """`composed(input_ids, <augment>_input_ids=..., <augment>_mask=...) -> anchor logits (B, T, vocab)`;
+    an image prompt augment takes `<augment>_pixel_values=` (B, C, H, W) instead.
 
     Each model lives under its spec name (`composed.base`, `composed.kv`), sharing the user's weight
     storage through frozen parameters; the new cross-attention blocks live under `composed.xattn`.

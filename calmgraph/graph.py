@@ -45,6 +45,10 @@ def graph_problems(spec: "CompositionSpec") -> list[Problem]:
             problems.append(Problem(f"augments[{i}].name", f"duplicate model name {aug.name!r} (also at {names[aug.name]})"))
         else:
             names[aug.name] = f"augments[{i}].name"
+    for i, aug in enumerate(spec.augments):
+        if aug.prompt_input != "input_ids" and aug.input != "prompt":
+            problems.append(Problem(f"augments[{i}].prompt_input", f"{aug.prompt_input} is the form of a prompt, but "
+                                    f"{aug.name!r} reads the shared sequence; set input: prompt"))
     known = ", ".join(names)
     inputs = {anchor: "shared", **{a.name: a.input for a in spec.augments}}
 

@@ -82,6 +82,7 @@ class AnchorSpec(ModelSpec):
 
 class AugmentSpec(ModelSpec):
     input: Literal["shared", "prompt"] = "shared"  # shared: the anchor's tokens (causal); prompt: its own
+    prompt_input: Literal["input_ids", "pixel_values"] = "input_ids"  # a prompt's form: tokens (+ mask) or images
 
 
 class EdgeSpec(_Spec):

@@ -2,7 +2,8 @@
 
 Node names get the model's name as prefix (`kv_add_7`), attribute targets its submodule (`kv.transformer...`).
 The fused inputs: `input_ids` (the anchor and shared augments), then per prompt augment `<name>_input_ids`
-and an optional `<name>_mask`. The fused output: the anchor's output.
+(or `<name>_pixel_values` for an image prompt), then per token prompt an optional `<name>_mask`.
+The fused output: the anchor's output.
 """
 from __future__ import annotations
 
@@ -26,6 +27,16 @@ def check_token_ids(input_ids: torch.Tensor, name: str) -> torch.Tensor:
                else type(input_ids).__name__)
         raise InputError(f"{name} must be a (batch, seq) tensor of integer token ids; got {got}")
     return input_ids
+
+
+def check_pixel_values(pixel_values: torch.Tensor, name: str, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Call-time check of an image input: (batch, channels, height, width), floating point."""
+    if (not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point()
+            or tuple(pixel_values.shape[1:]) != shape):
+        got = (f"a {tuple(pixel_values.shape)} {pixel_values.dtype} tensor" if isinstance(pixel_values, torch.Tensor)
+               else type(pixel_values).__name__)
+        raise InputError(f"{name} must be a floating (batch, {', '.join(map(str, shape))}) tensor of images; got {got}")
+    return pixel_values
 
 
 def prompt_mask(input_ids: torch.Tensor, mask: torch.Tensor | None, name: str) -> torch.Tensor:
@@ -52,20 +63,25 @@ def merge(spec: CompositionSpec, traced: dict[str, TracedModel], order: list[str
     graph = fx.Graph()
     root = nn.Module()
     prompts = [a.name for a in spec.augments if a.input == "prompt"]
+    images = {a.name for a in spec.augments if a.input == "prompt" and a.prompt_input == "pixel_values"}
+    tokens = [name for name in prompts if name not in images]
 
     # Inputs first: every required one, then the optional masks (Python's argument order).
-    raw_ids = {None: graph.placeholder("input_ids")}
-    raw_ids.update({name: graph.placeholder(f"{name}_input_ids") for name in prompts})
-    raw_masks = {name: graph.placeholder(f"{name}_mask", default_value=None) for name in prompts}
-    ids = {key: graph.call_function(check_token_ids, (node, node.name)) for key, node in raw_ids.items()}
-    merged = Merged(graph, root, {}, {}, input_names=[n.name for n in (*raw_ids.values(), *raw_masks.values())])
-    for name in prompts:
+    raw = {None: graph.placeholder("input_ids")}
+    raw.update({name: graph.placeholder(f"{name}_{'pixel_values' if name in images else 'input_ids'}")
+                for name in prompts})
+    raw_masks = {name: graph.placeholder(f"{name}_mask", default_value=None) for name in tokens}
+    ids = {key: (graph.call_function(check_pixel_values, (node, node.name, tuple(traced[key].example[0].shape[1:])))
+                 if key in images else graph.call_function(check_token_ids, (node, node.name)))
+           for key, node in raw.items()}
+    merged = Merged(graph, root, {}, {}, input_names=[n.name for n in (*raw.values(), *raw_masks.values())])
+    for name in tokens:
         merged.masks[name] = graph.call_function(prompt_mask, (ids[name], raw_masks[name], f"{name}_mask"))
 
     for name in order:
         model = traced[name]
         root.add_module(name, model.module)
-        inputs = [ids[name], merged.masks[name]] if name in prompts else [ids[None]]
+        inputs = [ids[name], merged.masks[name]] if name in tokens else [ids[name if name in images else None]]
         env: dict[fx.Node, fx.Node] = {}
         placeholders = iter(inputs)
         for node in model.graph.nodes:

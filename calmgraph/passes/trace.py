@@ -30,7 +30,7 @@ FX_LEAF_CLASSES = ("AbsolutePositionalEmbedding", "ScaledSinusoidalEmbedding", "
 
 @dataclass
 class TracedModel:
-    """One model as a graph: placeholders (input_ids[, attention_mask]) -> one tensor output."""
+    """One model as a graph: placeholders (input_ids[, attention_mask] or pixel_values) -> one tensor output."""
 
     name: str
     module: nn.Module          # the frozen alias copy; every get_attr/call_module target is relative to it
@@ -40,6 +40,7 @@ class TracedModel:
     dim: int
     heads: int | None
     frontend: str              # "fx" or "export"
+    example: tuple             # the inputs it was traced with (input_ids[, attention_mask] or pixel_values)
 
 
 def frozen_alias(model: nn.Module) -> nn.Module:
@@ -110,7 +111,31 @@ class PromptEntry(Entry):
         return first_tensor(self.model(input_ids, **kwargs))
 
 
-def example_inputs(prompt: bool, device: torch.device) -> tuple[torch.Tensor, ...]:
+class PixelEntry(Entry):
+    """forward(pixel_values) -> one tensor: an image model (e.g. transformers' ViTModel) as a prompt augment."""
+
+    def forward(self, pixel_values):
+        return first_tensor(self.model(pixel_values=pixel_values, **self.fixed_kwargs))
+
+
+def image_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(channels, height, width) of the images a model reads, from its config or its own attributes."""
+    for source in (getattr(model, "config", None), model):
+        size = getattr(source, "image_size", None)
+        channels = getattr(source, "num_channels", getattr(source, "channels", None))
+        if isinstance(channels, int) and isinstance(size, int):
+            return channels, size, size
+        if isinstance(channels, int) and isinstance(size, (tuple, list)) and len(size) == 2:
+            return channels, int(size[0]), int(size[1])
+    raise TraceError(f"{type(model).__name__} reads pixel_values but says neither its image_size nor its "
+                     "num_channels (config or attribute); set model.image_size and model.num_channels")
+
+
+def example_inputs(model: nn.Module, prompt: bool, prompt_input: str = "input_ids") -> tuple[torch.Tensor, ...]:
+    device = model_device(model)
+    if prompt and prompt_input == "pixel_values":
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        return (torch.zeros(EXAMPLE_BATCH, *image_shape(model), device=device, dtype=dtype),)
     ids = torch.zeros(EXAMPLE_BATCH, EXAMPLE_SEQ + prompt, dtype=torch.long, device=device)
     return (ids, torch.ones_like(ids)) if prompt else (ids,)
 
@@ -140,7 +165,8 @@ def trace_fx(entry: Entry, blocks: list[Block], inputs: tuple) -> fx.GraphModule
 
 
 def trace_export(entry: Entry, blocks: list[Block], inputs: tuple) -> fx.GraphModule:
-    dims = tuple({0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO} for _ in inputs)
+    # batch and sequence are dynamic; an image's channels and size are fixed by the model
+    dims = tuple({0: torch.export.Dim.AUTO, **({1: torch.export.Dim.AUTO} if t.ndim == 2 else {})} for t in inputs)
     program = torch.export.export(entry, inputs, strict=False, dynamic_shapes=dims)
     gm = program.module()
     for node in list(gm.graph.nodes):  # export's input guards check the original signature; we change it
@@ -219,10 +245,11 @@ def _strip_entry(gm: fx.GraphModule, alias: nn.Module) -> fx.Graph:
     return gm.graph
 
 
-def trace_model(name: str, model: nn.Module, blocks: list[Block], *, prompt: bool, tap: str) -> TracedModel:
+def trace_model(name: str, model: nn.Module, blocks: list[Block], *, prompt: bool, tap: str,
+                prompt_input: str = "input_ids") -> TracedModel:
+    inputs = example_inputs(model, prompt, prompt_input)
     alias = frozen_alias(model)
-    entry = (PromptEntry if prompt else Entry)(alias)
-    inputs = example_inputs(prompt, model_device(model))
+    entry = (Entry if not prompt else PixelEntry if prompt_input == "pixel_values" else PromptEntry)(alias)
     reasons = {}
     for frontend in frontend_order(model):
         try:
@@ -236,8 +263,9 @@ def trace_model(name: str, model: nn.Module, blocks: list[Block], *, prompt: boo
         detail = "\n".join(f"  - {k}: {v}" for k, v in reasons.items())
         raise TraceError(
             f"could not trace model {name!r} ({type(model).__name__}) with any front end:\n{detail}\n"
-            "hint: a model must run as model(input_ids) (prompt augments: also attention_mask=) and return "
+            "hint: a model must run as model(input_ids) (prompt augments: also attention_mask=; image prompts: "
+            "model(pixel_values=...)) and return "
             "a tensor, an HF output or a tuple; name its block list with `blocks:` if the wrong one was picked")
     graph = _strip_entry(gm, alias)
     return TracedModel(name, alias, graph, blocks, taps, int(_hidden(taps[0]).shape[-1]),
-                       head_count(alias, blocks), frontend)
+                       head_count(alias, blocks), frontend, inputs)

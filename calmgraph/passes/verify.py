@@ -11,12 +11,25 @@ from ..errors import CalmGraphError
 from .trace import EXAMPLE_BATCH, EXAMPLE_SEQ
 
 
-def verify(gm: fx.GraphModule, n_prompts: int, device: torch.device, expected_out: torch.Size) -> None:
+def example_args(prompts: list[tuple], device: torch.device) -> list[torch.Tensor]:
+    """The fused graph's inputs: anchor ids, each prompt's first input, then the token prompts' masks.
+    prompts: per prompt augment (in spec order), the inputs its model was traced with. Token prompts are
+    made 2 longer than the anchor's sequence, so that no shape can be mistaken for another."""
+    ids = torch.zeros(EXAMPLE_BATCH, EXAMPLE_SEQ, dtype=torch.long, device=device)
+    firsts, masks = [], []
+    for example in prompts:
+        if len(example) == 2:  # input_ids, attention_mask
+            prompt = torch.zeros(EXAMPLE_BATCH, EXAMPLE_SEQ + 2, dtype=torch.long, device=device)
+            firsts.append(prompt)
+            masks.append(torch.ones_like(prompt))
+        else:                  # pixel_values
+            firsts.append(example[0])
+    return [ids, *firsts, *masks]
+
+
+def verify(gm: fx.GraphModule, args: list[torch.Tensor], expected_out: torch.Size) -> None:
     gm.graph.lint()
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    ids = torch.zeros(EXAMPLE_BATCH, EXAMPLE_SEQ, dtype=torch.long, device=device)
-    prompt = torch.zeros(EXAMPLE_BATCH, EXAMPLE_SEQ + 2, dtype=torch.long, device=device)
-    args = [ids, *[prompt] * n_prompts, *[torch.ones_like(prompt)] * n_prompts]
     try:
         out = FakeTensorProp(gm, mode).propagate(*[mode.from_tensor(a) for a in args])
     except Exception as e:  # a bug in calmgraph, not the user's: say so plainly
