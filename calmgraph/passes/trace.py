@@ -5,8 +5,8 @@ module-level graph) and `torch.export` (non-strict, dynamic batch and sequence; 
 transformers models go to torch.export first (their mask builders defeat symbolic tracing).
 
 The user's model is never traced itself: it is deep-copied with every parameter and buffer replaced by a
-frozen alias of the same storage (no weight is copied, the user's `requires_grad` is not touched), and the
-copy is put in eval mode.
+frozen alias of the same storage (no weight is copied, the user's `requires_grad` is not touched), without
+the user's hooks, and the copy is put in eval mode.
 """
 from __future__ import annotations
 
@@ -43,14 +43,24 @@ class TracedModel:
     example: tuple             # the inputs it was traced with (input_ids[, attention_mask] or pixel_values)
 
 
+HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+              "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
 def frozen_alias(model: nn.Module) -> nn.Module:
-    """A structural copy of `model` sharing its weight storage; parameters frozen, user's flags untouched."""
+    """A structural copy of `model` sharing its weight storage; parameters frozen, user's flags untouched.
+    The copy carries none of the user's forward/backward hooks: they would run (fx) or be baked in (export)
+    inconsistently, and tracing would call them; the fused graph computes each model's plain forward."""
     memo: dict[int, torch.Tensor] = {}
     for p in model.parameters():
         memo[id(p)] = nn.Parameter(p.detach(), requires_grad=False)
     for b in model.buffers():
         memo[id(b)] = b.detach()
     alias = copy.deepcopy(model, memo)
+    for module in alias.modules():  # the user's hooks stay on the user's model, not in the fused graph
+        for attr in HOOK_DICTS:
+            if isinstance(getattr(module, attr, None), dict):
+                getattr(module, attr).clear()
     return alias.eval()
 
 
