@@ -19,7 +19,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from ..blocks import Block, head_count
+from ..blocks import Block, block_list_candidates, head_count
 from ..errors import TraceError
 
 ENTRY = "model"  # attribute under which the entry wrapper holds the model; stripped from node targets
@@ -212,13 +212,19 @@ def block_outputs(graph: fx.Graph, blocks: list[Block]) -> list[fx.Node]:
     for block in blocks:
         members = tuple(f"{ENTRY}.{m}" for m in block.members)
         inside = [n for n in graph.nodes if _in(n, members)]
+        if not inside:
+            raise TraceError(f"block {block.name!r} never runs in the model's forward, so its list is not the "
+                             "model's transformer blocks")
         escaping = [n for n in inside if any(not _in(u, members) for u in n.users)]
         # a block returning a tuple: its hidden states are element 0
         escaping = [next((u for u in n.users if getattr(u.target, "__name__", "") == "getitem" and u.args[1] == 0), n)
                     if _hidden(n) is None and n.op == "call_module" else n for n in escaping]
         hidden = [n for n in escaping if _hidden(n) is not None]
         if not hidden:
-            raise TraceError(f"found no hidden states (batch, seq, dim) leaving block {block.name!r}")
+            shapes = [tuple(v.shape) if isinstance(v := n.meta.get("val"), torch.Tensor) else type(v).__name__
+                      for n in escaping]
+            raise TraceError(f"found no hidden states (batch, seq, dim) leaving block {block.name!r}; "
+                             f"what leaves it: {shapes[:4]}")
         outs.append(hidden[-1])
     return outs
 
@@ -274,8 +280,10 @@ def trace_model(name: str, model: nn.Module, blocks: list[Block], *, prompt: boo
         raise TraceError(
             f"could not trace model {name!r} ({type(model).__name__}) with any front end:\n{detail}\n"
             "hint: a model must run as model(input_ids) (prompt augments: also attention_mask=; image prompts: "
-            "model(pixel_values=...)) and return "
-            "a tensor, an HF output or a tuple; name its block list with `blocks:` if the wrong one was picked")
+            "model(pixel_values=...)) and return a tensor, an HF output or a tuple, and each block must return "
+            f"(batch, seq, dim) hidden states; name its block list with `blocks:` if the wrong one was picked "
+            f"(blocks used: {blocks[0].name.rpartition('.')[0] or blocks[0].name}; lists found: "
+            f"{', '.join(block_list_candidates(model)[:5]) or 'none'})")
     graph = _strip_entry(gm, alias)
     return TracedModel(name, alias, graph, blocks, taps, int(_hidden(taps[0]).shape[-1]),
                        head_count(alias, blocks), frontend, inputs)
