@@ -185,12 +185,19 @@ def _loc(loc: tuple) -> str:
     return out
 
 
+def _join(prefix: str, loc: str) -> str:
+    if not prefix or not loc:
+        return prefix or loc
+    return prefix + loc if loc.startswith("[") else f"{prefix}.{loc}"
+
+
 def spec_error_from(e: ValidationError) -> SpecError:
     problems = []
     for err in e.errors():
         ctx_error = (err.get("ctx") or {}).get("error")
-        if isinstance(ctx_error, SpecError):  # raised by the graph check: already located
-            problems.extend(ctx_error.problems)
+        if isinstance(ctx_error, SpecError):  # a nested spec or the graph check: located below this error's loc
+            prefix = _loc(err["loc"])
+            problems.extend(Problem(_join(prefix, p.loc), p.msg) for p in ctx_error.problems)
             continue
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
