@@ -1,0 +1,319 @@
+"""Hostile input: generated specs (hypothesis) and one test per kind of bad input, each asserting its message.
+
+Every generated spec either compiles, computes exactly its anchor at init and matches the eager reference
+once its cross-attention weights are randomised, or raises a calmgraph error. Nothing else may escape.
+`pytest tests/test_hostile.py --hypothesis-show-statistics` prints how the examples ended (docs/hostile.md).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+import calmgraph as cg
+from reference import eager_reference, randomize_new_parameters
+
+VOCAB = 32
+
+
+# -- small fast models (fx front end): position-wise blocks, so any layer map is valid causally ------------
+class Block(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return x + torch.tanh(self.fc(x))
+
+
+class MiniLM(nn.Module):
+    """forward(input_ids) -> logits."""
+
+    def __init__(self, dim: int = 8, depth: int = 2):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, dim)
+        self.layers = nn.ModuleList(Block(dim) for _ in range(depth))
+        self.head = nn.Linear(dim, VOCAB)
+
+    def forward(self, input_ids):
+        x = self.emb(input_ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+class MiniEncoder(MiniLM):
+    """forward(input_ids, attention_mask) -> hidden states; padded positions are zeroed."""
+
+    def forward(self, input_ids, attention_mask):
+        x = self.emb(input_ids) * attention_mask[..., None]
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def mini(input_kind: str, dim: int, depth: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return (MiniEncoder if input_kind == "prompt" else MiniLM)(dim, depth).eval()
+
+
+# -- generated specs -----------------------------------------------------------------------------------------
+NAMES = ["base", "kv", "docs", "x_1", "B2", "bad-name", "1st", "", "ünï", "a b", "a.b"]
+index = st.one_of(st.integers(-5, 5), st.sampled_from([10**12, -10**12]), st.sampled_from(["layers.1", "layers.9", "lyers.0"]))
+layers = st.one_of(
+    st.builds(lambda k: {"every": k}, st.integers(0, 5)),
+    st.lists(st.tuples(index, index).map(list), min_size=1, max_size=3),
+    st.sampled_from(["all", [], [[0]], {"every": "two"}, None]),
+)
+cross = st.one_of(st.none(), st.fixed_dictionaries({}, optional={
+    "heads": st.integers(0, 4), "norm": st.sampled_from(["rms", "layer", "none", "batch"]),
+    "gate": st.sampled_from(["zero", "tanh"]), "project_context": st.booleans()}))
+
+
+@st.composite
+def compositions(draw):
+    main = st.sampled_from(NAMES[:5])
+    anchor = draw(st.one_of(main, st.sampled_from(NAMES)) if draw(st.integers(0, 9)) == 0 else main)
+    augments = [{"name": draw(st.sampled_from(NAMES) if draw(st.integers(0, 9)) == 0 else main),
+                 "input": draw(st.sampled_from(["shared", "prompt"])),
+                 **({"tap": "input"} if draw(st.booleans()) else {}),
+                 **({"blocks": draw(st.sampled_from(["layers", "layer", "head", "emb"]))} if draw(st.integers(0, 5)) == 0 else {})}
+                for _ in range(draw(st.integers(0, 3)))]
+    names = [anchor] + [a["name"] for a in augments]
+    endpoint = st.sampled_from(names + ["nobody"]) if draw(st.integers(0, 9)) == 0 else st.sampled_from(names)
+    edges = [{"source": draw(endpoint), "target": draw(endpoint), "layers": draw(layers),
+              **({"cross_attention": c} if (c := draw(cross)) is not None else {})}
+             for _ in range(draw(st.integers(0, 4)))]
+    spec = {"anchor": {"name": anchor}, "augments": augments, "edges": edges}
+    if draw(st.integers(0, 9)) == 0:
+        spec[draw(st.sampled_from(["anchr", "cross_attention", "edges"]))] = draw(st.sampled_from([{}, 3, "x", [None]]))
+    inputs = {anchor: "shared", **{a["name"]: a["input"] for a in augments}}
+    models = {name: mini(kind, draw(st.sampled_from([8, 12, 16])), draw(st.integers(1, 4)), i)
+              for i, (name, kind) in enumerate(inputs.items())}
+    if draw(st.integers(0, 19)) == 0:
+        models.pop(draw(st.sampled_from(sorted(models))))
+    return spec, models
+
+
+def call_args(composed, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (2, 7), generator=g)
+    kwargs, prompts = {}, {}
+    for aug in composed.spec.augments:
+        if aug.input == "prompt":
+            p = torch.randint(0, VOCAB, (2, 5), generator=g)
+            m = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+            kwargs.update({f"{aug.name}_input_ids": p, f"{aug.name}_mask": m})
+            prompts[aug.name] = (p, m)
+    return ids, kwargs, prompts
+
+
+@settings(max_examples=300, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(compositions())
+def test_generated_specs_compile_correctly_or_raise_calmgraph_errors(case):
+    spec, models = case
+    try:
+        composed = cg.compile(spec, models)
+    except cg.CalmGraphError as e:
+        event(f"rejected: {type(e).__name__}")
+        assert isinstance(e, ValueError), "a spec or model problem is the user's: a ValueError subclass"
+        assert str(e).strip()
+        return
+    event(f"compiled ({len(composed.links)} cross-attention blocks)")
+    ids, kwargs, prompts = call_args(composed)
+    with torch.no_grad():
+        anchor = models[composed.spec.anchor.name](ids)
+        assert torch.equal(composed(ids, **kwargs), anchor)
+        randomize_new_parameters(composed)
+        out = composed(ids, **kwargs)
+        torch.testing.assert_close(out, eager_reference(composed, models, None, ids, prompts), atol=1e-5, rtol=0)
+
+
+# -- one test per kind of bad input --------------------------------------------------------------------------
+def spec(**changes) -> dict:
+    base = {"anchor": {"name": "base"}, "augments": [{"name": "kv"}],
+            "edges": [{"source": "kv", "target": "base", "layers": [[0, 1]]}]}
+    return {**base, **changes}
+
+
+def models(**changes) -> dict:
+    return {"base": mini("shared", 8, 2, 0), "kv": mini("shared", 12, 3, 1), **changes}
+
+
+def spec_error(data, match, error=cg.SpecError):
+    with pytest.raises(error, match=match) as e:
+        cg.CompositionSpec.from_dict(data) if isinstance(data, dict) else data()
+    return str(e.value)
+
+
+def test_malformed_yaml():
+    spec_error(lambda: cg.CompositionSpec.from_yaml("anchor: [unclosed\n  - x: {"), "not valid YAML")
+
+
+def test_malformed_json():
+    spec_error(lambda: cg.CompositionSpec.from_json('{"anchor": {"name": "base",}'), "not valid JSON")
+
+
+def test_spec_that_is_not_a_mapping():
+    spec_error(lambda: cg.CompositionSpec.from_yaml("- anchor\n- kv\n"), "a spec is a mapping with keys anchor, augments, edges; got list")
+    spec_error(lambda: cg.CompositionSpec.from_json("42"), "got int")
+
+
+def test_spec_file_missing(tmp_path):
+    spec_error(lambda: cg.load_spec(tmp_path / "nope.yaml"), "no spec file at")
+
+
+def test_wrong_types_are_all_reported_with_locations():
+    msg = spec_error(spec(augments=[{"name": "kv", "input": 3}],
+                          edges=[{"source": "kv", "target": "base", "layers": "all", "cross_attention": {"heads": "four"}}]),
+                     "3 problems")
+    assert "augments[0].input: Input should be 'shared' or 'prompt' (got 3)" in msg
+    assert "edges[0].layers" in msg
+    assert "edges[0].cross_attention.heads: Input should be a valid integer" in msg
+
+
+def test_unknown_keys():
+    msg = spec_error({**spec(), "anchr": {"name": "x"}, "edges": [{"source": "kv", "target": "base", "layer": [[0, 1]]}]},
+                     "unknown key")
+    assert "anchr: unknown key (check its spelling; unknown keys are not ignored)" in msg
+    assert "edges[0].layer: unknown key" in msg and "edges[0].layers: required but missing" in msg
+
+
+@pytest.mark.parametrize("ref,loc", [(10**12, 0), (-10**12, 1), (3, 0), (-4, 0), (2, 1), (-3, 1)])
+def test_layer_index_out_of_range(ref, loc):
+    pair = [ref, 0] if loc == 0 else [0, ref]
+    n, model = (3, "kv") if loc == 0 else (2, "base")
+    with pytest.raises(cg.LayerRefError, match=rf"edges\[0\]\.layers\[0\]\[{loc}\]: layer {ref} is out of range for "
+                                             rf"'{model}', which has {n} blocks \(0\.\.{n - 1}, or -{n}\.\.-1 from the end\)"):
+        cg.compile(spec(edges=[{"source": "kv", "target": "base", "layers": [pair]}]), models())
+
+
+def test_layer_name_with_a_typo():
+    with pytest.raises(cg.LayerRefError, match=r"'layer.1' is not a block of 'kv'; did you mean 'layers.1'\? tap points: 3 blocks"):
+        cg.compile(spec(edges=[{"source": "kv", "target": "base", "layers": [["layer.1", 0]]}]), models())
+
+
+def test_every_zero_and_too_deep():
+    spec_error(spec(edges=[{"source": "kv", "target": "base", "layers": {"every": 0}}]),
+               r"edges\[0\]\.layers\.every: Input should be greater than 0")
+    with pytest.raises(cg.LayerRefError, match=r"edges\[0\]\.layers\.every: 4 exceeds the depth of 'kv' \(3 blocks\)"):
+        cg.compile(spec(edges=[{"source": "kv", "target": "base", "layers": {"every": 4}}]), models())
+
+
+@pytest.mark.parametrize("name", ["bad-name", "1st", "", "ünï", "a b", "a.b", "x" * 3 + "\n", "__import__('os')"])
+def test_names_with_odd_characters(name):
+    spec_error(spec(anchor={"name": name}), r"anchor\.name: String should match pattern '\^\[A-Za-z\]\[A-Za-z0-9_\]\*\$'")
+
+
+def test_cycle():
+    msg = spec_error(spec(augments=[{"name": "kv"}, {"name": "b"}, {"name": "c"}],
+                          edges=[{"source": "kv", "target": "base", "layers": [[0, 0]]},
+                                 {"source": "b", "target": "c", "layers": [[0, 0]]},
+                                 {"source": "c", "target": "b", "layers": [[0, 0]]}]), "cycle")
+    assert "edges: cycle b -> c -> b: a model cannot (indirectly) attend to itself" in msg
+    assert "augment 'b' reaches the anchor 'base' through no edge" in msg
+
+
+def test_self_loop():
+    spec_error(spec(edges=[{"source": "kv", "target": "base", "layers": [[0, 0]]},
+                           {"source": "kv", "target": "kv", "layers": [[0, 1]]}]),
+               r"edges\[1\]: self-loop: 'kv' cannot attend to itself")
+
+
+def test_anchor_listed_as_augment():
+    spec_error(spec(augments=[{"name": "kv"}, {"name": "base"}]),
+               r"augments\[1\]\.name: 'base' is the anchor; a model cannot be both anchor and augment")
+
+
+def test_anchor_as_a_source_and_unknown_models():
+    msg = spec_error(spec(edges=[{"source": "base", "target": "kv", "layers": [[0, 0]]},
+                                 {"source": "kv", "target": "bsae", "layers": [[0, 0]]}]), "problems")
+    assert "edges[1].target: unknown model 'bsae' (models: base, kv)" in msg
+
+
+def test_shared_source_into_prompt_target_would_leak_the_future():
+    spec_error(spec(augments=[{"name": "kv"}, {"name": "docs", "input": "prompt"}],
+                    edges=[{"source": "kv", "target": "docs", "layers": [[0, 0]]},
+                           {"source": "docs", "target": "base", "layers": [[0, 0]]}]),
+               r"edges\[0\]: 'kv' reads the shared sequence and 'docs' a prompt")
+
+
+def test_duplicate_layer_pairs():
+    spec_error(spec(edges=[{"source": "kv", "target": "base", "layers": [[0, 1], [0, 1]]}]),
+               r"edges\[0\]\.layers\[1\]: duplicate layer pair \[0, 1\] \(also at layers\[0\]\)")
+    with pytest.raises(cg.LayerRefError, match=r"layer pair \(2, 1\) of 'kv' -> 'base' is also given by edges\[0\]"):
+        cg.compile(spec(edges=[{"source": "kv", "target": "base", "layers": [[-1, 1]]},
+                               {"source": "kv", "target": "base", "layers": [[2, 1]]}]), models())
+
+
+def test_missing_extra_and_wrong_models():
+    with pytest.raises(cg.ModelError, match=r"no model given for \['kv'\]; models \['kb'\] are not in the spec"):
+        cg.compile(spec(), {"base": models()["base"], "kb": models()["kv"]})
+    with pytest.raises(cg.ModelError, match="model 'kv' is a str, not a torch.nn.Module"):
+        cg.compile(spec(), models(kv="gpt2"))
+
+
+def test_blocks_that_are_not_a_block_list():
+    with pytest.raises(cg.LayerRefError, match=r"augments\[0\]\.blocks: 'head' is a Linear, not a non-empty nn.ModuleList"):
+        cg.compile(spec(augments=[{"name": "kv", "blocks": "head"}]), models())
+    with pytest.raises(cg.LayerRefError, match=r"has no submodule 'layer'; did you mean 'layers'\?"):
+        cg.compile(spec(augments=[{"name": "kv", "blocks": "layer"}]), models())
+
+
+def test_device_mismatch():
+    with pytest.raises(cg.ModelError, match=r"all models must be on one device to be fused into one graph "
+                                            r"\(base: cpu, kv: meta\); move them with .to\(device\) before compiling"):
+        cg.compile(spec(), models(kv=mini("shared", 12, 3, 1).to("meta")))
+
+
+def test_all_on_meta_compiles_without_weights():
+    composed = cg.compile(spec(), {n: m.to("meta") for n, m in models().items()})
+    assert all(p.device.type == "meta" for p in composed.parameters())
+
+
+def test_dtype_mismatch_runs_in_the_anchors_dtype():
+    """A float32 augment feeding a float64 anchor: the cross-attention is built in the anchor's dtype and
+    casts the context, so the composition is exact at init and matches the reference."""
+    ms = models(base=mini("shared", 8, 2, 0).double())
+    composed = cg.compile(spec(), ms)
+    assert {p.dtype for p in composed.new_parameters()} == {torch.float64}
+    ids = torch.randint(0, VOCAB, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(composed(ids), ms["base"](ids))
+        randomize_new_parameters(composed)
+        torch.testing.assert_close(composed(ids), eager_reference(composed, ms, None, ids), atol=1e-10, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def prompted():
+    s = spec(augments=[{"name": "kv"}, {"name": "docs", "input": "prompt"}],
+             edges=[{"source": "kv", "target": "base", "layers": [[0, 1]]},
+                    {"source": "docs", "target": "base", "layers": [[-1, 0]]}])
+    return cg.compile(s, models(docs=mini("prompt", 16, 2, 2)))
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda c, i, p: c(i.float(), p), r"input_ids must be a \(batch, seq\) tensor of integer token ids; got a \(2, 7\) torch.float32 tensor"),
+    (lambda c, i, p: c(i[0], p), r"input_ids must be a \(batch, seq\) tensor of integer token ids; got a \(7,\) torch.int64 tensor"),
+    (lambda c, i, p: c(i[None], p), r"got a \(1, 2, 7\) torch.int64 tensor"),
+    (lambda c, i, p: c(i.tolist(), p), r"input_ids must be a \(batch, seq\) tensor of integer token ids; got list"),
+    (lambda c, i, p: c(i, p.float()), r"docs_input_ids must be a \(batch, seq\) tensor of integer token ids"),
+    (lambda c, i, p: c(i, p[:1]), r"docs_input_ids holds 1 prompts but input_ids 2 sequences; pass one prompt per sequence"),
+    (lambda c, i, p: c(i, p, torch.ones(2, 4)), r"docs_mask must have the shape of its input ids \(2, 5\); got \(2, 4\)"),
+    (lambda c, i, p: c(i, p, "all"), r"docs_mask must have the shape of its input ids \(2, 5\); got str"),
+])
+def test_wrong_inputs_at_call_time(prompted, call, match):
+    ids, prompt = torch.randint(0, VOCAB, (2, 7)), torch.randint(0, VOCAB, (2, 5))
+    with pytest.raises(cg.InputError, match=match):
+        call(prompted, ids, prompt)
+
+
+def test_spec_round_trips_through_yaml_and_json():
+    s = cg.CompositionSpec.from_dict(spec(cross_attention={"heads": 2, "gate": "tanh"}))
+    assert cg.CompositionSpec.from_yaml(s.to_yaml()) == s
+    assert cg.CompositionSpec.from_json(json.dumps(json.loads(s.to_json()))) == s
