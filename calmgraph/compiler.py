@@ -42,6 +42,10 @@ def compile(spec: CompositionSpec | str | Path | dict, models: dict[str, nn.Modu
     augments = [a.name for a in spec.augments]
     pruned = prune_pass(owner.graph, {a: merged.taps[a] for a in augments},
                         {a: merged.outputs[a] for a in augments}, enabled=prune)
+    # a link whose block feeds nothing the anchor reads was pruned with its block (GraphModule keeps only
+    # the modules its graph calls): list only the live ones
+    live = {n.target for n in owner.graph.nodes if n.op == "call_module"}
+    links = [link for link in links if ".".join(("xattn", *link.module_path)) in live]
     composed = ComposedModel(owner, owner.graph, spec=spec, links=links, pruned=pruned,
                              frontends={n: t.frontend for n, t in traced.items()}, input_names=merged.input_names)
     anchor_out = merged.outputs[spec.anchor.name].meta["val"].shape

@@ -35,8 +35,9 @@ def summary(composed: "ComposedModel") -> str:
         pairs[link.edge].append(f"{link.source_layer}->{link.target_layer}")
         block = composed.get_submodule(".".join(("xattn", *link.module_path)))
         params[link.edge] += sum(p.numel() for p in block.parameters())
-    edges = [[f"{e.source} -> {e.target}", " ".join(pairs[i]), composed.links[[l.edge for l in composed.links].index(i)].heads,
-              f"{params[i]:,}"] for i, e in enumerate(spec.edges)]
+    heads = {link.edge: link.heads for link in composed.links}
+    edges = [[f"{e.source} -> {e.target}", " ".join(pairs[i]) or "none (pruned: it feeds nothing the anchor reads)",
+              heads.get(i, "-"), f"{params[i]:,}"] for i, e in enumerate(spec.edges)]
     n_new = sum(p.numel() for p in composed.new_parameters())
     n_frozen = sum(frozen.values())
     seconds = f"{composed.compile_seconds:.2f} s" if composed.compile_seconds is not None else "n/a"
