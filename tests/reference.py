@@ -60,8 +60,10 @@ def run_model(model: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = Non
         out = model(x, attention_mask=mask, **kwargs)
     elif "mask" in params:
         out = model(x, mask=mask.bool(), **kwargs)
-    else:
+    elif len([p for p in params.values() if p.kind == p.POSITIONAL_OR_KEYWORD]) >= 2:
         out = model(x, mask, **kwargs)
+    else:  # a model that takes no padding mask reads every position
+        out = model(x, **kwargs)
     return first_tensor(out)
 
 

@@ -61,41 +61,96 @@ def mini(input_kind: str, dim: int, depth: int, seed: int) -> nn.Module:
     return (MiniEncoder if input_kind == "prompt" else MiniLM)(dim, depth).eval()
 
 
-# -- generated specs -----------------------------------------------------------------------------------------
-NAMES = ["base", "kv", "docs", "x_1", "B2", "bad-name", "1st", "", "ünï", "a b", "a.b"]
-index = st.one_of(st.integers(-5, 5), st.sampled_from([10**12, -10**12]), st.sampled_from(["layers.1", "layers.9", "lyers.0"]))
-layers = st.one_of(
-    st.builds(lambda k: {"every": k}, st.integers(0, 5)),
-    st.lists(st.tuples(index, index).map(list), min_size=1, max_size=3),
-    st.sampled_from(["all", [], [[0]], {"every": "two"}, None]),
-)
-cross = st.one_of(st.none(), st.fixed_dictionaries({}, optional={
-    "heads": st.integers(0, 4), "norm": st.sampled_from(["rms", "layer", "none", "batch"]),
-    "gate": st.sampled_from(["zero", "tanh"]), "project_context": st.booleans()}))
+# -- generated specs: a valid composition, then (often) one to three mutations that may break it -------------
+NAMES = ["base", "kv", "docs", "x_1", "B2"]
+ODD_NAMES = ["bad-name", "1st", "", "ünï", "a b", "a.b"]
+
+
+@st.composite
+def valid_composition(draw):
+    names = draw(st.permutations(NAMES))[: 1 + draw(st.integers(1, 3))]
+    anchor, augs = names[0], names[1:]
+    inputs = {anchor: "shared", **{a: draw(st.sampled_from(["shared", "prompt"])) for a in augs}}
+    depth = {n: draw(st.integers(1, 4)) for n in names}
+    dims = {n: draw(st.sampled_from([8, 12, 16])) for n in names}
+
+    def layer_map(src, tgt):
+        if draw(st.booleans()):
+            return {"every": draw(st.integers(1, depth[src]))}
+        pairs = draw(st.lists(st.tuples(st.integers(-depth[src], depth[src] - 1),
+                                        st.integers(-depth[tgt], depth[tgt] - 1)), min_size=1, max_size=3,
+                              unique_by=lambda p: (p[0] % depth[src], p[1] % depth[tgt])))
+        return [[f"layers.{s % depth[src]}" if draw(st.integers(0, 4)) == 0 else s, t] for s, t in pairs]
+
+    edges = []
+    for i, a in enumerate(augs):  # each augment feeds a later model (never a prompt one if it is shared)
+        later = [anchor] + [b for b in augs[i + 1:] if not (inputs[a] == "shared" and inputs[b] == "prompt")]
+        for target in draw(st.lists(st.sampled_from(later), min_size=1, max_size=2, unique=True)):
+            edge = {"source": a, "target": target, "layers": layer_map(a, target)}
+            if draw(st.integers(0, 2)) == 0:
+                edge["cross_attention"] = draw(st.fixed_dictionaries({}, optional={
+                    "heads": st.integers(1, 4), "norm": st.sampled_from(["rms", "layer", "none"]),
+                    "gate": st.sampled_from(["zero", "tanh"]), "project_context": st.just(True)}))
+            edges.append(edge)
+    spec = {"anchor": {"name": anchor, **({"tap": "input"} if draw(st.booleans()) else {})},
+            "augments": [{"name": a, "input": inputs[a], **({"tap": "input"} if draw(st.booleans()) else {})}
+                         for a in augs],
+            "edges": edges}
+    models = {n: mini(inputs[n], dims[n], depth[n], i) for i, n in enumerate(names)}
+    return spec, models
+
+
+def mutate(draw, spec, models):
+    """One hostile change: most make the spec or the models invalid, some only unusual."""
+    kind = draw(st.sampled_from(MUTATIONS))
+    edge = draw(st.sampled_from(spec["edges"]))
+    aug = draw(st.sampled_from(spec["augments"]))
+    names = [spec["anchor"]["name"]] + [a["name"] for a in spec["augments"]]
+    if kind == "odd name":
+        draw(st.sampled_from([spec["anchor"], aug]))["name"] = draw(st.sampled_from(ODD_NAMES))
+    elif kind == "duplicate name":
+        aug["name"] = draw(st.sampled_from(names))
+    elif kind == "self-loop":
+        edge["target"] = edge["source"]
+    elif kind == "cycle":
+        spec["edges"].append({"source": edge["target"], "target": edge["source"], "layers": [[0, 0]]})
+    elif kind == "unknown model":
+        edge[draw(st.sampled_from(["source", "target"]))] = "nobody"
+    elif kind == "index":
+        edge["layers"] = [[draw(st.sampled_from([4, -5, 10**12, -10**12, "layers.9", "lyers.0"])), 0]]
+    elif kind == "every":
+        edge["layers"] = {"every": draw(st.sampled_from([0, -1, 5, "two"]))}
+    elif kind == "layers type":
+        edge["layers"] = draw(st.sampled_from(["all", [], [[0]], [[0, 0, 0]], None, 3.5]))
+    elif kind == "unknown key":
+        draw(st.sampled_from([spec, edge, aug]))[draw(st.sampled_from(["anchr", "layer", "inputs"]))] = 1
+    elif kind == "cross_attention":
+        edge["cross_attention"] = {draw(st.sampled_from(["heads", "norm", "gate", "project_context", "dim"])):
+                                   draw(st.sampled_from([0, -2, "batch", False, None]))}
+    elif kind == "blocks":
+        aug["blocks"] = draw(st.sampled_from(["layers", "layer", "head", "emb", ""]))
+    elif kind == "anchor as source":
+        edge["source"] = spec["anchor"]["name"]
+    elif kind == "drop model":
+        models.pop(draw(st.sampled_from(sorted(models))))
+    elif kind == "extra model":
+        models["stray"] = mini("shared", 8, 1, 9)
+    elif kind == "no augments":
+        spec["augments"] = []
+    elif kind == "input kind":
+        aug["input"] = draw(st.sampled_from(["prompt", "shared", "image", 1]))
+
+
+MUTATIONS = ["odd name", "duplicate name", "self-loop", "cycle", "unknown model", "index", "every", "layers type",
+             "unknown key", "cross_attention", "blocks", "anchor as source", "drop model", "extra model",
+             "no augments", "input kind"]
 
 
 @st.composite
 def compositions(draw):
-    main = st.sampled_from(NAMES[:5])
-    anchor = draw(st.one_of(main, st.sampled_from(NAMES)) if draw(st.integers(0, 9)) == 0 else main)
-    augments = [{"name": draw(st.sampled_from(NAMES) if draw(st.integers(0, 9)) == 0 else main),
-                 "input": draw(st.sampled_from(["shared", "prompt"])),
-                 **({"tap": "input"} if draw(st.booleans()) else {}),
-                 **({"blocks": draw(st.sampled_from(["layers", "layer", "head", "emb"]))} if draw(st.integers(0, 5)) == 0 else {})}
-                for _ in range(draw(st.integers(0, 3)))]
-    names = [anchor] + [a["name"] for a in augments]
-    endpoint = st.sampled_from(names + ["nobody"]) if draw(st.integers(0, 9)) == 0 else st.sampled_from(names)
-    edges = [{"source": draw(endpoint), "target": draw(endpoint), "layers": draw(layers),
-              **({"cross_attention": c} if (c := draw(cross)) is not None else {})}
-             for _ in range(draw(st.integers(0, 4)))]
-    spec = {"anchor": {"name": anchor}, "augments": augments, "edges": edges}
-    if draw(st.integers(0, 9)) == 0:
-        spec[draw(st.sampled_from(["anchr", "cross_attention", "edges"]))] = draw(st.sampled_from([{}, 3, "x", [None]]))
-    inputs = {anchor: "shared", **{a["name"]: a["input"] for a in augments}}
-    models = {name: mini(kind, draw(st.sampled_from([8, 12, 16])), draw(st.integers(1, 4)), i)
-              for i, (name, kind) in enumerate(inputs.items())}
-    if draw(st.integers(0, 19)) == 0:
-        models.pop(draw(st.sampled_from(sorted(models))))
+    spec, models = draw(valid_composition())
+    for _ in range(draw(st.sampled_from([0, 0, 1, 1, 2, 3]))):
+        mutate(draw, spec, models)
     return spec, models
 
 
