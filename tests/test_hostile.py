@@ -103,8 +103,8 @@ def valid_composition(draw):
 def mutate(draw, spec, models):
     """One hostile change: most make the spec or the models invalid, some only unusual."""
     kind = draw(st.sampled_from(MUTATIONS))
-    edge = draw(st.sampled_from(spec["edges"]))
-    aug = draw(st.sampled_from(spec["augments"]))
+    edge = draw(st.sampled_from(spec["edges"])) if spec["edges"] else {}
+    aug = draw(st.sampled_from(spec["augments"])) if spec["augments"] else {}
     names = [spec["anchor"]["name"]] + [a["name"] for a in spec["augments"]]
     if kind == "odd name":
         draw(st.sampled_from([spec["anchor"], aug]))["name"] = draw(st.sampled_from(ODD_NAMES))
