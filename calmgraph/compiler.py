@@ -19,7 +19,7 @@ from .passes.prune import prune as prune_pass
 from .passes.resolve import resolve
 from .passes.splice import splice
 from .passes.trace import model_device, trace_model
-from .passes.verify import example_args, verify
+from .passes.verify import verify
 from .spec import CompositionSpec, load_spec
 
 
@@ -50,7 +50,7 @@ def compile(spec: CompositionSpec | str | Path | dict, models: dict[str, nn.Modu
                              frontends={n: t.frontend for n, t in traced.items()}, input_names=merged.input_names)
     anchor_out = merged.outputs[spec.anchor.name].meta["val"].shape
     prompts = [traced[a.name].example for a in spec.augments if a.input == "prompt"]
-    verify(composed, example_args(prompts, model_device(models[spec.anchor.name])), anchor_out)
+    verify(composed, prompts, model_device(models[spec.anchor.name]), anchor_out)
     composed.compile_seconds = time.perf_counter() - started
     return composed
 

@@ -179,6 +179,15 @@ def trace_export(entry: Entry, blocks: list[Block], inputs: tuple) -> fx.GraphMo
     dims = tuple({0: torch.export.Dim.AUTO, **({1: torch.export.Dim.AUTO} if t.ndim == 2 else {})} for t in inputs)
     program = torch.export.export(entry, inputs, strict=False, dynamic_shapes=dims)
     gm = program.module()
+    for node, t in zip([n for n in gm.graph.nodes if n.op == "placeholder"], inputs):
+        val = node.meta.get("val")
+        dynamic = [0] if t.ndim != 2 else [0, 1]
+        fixed = [d for d in dynamic if isinstance(val, torch.Tensor) and isinstance(val.shape[d], int)]
+        if fixed:  # export kept a size static: the graph would only run at the example's batch/length
+            raise TraceError(f"torch.export specialised the model to its example input's "
+                             f"{' and '.join(['batch size', 'sequence length'][d] for d in fixed)} "
+                             f"{tuple(t.shape)}: something in its forward fixes that size (e.g. a cache or "
+                             "a shape-dependent branch), so its graph cannot run at other sizes")
     for node in list(gm.graph.nodes):  # export's input guards check the original signature; we change it
         if node.op == "call_module" and node.target == "_guards_fn":
             gm.graph.erase_node(node)
@@ -242,16 +251,29 @@ def block_inputs(graph: fx.Graph, blocks: list[Block], outputs: list[fx.Node]) -
     return [max(feeding, key=order.__getitem__), *outputs[:-1]]
 
 
+def _get_attr(module: nn.Module, target: str):
+    owner, _, name = target.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, name)
+
+
+def _has_attr(module: nn.Module, target: str) -> bool:
+    try:
+        _get_attr(module, target)
+        return True
+    except AttributeError:
+        return False
+
+
 def _strip_entry(gm: fx.GraphModule, alias: nn.Module) -> fx.Graph:
     """Make every attribute target relative to the model copy; export's own constants move onto it."""
     prefix = ENTRY + "."
     for node in gm.graph.nodes:
         if node.op not in ("get_attr", "call_module"):
             continue
-        if node.target.startswith(prefix):
+        if node.target.startswith(prefix) and _has_attr(alias, node.target[len(prefix):]):
             node.target = node.target[len(prefix):]
-        else:  # a constant torch.export lifted out of the code (e.g. a tensor literal)
-            value = getattr(gm, node.target)
+        else:  # a constant torch.export lifted out of the code (a tensor literal), maybe inside a submodule
+            value = _get_attr(gm, node.target)
             name = "_calmgraph_" + node.target.replace(".", "_")
             if isinstance(value, torch.Tensor):
                 alias.register_buffer(name, value, persistent=False)
