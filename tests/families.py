@@ -201,9 +201,40 @@ def check_isolated(family: str, role: str, timeout: float = 120, memory_gb: int 
     return queue.get()
 
 
+def table(records: list[dict]) -> str:
+    """The markdown table of docs/families.md: one row a family, both roles."""
+    by_family: dict[str, dict] = {}
+    for r in records:
+        by_family.setdefault(r["family"], {})[r["role"]] = r
+    rows = ["| family | architecture | blocks (detected) | front end | as anchor | as augment | notes |",
+            "|---|---|---|---|---|---|---|"]
+
+    def verdict(r):
+        if r["status"] == "works":
+            return "works"
+        if r["status"] == "wrong":
+            return f"identity {'exact' if r['identity'] else 'NOT exact'}, max diff {r['diff']:.1e}"
+        return r["status"]
+
+    for fam in sorted(by_family):
+        a, g = by_family[fam].get("anchor"), by_family[fam].get("augment")
+        if a is None or g is None:
+            continue
+        first = a if a["status"] != "skipped" else g
+        note = ""
+        if a["status"] not in ("works",) or g["status"] not in ("works",):
+            note = (first.get("detail") or "").replace("\n", " ").replace("|", "/")[:220]
+        rows.append(f"| {fam} | {first.get('arch', '')} | {first.get('detected', first.get('blocks', ''))} | "
+                    f"{first.get('frontend', '')} | {verdict(a)} | {verdict(g)} | {note} |")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":  # python tests/families.py [family ...] > sweep.jsonl: one JSON record a line
     import json
     import sys
+    if sys.argv[1:2] == ["--table"]:  # python tests/families.py --table sweep.jsonl > table.md
+        print(table([json.loads(line) for path in sys.argv[2:] for line in open(path)]))
+        sys.exit()
     import transformers  # noqa: F401 - imported once, before forking
     import calmgraph  # noqa: F401
     for fam in sys.argv[1:] or causal_lm_families():
