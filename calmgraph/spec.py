@@ -11,24 +11,27 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PositiveInt, Tag, ValidationError,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PlainValidator, PositiveInt, Tag,
+                      ValidationError, model_validator)
 
 from .errors import Problem, SpecError
 
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]*$"  # becomes part of attribute and argument names in the graph
 
-LayerRef = Union[int, str]  # block index (negative counts from the end) or qualified block name
+
+
+def _layer_ref(value: Any) -> int | str:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError("a layer is a block index (an int, negative counts from the end) or a block's "
+                         "qualified name (a str)")
+    return value
+
+
+LayerRef = Annotated[Union[int, str], PlainValidator(_layer_ref)]
 
 
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-    def __init__(self, **data: Any):
-        try:
-            super().__init__(**data)
-        except ValidationError as e:
-            raise spec_error_from(e) from None
 
 
 class CrossAttentionSpec(_Spec):
@@ -98,6 +101,12 @@ class CompositionSpec(_Spec):
     augments: list[AugmentSpec] = Field(min_length=1)
     edges: list[EdgeSpec] = Field(min_length=1)
     cross_attention: CrossAttentionSpec = CrossAttentionSpec()
+
+    def __init__(self, **data: Any):  # every problem, located, as one calmgraph error
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise spec_error_from(e) from None
 
     @model_validator(mode="after")
     def _check_graph(self) -> "CompositionSpec":
