@@ -165,8 +165,11 @@ class FineTuner:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda k: warmup_cosine(k // n_proc, c.warmup_steps, c.max_steps, c.min_lr_ratio))
         self.sampler = EpochSampler(len(dataset), c.shuffle, c.seed)
+        # The loader's own generator: creating an iterator draws a worker seed from it, which would
+        # otherwise come from the global RNG and shift dropout after a resume.
+        self.loader_rng = torch.Generator()
         loader = DataLoader(dataset, batch_size=c.batch_size, sampler=self.sampler, drop_last=True,
-                            num_workers=c.num_workers, collate_fn=collate_fn)
+                            num_workers=c.num_workers, collate_fn=collate_fn, generator=self.loader_rng)
         self.model, self.optimizer, self.loader, self.scheduler = acc.prepare(model, optimizer, loader, scheduler)
         if len(self.loader) == 0:
             raise ValueError(f"the dataset ({len(dataset)} items) is smaller than one batch per process "
@@ -220,6 +223,7 @@ class FineTuner:
         epoch, skip = divmod(done, len(self.loader))
         while True:
             self.loader.set_epoch(epoch)  # reaches EpochSampler through Accelerate's shard wrapper
+            self.loader_rng.manual_seed(self.config.seed * 1_000_003 + epoch)
             yield from (skip_first_batches(self.loader, skip) if skip else self.loader)
             epoch, skip = epoch + 1, 0
 
@@ -238,6 +242,8 @@ class FineTuner:
             resume_from = found[-1] if found else None
         if resume_from is not None:
             self.load_checkpoint(resume_from)
+        if c.output_dir and acc.is_main_process:
+            Path(c.output_dir).mkdir(parents=True, exist_ok=True)
         self.model.train()
         batches = self._batches()
         bar = tqdm(total=c.max_steps, initial=self.step, disable=not (c.progress and acc.is_main_process),
