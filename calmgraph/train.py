@@ -366,14 +366,14 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
 def _forward_inputs(model: nn.Module) -> tuple[list[str], list[str], bool]:
     """(input names, required names, accepts **kwargs) of `model.forward`; the first input is `input_ids`
     whatever forward calls it (the hand-written GPT calls it `idx`)."""
-    sig = inspect.signature(model.forward)
-    named = [p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    if not named:
-        raise ValueError(f"{type(model).__name__}.forward takes no named input; it must take input_ids first")
+    params = inspect.signature(model.forward).parameters.values()
+    named = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    varargs = {p.kind for p in params} & {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}
+    if not named and not varargs:
+        raise ValueError(f"{type(model).__name__}.forward takes no input; it must take input_ids first")
     names = ["input_ids"] + [p.name for p in named[1:]]
     required = ["input_ids"] + [p.name for p in named[1:] if p.default is p.empty]
-    open_ = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
-    return names, required, open_
+    return names, required, bool(varargs)  # forward(*args / **kwargs): names cannot be checked
 
 
 def _rng_state() -> dict[str, Any]:

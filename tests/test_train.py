@@ -251,6 +251,17 @@ def test_a_wrong_batch_fails_at_the_first_batch(change, message):
     assert tuner.step == 0 and all(torch.equal(a, b) for a, b in zip(before, new_params(model)))
 
 
+def test_a_forward_of_star_args_gets_input_ids_first():
+    class StarArgs(ToyComposed):  # what a generated module may look like
+        def forward(self, *args):
+            return super().forward(*args)
+
+    torch.manual_seed(0)
+    h_star = FineTuner(StarArgs(), ToyData(), cfg(max_steps=2)).train()
+    h_named = FineTuner(make_model(), ToyData(), cfg(max_steps=2)).train()
+    assert [h["loss"] for h in h_star] == pytest.approx([h["loss"] for h in h_named], abs=1e-7)
+
+
 def test_an_input_with_another_batch_size_is_refused():
     def collate(items):  # a collate that gets the batch wrong
         batch = torch.utils.data.default_collate(items)
