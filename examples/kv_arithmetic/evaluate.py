@@ -1,0 +1,65 @@
+"""Exact-match accuracy with greedy decoding on the held-out expressions."""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable
+
+import torch
+
+from examples.kv_arithmetic.data import EOS_ID, KVWorld, decode, encode
+
+EVAL_TASKS = ("kv_substitution", "numeric_arithmetic", "kv_arithmetic")
+
+
+@torch.no_grad()
+def greedy_complete(model: Callable[[torch.Tensor], torch.Tensor], prompts: list[str], max_new: int,
+                    device: torch.device | str, batch_size: int = 1000) -> list[str]:
+    """Greedy continuation of each prompt up to EOS (or `max_new` tokens).
+
+    `model(ids) -> logits (B, T, vocab)`. Prompts are batched by length, so no padding ever enters a
+    model with absolute positions and no attention mask.
+    """
+    by_len: dict[int, list[int]] = defaultdict(list)
+    for i, p in enumerate(prompts):
+        by_len[len(p)].append(i)
+    out = [""] * len(prompts)
+    for length, idx in by_len.items():
+        for s in range(0, len(idx), batch_size):
+            chunk = idx[s:s + batch_size]
+            ids = torch.tensor([encode(prompts[i]) for i in chunk], device=device)
+            done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
+            for _ in range(max_new):
+                nxt = model(ids)[:, -1].argmax(-1)
+                ids = torch.cat([ids, nxt[:, None]], dim=1)
+                done |= nxt == EOS_ID
+                if done.all():
+                    break
+            for i, row in zip(chunk, ids[:, length:].tolist()):
+                out[i] = decode(row)
+    return out
+
+
+def exact_match(model, world: KVWorld, task: str, device, batch_size: int = 1000) -> float:
+    """Percentage of held-out expressions whose greedy answer equals the reference exactly."""
+    pairs = [world.example(e, task) for e in world.eval_exprs]
+    answers = greedy_complete(model, [p for p, _ in pairs], world.max_answer_len, device, batch_size)
+    return 100.0 * sum(a == ref for a, (_, ref) in zip(answers, pairs)) / len(pairs)
+
+
+def accuracy_row(model, world: KVWorld, device) -> dict[str, float]:
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    row = {task: exact_match(model, world, task, device) for task in EVAL_TASKS}
+    if was_training:
+        model.train()
+    return row
+
+
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+    """Markdown table: one column per model, one row per data set (the paper's Table 1 layout)."""
+    names = list(rows)
+    lines = ["| data set | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for task in EVAL_TASKS:
+        lines.append(f"| {task} | " + " | ".join(f"{rows[n][task]:.1f}" for n in names) + " |")
+    return "\n".join(lines)

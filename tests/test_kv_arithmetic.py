@@ -1,0 +1,148 @@
+"""The key-value arithmetic example: data properties, greedy exact-match scoring, and a smoke run of train_base."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from examples.kv_arithmetic.data import (EOS_ID, PAD_ID, VOCAB_SIZE, KVConfig, KVDataset, KVWorld, decode,
+                                         encode)
+from examples.kv_arithmetic.evaluate import exact_match, greedy_complete
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = KVConfig(n_keys=60, min_operands=3, max_operands=5, n_eval=300, seed=3)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return KVWorld(CFG)
+
+
+def split_prompt(prompt: str) -> tuple[list[str], str]:
+    """Operands of a prompt ("ab+cd*ef=") and its task char, by regex rather than the data code."""
+    body, task = prompt[:-1], prompt[-1]
+    return re.split(r"[+\-*]", body), task
+
+
+def reference_answer(world, prompt: str) -> str:
+    """What the answer must be, from Python's own parser and a fresh key -> value dict."""
+    table = dict(zip(world.keys, world.values))
+    operands, task = split_prompt(prompt)
+    body = prompt[:-1]
+    if operands[0].isalpha():  # each run of letters is one whole key
+        body = re.sub(r"[a-z]+", lambda m: str(table[m.group()]), body)
+    return body if task == ">" else str(eval(body))
+
+
+def test_keys_and_values(world):
+    assert len(set(world.keys)) == CFG.n_keys
+    assert all(2 <= len(k) <= 6 and k.isalpha() and k.islower() for k in world.keys)
+    assert sorted(world.values) == list(range(1, CFG.n_keys + 1))  # unique integers in [1, N_KV]
+
+
+def test_splits_are_deterministic(world):
+    again = KVWorld(CFG)
+    assert (again.keys, again.values, again.compose_keys, again.eval_exprs) == \
+        (world.keys, world.values, world.compose_keys, world.eval_exprs)
+    other = KVWorld(KVConfig(**{**CFG.__dict__, "seed": 4}))
+    assert other.keys != world.keys
+    ds = KVDataset(world, "kv_substitution", "compose", size=50)
+    assert all(torch.equal(ds[i]["input_ids"], KVDataset(again, "kv_substitution", "compose", size=50)[i]["input_ids"])
+               for i in range(50))
+
+
+def test_composition_data_uses_only_its_20_percent_of_keys(world):
+    assert len(world.compose_keys) == round(0.2 * CFG.n_keys)
+    allowed = {world.keys[i] for i in world.compose_keys}
+    used = set()
+    ds = KVDataset(world, "kv_substitution", "compose", size=2000)
+    for i in range(len(ds)):
+        prompt = world.example(*ds.expr_and_task(i))[0]
+        operands, task = split_prompt(prompt)
+        assert task == ">"
+        used |= set(operands)
+    assert used == allowed  # only those keys, and all of them
+    train_keys = set()
+    for i in range(2000):
+        train_keys |= set(split_prompt(world.example(*KVDataset(world, "kv_substitution", "train", 2000).expr_and_task(i))[0])[0])
+    assert len(train_keys) == CFG.n_keys  # m_A's data spans every key
+
+
+def test_evaluation_expressions_never_appear_in_training(world):
+    eval_prompts = {world.example(e, "kv_arithmetic")[0][:-1] for e in world.eval_exprs}
+    assert len(eval_prompts) == CFG.n_eval
+    for split in ("train", "compose"):
+        ds = KVDataset(world, "kv_substitution", split, size=3000)
+        seen = {decode(ds[i]["input_ids"].tolist()).split(">")[0] for i in range(len(ds))}
+        assert not seen & eval_prompts
+
+
+@pytest.mark.parametrize("task", ["kv_substitution", "numeric_arithmetic", "kv_arithmetic", "numeric_copy"])
+def test_answers_match_python(world, task):
+    ds_eval = KVDataset(world, task, "eval")
+    for i in range(len(ds_eval)):
+        item = ds_eval[i]
+        ids, mask = item["input_ids"].tolist(), item["label_mask"].tolist()
+        text = decode(ids)
+        prompt = text[:text.index(">" if task.endswith(("substitution", "copy")) else "=") + 1]
+        answer = text[len(prompt):]
+        assert answer == reference_answer(world, prompt), text
+        # The mask covers exactly the answer and its EOS.
+        targets = [t for t, m in zip(ids, mask) if m]
+        assert targets == encode(answer) + [EOS_ID]
+        assert ids[len(prompt) + len(answer) + 1:] == [PAD_ID] * (world.max_len - len(prompt) - len(answer) - 1)
+
+
+def test_multiplication_binds_tighter(world):
+    # An operator string with * in the middle: 2 + 3 * 4 - 5 = 9, not 15.
+    from examples.kv_arithmetic.data import solve
+    assert solve([2, 3, 4, 5], ["+", "*", "-"]) == 9
+    assert solve([7, 3, 2], ["-", "-"]) == 2
+
+
+def _oracle(world):
+    """A 'model' that knows every answer: its logits put all mass on the right next character."""
+    def model(ids):
+        logits = torch.full((*ids.shape, VOCAB_SIZE), -1e9)
+        for b, row in enumerate(ids.tolist()):
+            text = decode(row)
+            cut = max(text.find(">"), text.find("=")) + 1
+            answer = reference_answer(world, text[:cut]) + "\0"
+            nxt = answer[len(text) - cut]
+            logits[b, -1, EOS_ID if nxt == "\0" else encode(nxt)[0]] = 0.0
+        return logits
+    return model
+
+
+def test_exact_match_with_greedy_decoding(world):
+    assert exact_match(_oracle(world), world, "kv_arithmetic", "cpu", batch_size=64) == 100.0
+    always_eos = lambda ids: torch.nn.functional.one_hot(torch.full(ids.shape, EOS_ID), VOCAB_SIZE).float()
+    assert exact_match(always_eos, world, "numeric_arithmetic", "cpu") == 0.0
+    prompts = ["ab+cd=", "7*8>"]
+    assert greedy_complete(always_eos, prompts, 5, "cpu") == ["", ""]
+
+
+def test_train_base_smoke(tmp_path):
+    # A subprocess: one CPU thread (faster for tiny models) and a fresh Accelerate state.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "examples.kv_arithmetic.train_base", "--out", str(tmp_path), "--smoke"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "base_eval.json").read_text())
+    for name in ("m_A", "m_B"):
+        assert set(report[name]) == {"kv_substitution", "numeric_arithmetic", "kv_arithmetic"}
+        assert all(0.0 <= v <= 100.0 for v in report[name].values())
+
+    from examples.kv_arithmetic.train_base import load_base
+    model = load_base(tmp_path, "m_B")
+    assert model.lm_head.weight is model.wte.weight  # tying survives the round trip
+    saved = load_file(str(tmp_path / "m_B.safetensors"))
+    assert saved and all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert model.cfg.n_embd == cfg["models"]["m_B"]["n_embd"]
+    assert model(torch.tensor([encode("12+3=")])).shape == (1, 5, VOCAB_SIZE)
