@@ -44,6 +44,16 @@ class ComposedModel(fx.GraphModule):
                 getattr(self, m.name).eval()
         return self
 
+    def loss(self, input_ids, label_mask=None, ignore_index: int = -100, **inputs):
+        """Next-token cross-entropy of the anchor's logits; `label_mask` (B, T) picks the tokens scored."""
+        from .train import next_token_loss
+        return next_token_loss(self(input_ids, **inputs), input_ids, label_mask, ignore_index)
+
+    def __deepcopy__(self, memo) -> "ComposedModel":
+        copied = super().__deepcopy__(memo)  # a plain GraphModule: restore what makes it a composition
+        return ComposedModel(copied, copied.graph, spec=self.spec, links=self.links, pruned=self.pruned,
+                             frontends=self.frontends, input_names=self.input_names)
+
     def summary(self) -> str:
         from .report import summary
         return summary(self)

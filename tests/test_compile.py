@@ -268,3 +268,23 @@ def test_code_reads_like_the_composition():
     assert "def forward(self, input_ids):" in code
     assert "self.xattn.kv_to_base.l3_to_l3(base_blocks_3, kv_blocks_3)" in code
     assert "self.kv.blocks" in code and "self.base.blocks" in code
+
+
+def test_deepcopy_and_loss(ids):
+    import copy
+    torch.manual_seed(0)
+    models = {"base": gpt(dim=64, depth=4).eval(), "kv": gpt(dim=32, depth=4).eval()}
+    composed = cg.compile(spec({"name": "kv"}, edges=[every("kv", 2)]), models=models)
+    randomize_new_parameters(composed)
+    twin = copy.deepcopy(composed)
+    assert isinstance(twin, cg.ComposedModel) and twin.spec == composed.spec and len(twin.links) == 2
+    with torch.no_grad():
+        assert torch.equal(twin(ids), composed(ids))
+        next(twin.new_parameters()).add_(1.0)  # a deep copy owns its parameters
+        assert not torch.equal(twin(ids), composed(ids))
+        # the loss is next-token cross-entropy on the answer tokens only
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        mask[:, 6:] = True
+        logits = composed(ids)
+        expected = torch.nn.functional.cross_entropy(logits[:, 5:-1].reshape(-1, VOCAB), ids[:, 6:].reshape(-1))
+        torch.testing.assert_close(composed.loss(ids, label_mask=mask), expected)

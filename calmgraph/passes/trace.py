@@ -231,7 +231,8 @@ def trace_model(name: str, model: nn.Module, blocks: list[Block], *, prompt: boo
             taps = outputs if tap == "output" else block_inputs(gm.graph, blocks, outputs)
             break
         except Exception as e:  # noqa: BLE001 - every front end's reason goes into the final error
-            reasons[frontend] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            reasons[frontend] = f"{type(e).__name__}: {first_line[:300]}"
     else:
         detail = "\n".join(f"  - {k}: {v}" for k, v in reasons.items())
         raise TraceError(
