@@ -44,6 +44,11 @@ class ComposedModel(fx.GraphModule):
                 getattr(self, m.name).eval()
         return self
 
+    def generate(self, input_ids, max_new_tokens: int, **kwargs):
+        """Prompt followed by up to `max_new_tokens` new tokens; see `calmgraph.generate.generate`."""
+        from .generate import generate
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
     def summary(self) -> str:
         from .report import summary
         return summary(self)
