@@ -52,13 +52,20 @@ def hf():
             "edges": [{"source": "gpt2", "target": "llama", "layers": {"every": 2}},
                       {"source": "bert", "target": "llama", "layers": [[-1, 2]]}]}
     models = {"llama": llama.eval(), "gpt2": gpt2.eval(), "bert": bert.eval()}
-    anchor = lambda ids: llama(ids, use_cache=False).logits  # noqa: E731
-    return randomize(cg.compile(spec, models=models)), anchor, "bert"
+    return randomize(cg.compile(spec, models=models)), llama, "bert"
+
+
+@pytest.fixture(scope="module")
+def hf_composition():
+    return hf()
 
 
 @pytest.fixture(scope="module", params=["demo", "hf"])
 def composition(request):
-    return {"demo": demo, "hf": hf}[request.param]()
+    if request.param == "hf":
+        composed, llama, name = request.getfixturevalue("hf_composition")
+        return composed, lambda ids: llama(ids, use_cache=False).logits, name
+    return demo()
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +164,30 @@ def test_left_padding_gives_the_tokens_of_each_unpadded_row(composition):
     for i, row in enumerate(rows):
         alone = composed.generate(row, n, temperature=0, **{k: v[i:i + 1] for k, v in prompts.items()})
         assert torch.equal(out[i, 9:], alone[0, row.shape[1]:]), f"row {i}"
+
+
+def test_left_padded_greedy_equals_transformers_generate_at_init(hf_composition):
+    """At init (zero output projections) the composition is the anchor, so its greedy tokens must be
+    those of transformers' own generate: KV cache, attention mask and position ids from the mask."""
+    composed, llama, name = hf_composition
+    saved = {n: p.clone() for n, p in composed.named_new_parameters()}
+    try:
+        with torch.no_grad():
+            for n, p in composed.named_new_parameters():
+                if n.endswith("to_out.weight"):
+                    p.zero_()
+        ids, mask = tokens((3, 9), 30), torch.ones(3, 9, dtype=torch.long)
+        mask[0, :4] = mask[2, :2] = 0
+        ids = ids.masked_fill(mask == 0, 0)
+        eos = llama.generation_config.eos_token_id   # both stop rows at it and pad them with 0
+        ours = composed.generate(ids, 10, temperature=0, attention_mask=mask, eos_token_id=eos, pad_token_id=0,
+                                 **prompt(name))
+        theirs = llama.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        assert torch.equal(ours, theirs)
+    finally:
+        with torch.no_grad():
+            for n, p in composed.named_new_parameters():
+                p.copy_(saved[n])
 
 
 def test_right_padding_also_reads_each_row_at_its_own_end(small):
