@@ -54,6 +54,11 @@ class ComposedModel(fx.GraphModule):
         return ComposedModel(copied, copied.graph, spec=self.spec, links=self.links, pruned=self.pruned,
                              frontends=self.frontends, input_names=self.input_names)
 
+    def generate(self, input_ids, max_new_tokens: int, **kwargs):
+        """Prompt followed by up to `max_new_tokens` new tokens; see `calmgraph.generate.generate`."""
+        from .generate import generate
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
     def summary(self) -> str:
         from .report import summary
         return summary(self)
