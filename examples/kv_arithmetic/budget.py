@@ -14,14 +14,14 @@ import torch
 
 from calmgraph.train import FineTuner
 
-PROBE_WARM, PROBE_TIMED = 5, 20  # untimed steps (CUDA start-up, allocator), then timed ones
+PROBE_WARM, PROBE_TIMED = 30, 30  # untimed steps (CUDA start-up, data workers starting), then timed ones
 
 
 def train_within(tuner: FineTuner, seconds: float | None) -> dict:
     """Train `tuner` to `config.max_steps`, or to fewer steps if `seconds` would not hold them all.
 
     Every process takes the same decision (the slowest process's step time), so data-parallel runs stay
-    in step. Returns {"steps", "seconds", "step_ms", "final_loss"}.
+    in step. Returns {"steps", "seconds", "step_ms", "final_loss", "loss_at_step"}.
     """
     c = tuner.config
     cap, step_ms = c.max_steps, None
@@ -46,8 +46,10 @@ def train_within(tuner: FineTuner, seconds: float | None) -> dict:
         if tuner.accelerator.is_main_process:
             print(f"  timed {step_ms:.1f} ms/step: {c.max_steps} steps fit {seconds:.0f} s (cap {cap})", flush=True)
     hist = tuner.train()
+    marks = sorted({max(1, round(k * len(hist) / 10)) for k in range(1, 11)})  # the loss curve at 10 points
     return {"steps": c.max_steps, "seconds": round(time.perf_counter() - started, 1),
-            "step_ms": None if step_ms is None else round(step_ms, 2), "final_loss": round(hist[-1]["loss"], 4)}
+            "step_ms": None if step_ms is None else round(step_ms, 2), "final_loss": round(hist[-1]["loss"], 4),
+            "loss_at_step": {hist[m - 1]["step"]: round(hist[m - 1]["loss"], 4) for m in marks}}
 
 
 def _sync(tuner: FineTuner) -> None:

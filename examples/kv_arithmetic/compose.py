@@ -4,12 +4,14 @@
     python -m examples.kv_arithmetic.compose --base /tmp/kv --smoke           # CPU, seconds
 
 The anchor m_B reads the augment m_A through causal cross-attention: both read the same tokens, and
-every m_A block feeds one m_B block (the paper taps every 4th layer of much deeper models; m_A has 4).
+by default every m_A block feeds one m_B block (the paper taps every 4th layer of much deeper models; m_A
+has 4).
 Both base models stay frozen. The composition trains on `--data`:
 
     substitution   KV-substitution over the 20% of keys in `world.compose_keys` (the paper's protocol)
     kv_mix         KV-substitution and KV-arithmetic, half each, over the same 20% of keys (a fallback that
                    departs from the paper: the composition sees the `=` task on keys, never the other 80%)
+    *_replay       the same plus m_B's own numeric tasks (see COMPOSE_DATA)
 
 Writes `calm_<data>.safetensors` (the new parameters only), `calm_<data>_spec.json` and
 `calm_<data>_eval.json` (exact-match %, the CALM column of Table 1) under --base.
@@ -31,21 +33,29 @@ from examples.kv_arithmetic.data import KVConfig, KVDataset, KVWorld
 from examples.kv_arithmetic.evaluate import accuracy_row, format_table
 from examples.kv_arithmetic.train_base import load_base
 
+# All over the composition's 20% of keys. "replay" adds the anchor's own numeric tasks (expressions over the
+# values of those keys): they teach nothing new, but ask the composition to leave what m_B knows intact.
 COMPOSE_DATA = {
     "substitution": {"kv_substitution": 1.0},
     "kv_mix": {"kv_substitution": 0.5, "kv_arithmetic": 0.5},
+    "substitution_replay": {"kv_substitution": 0.5, "numeric_arithmetic": 0.375, "numeric_copy": 0.125},
+    "kv_mix_replay": {"kv_substitution": 0.25, "kv_arithmetic": 0.25, "numeric_arithmetic": 0.375,
+                      "numeric_copy": 0.125},
 }
+# Layer choices: every m_A block (0->1 1->2 2->4 3->5 for 4 and 6 blocks), or only m_A's last block (whose
+# states at the answer hold m_A's next character) into m_B's last.
+LAYERS = {"every1": {"every": 1}, "every2": {"every": 2}, "last": [[-1, -1]]}
 
 
-def spec(every: int = 1) -> dict:
-    """m_A (augment, shared tokens) -> m_B (anchor) at every `every`-th m_A block."""
+def spec(layers: str = "every1") -> dict:
+    """m_A (augment, shared tokens) -> m_B (anchor) at the layer pairs LAYERS[layers]."""
     return {"anchor": {"name": "m_B"},
             "augments": [{"name": "m_A", "input": "shared"}],
-            "edges": [{"source": "m_A", "target": "m_B", "layers": {"every": every}}]}
+            "edges": [{"source": "m_A", "target": "m_B", "layers": LAYERS[layers]}]}
 
 
-def compose(m_A: GPT, m_B: GPT, every: int = 1) -> cg.ComposedModel:
-    return cg.compile(spec(every), models={"m_A": m_A, "m_B": m_B})
+def compose(m_A: GPT, m_B: GPT, layers: str = "every1") -> cg.ComposedModel:
+    return cg.compile(spec(layers), models={"m_A": m_A, "m_B": m_B})
 
 
 def train_composition(composed: cg.ComposedModel, world: KVWorld, data: str, *, steps: int, batch_size: int,
@@ -77,7 +87,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--every", type=int, default=1, help="tap every k-th m_A block")
+    ap.add_argument("--layers", choices=list(LAYERS), default="every1", help="which blocks are connected")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.smoke:
@@ -85,7 +95,7 @@ def main(argv=None) -> dict:
 
     base = Path(args.base)
     world = KVWorld(KVConfig(**json.loads((base / "config.json").read_text())["data"]))
-    composed = compose(load_base(base, "m_A"), load_base(base, "m_B"), args.every)
+    composed = compose(load_base(base, "m_A"), load_base(base, "m_B"), args.layers)
     print(composed.summary())
     composed, tuner, run = train_composition(composed, world, args.data, steps=args.steps, batch_size=args.batch_size,
                                              lr=args.lr, seed=args.seed, cpu=args.smoke, progress=not args.smoke)

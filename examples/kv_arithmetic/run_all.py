@@ -4,12 +4,15 @@
     accelerate launch --multi_gpu --num_processes 2 -m examples.kv_arithmetic.run_all --out runs/kv2 \\
         --budget-s 60 --json runs/kv2/kv_arithmetic.json                          # data parallel, short
     python -m examples.kv_arithmetic.run_all --out /tmp/kv --smoke --json /tmp/kv/kv.json   # CPU smoke run
+    python -m examples.kv_arithmetic.run_all --base runs/kv --out runs/kv_last --layers last \
+        --compositions calm,calm_replay --budget-s 120 --json runs/kv_last/kv.json  # other compositions, same bases
 
-`--budget-s` is the training time of all four runs together, shared out by BUDGET_SHARE; each run times
-its first steps and fits its length to its share (budget.py), up to its step cap. Rows of the table:
-m_A, m_B, calm (trained on KV-substitution over 20% of keys: the paper's protocol) and calm_kv_mix (the
-fallback: KV-substitution and KV-arithmetic over the same 20% of keys). All are scored by greedy exact
-match on the same 1000 held-out expressions.
+`--budget-s` is the training time of all runs together: BASE_SHARE of it for the base models, the rest
+shared equally by the compositions; each run times its first steps and fits its length to its share
+(budget.py), up to its step cap. Rows of the table: m_A, m_B, and one per composition (COMPOSE_DATA_OF):
+calm is trained on KV-substitution over 20% of keys (the paper's protocol), calm_kv_mix on KV-substitution
+and KV-arithmetic over the same 20% (the fallback), the *_replay rows add m_B's own numeric tasks. All are
+scored by greedy exact match on the same 1000 held-out expressions.
 """
 from __future__ import annotations
 
@@ -26,13 +29,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_model
 
-from examples.kv_arithmetic.compose import compose, save_composition, train_composition
+from examples.handwritten_gpt.gpt import GPTConfig
+from examples.kv_arithmetic.compose import COMPOSE_DATA, LAYERS, compose, save_composition, train_composition
 from examples.kv_arithmetic.data import KVConfig, KVWorld
 from examples.kv_arithmetic.evaluate import EVAL_TASKS, answers, format_table
-from examples.kv_arithmetic.train_base import MODELS, smoke_config, train_base, write_config
+from examples.kv_arithmetic.train_base import MODELS, load_base, smoke_config, train_base, write_config
 
-BUDGET_SHARE = {"m_A": 0.15, "m_B": 0.40, "calm": 0.20, "calm_kv_mix": 0.25}
-COMPOSE_DATA_OF = {"calm": "substitution", "calm_kv_mix": "kv_mix"}
+BASE_SHARE = {"m_A": 0.15, "m_B": 0.40}  # of the budget; the compositions share the rest equally
+COMPOSE_DATA_OF = {"calm": "substitution", "calm_kv_mix": "kv_mix", "calm_replay": "substitution_replay",
+                   "calm_kv_mix_replay": "kv_mix_replay"}
 PAPER = {"m_A": {"kv_substitution": 98.1, "numeric_arithmetic": 4.2, "kv_arithmetic": 0.7},
          "m_B": {"kv_substitution": 0.0, "numeric_arithmetic": 73.7, "kv_arithmetic": 0.0},
          "calm": {"kv_substitution": 92.9, "numeric_arithmetic": 72.0, "kv_arithmetic": 84.3}}
@@ -51,19 +56,31 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--workers", type=int, default=4, help="data loader processes (0 on the CPU)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compositions", default="calm,calm_kv_mix", help=f"rows to train, of {list(COMPOSE_DATA_OF)}")
+    ap.add_argument("--layers", choices=list(LAYERS), default="every1", help="which blocks are connected")
+    ap.add_argument("--base", help="reuse the base models of an earlier --out instead of training them")
     args = ap.parse_args(argv)
+    calms = args.compositions.split(",")
+    if set(calms) - set(COMPOSE_DATA_OF):
+        ap.error(f"--compositions: unknown {sorted(set(calms) - set(COMPOSE_DATA_OF))}; known: {list(COMPOSE_DATA_OF)}")
     started = time.perf_counter()
 
     kv, models = KVConfig(seed=args.seed), dict(MODELS)
-    steps = {"m_A": args.base_steps, "m_B": args.base_steps, "calm": args.calm_steps, "calm_kv_mix": args.calm_steps}
+    if args.base:  # the data and models those base models were trained with
+        saved = json.loads((Path(args.base) / "config.json").read_text())
+        kv, models = KVConfig(**saved["data"]), {k: GPTConfig(**v) for k, v in saved["models"].items()}
+    steps = {"m_A": args.base_steps, "m_B": args.base_steps, **dict.fromkeys(calms, args.calm_steps)}
     if args.smoke:
-        kv, models = smoke_config(kv, models)
+        if not args.base:
+            kv, models = smoke_config(kv, models)
         steps = dict.fromkeys(steps, 4)
         args.batch_size, args.workers = 8, 0
     world = KVWorld(kv)
     out = Path(args.out)
     models = write_config(out, world, models, write=int(os.environ.get("RANK", "0")) == 0)  # before Accelerate starts
-    budget = {k: None if args.budget_s is None else share * args.budget_s for k, share in BUDGET_SHARE.items()}
+    share = {} if args.base else dict(BASE_SHARE)
+    share |= dict.fromkeys(calms, (1 - sum(share.values())) / len(calms))
+    budget = {k: None if args.budget_s is None else s * args.budget_s for k, s in share.items()}
     common = dict(batch_size=args.batch_size, lr=args.lr, seed=args.seed, cpu=args.smoke, progress=False,
                   num_workers=args.workers)
 
@@ -81,12 +98,18 @@ def main(argv=None) -> dict:
                "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                "processes": acc.num_processes, "batch_size_per_process": args.batch_size, "runs": runs,
                "models": {k: asdict(v) for k, v in models.items()}, "data": asdict(kv),
-               "compose_data": COMPOSE_DATA_OF, "torch": torch.__version__, "paper": PAPER, "details": details}
+               "compose_data": {n: COMPOSE_DATA[COMPOSE_DATA_OF[n]] for n in calms}, "layers": LAYERS[args.layers], "torch": torch.__version__, "paper": PAPER, "details": details}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
         return out
 
     for name in ("m_A", "m_B"):
+        if args.base:  # trained earlier: load, score again (cheap), go on
+            base[name] = load_base(args.base, name, "cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+            runs[name] = {"loaded_from": args.base}
+            rows[name], details[name] = _score(name, base[name], world, next(base[name].parameters()).device,
+                                               runs[name])
+            continue
         print(f"== {name}: {models[name]}", flush=True)
         base[name], tuner, runs[name] = train_base(name, models[name], world, steps=steps[name],
                                                    seconds=budget[name], **common)
@@ -95,14 +118,14 @@ def main(argv=None) -> dict:
             rows[name], details[name] = _score(name, base[name], world, tuner.device, runs[name])
             report()
         tuner.accelerator.wait_for_everyone()
-    for name, data in COMPOSE_DATA_OF.items():
-        print(f"== {name}: composition trained on {data}", flush=True)
-        composed = compose(base["m_A"], base["m_B"])
-        if tuner.accelerator.is_main_process:
-            print(composed.summary(), flush=True)
+    for name in calms:
+        data = COMPOSE_DATA_OF[name]
+        print(f"== {name}: composition trained on {data}, layers {args.layers}", flush=True)
+        composed = compose(base["m_A"], base["m_B"], args.layers)
         composed, tuner, runs[name] = train_composition(composed, world, data, steps=steps[name],
                                                         seconds=budget[name], **common)
         if tuner.accelerator.is_main_process:
+            print(composed.summary(), flush=True)
             save_composition(composed, out, name)
             rows[name], details[name] = _score(name, composed, world, tuner.device, runs[name])
             report()
