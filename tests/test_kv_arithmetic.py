@@ -181,3 +181,14 @@ def test_run_all_and_compose_smoke(tmp_path):
     assert cg.load_spec(str(tmp_path / "calm_substitution_spec.json")) == fresh.spec
     row = json.loads((tmp_path / "calm_substitution_eval.json").read_text())["calm"]
     assert set(row) == {"kv_substitution", "numeric_arithmetic", "kv_arithmetic"}
+
+    # Other compositions on the same base models: reloaded, not retrained; one m_A block -> one m_B block.
+    again = tmp_path / "last.json"
+    proc = run("examples.kv_arithmetic.run_all", "--base", str(tmp_path), "--out", str(tmp_path / "last"), "--smoke",
+               "--layers", "last", "--compositions", "calm_replay", "--json", str(again))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    second = json.loads(again.read_text())
+    assert second["runs"]["m_B"]["loaded_from"] == str(tmp_path) and "calm" not in second
+    assert second["details"]["m_A"] == report["details"]["m_A"]  # the same answers from the reloaded model
+    saved = load_file(str(tmp_path / "last" / "calm_replay.safetensors"))
+    assert len([n for n in saved if n.endswith("to_out.weight")]) == 1
