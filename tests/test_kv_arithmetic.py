@@ -146,3 +146,49 @@ def test_train_base_smoke(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert model.cfg.n_embd == cfg["models"]["m_B"]["n_embd"]
     assert model(torch.tensor([encode("12+3=")])).shape == (1, 5, VOCAB_SIZE)
+
+
+def test_run_all_and_compose_smoke(tmp_path):
+    # The whole pipeline (both base models, both compositions, the table), then compose.py alone on its output.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run = lambda *args: subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True,
+                                       text=True, timeout=300)
+    table = tmp_path / "kv.json"
+    proc = run("examples.kv_arithmetic.run_all", "--out", str(tmp_path), "--smoke", "--json", str(table))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(table.read_text())
+    for name in ("m_A", "m_B", "calm", "calm_kv_mix"):
+        assert set(report[name]) == {"kv_substitution", "numeric_arithmetic", "kv_arithmetic"}
+        assert all(0.0 <= v <= 100.0 for v in report[name].values())
+        assert report["runs"][name]["steps"] == 4
+    assert report["device"] == "cpu" and report["command"].endswith("--smoke --json " + str(table))
+    assert report["seconds"] > 0 and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", report["date"])
+
+    proc = run("examples.kv_arithmetic.compose", "--base", str(tmp_path), "--smoke", "--data", "substitution")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import calmgraph as cg
+    from examples.kv_arithmetic.compose import spec
+    from examples.kv_arithmetic.train_base import load_base
+    fresh = cg.compile(spec(), models={"m_A": load_base(tmp_path, "m_A"), "m_B": load_base(tmp_path, "m_B")})
+    saved = load_file(str(tmp_path / "calm_substitution.safetensors"))
+    new = dict(fresh.named_new_parameters())
+    assert set(saved) == set(new)  # the cross-attention and nothing of the base models
+    assert all(saved[n].shape == p.shape for n, p in new.items())
+    outs = [n for n in new if n.endswith("to_out.weight")]
+    assert len(outs) == len(fresh.links) == 2  # every block of the 2-block smoke m_A feeds m_B
+    assert all(new[n].abs().sum() == 0 for n in outs)  # a fresh composition starts at the anchor...
+    assert all(saved[n].abs().sum() > 0 for n in outs)  # ...the saved one was trained away from it
+    assert cg.load_spec(str(tmp_path / "calm_substitution_spec.json")) == fresh.spec
+    row = json.loads((tmp_path / "calm_substitution_eval.json").read_text())["calm"]
+    assert set(row) == {"kv_substitution", "numeric_arithmetic", "kv_arithmetic"}
+
+    # Other compositions on the same base models: reloaded, not retrained; one m_A block -> one m_B block.
+    again = tmp_path / "last.json"
+    proc = run("examples.kv_arithmetic.run_all", "--base", str(tmp_path), "--out", str(tmp_path / "last"), "--smoke",
+               "--layers", "last", "--compositions", "calm_replay", "--json", str(again))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    second = json.loads(again.read_text())
+    assert second["runs"]["m_B"]["loaded_from"] == str(tmp_path) and "calm" not in second
+    assert second["details"]["m_A"] == report["details"]["m_A"]  # the same answers from the reloaded model
+    saved = load_file(str(tmp_path / "last" / "calm_replay.safetensors"))
+    assert len([n for n in saved if n.endswith("to_out.weight")]) == 1

@@ -39,11 +39,17 @@ def greedy_complete(model: Callable[[torch.Tensor], torch.Tensor], prompts: list
     return out
 
 
+def answers(model, world: KVWorld, task: str, device, batch_size: int = 1000) -> list[tuple[str, str, str]]:
+    """(prompt, reference, greedy answer) for every held-out expression."""
+    pairs = [world.example(e, task) for e in world.eval_exprs]
+    got = greedy_complete(model, [p for p, _ in pairs], world.max_answer_len, device, batch_size)
+    return [(p, ref, a) for (p, ref), a in zip(pairs, got)]
+
+
 def exact_match(model, world: KVWorld, task: str, device, batch_size: int = 1000) -> float:
     """Percentage of held-out expressions whose greedy answer equals the reference exactly."""
-    pairs = [world.example(e, task) for e in world.eval_exprs]
-    answers = greedy_complete(model, [p for p, _ in pairs], world.max_answer_len, device, batch_size)
-    return 100.0 * sum(a == ref for a, (_, ref) in zip(answers, pairs)) / len(pairs)
+    scored = answers(model, world, task, device, batch_size)
+    return 100.0 * sum(a == ref for _, ref, a in scored) / len(scored)
 
 
 def accuracy_row(model, world: KVWorld, device) -> dict[str, float]:

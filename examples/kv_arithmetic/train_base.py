@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from safetensors.torch import load_model, save_model
 
 from calmgraph.train import FineTuner, TrainConfig
 from examples.handwritten_gpt.gpt import GPT, GPTConfig
+from examples.kv_arithmetic.budget import train_within
 from examples.kv_arithmetic.data import VOCAB_SIZE, KVConfig, KVDataset, KVWorld
 from examples.kv_arithmetic.evaluate import accuracy_row, format_table
 
@@ -56,6 +56,26 @@ def load_base(out_dir: str | Path, name: str, device="cpu") -> GPT:
     return model.to(device)
 
 
+def train_base(name: str, model_cfg: GPTConfig, world: KVWorld, *, steps: int, batch_size: int, lr: float,
+               seed: int = 0, cpu: bool = False, progress: bool = True, seconds: float | None = None,
+               num_workers: int = 0) -> tuple[GPT, FineTuner, dict]:
+    """Train base model `name` from scratch on its task mix; `seconds` caps the run (see budget.py).
+
+    Returns the trained model (unwrapped, on the training device), its FineTuner and a record of the run.
+    """
+    torch.manual_seed(seed)
+    model = GPT(model_cfg)
+    init_weights(model)
+    data = KVDataset(world, TASK_MIX[name], "train", size=10**9)  # generated per index: never runs out
+    cfg = TrainConfig(max_steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(200, steps // 10),
+                      weight_decay=0.1, shuffle=False, seed=seed, cpu=cpu, progress=progress,
+                      num_workers=num_workers)
+    tuner = FineTuner(model, data, cfg, params=model.parameters())  # a base model trains in full
+    run = train_within(tuner, seconds)
+    # Without the autocast wrapper Accelerate put on forward: compiled again or scored in fp32 after this.
+    return tuner.accelerator.unwrap_model(tuner.model, keep_fp32_wrapper=False), tuner, run
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
@@ -71,35 +91,22 @@ def main(argv=None) -> dict:
     kv = KVConfig(n_keys=args.n_keys, seed=args.seed)
     models = dict(MODELS)
     if args.smoke:
-        kv = replace(kv, n_keys=20, n_eval=20)
-        models = {k: replace(v, **SMOKE_MODEL) for k, v in models.items()}
+        kv, models = smoke_config(kv, models)
         args.steps, args.batch_size = 4, 8
     world = KVWorld(kv)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    models = {k: replace(v, block_size=world.max_len) for k, v in models.items()}
-    (out / "config.json").write_text(json.dumps(
-        {"models": {k: asdict(v) for k, v in models.items()}, "data": asdict(kv)}, indent=1))
+    models = write_config(out, world, models)
 
     results, timings = {}, {}
     for name in [args.only] if args.only else list(models):
-        torch.manual_seed(args.seed)
-        model = GPT(models[name])
-        init_weights(model)
-        data = KVDataset(world, TASK_MIX[name], "train", size=10**9)  # generated per index: never runs out
-        cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                          warmup_steps=min(200, args.steps // 10), weight_decay=0.1, shuffle=False,
-                          seed=args.seed, cpu=args.smoke, progress=not args.smoke)
-        tuner = FineTuner(model, data, cfg, params=model.parameters())  # a base model trains in full
-        t0 = time.perf_counter()
-        hist = tuner.train()
-        timings[name] = time.perf_counter() - t0
+        model, tuner, run = train_base(name, models[name], world, steps=args.steps, batch_size=args.batch_size,
+                                       lr=args.lr, seed=args.seed, cpu=args.smoke, progress=not args.smoke)
+        timings[name] = run["seconds"]
         if not tuner.accelerator.is_main_process:
             continue
-        model = tuner.accelerator.unwrap_model(tuner.model)
         save_model(model, str(out / f"{name}.safetensors"))  # handles the tied embedding / head
         results[name] = accuracy_row(model, world, tuner.device)
-        print(f"{name}: final loss {hist[-1]['loss']:.4f}, {timings[name]:.0f}s, exact match {results[name]}")
+        print(f"{name}: final loss {run['final_loss']:.4f}, {timings[name]:.0f}s, exact match {results[name]}")
 
     if results:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else "cpu"
@@ -108,6 +115,21 @@ def main(argv=None) -> dict:
         (out / "base_eval.json").write_text(json.dumps(report, indent=1))
         print(format_table(results))
     return results
+
+
+def smoke_config(kv: KVConfig, models: dict[str, GPTConfig]) -> tuple[KVConfig, dict[str, GPTConfig]]:
+    """Tiny data and models for a CPU run of a few seconds."""
+    return replace(kv, n_keys=20, n_eval=20), {k: replace(v, **SMOKE_MODEL) for k, v in models.items()}
+
+
+def write_config(out: Path, world: KVWorld, models: dict[str, GPTConfig], write: bool = True) -> dict[str, GPTConfig]:
+    """Fit the models' positions to the data and record both configs in `out/config.json` (for load_base)."""
+    models = {k: replace(v, block_size=world.max_len) for k, v in models.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    if write:
+        (out / "config.json").write_text(json.dumps(
+            {"models": {k: asdict(v) for k, v in models.items()}, "data": asdict(world.cfg)}, indent=1))
+    return models
 
 
 if __name__ == "__main__":
