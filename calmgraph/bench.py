@@ -378,8 +378,17 @@ def train_step(model: Callable, inputs: dict[str, torch.Tensor], params: list[nn
 def bench_composition(composed: ComposedModel, models: dict[str, nn.Module], *, batch: int, seq: int,
                       prompt_len: int | None = None, budget: Budget = Budget(), variants: tuple[str, ...] = (
                           "parts", "part_detail", "hooks", "no_checks", "unpruned", "calm_pytorch", "compiled", "train"),
-                      seed: int = 0) -> dict:
-    """Every variant of one composition on one input batch. Returns times (ms), ratios and memory."""
+                      seed: int = 0, autocast: torch.dtype | None = None) -> dict:
+    """Every variant of one composition on one input batch. Returns times (ms), ratios and memory.
+    `autocast`: run everything under torch.autocast to this dtype (mixed precision; weights as they are)."""
+    device = model_device(models[composed.spec.anchor.name])
+    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        result = _bench(composed, models, batch=batch, seq=seq, prompt_len=prompt_len, budget=budget,
+                        variants=variants, seed=seed)
+    return {**result, "autocast": str(autocast) if autocast else None}
+
+
+def _bench(composed, models, *, batch, seq, prompt_len, budget, variants, seed) -> dict:
     spec = composed.spec
     device = model_device(models[spec.anchor.name])
     inputs = make_inputs(composed, models, batch=batch, seq=seq, prompt_len=prompt_len, seed=seed)
@@ -556,7 +565,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", help="package.module:function returning {name: nn.Module} (default: the spec's sources)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="cast the models first (default: bfloat16 on GPU, as they are on CPU)")
+                   help="autocast to this dtype (default: bfloat16 on GPU, none on CPU)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--prompt-len", type=int, default=None, help="prompt augments' length (default: --seq)")
@@ -569,14 +578,15 @@ def run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     models = _load_models(args.spec, args.models)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else None)
-    models = {n: m.to(args.device, getattr(torch, dtype) if dtype else None).eval() for n, m in models.items()}
+    models = {n: m.to(args.device).eval() for n, m in models.items()}  # weights as given, compute under autocast
     composed = compile_composition(spec, models=models)
     torch.manual_seed(0)  # the zero-initialised output projections would make every delta 0: randomise them
     for p in composed.new_parameters():
         nn.init.normal_(p, std=0.02)
     variants = ("parts", "part_detail", "hooks", "no_checks", "unpruned", "calm_pytorch", "train") + (() if args.no_compile else ("compiled",))
     result = bench_composition(composed, models, batch=args.batch, seq=args.seq, prompt_len=args.prompt_len,
-                               budget=QUICK if args.quick else Budget(), variants=variants)
+                               budget=QUICK if args.quick else Budget(), variants=variants,
+                               autocast=getattr(torch, dtype) if dtype and dtype != "float32" else None)
     result = {**environment(["calmgraph", "bench", *sys.argv[2:]] if sys.argv[1:2] == ["bench"] else None),
               "spec": spec.to_dict(), "device": args.device, "dtype": dtype or "as given", **result}
     print(table(result))
