@@ -555,7 +555,7 @@ def table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="calmgraph bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="calmgraph bench", description=__doc__.split("\n\n")[0].replace("`", ""))
     add_arguments(p)
     return run(p.parse_args(argv))
 

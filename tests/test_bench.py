@@ -106,9 +106,9 @@ def test_dynamo_report_counts_graph_breaks_and_recompiles():
 
 
 def test_bench_command_on_the_demo(tmp_path, capsys):
-    from calmgraph.bench import main
+    from calmgraph.cli import main
     out = tmp_path / "bench.json"
-    assert main([str(demo_spec_path()), "--models", "calmgraph.demo.models:demo_models", "--quick", "--no-compile",
+    assert main(["bench", str(demo_spec_path()), "--models", "calmgraph.demo.models:demo_models", "--quick", "--no-compile",
                  "--batch", "2", "--seq", "16", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     forward = report["times"]["forward"]
