@@ -183,7 +183,11 @@ def targets(report: dict) -> dict:
     main = report["main"]
     r = main["ratios"]
     out = {"fusion_overhead_pct (target <= 3)": 100 * (r["fused/parts"] - 1),
-           "input_checks_cost_pct": 100 * (1 / r["fused_no_checks/fused"] - 1) if r.get("fused_no_checks/fused") else None,
+           "input_checks: fused vs fused_no_checks, % (noise-limited)":
+               100 * (1 / r["fused_no_checks/fused"] - 1) if r.get("fused_no_checks/fused") else None,
+           "input_checks: us per forward, timed alone": main["notes"].get("input_checks_us"),
+           "input_checks: % of fused forward": (main["notes"]["input_checks_us"] / 10 / main["times"]["forward"]["fused"]["median_ms"]
+                                                if "input_checks_us" in main["notes"] else None),
            "calm_pytorch/compiled forward (target >= 1.5)": r.get("calm_pytorch/compiled"),
            "calm_pytorch/compiled train step (target >= 1.5)": r.get("train.calm_pytorch/compiled"),
            "calm_pytorch/cudagraphs forward": r.get("calm_pytorch/cudagraphs"),

@@ -131,3 +131,11 @@ def test_bench_command_without_models_says_how_to_give_them(tmp_path):
         main([str(demo_spec_path()), "--quick"])
     with pytest.raises(ModelError, match="no_such_module"):
         main([str(demo_spec_path()), "--models", "no_such_module:f", "--quick"])
+
+
+def test_input_checks_timing_runs_the_real_checks_on_the_inputs(demo):
+    from calmgraph.bench import input_checks_us
+    composed, _, inputs = demo
+    assert input_checks_us(composed, inputs, calls=3) > 0
+    with pytest.raises(InputError, match="notes_mask must have the shape"):
+        input_checks_us(composed, {**inputs, "notes_mask": inputs["notes_mask"][:, :2]}, calls=3)
