@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import calmgraph as cg
-from calmgraph.bench import (QUICK, Budget, HookComposition, Parts, dynamo_report, forward_inputs, make_inputs,
+from calmgraph.bench import (Budget, HookComposition, Parts, dynamo_report, forward_inputs, make_inputs,
                              time_round_robin, without_checks)
 from calmgraph.demo.models import demo_models
 from calmgraph.demo.run import demo_spec_path
