@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.fx as fx
-from conftest import (DECODERS, VOCAB, bert, eager_reference, gpt, randomize_new_parameters, run_model,
+from tests.support import (DECODERS, VOCAB, bert, eager_reference, gpt, randomize_new_parameters, run_model,
                       xtransformers)
 
 import calmgraph as cg

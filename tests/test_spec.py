@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import gpt, xtransformers
+from tests.support import gpt, xtransformers
 
 import calmgraph as cg
 
