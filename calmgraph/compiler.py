@@ -20,6 +20,7 @@ from .passes.resolve import resolve
 from .passes.splice import splice
 from .passes.trace import model_device, trace_model
 from .passes.verify import verify
+from .sources import load_models
 from .spec import CompositionSpec, load_spec
 
 
@@ -28,6 +29,7 @@ def compile(spec: CompositionSpec | str | Path | dict, models: dict[str, nn.Modu
     """Compile a composition. The models are not modified; see the README for what this means for
     `requires_grad`. Every problem with the spec or the models is raised before anything is built."""
     started = time.perf_counter()
+    models = load_models(spec, models)                              # given, or built from `source:`
     spec = load_spec(spec)
     models = gather(spec, models)                                   # names, types, one device
     blocks = find_all_blocks(spec, models)                          # every model's block list
