@@ -4,6 +4,7 @@ from .compiler import TapPoint, compile, tap_points
 from .cross_attention import CrossAttention
 from .errors import (CalmGraphError, CheckpointError, ExportError, InputError, LayerRefError, ModelError, SpecError,
                      TraceError)
+from .sources import load_models
 from .train import FineTuner, TrainConfig, next_token_loss
 from .spec import (AnchorSpec, AugmentSpec, CompositionSpec, CrossAttentionSpec, EdgeSpec, Every,
                    load_spec)
@@ -11,7 +12,7 @@ from .spec import (AnchorSpec, AugmentSpec, CompositionSpec, CrossAttentionSpec,
 __all__ = [
     "AnchorSpec", "AugmentSpec", "CalmGraphError", "CheckpointError", "ComposedModel", "CompositionSpec",
     "CrossAttention", "CrossAttentionSpec", "EdgeSpec", "Every", "ExportError", "FineTuner", "InputError",
-    "LayerRefError", "ModelError", "SpecError", "TapPoint", "TraceError", "TrainConfig", "compile", "load_spec",
-    "next_token_loss", "tap_points",
+    "LayerRefError", "ModelError", "SpecError", "TapPoint", "TraceError", "TrainConfig", "compile", "load_models",
+    "load_spec", "next_token_loss", "tap_points",
 ]
 __version__ = "0.1.0"

@@ -59,6 +59,16 @@ class ComposedModel(fx.GraphModule):
         from .generate import generate
         return generate(self, input_ids, max_new_tokens, **kwargs)
 
+    def export(self, path, format: str = "pt2"):
+        """Write a torch.export `.pt2` (or `format="onnx"`) with `<stem>.py` and `spec.json` beside it."""
+        from .export import export
+        return export(self, path, format)
+
+    def save_new(self, path):
+        """Save only the new parameters (safetensors) and the spec; load them with `cg.load_new`."""
+        from .checkpoint import save_new
+        return save_new(self, path)
+
     def summary(self) -> str:
         from .report import summary
         return summary(self)
