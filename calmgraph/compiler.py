@@ -47,6 +47,7 @@ def compile(spec: CompositionSpec | str | Path | dict, models: dict[str, nn.Modu
                              frontends={n: t.frontend for n, t in traced.items()}, input_names=merged.input_names)
     anchor_out = merged.outputs[spec.anchor.name].meta["val"].shape
     verify(composed, sum(a.input == "prompt" for a in spec.augments), model_device(models[spec.anchor.name]), anchor_out)
+    composed.taps = {n: _tap_points(t) for n, t in traced.items()}  # what `inspect` lists and draws
     composed.compile_seconds = time.perf_counter() - started
     return composed
 
@@ -65,5 +66,8 @@ def tap_points(model: nn.Module, blocks: str | None = None, *, tap: str = "outpu
         found = find_blocks(model, blocks)
     except BlockListError as e:
         raise LayerRefError([Problem("blocks", str(e))]) from None
-    traced = trace_model(type(model).__name__, model, found, prompt=prompt, tap=tap)
-    return [TapPoint(b.index, b.name, int(n.meta["val"].shape[-1])) for b, n in zip(found, traced.taps)]
+    return _tap_points(trace_model(type(model).__name__, model, found, prompt=prompt, tap=tap))
+
+
+def _tap_points(traced) -> list[TapPoint]:
+    return [TapPoint(b.index, b.name, int(n.meta["val"].shape[-1])) for b, n in zip(traced.blocks, traced.taps)]

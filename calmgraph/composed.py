@@ -27,6 +27,7 @@ class ComposedModel(fx.GraphModule):
         self.pruned = pruned
         self.frontends = frontends
         self.input_names = input_names
+        self.taps: dict = {}                       # per model: its TapPoints (index, block name, hidden size)
         self.compile_seconds: float | None = None
 
     def new_parameters(self) -> Iterator[nn.Parameter]:
