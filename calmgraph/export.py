@@ -14,6 +14,7 @@ an exported program has a fixed signature, so the optional-mask default of `comp
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -118,3 +119,19 @@ def _check_weights(composed: "ComposedModel") -> None:
     if meta:
         raise ExportError(f"{len(meta)} weights are on the meta device (e.g. {meta[0]!r}): an artifact holds real "
                           "weights; load them (e.g. model.to_empty(device=...) and a state dict) before exporting")
+
+
+def write_bundle(composed: "ComposedModel", out: str | Path, format: str = "pt2", progress=None) -> list[Path]:
+    """Everything `calmgraph compile` writes into `out`: the artifact (`composed.pt2` or `.onnx`), its code
+    (`composed.py`), `spec.json`, the picture (`composition.png`, `.svg`) and `summary.txt`."""
+    from .inspect import draw, mermaid, report
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = progress or (lambda message: contextlib.nullcontext())
+    with progress(f"exporting {out / f'composed.{format}'}"):
+        artifact = export(composed, out / f"composed.{format}", format)
+    with progress("drawing the composition"):
+        pictures = [draw(composed, out / "composition.png"), draw(composed, out / "composition.svg")]
+    summary = out / "summary.txt"
+    summary.write_text(f"{composed.summary()}\n\n{report(composed)}\n\n{mermaid(composed)}\n")
+    return [artifact, artifact.with_suffix(".py"), out / "spec.json", *pictures, summary]

@@ -6,6 +6,7 @@ compiling on the `meta` device is enough, so a spec can be inspected without rea
 """
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -59,7 +60,7 @@ def report(composed: "ComposedModel") -> str:
 
 
 def _layers(layers) -> str:
-    return f"every {layers.every}" if hasattr(layers, "every") else str([list(p) for p in layers])
+    return f"every {layers.every}" if hasattr(layers, "every") else json.dumps([list(p) for p in layers])
 
 
 # -- Mermaid -------------------------------------------------------------------------------------------
