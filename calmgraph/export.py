@@ -73,7 +73,7 @@ def export(composed: "ComposedModel", path: str | Path, format: str = "pt2") -> 
         composed.train(training)
     path.with_suffix(".py").write_text(
         f"# The fused graph of a calmgraph composition (spec: spec.json), as torch.fx wrote it.\n"
-        f"# For reading; the runnable artifact is {path.name}.\n{composed.code}")
+        f"# For reading; the runnable artifact is {path.name}.\n\n{composed.code.lstrip()}")
     (path.parent / "spec.json").write_text(composed.spec.to_json() + "\n")
     return path
 
