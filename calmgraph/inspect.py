@@ -157,14 +157,16 @@ def draw(composed: "ComposedModel", path: str | Path, title: str | None = None) 
         return x + CELL_W / 2, y + (index + 0.5) * CELL_H
 
     for m in composed.spec.models:
-        fill, line, text = STYLE[_kind(composed, m.name)]
+        kind = _kind(composed, m.name)
+        fill, line, text = STYLE[kind]
         x, y = pos[m.name]
         taps = composed.taps[m.name]
         run = blocks_run(composed, m.name)
         box_h = len(taps) * CELL_H + HEADER
-        ax.add_patch(FancyBboxPatch((x - 0.08, y - 0.08), CELL_W + 0.16, box_h + 0.08, boxstyle="round,pad=0.02,rounding_size=0.12",
-                                    facecolor=fill, edgecolor=line, linewidth=2.4 if m.name == composed.spec.anchor.name else 1.4,
-                                    linestyle="--" if _kind(composed, m.name) == "prompt" else "-", zorder=1))
+        ax.add_patch(FancyBboxPatch((x - 0.08, y - 0.08), CELL_W + 0.16, box_h + 0.08,
+                                    boxstyle="round,pad=0.02,rounding_size=0.12", facecolor=fill, edgecolor=line,
+                                    linewidth=2.4 if kind == "anchor" else 1.4,
+                                    linestyle="--" if kind == "prompt" else "-", zorder=1))
         for t in taps:
             pruned = t.index >= run
             ax.add_patch(FancyBboxPatch((x + 0.12, y + t.index * CELL_H + 0.04), CELL_W - 0.24, CELL_H - 0.08,
@@ -181,14 +183,14 @@ def draw(composed: "ComposedModel", path: str | Path, title: str | None = None) 
         ax.text(x + CELL_W / 2, top + HEADER * 0.25, f"{detail} · d={taps[0].dim}", ha="center", va="center",
                 fontsize=8.5, color=text)
 
-    for link in composed.links:
+    for k, link in enumerate(composed.links):
         colour = EDGE_COLOURS[link.edge % len(EDGE_COLOURS)]
         (sx, sy), (tx, ty) = cell_centre(link.source, link.source_layer), cell_centre(link.target, link.target_layer)
         start, end = (sx + CELL_W / 2 - 0.12, sy), (tx - CELL_W / 2 + 0.12, ty)
         rad = 0.0 if abs(sy - ty) < 1e-6 else (-0.12 if ty > sy else 0.12)
         ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>,head_length=7,head_width=4", color=colour,
                                      linewidth=1.8, connectionstyle=f"arc3,rad={rad}", shrinkA=2, shrinkB=2, zorder=4))
-        mx, my = _on_arc(start, end, rad, 0.6)
+        mx, my = _on_arc(start, end, rad, (0.6, 0.45, 0.75)[k % 3])  # staggered: crossing labels stay apart
         ax.text(mx, my, f"{link.source_layer}→{link.target_layer}", ha="center", va="center", fontsize=8.5,
                 color=colour, fontweight="bold", zorder=5,
                 bbox={"boxstyle": "round,pad=0.18", "facecolor": "white", "edgecolor": colour, "linewidth": 0.8})
@@ -198,13 +200,18 @@ def draw(composed: "ComposedModel", path: str | Path, title: str | None = None) 
     ax.text(width / 2, height + 0.3, title or f"{len(composed.links)} cross-attention blocks · "
             f"{n_new:,} new parameters ({100 * n_new / max(1, n_all - n_new):.1f}% of the frozen models)",
             ha="center", va="center", fontsize=10, color="#333333")
-    legend = [Patch(facecolor=STYLE["anchor"][0], edgecolor=STYLE["anchor"][1], linewidth=2, label="anchor (frozen)"),
-              Patch(facecolor=STYLE["shared"][0], edgecolor=STYLE["shared"][1], label="augment, same tokens (causal)"),
-              Patch(facecolor=STYLE["prompt"][0], edgecolor=STYLE["prompt"][1], linestyle="--", label="augment, own prompt"),
-              Patch(facecolor="#f1f1f1", edgecolor="#bdbdbd", linestyle=":", label="pruned (never computed)")]
+    # the legend names only what the picture shows
     kinds = {_kind(composed, m.name) for m in composed.spec.models}
-    legend = [legend[0], *[p for p, k in zip(legend[1:3], ("shared", "prompt")) if k in kinds],
-              *([legend[3]] if composed.pruned.nodes_removed and any(blocks_run(composed, n) < len(composed.taps[n]) for n in pos) else [])]
+    any_pruned = any(blocks_run(composed, n) < len(composed.taps[n]) for n in pos)
+    legend = [Patch(facecolor=STYLE["anchor"][0], edgecolor=STYLE["anchor"][1], linewidth=2, label="anchor (frozen)")]
+    if "shared" in kinds:
+        legend.append(Patch(facecolor=STYLE["shared"][0], edgecolor=STYLE["shared"][1],
+                            label="augment, same tokens (causal)"))
+    if "prompt" in kinds:
+        legend.append(Patch(facecolor=STYLE["prompt"][0], edgecolor=STYLE["prompt"][1], linestyle="--",
+                            label="augment, own prompt"))
+    if any_pruned:
+        legend.append(Patch(facecolor="#f1f1f1", edgecolor="#bdbdbd", linestyle=":", label="pruned (never computed)"))
     ax.legend(handles=legend, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=2, frameon=False,
               fontsize=8.5, handlelength=1.6)
     path.parent.mkdir(parents=True, exist_ok=True)
