@@ -1,4 +1,5 @@
 """calmgraph: compose language models CALM-style, compiled into one torch.fx GraphModule."""
+from .checkpoint import load_new
 from .composed import ComposedModel
 from .compiler import TapPoint, compile, tap_points
 from .cross_attention import CrossAttention
@@ -13,6 +14,6 @@ __all__ = [
     "AnchorSpec", "AugmentSpec", "CalmGraphError", "CheckpointError", "ComposedModel", "CompositionSpec",
     "CrossAttention", "CrossAttentionSpec", "EdgeSpec", "Every", "ExportError", "FineTuner", "InputError",
     "LayerRefError", "ModelError", "SpecError", "TapPoint", "TraceError", "TrainConfig", "compile", "load_models",
-    "load_spec", "next_token_loss", "tap_points",
+    "load_new", "load_spec", "next_token_loss", "tap_points",
 ]
 __version__ = "0.1.0"

@@ -52,8 +52,10 @@ class ComposedModel(fx.GraphModule):
 
     def __deepcopy__(self, memo) -> "ComposedModel":
         copied = super().__deepcopy__(memo)  # a plain GraphModule: restore what makes it a composition
-        return ComposedModel(copied, copied.graph, spec=self.spec, links=self.links, pruned=self.pruned,
-                             frontends=self.frontends, input_names=self.input_names)
+        composed = ComposedModel(copied, copied.graph, spec=self.spec, links=self.links, pruned=self.pruned,
+                                 frontends=self.frontends, input_names=self.input_names)
+        composed.taps, composed.compile_seconds = self.taps, self.compile_seconds
+        return composed
 
     def generate(self, input_ids, max_new_tokens: int, **kwargs):
         """Prompt followed by up to `max_new_tokens` new tokens; see `calmgraph.generate.generate`."""
