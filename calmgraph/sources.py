@@ -34,7 +34,7 @@ def load_models(spec: CompositionSpec | str | Path | dict, models: dict[str, nn.
     given = dict(models or {})
     missing = [m.name for m in spec.models if m.name not in given and m.source is None]
     if missing:
-        raise ModelError(f"no model for {missing}: give each a `source:` in the spec or pass "
+        raise ModelError(f"no model given for {missing}: give each a `source:` in the spec or pass "
                          f"models={{name: nn.Module}} to compile")
     out = {m.name: given[m.name] if m.name in given else load_model(m, base_dir) for m in spec.models}
     return {**out, **{k: v for k, v in given.items() if k not in out}}

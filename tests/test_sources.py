@@ -134,7 +134,7 @@ def test_malformed_source_is_a_located_spec_problem(source, loc, message):
 
 
 def test_no_source_and_no_model_says_how_to_give_one():
-    with pytest.raises(cg.ModelError, match=r"no model for \['aug'\]: give each a `source:` in the spec or pass models="):
+    with pytest.raises(cg.ModelError, match=r"no model given for \['aug'\]: give each a `source:` in the spec or pass models="):
         cg.compile(spec(TINY, None))
 
 
