@@ -7,12 +7,13 @@ models (`resolve.py`), before anything is built.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PlainValidator, PositiveInt, Tag,
-                      ValidationError, model_validator)
+                      ValidationError, field_validator, model_validator)
 
 from .errors import Problem, SpecError
 
@@ -73,8 +74,63 @@ Layers = Annotated[
 ]
 
 
+class HfSource(_Spec):
+    """A transformers model saved with `save_pretrained`, loaded offline (no hub access)."""
+
+    hf: str                                    # directory; relative paths start at the spec file's folder
+    auto_class: str | None = None              # default: AutoModelForCausalLM, AutoModel for prompt augments
+
+
+class HfConfigSource(_Spec):
+    """A transformers model with random weights, built from a config (tests, examples, dry runs)."""
+
+    hf_config: dict[str, Any]                  # AutoConfig.for_model(**hf_config); needs `model_type`
+    auto_class: str | None = None
+    seed: int | None = None                    # seed of the random weights (global RNG left as it was)
+
+    @model_validator(mode="after")
+    def _has_model_type(self) -> "HfConfigSource":
+        if not isinstance(self.hf_config.get("model_type"), str):
+            raise ValueError("needs `model_type` (e.g. llama, gpt2, bert) to pick the transformers config class")
+        return self
+
+
+class PythonSource(_Spec):
+    """Any factory returning an nn.Module: `package.module:factory` or `path/to/file.py:factory`."""
+
+    python: str
+    kwargs: dict[str, Any] = {}
+    seed: int | None = None
+
+    @field_validator("python")
+    @classmethod
+    def _module_colon_factory(cls, v: str) -> str:
+        module, _, attr = v.partition(":")
+        if not module or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", attr):
+            raise ValueError("expected 'package.module:factory' or 'path/to/file.py:factory'")
+        return v
+
+
+def _source_kind(v: Any) -> str | None:
+    keys = set(v) if isinstance(v, dict) else {type(v).__name__}
+    for tag, cls in (("hf_config", HfConfigSource), ("hf", HfSource), ("python", PythonSource)):
+        if tag in keys or cls.__name__ in keys:
+            return tag
+    return None
+
+
+Source = Annotated[
+    Union[Annotated[HfSource, Tag("hf")], Annotated[HfConfigSource, Tag("hf_config")],
+          Annotated[PythonSource, Tag("python")]],
+    Discriminator(_source_kind, custom_error_type="source_kind",
+                  custom_error_message="a source is one of {hf: DIR}, {hf_config: {model_type: ...}} or "
+                                       "{python: 'module:factory', kwargs: {...}}"),
+]
+
+
 class ModelSpec(_Spec):
     name: str = Field(pattern=NAME_PATTERN)
+    source: Source | None = None               # where the model comes from; models passed to compile win
     blocks: str | None = None                  # qualified name of the ModuleList of blocks; auto if omitted
     tap: Literal["output", "input"] = "output"  # read/modify each block's output or its input
 
@@ -178,7 +234,7 @@ def load_spec(source: str | Path | dict | CompositionSpec) -> CompositionSpec:
 
 
 # -- pydantic errors -> located problems -------------------------------------------------------------
-_TAGS = {"every", "pairs"}
+_TAGS = {"every", "pairs", "hf", "hf_config", "python"}
 
 
 def _loc(loc: tuple) -> str:
@@ -186,7 +242,7 @@ def _loc(loc: tuple) -> str:
     for i, part in enumerate(loc):
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in _TAGS and i > 0 and loc[i - 1] == "layers":
+        elif part in _TAGS and i > 0 and loc[i - 1] in ("layers", "source"):
             continue  # the discriminator's tag, not a key the user wrote
         else:
             out += f".{part}" if out else str(part)
