@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from examples.kv_arithmetic.data import (EOS_ID, PAD_ID, VOCAB_SIZE, KVConfig, KVDataset, KVWorld, decode,
-                                         encode)
-from examples.kv_arithmetic.evaluate import exact_match, greedy_complete
+                                         encode, protocol_config)
+from examples.kv_arithmetic.evaluate import exact_match, final_result, greedy_complete
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = KVConfig(n_keys=60, min_operands=3, max_operands=5, n_eval=300, seed=3)
@@ -36,7 +36,14 @@ def reference_answer(world, prompt: str) -> str:
     body = prompt[:-1]
     if operands[0].isalpha():  # each run of letters is one whole key
         body = re.sub(r"[a-z]+", lambda m: str(table[m.group()]), body)
-    return body if task == ">" else str(eval(body))
+    if task == ">":
+        return body
+    return (body + ";" if world.cfg.protocol == "scratchpad" else "") + str(eval(body))
+
+
+@pytest.fixture(scope="module")
+def pad_world():
+    return KVWorld(protocol_config("scratchpad", n_keys=60, min_operands=3, max_operands=5, n_eval=300, seed=3))
 
 
 def test_keys_and_values(world):
@@ -98,6 +105,57 @@ def test_answers_match_python(world, task):
         assert ids[len(prompt) + len(answer) + 1:] == [PAD_ID] * (world.max_len - len(prompt) - len(answer) - 1)
 
 
+@pytest.mark.parametrize("task", ["numeric_arithmetic", "kv_arithmetic"])
+def test_scratchpad_answers_copy_then_compute(pad_world, task):
+    assert pad_world.cfg.ops == "+-"  # the scratchpad protocol's scale-down
+    table = dict(zip(pad_world.keys, pad_world.values))
+    for prompt, answer in (pad_world.example(e, task) for e in pad_world.eval_exprs):
+        assert prompt.endswith("=") and answer.count(";") == 1
+        copy, result = answer.split(";")
+        # The scratchpad is the prompt with numbers for keys, i.e. the substitution (or copy) answer...
+        assert copy == re.sub(r"[a-z]+", lambda m: str(table[m.group()]), prompt[:-1])
+        assert set(copy) <= set("0123456789+-")
+        # ...and the result is Python's value of it, which is also the direct protocol's whole answer.
+        assert result == str(eval(copy))
+        assert final_result(answer) == result
+
+
+def test_scratchpad_leaves_the_other_tasks_and_splits_alone(pad_world):
+    direct = KVWorld(KVConfig(**{**pad_world.cfg.__dict__, "protocol": "direct"}))
+    assert direct.eval_exprs == pad_world.eval_exprs and direct.keys == pad_world.keys
+    for e in pad_world.eval_exprs[:50]:
+        for task in ("kv_substitution", "numeric_copy"):
+            assert pad_world.example(e, task) == direct.example(e, task)
+        assert pad_world.example(e, "kv_arithmetic")[1].split(";")[1] == direct.example(e, "kv_arithmetic")[1]
+    longest = max(len(pad_world.tensors(*pad_world.example(e, "kv_arithmetic"))["input_ids"]) for e in pad_world.eval_exprs)
+    assert longest == pad_world.max_len  # every item fits the models' positions
+
+
+def test_numeric_reread_puts_the_loss_on_the_result_only(pad_world):
+    ds = KVDataset(pad_world, "numeric_reread", "train", size=200)
+    n_differ = 0
+    for i in range(len(ds)):
+        item = ds[i]
+        ids, mask = item["input_ids"].tolist(), item["label_mask"].tolist()
+        text = decode(ids)
+        prompt, answer = text.split("=", 1)
+        copy, result = answer.split(";")
+        assert prompt.replace("+", "").replace("-", "").isdigit()  # numbers only: m_B never sees a key
+        assert result == str(eval(copy))
+        n_differ += prompt != copy
+        # The loss covers ";<result>" and the EOS, not the given scratchpad.
+        assert [t for t, m in zip(ids, mask) if m] == encode(";" + result) + [EOS_ID]
+    assert n_differ > 190  # the prompt is (almost always) another expression: the result must be reread
+    with pytest.raises(ValueError, match="only in the scratchpad protocol"):
+        KVDataset(KVWorld(CFG), "numeric_reread", "train", size=1)[0]
+    with pytest.raises(ValueError, match="unknown protocol 'chain'"):
+        KVWorld(KVConfig(protocol="chain"))
+
+
+def test_final_result_scoring():
+    assert final_result("10+22-24;8") == "8" and final_result("-12") == "-12" and final_result("1;2;3") == "3"
+
+
 def test_multiplication_binds_tighter(world):
     # An operator string with * in the middle: 2 + 3 * 4 - 5 = 9, not 15.
     from examples.kv_arithmetic.data import solve
@@ -105,22 +163,27 @@ def test_multiplication_binds_tighter(world):
     assert solve([7, 3, 2], ["-", "-"]) == 2
 
 
-def _oracle(world):
-    """A 'model' that knows every answer: its logits put all mass on the right next character."""
+def _oracle(world, rewrite=lambda ref: ref):
+    """A 'model' that knows every answer (`rewrite` of it): its logits put all mass on the right next character."""
     def model(ids):
         logits = torch.full((*ids.shape, VOCAB_SIZE), -1e9)
         for b, row in enumerate(ids.tolist()):
             text = decode(row)
             cut = max(text.find(">"), text.find("=")) + 1
-            answer = reference_answer(world, text[:cut]) + "\0"
+            answer = rewrite(reference_answer(world, text[:cut])) + "\0"
             nxt = answer[len(text) - cut]
             logits[b, -1, EOS_ID if nxt == "\0" else encode(nxt)[0]] = 0.0
         return logits
     return model
 
 
-def test_exact_match_with_greedy_decoding(world):
+def test_exact_match_with_greedy_decoding(world, pad_world):
     assert exact_match(_oracle(world), world, "kv_arithmetic", "cpu", batch_size=64) == 100.0
+    assert exact_match(_oracle(pad_world), pad_world, "kv_arithmetic", "cpu", part="full") == 100.0
+    # A model that skips the scratchpad and writes only the result: right by the final result, wrong in full.
+    skip = _oracle(pad_world, lambda ref: ref.split(";")[1])
+    assert exact_match(skip, pad_world, "numeric_arithmetic", "cpu") == 100.0
+    assert exact_match(skip, pad_world, "numeric_arithmetic", "cpu", part="full") == 0.0
     always_eos = lambda ids: torch.nn.functional.one_hot(torch.full(ids.shape, EOS_ID), VOCAB_SIZE).float()
     assert exact_match(always_eos, world, "numeric_arithmetic", "cpu") == 0.0
     prompts = ["ab+cd=", "7*8>"]
@@ -130,10 +193,12 @@ def test_exact_match_with_greedy_decoding(world):
 def test_train_base_smoke(tmp_path):
     # A subprocess: one CPU thread (faster for tiny models) and a fresh Accelerate state.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "examples.kv_arithmetic.train_base", "--out", str(tmp_path), "--smoke"],
+    proc = subprocess.run([sys.executable, "-m", "examples.kv_arithmetic.train_base", "--out", str(tmp_path), "--smoke",
+                           "--protocol", "direct"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "base_eval.json").read_text())
+    assert json.loads((tmp_path / "config.json").read_text())["data"]["protocol"] == "direct"
     for name in ("m_A", "m_B"):
         assert set(report[name]) == {"kv_substitution", "numeric_arithmetic", "kv_arithmetic"}
         assert all(0.0 <= v <= 100.0 for v in report[name].values())
@@ -154,14 +219,22 @@ def test_run_all_and_compose_smoke(tmp_path):
     run = lambda *args: subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True,
                                        text=True, timeout=300)
     table = tmp_path / "kv.json"
-    proc = run("examples.kv_arithmetic.run_all", "--out", str(tmp_path), "--smoke", "--json", str(table))
+    proc = run("examples.kv_arithmetic.run_all", "--out", str(tmp_path), "--smoke", "--compositions",
+               "calm,calm_kv_mix", "--json", str(table))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(table.read_text())
+    assert report["protocol"] == "scratchpad" and report["data"]["ops"] == "+-"  # the default
     for name in ("m_A", "m_B", "calm", "calm_kv_mix"):
-        assert set(report[name]) == {"kv_substitution", "numeric_arithmetic", "kv_arithmetic"}
-        assert all(0.0 <= v <= 100.0 for v in report[name].values())
+        for scores in (report[name], report["full_answer"][name]):
+            assert set(scores) == {"kv_substitution", "numeric_arithmetic", "kv_arithmetic"}
+            assert all(0.0 <= v <= 100.0 for v in scores.values())
+        # A whole answer that matches has a matching final result.
+        assert all(report[name][t] >= report["full_answer"][name][t] for t in report[name])
         assert report["runs"][name]["steps"] == 4
-    assert report["device"] == "cpu" and report["command"].endswith("--smoke --json " + str(table))
+    assert 0.0 <= report["runs"]["calm"]["kv_substitution_own_keys"] <= 100.0
+    sample = report["details"]["m_B"]["kv_arithmetic"]["samples"][0]
+    assert sample[0].endswith("=") and ";" in sample[1]  # (prompt, scratchpad;result reference, answer)
+    assert report["device"] == "cpu" and report["command"].endswith("calm,calm_kv_mix --json " + str(table))
     assert report["seconds"] > 0 and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", report["date"])
 
     proc = run("examples.kv_arithmetic.compose", "--base", str(tmp_path), "--smoke", "--data", "substitution")

@@ -30,7 +30,7 @@ from calmgraph.train import FineTuner, TrainConfig
 from examples.handwritten_gpt.gpt import GPT
 from examples.kv_arithmetic.budget import train_within
 from examples.kv_arithmetic.data import KVConfig, KVDataset, KVWorld
-from examples.kv_arithmetic.evaluate import accuracy_row, format_table
+from examples.kv_arithmetic.evaluate import accuracy_row, compose_key_accuracy, format_table
 from examples.kv_arithmetic.train_base import load_base
 
 # All over the composition's 20% of keys. "replay" adds the anchor's own numeric tasks (expressions over the
@@ -104,6 +104,7 @@ def main(argv=None) -> dict:
     tag = f"calm_{args.data}"
     save_composition(composed, base, tag)
     row = accuracy_row(composed, world, tuner.device)
+    run["kv_substitution_own_keys"] = compose_key_accuracy(composed, world, tuner.device, n=20 if args.smoke else 500)
     (base / f"{tag}_eval.json").write_text(json.dumps({"calm": row, **run, "data": args.data}, indent=1))
     print(format_table({"calm": row}))
     return row

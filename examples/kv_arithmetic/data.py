@@ -22,6 +22,23 @@ route to a key's value is cross-attention to m_A's hidden states at the key's ch
 
 Splits are fixed by `KVConfig.seed`: the evaluation expressions are drawn first and every training
 sampler rejects them; the composition trains on substitution over `compose_key_frac` (20%) of the keys.
+
+Two protocols (`KVConfig.protocol`):
+
+    direct        the above: `=` answers with the result alone (the paper's format; the first attempt)
+    scratchpad    `=` first copies the expression with numbers, then gives the result after `;`:
+                      numeric_arithmetic   "10+22-24="  ->  "10+22-24;8"
+                      kv_arithmetic        "ab+cde-fg=" ->  "10+22-24;8"
+                  and m_B also learns numeric_reread (below). The `=` task then starts with the `>` task,
+                  so the composition, which learns on substitution to make the anchor's copy write values
+                  for keys, puts the values where the anchor's own arithmetic reads them: in its output.
+
+    numeric_reread       "31-7+60="     ->  "10+22-24;8"    loss on ";8" only (scratchpad only)
+
+numeric_reread teaches m_B that the result is a function of its scratchpad, not of the prompt: the
+prompt shows another expression and the copy part is given (teacher-forced, no loss), so the result can
+only be read from the copy. Without it m_B may compute from the prompt's digits, which on a key prompt are
+letters. It is numbers only: m_B still never sees a key.
 """
 from __future__ import annotations
 
@@ -34,12 +51,14 @@ import torch
 from torch.utils.data import Dataset
 
 # Character tokenizer shared by both models: 0 pads, 1 ends the answer.
-CHARS = string.digits + string.ascii_lowercase + "+-*=>"
+CHARS = string.digits + string.ascii_lowercase + "+-*=>;"
 PAD_ID, EOS_ID = 0, 1
 VOCAB_SIZE = len(CHARS) + 2
 STOI = {ch: i + 2 for i, ch in enumerate(CHARS)}
 
-TASKS = ("kv_substitution", "numeric_arithmetic", "kv_arithmetic", "numeric_copy")
+TASKS = ("kv_substitution", "numeric_arithmetic", "kv_arithmetic", "numeric_copy", "numeric_reread")
+PROTOCOLS = ("direct", "scratchpad")
+SEP = ";"  # ends the scratchpad, before the result
 Expr = tuple[tuple[int, ...], tuple[str, ...]]  # (key indices, operators between them)
 
 
@@ -52,6 +71,20 @@ class KVConfig:
     compose_key_frac: float = 0.2  # the composition trains on substitution over this share of the keys
     n_eval: int = 1000          # held-out expressions, the same for every task
     seed: int = 0
+    protocol: str = "direct"    # or "scratchpad": `=` answers "<expression with numbers>;<result>"
+
+
+# What each protocol changes beyond the answer format. The scratchpad run drops * (the first attempt's m_B
+# computed only 37% of +,-,* expressions; the scratchpad tests the composition, so the anchor's own skill
+# should be solid).
+PROTOCOL_DEFAULTS = {"direct": {"ops": "+-*"}, "scratchpad": {"ops": "+-"}}
+
+
+def protocol_config(protocol: str, **overrides) -> KVConfig:
+    """The KVConfig of a protocol: its defaults, then `overrides`."""
+    if protocol not in PROTOCOL_DEFAULTS:
+        raise ValueError(f"unknown protocol {protocol!r}; known: {PROTOCOLS}")
+    return KVConfig(**{**PROTOCOL_DEFAULTS[protocol], **overrides, "protocol": protocol})
 
 
 def encode(text: str) -> list[int]:
@@ -88,6 +121,8 @@ class KVWorld:
     """The keys, their values, the composition's key subset and the held-out expressions, all from one seed."""
 
     def __init__(self, cfg: KVConfig = KVConfig()):
+        if cfg.protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {cfg.protocol!r}; known: {PROTOCOLS}")
         self.cfg = cfg
         rng = random.Random(f"kv-world/{cfg.seed}")
         keys: dict[str, None] = {}  # insertion-ordered set
@@ -105,10 +140,11 @@ class KVWorld:
         self.eval_exprs = list(held_out)
         self._eval_set = set(held_out)
 
-        # Longest sequence: prompt, the longer of the two answers, EOS.
+        # Longest sequence: prompt, the longest answer, EOS.
         k, digits = cfg.max_operands, len(str(cfg.n_keys))
         prompt = 6 * k + (k - 1) + 1
-        answer = max(digits * k + (k - 1), 1 + len(str(cfg.n_keys ** k)))
+        expression, result = digits * k + (k - 1), 1 + len(str(cfg.n_keys ** k))
+        answer = expression + 1 + result if cfg.protocol == "scratchpad" else max(expression, result)
         self.max_len = prompt + answer + 1
         self.max_answer_len = answer + 1
 
@@ -122,13 +158,23 @@ class KVWorld:
     def _join(self, parts: Sequence[str], ops: Sequence[str]) -> str:
         return parts[0] + "".join(op + p for op, p in zip(ops, parts[1:]))
 
-    def example(self, expr: Expr, task: str) -> tuple[str, str]:
-        """(prompt, answer) of `expr` for `task`."""
+    def _nums(self, expr: Expr) -> str:
+        return self._join([str(self.values[i]) for i in expr[0]], expr[1])
+
+    def example(self, expr: Expr, task: str, distractor: Expr | None = None) -> tuple[str, str]:
+        """(prompt, answer) of `expr` for `task`; numeric_reread's prompt is `distractor`'s numbers."""
         idx, ops = expr
-        vals = [self.values[i] for i in idx]
         keys_text = self._join([self.keys[i] for i in idx], ops)
-        nums_text = self._join([str(v) for v in vals], ops)
-        result = str(solve(vals, ops))
+        nums_text = self._nums(expr)
+        result = str(solve([self.values[i] for i in idx], ops))
+        if self.cfg.protocol == "scratchpad":
+            result = nums_text + SEP + result
+        elif task == "numeric_reread":
+            raise ValueError("numeric_reread exists only in the scratchpad protocol")
+        if task == "numeric_reread":
+            if distractor is None:
+                raise ValueError("numeric_reread needs a distractor expression for its prompt")
+            return self._nums(distractor) + "=", result
         return {
             "kv_substitution": (keys_text + ">", nums_text),
             "numeric_arithmetic": (nums_text + "=", result),
@@ -136,11 +182,11 @@ class KVWorld:
             "numeric_copy": (nums_text + ">", nums_text),
         }[task]
 
-    def tensors(self, prompt: str, answer: str) -> dict[str, torch.Tensor]:
-        """Right-padded `input_ids` and a `label_mask` that is true on the answer and its EOS."""
+    def tensors(self, prompt: str, answer: str, loss_from: int = 0) -> dict[str, torch.Tensor]:
+        """Right-padded `input_ids` and a `label_mask` that is true on answer[loss_from:] and the EOS."""
         ids = encode(prompt) + encode(answer) + [EOS_ID]
         pad = self.max_len - len(ids)
-        mask = [False] * len(prompt) + [True] * (len(answer) + 1) + [False] * pad
+        mask = [False] * (len(prompt) + loss_from) + [True] * (len(answer) - loss_from + 1) + [False] * pad
         return {"input_ids": torch.tensor(ids + [PAD_ID] * pad), "label_mask": torch.tensor(mask)}
 
 
@@ -173,6 +219,7 @@ class KVDataset(Dataset):
         return self.size
 
     def expr_and_task(self, i: int) -> tuple[Expr, str]:
+        """Item i's expression and task (numeric_reread's prompt expression: `distractor(i)`)."""
         if self.split == "eval":
             return self.world.eval_exprs[i], next(iter(self.tasks))
         rng = random.Random(f"kv-{self.split}/{self.world.cfg.seed}/{i}")
@@ -182,8 +229,15 @@ class KVDataset(Dataset):
             if not self.world.is_held_out(expr):
                 return expr, task
 
+    def distractor(self, i: int) -> Expr:
+        """The other expression whose numbers make numeric_reread's prompt (any expression: it is never scored)."""
+        return self.world.sample(random.Random(f"kv-{self.split}-distractor/{self.world.cfg.seed}/{i}"), self.pool)
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < self.size:
             raise IndexError(i)
         expr, task = self.expr_and_task(i)
+        if task == "numeric_reread":  # the loss starts at the separator: the copy is given, not learned here
+            prompt, answer = self.world.example(expr, task, self.distractor(i))
+            return self.world.tensors(prompt, answer, loss_from=answer.index(SEP))
         return self.world.tensors(*self.world.example(expr, task))

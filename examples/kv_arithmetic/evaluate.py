@@ -1,4 +1,9 @@
-"""Exact-match accuracy with greedy decoding on the held-out expressions."""
+"""Exact-match accuracy with greedy decoding on the held-out expressions.
+
+Scored on the final result: the part of an answer after its last `;` (the whole answer where it has none,
+as in every direct-protocol answer and every substitution). The same rule for every model, data set and
+protocol; `part="full"` scores the whole answer instead (the scratchpad too).
+"""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -6,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from examples.kv_arithmetic.data import EOS_ID, KVWorld, decode, encode
+from examples.kv_arithmetic.data import EOS_ID, SEP, KVDataset, KVWorld, decode, encode
 
 EVAL_TASKS = ("kv_substitution", "numeric_arithmetic", "kv_arithmetic")
 
@@ -46,17 +51,39 @@ def answers(model, world: KVWorld, task: str, device, batch_size: int = 1000) ->
     return [(p, ref, a) for (p, ref), a in zip(pairs, got)]
 
 
-def exact_match(model, world: KVWorld, task: str, device, batch_size: int = 1000) -> float:
-    """Percentage of held-out expressions whose greedy answer equals the reference exactly."""
+def compose_key_accuracy(model, world: KVWorld, device, n: int = 500) -> float:
+    """KV-substitution exact match on `n` expressions over the composition's own keys (its training
+    distribution, items past any run's reach; no held-out expression): how well it learned its data,
+    as distinct from how it generalises. Never used to choose anything."""
+    ds = KVDataset(world, "kv_substitution", "compose", size=10**9)
+    pairs = [world.example(*ds.expr_and_task(10**9 - 1 - i)) for i in range(n)]
+    got = greedy_complete(model, [p for p, _ in pairs], world.max_answer_len, device)
+    return 100.0 * sum(a == ref for (_, ref), a in zip(pairs, got)) / n
+
+
+def final_result(answer: str) -> str:
+    """What follows the answer's last `;` (all of it if it has none)."""
+    return answer.rsplit(SEP, 1)[-1]
+
+
+def hit(reference: str, answer: str, part: str = "final") -> bool:
+    if part not in ("final", "full"):
+        raise ValueError(f"part must be 'final' or 'full', not {part!r}")
+    return answer == reference if part == "full" else final_result(answer) == final_result(reference)
+
+
+def exact_match(model, world: KVWorld, task: str, device, batch_size: int = 1000, part: str = "final") -> float:
+    """Percentage of held-out expressions whose greedy answer's final result (or, `part="full"`, whole
+    answer) equals the reference's exactly."""
     scored = answers(model, world, task, device, batch_size)
-    return 100.0 * sum(a == ref for _, ref, a in scored) / len(scored)
+    return 100.0 * sum(hit(ref, a, part) for _, ref, a in scored) / len(scored)
 
 
-def accuracy_row(model, world: KVWorld, device) -> dict[str, float]:
+def accuracy_row(model, world: KVWorld, device, part: str = "final") -> dict[str, float]:
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
-    row = {task: exact_match(model, world, task, device) for task in EVAL_TASKS}
+    row = {task: exact_match(model, world, task, device, part=part) for task in EVAL_TASKS}
     if was_training:
         model.train()
     return row

@@ -22,7 +22,7 @@ from safetensors.torch import load_model, save_model
 from calmgraph.train import FineTuner, TrainConfig
 from examples.handwritten_gpt.gpt import GPT, GPTConfig
 from examples.kv_arithmetic.budget import train_within
-from examples.kv_arithmetic.data import VOCAB_SIZE, KVConfig, KVDataset, KVWorld
+from examples.kv_arithmetic.data import PROTOCOLS, VOCAB_SIZE, KVConfig, KVDataset, KVWorld, protocol_config
 from examples.kv_arithmetic.evaluate import accuracy_row, format_table
 
 # The augment is the smaller model, as in the paper (PaLM2-XXS augmenting PaLM2-XS).
@@ -31,10 +31,12 @@ MODELS = {
     "m_B": GPTConfig(vocab_size=VOCAB_SIZE, n_layer=6, n_head=8, n_embd=256),
 }
 SMOKE_MODEL = dict(n_layer=2, n_head=2, n_embd=32)
-# What each base model learns (task -> sampling weight).
-TASK_MIX = {
-    "m_A": {"kv_substitution": 1.0},
-    "m_B": {"numeric_arithmetic": 0.75, "numeric_copy": 0.25},
+# What each base model learns (task -> sampling weight), per protocol (data.py).
+TASK_MIXES = {
+    "direct": {"m_A": {"kv_substitution": 1.0},
+               "m_B": {"numeric_arithmetic": 0.75, "numeric_copy": 0.25}},
+    "scratchpad": {"m_A": {"kv_substitution": 1.0},
+                   "m_B": {"numeric_arithmetic": 0.5, "numeric_reread": 0.25, "numeric_copy": 0.25}},
 }
 
 
@@ -66,7 +68,7 @@ def train_base(name: str, model_cfg: GPTConfig, world: KVWorld, *, steps: int, b
     torch.manual_seed(seed)
     model = GPT(model_cfg)
     init_weights(model)
-    data = KVDataset(world, TASK_MIX[name], "train", size=10**9)  # generated per index: never runs out
+    data = KVDataset(world, TASK_MIXES[world.cfg.protocol][name], "train", size=10**9)  # generated per index: never runs out
     cfg = TrainConfig(max_steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(200, steps // 10),
                       weight_decay=0.1, shuffle=False, seed=seed, cpu=cpu, progress=progress,
                       num_workers=num_workers)
@@ -86,9 +88,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--n-keys", type=int, default=KVConfig.n_keys)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", choices=list(MODELS), help="train one of the two")
+    ap.add_argument("--protocol", choices=PROTOCOLS, default="scratchpad", help="answer format (data.py)")
     args = ap.parse_args(argv)
 
-    kv = KVConfig(n_keys=args.n_keys, seed=args.seed)
+    kv = protocol_config(args.protocol, n_keys=args.n_keys, seed=args.seed)
     models = dict(MODELS)
     if args.smoke:
         kv, models = smoke_config(kv, models)
@@ -110,7 +113,7 @@ def main(argv=None) -> dict:
 
     if results:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else "cpu"
-        report = {**results, "train_seconds": timings, "device": device, "steps": args.steps,
+        report = {**results, "scored_on": "final result (after the last ';')", "train_seconds": timings, "device": device, "steps": args.steps,
                   "batch_size": args.batch_size, "data": asdict(kv)}
         (out / "base_eval.json").write_text(json.dumps(report, indent=1))
         print(format_table(results))
