@@ -1,39 +1,224 @@
-"""The `calmgraph` command line."""
+"""The `calmgraph` command line: a thin layer over the library.
+
+    calmgraph validate SPEC.yaml                  every problem at once, with its location (exit 1 if any)
+    calmgraph inspect SPEC.yaml [--draw FILE] [--mermaid]
+    calmgraph compile SPEC.yaml --out DIR         composed.pt2, composed.py, spec.json, picture, summary
+    calmgraph demo [--out DIR]
+
+Exit codes: 0 success, 1 a problem with the input (spec, models, checkpoint), 2 bad command-line usage,
+3 an internal error (a calmgraph bug: please report it with --verbose output). Progress goes to stderr.
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import tempfile
+import time
 import warnings
+from pathlib import Path
 
-from .errors import CalmGraphError
+from .errors import CalmGraphError, Problem, SpecError
+
+EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+@contextlib.contextmanager
+def progress(message: str):
+    """`message ... done (1.2 s)` on stderr, for the steps that take seconds."""
+    print(f"calmgraph: {message} ...", end="", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    try:
+        yield
+    except BaseException:
+        print(" failed", file=sys.stderr, flush=True)
+        raise
+    print(f" done ({time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True)
+
+
+def _models(spec, spec_path: Path, *, meta: bool):
+    """The spec's models from their sources; on the meta device (no weights) when only structure is needed."""
+    import torch
+
+    from .sources import load_models
+    with progress(f"building {len(spec.models)} models from their sources" + (" (meta device, no weights)" if meta else "")):
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            return load_models(spec, base_dir=spec_path.parent)
+
+
+def _compile(spec_path: Path, *, meta: bool, prune: bool = True):
+    from .compiler import compile
+    from .spec import load_spec
+    spec = load_spec(spec_path)
+    models = _models(spec, spec_path, meta=meta)
+    with progress("compiling"):
+        return compile(spec, models=models, prune=prune)
+
+
+# -- commands ------------------------------------------------------------------------------------------
+def _validate(args) -> int:
+    from .errors import LayerRefError
+    from .sources import load_model
+    from .spec import load_spec
+    try:
+        spec = load_spec(args.spec)
+    except SpecError as e:
+        return _print_problems(args.spec, e.problems)
+    if args.no_models or any(m.source is None for m in spec.models):
+        reason = "--no-models" if args.no_models else "not every model has a `source:`"
+        print(f"{args.spec}: valid spec ({len(spec.models)} models, {len(spec.edges)} edges); "
+              f"layer references not checked against the models ({reason})")
+        return EXIT_OK
+    # The models' structure (meta device, no weights) checks the layer references too.
+    import torch
+    problems, models = [], {}
+    locs = {spec.anchor.name: "anchor", **{a.name: f"augments[{i}]" for i, a in enumerate(spec.augments)}}
+    with progress(f"checking the layer references against the {len(spec.models)} models"):
+        for m in spec.models:
+            try:
+                with torch.device("meta"):
+                    models[m.name] = load_model(m, Path(args.spec).parent)
+            except CalmGraphError as e:
+                problems.append(Problem(f"{locs[m.name]}.source", str(e)))
+        if not problems:
+            from .compiler import compile
+            try:
+                composed = compile(spec, models=models)
+            except LayerRefError as e:
+                problems = e.problems
+            except CalmGraphError as e:
+                problems = [Problem("", str(e))]
+    if problems:
+        return _print_problems(args.spec, problems)
+    print(f"{args.spec}: valid ({len(spec.models)} models, {len(spec.edges)} edge{'s' * (len(spec.edges) != 1)}, "
+          f"{len(composed.links)} layer pairs)")
+    return EXIT_OK
+
+
+def _print_problems(spec_path, problems: list[Problem]) -> int:
+    print(f"{spec_path}: {len(problems)} problem{'s' * (len(problems) != 1)}")
+    for p in problems:
+        print(f"  {p}")
+    return EXIT_INPUT
+
+
+def _inspect(args) -> int:
+    from .inspect import draw, mermaid, report
+    composed = _compile(Path(args.spec), meta=True)
+    print(report(composed))
+    if args.mermaid:
+        print()
+        print(mermaid(composed))
+    if args.draw:
+        with progress(f"drawing {args.draw}"):
+            draw(composed, args.draw)
+    return EXIT_OK
+
+
+def _compile_cmd(args) -> int:
+    from .checkpoint import load_new
+    from .export import write_bundle
+    composed = _compile(Path(args.spec), meta=False, prune=not args.no_prune)
+    if args.new_params:
+        with progress(f"loading new parameters from {args.new_params}"):
+            load_new(composed, args.new_params)
+    written = write_bundle(composed, args.out, args.format, progress)
+    print(composed.summary())
+    print(f"\nwrote {', '.join(str(p) for p in written)}")
+    return EXIT_OK
 
 
 def _demo(args) -> int:
     from .demo.run import run_demo
-    return 0 if run_demo(seed=args.seed, print_code=args.code) else 1
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="calmgraph-demo-"))
+    return EXIT_OK if run_demo(seed=args.seed, print_code=args.code, out=out, progress=progress) else EXIT_INPUT
 
 
+def _bench(args) -> int:
+    from .bench import main as bench_main  # its own parser: `calmgraph bench --help`
+    return bench_main(args.args)
+
+
+# -- parser --------------------------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="calmgraph", description="Compose language models into one torch.fx graph.")
-    p.add_argument("--verbose", action="store_true", help="show full tracebacks on errors")
-    sub = p.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="compile the bundled demo composition and check it against its anchor")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="on an error, show the full details and traceback")
+    p = argparse.ArgumentParser(prog="calmgraph", parents=[common],
+                                description="Compose language models CALM-style into one torch.fx graph.",
+                                epilog="Exit codes: 0 ok, 1 problem with the input, 2 usage, 3 internal error.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    validate = sub.add_parser("validate", parents=[common], help="check a spec file and report every problem in it",
+                              description="Check a spec: its shape and composition graph, then (when every model has "
+                                          "a source) its layer references against the models' structure. Every problem "
+                                          "is listed with its location. Exit 1 if there is any.")
+    validate.add_argument("spec", help="spec file (.yaml, .yml or .json)")
+    validate.add_argument("--no-models", action="store_true", help="check the file only, without building the models")
+    validate.set_defaults(run=_validate)
+
+    inspect = sub.add_parser("inspect", parents=[common], help="list each model's blocks and the layer pairs of every edge",
+                             description="Compile a spec on the meta device (no weights) and list each model's blocks "
+                                         "(index, qualified name, hidden size) and the resolved layer pairs of every edge.")
+    inspect.add_argument("spec", help="spec file (.yaml, .yml or .json)")
+    inspect.add_argument("--draw", metavar="FILE", help="also draw the composition to FILE (.svg, .png or .pdf)")
+    inspect.add_argument("--mermaid", action="store_true", help="also print a Mermaid block for Markdown")
+    inspect.set_defaults(run=_inspect)
+
+    comp = sub.add_parser("compile", parents=[common], help="compile a spec and export the fused model",
+                          description="Build the models from their sources, compile, and write into DIR: composed.pt2 "
+                                      "(or .onnx), composed.py (the fused graph's code), spec.json, composition.png/.svg "
+                                      "and summary.txt.")
+    comp.add_argument("spec", help="spec file (.yaml, .yml or .json)")
+    comp.add_argument("--out", required=True, metavar="DIR", help="folder to write into (created if needed)")
+    comp.add_argument("--format", choices=["pt2", "onnx"], default="pt2", help="artifact format (default: pt2)")
+    comp.add_argument("--new-params", metavar="CKPT", help="load trained new parameters (from composed.save_new) first")
+    comp.add_argument("--no-prune", action="store_true", help="keep augment blocks and heads no edge reads")
+    comp.set_defaults(run=_compile_cmd)
+
+    demo = sub.add_parser("demo", parents=[common], help="compile the bundled demo composition and check it against its anchor",
+                          description="Compile the bundled demo (an anchor LM, a second LM over the same tokens, an "
+                                      "encoder over a prompt), check it computes exactly the anchor at initialisation, "
+                                      "and write the compile artifacts.")
     demo.add_argument("--seed", type=int, default=0, help="seed of the demo models' random weights")
     demo.add_argument("--code", action="store_true", help="also print the fused graph's Python code")
+    demo.add_argument("--out", metavar="DIR", help="folder for the artifacts (default: a new temporary folder)")
     demo.set_defaults(run=_demo)
+    bench = sub.add_parser("bench", add_help=False, prefix_chars="+", help="time the fused graph beside its parts, an eager hook "
+                           "composition, CALM-pytorch and torch.compile (calmgraph bench --help)")
+    bench.add_argument("args", nargs="*")  # every option too (prefix_chars): bench.main parses them
+    bench.set_defaults(run=_bench)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    verbose = getattr(args, "verbose", False)
     warnings.filterwarnings("ignore", module="torch")
+    warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         return args.run(args)
     except CalmGraphError as e:
-        if args.verbose:
+        if verbose:
             raise
-        print(f"calmgraph: error: {e}", file=sys.stderr)
-        return 1
+        lines = str(e).splitlines()
+        listed = isinstance(e, SpecError) or type(e).__name__ == "CheckpointError"  # the list is the message
+        shown = lines if listed else lines[:1]
+        print(f"calmgraph: error: {shown[0]}", file=sys.stderr)
+        for line in shown[1:]:
+            print(line, file=sys.stderr)
+        if len(lines) > len(shown):
+            print("(run with --verbose for the details)", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("calmgraph: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - a bug: one line, and the traceback only on request
+        if verbose:
+            raise
+        print(f"calmgraph: internal error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}\n"
+              "(this is a calmgraph bug; run with --verbose for the traceback and report it)", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

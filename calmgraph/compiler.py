@@ -20,6 +20,7 @@ from .passes.resolve import resolve
 from .passes.splice import splice
 from .passes.trace import model_device, trace_model
 from .passes.verify import verify
+from .sources import load_models
 from .spec import CompositionSpec, load_spec
 
 
@@ -28,6 +29,7 @@ def compile(spec: CompositionSpec | str | Path | dict, models: dict[str, nn.Modu
     """Compile a composition. The models are not modified; see the README for what this means for
     `requires_grad`. Every problem with the spec or the models is raised before anything is built."""
     started = time.perf_counter()
+    models = load_models(spec, models)                              # given, or built from `source:`
     spec = load_spec(spec)
     models = gather(spec, models)                                   # names, types, one device
     blocks = find_all_blocks(spec, models)                          # every model's block list
@@ -51,6 +53,7 @@ def compile(spec: CompositionSpec | str | Path | dict, models: dict[str, nn.Modu
     anchor_out = merged.outputs[spec.anchor.name].meta["val"].shape
     prompts = [traced[a.name].example for a in spec.augments if a.input == "prompt"]
     verify(composed, prompts, model_device(models[spec.anchor.name]), anchor_out)
+    composed.taps = {n: _tap_points(t) for n, t in traced.items()}  # what `inspect` lists and draws
     composed.compile_seconds = time.perf_counter() - started
     return composed
 
@@ -69,5 +72,9 @@ def tap_points(model: nn.Module, blocks: str | None = None, *, tap: str = "outpu
         found = find_blocks(model, blocks)
     except BlockListError as e:
         raise LayerRefError([Problem("blocks", str(e))]) from None
-    traced = trace_model(type(model).__name__, model, found, prompt=prompt, tap=tap, prompt_input=prompt_input)
-    return [TapPoint(b.index, b.name, int(n.meta["val"].shape[-1])) for b, n in zip(found, traced.taps)]
+    return _tap_points(trace_model(type(model).__name__, model, found, prompt=prompt, tap=tap,
+                                   prompt_input=prompt_input))
+
+
+def _tap_points(traced) -> list[TapPoint]:
+    return [TapPoint(b.index, b.name, int(n.meta["val"].shape[-1])) for b, n in zip(traced.blocks, traced.taps)]

@@ -28,6 +28,7 @@ class ComposedModel(fx.GraphModule):
         self.pruned = pruned
         self.frontends = frontends
         self.input_names = input_names
+        self.taps: dict = {}                       # per model: its TapPoints (index, block name, hidden size)
         self.compile_seconds: float | None = None
 
     def new_parameters(self) -> Iterator[nn.Parameter]:
@@ -44,6 +45,33 @@ class ComposedModel(fx.GraphModule):
             if hasattr(self, m.name):
                 getattr(self, m.name).eval()
         return self
+
+    def loss(self, input_ids, label_mask=None, ignore_index: int = -100, **inputs):
+        """Next-token cross-entropy of the anchor's logits; `label_mask` (B, T) picks the tokens scored."""
+        from .train import next_token_loss
+        return next_token_loss(self(input_ids, **inputs), input_ids, label_mask, ignore_index)
+
+    def __deepcopy__(self, memo) -> "ComposedModel":
+        copied = super().__deepcopy__(memo)  # a plain GraphModule: restore what makes it a composition
+        composed = ComposedModel(copied, copied.graph, spec=self.spec, links=self.links, pruned=self.pruned,
+                                 frontends=self.frontends, input_names=self.input_names)
+        composed.taps, composed.compile_seconds = self.taps, self.compile_seconds
+        return composed
+
+    def generate(self, input_ids, max_new_tokens: int, **kwargs):
+        """Prompt followed by up to `max_new_tokens` new tokens; see `calmgraph.generate.generate`."""
+        from .generate import generate
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    def export(self, path, format: str = "pt2"):
+        """Write a torch.export `.pt2` (or `format="onnx"`) with `<stem>.py` and `spec.json` beside it."""
+        from .export import export
+        return export(self, path, format)
+
+    def save_new(self, path):
+        """Save only the new parameters (safetensors) and the spec; load them with `cg.load_new`."""
+        from .checkpoint import save_new
+        return save_new(self, path)
 
     def summary(self) -> str:
         from .report import summary

@@ -45,3 +45,11 @@ class TraceError(CalmGraphError, ValueError):
 
 class InputError(CalmGraphError, ValueError):
     """A composed model was called with inputs of the wrong name, shape or dtype."""
+
+
+class ExportError(CalmGraphError, ValueError):
+    """A composition cannot be written out as asked (unknown format, weights on the meta device)."""
+
+
+class CheckpointError(CalmGraphError, ValueError):
+    """A checkpoint of new parameters does not fit the composition it is loaded into."""

@@ -7,28 +7,32 @@ models (`resolve.py`), before anything is built.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PositiveInt, Tag, ValidationError,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PlainValidator, PositiveInt, Tag,
+                      ValidationError, field_validator, model_validator)
 
 from .errors import Problem, SpecError
 
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]*$"  # becomes part of attribute and argument names in the graph
 
-LayerRef = Union[int, str]  # block index (negative counts from the end) or qualified block name
+
+
+def _layer_ref(value: Any) -> int | str:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError("a layer is a block index (an int, negative counts from the end) or a block's "
+                         "qualified name (a str)")
+    return value
+
+
+LayerRef = Annotated[Union[int, str], PlainValidator(_layer_ref)]
 
 
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-    def __init__(self, **data: Any):
-        try:
-            super().__init__(**data)
-        except ValidationError as e:
-            raise spec_error_from(e) from None
 
 
 class CrossAttentionSpec(_Spec):
@@ -70,8 +74,63 @@ Layers = Annotated[
 ]
 
 
+class HfSource(_Spec):
+    """A transformers model saved with `save_pretrained`, loaded offline (no hub access)."""
+
+    hf: str                                    # directory; relative paths start at the spec file's folder
+    auto_class: str | None = None              # default: AutoModelForCausalLM, AutoModel for prompt augments
+
+
+class HfConfigSource(_Spec):
+    """A transformers model with random weights, built from a config (tests, examples, dry runs)."""
+
+    hf_config: dict[str, Any]                  # AutoConfig.for_model(**hf_config); needs `model_type`
+    auto_class: str | None = None
+    seed: int | None = None                    # seed of the random weights (global RNG left as it was)
+
+    @model_validator(mode="after")
+    def _has_model_type(self) -> "HfConfigSource":
+        if not isinstance(self.hf_config.get("model_type"), str):
+            raise ValueError("needs `model_type` (e.g. llama, gpt2, bert) to pick the transformers config class")
+        return self
+
+
+class PythonSource(_Spec):
+    """Any factory returning an nn.Module: `package.module:factory` or `path/to/file.py:factory`."""
+
+    python: str
+    kwargs: dict[str, Any] = {}
+    seed: int | None = None
+
+    @field_validator("python")
+    @classmethod
+    def _module_colon_factory(cls, v: str) -> str:
+        module, _, attr = v.partition(":")
+        if not module or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", attr):
+            raise ValueError("expected 'package.module:factory' or 'path/to/file.py:factory'")
+        return v
+
+
+def _source_kind(v: Any) -> str | None:
+    keys = set(v) if isinstance(v, dict) else {type(v).__name__}
+    for tag, cls in (("hf_config", HfConfigSource), ("hf", HfSource), ("python", PythonSource)):
+        if tag in keys or cls.__name__ in keys:
+            return tag
+    return None
+
+
+Source = Annotated[
+    Union[Annotated[HfSource, Tag("hf")], Annotated[HfConfigSource, Tag("hf_config")],
+          Annotated[PythonSource, Tag("python")]],
+    Discriminator(_source_kind, custom_error_type="source_kind",
+                  custom_error_message="a source is one of {hf: DIR}, {hf_config: {model_type: ...}} or "
+                                       "{python: 'module:factory', kwargs: {...}}"),
+]
+
+
 class ModelSpec(_Spec):
     name: str = Field(pattern=NAME_PATTERN)
+    source: Source | None = None               # where the model comes from; models passed to compile win
     blocks: str | None = None                  # qualified name of the ModuleList of blocks; auto if omitted
     tap: Literal["output", "input"] = "output"  # read/modify each block's output or its input
 
@@ -99,6 +158,12 @@ class CompositionSpec(_Spec):
     augments: list[AugmentSpec] = Field(min_length=1)
     edges: list[EdgeSpec] = Field(min_length=1)
     cross_attention: CrossAttentionSpec = CrossAttentionSpec()
+
+    def __init__(self, **data: Any):  # every problem, located, as one calmgraph error
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise spec_error_from(e) from None
 
     @model_validator(mode="after")
     def _check_graph(self) -> "CompositionSpec":
@@ -170,7 +235,7 @@ def load_spec(source: str | Path | dict | CompositionSpec) -> CompositionSpec:
 
 
 # -- pydantic errors -> located problems -------------------------------------------------------------
-_TAGS = {"every", "pairs"}
+_TAGS = {"every", "pairs", "hf", "hf_config", "python"}
 
 
 def _loc(loc: tuple) -> str:
@@ -178,7 +243,7 @@ def _loc(loc: tuple) -> str:
     for i, part in enumerate(loc):
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in _TAGS and i > 0 and loc[i - 1] == "layers":
+        elif part in _TAGS and i > 0 and loc[i - 1] in ("layers", "source"):
             continue  # the discriminator's tag, not a key the user wrote
         else:
             out += f".{part}" if out else str(part)

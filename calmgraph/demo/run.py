@@ -15,8 +15,9 @@ def demo_spec_path():
     return importlib.resources.files("calmgraph.demo").joinpath("demo.yaml")
 
 
-def run_demo(seed: int = 0, print_code: bool = False) -> bool:
-    """Returns whether the composition computes exactly the anchor at initialisation."""
+def run_demo(seed: int = 0, print_code: bool = False, out=None, progress=None) -> bool:
+    """Returns whether the composition computes exactly the anchor at initialisation. With `out`, also
+    writes what `calmgraph compile` writes (composed.pt2, composed.py, spec.json, picture, summary) there."""
     with importlib.resources.as_file(demo_spec_path()) as path:
         spec = load_spec(path)
     models = demo_models(seed)
@@ -30,6 +31,7 @@ def run_demo(seed: int = 0, print_code: bool = False) -> bool:
     notes_mask = torch.ones_like(notes)
     notes_mask[1, 6:] = 0  # second prompt is shorter: padded
     with torch.no_grad():
+        composed(ids, notes, notes_mask)  # warm-up: the first call pays for lazy initialisation
         started = time.perf_counter()
         fused = composed(ids, notes, notes_mask)
         seconds = time.perf_counter() - started
@@ -39,4 +41,8 @@ def run_demo(seed: int = 0, print_code: bool = False) -> bool:
           f"(torch.equal, shape {tuple(fused.shape)}, forward {1e3 * seconds:.1f} ms)")
     if print_code:
         print(composed.code)
+    if out is not None:
+        from ..export import write_bundle
+        written = write_bundle(composed, out, progress=progress)
+        print(f"\nwrote {', '.join(str(p) for p in written)}")
     return same

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 
 from .merge import MODEL_KEY
@@ -25,6 +26,17 @@ class PruneReport:
         return sum(self.nodes_before.values()) - sum(self.nodes_after.values())
 
 
+# fx's dead-code elimination keeps nodes it cannot prove pure: torch.export's runtime checks (dtype, device,
+# shape asserts) and "random" ops such as attention (dropout_p is 0: the models were traced in eval mode).
+# Kept, they would keep every block they touch alive.
+_CHECKS = {torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten._assert_scalar.default,
+           torch.ops.aten.sym_constrain_range_for_size.default}
+
+
+def _is_impure(node: fx.Node) -> bool:
+    return node.target not in _CHECKS and node.is_impure(impure_random=False)
+
+
 def _count(graph: fx.Graph) -> Counter:
     return Counter(n.meta.get(MODEL_KEY) for n in graph.nodes if n.meta.get(MODEL_KEY))
 
@@ -33,7 +45,7 @@ def prune(graph: fx.Graph, augment_taps: dict[str, list[fx.Node]], augment_outpu
           enabled: bool = True) -> PruneReport:
     before = _count(graph)
     if enabled:
-        graph.eliminate_dead_code()
+        graph.eliminate_dead_code(is_impure_node=_is_impure)
     after = _count(graph)
     alive = set(graph.nodes)
     kept = {name: max((i + 1 for i, n in enumerate(taps) if n in alive and n.users), default=0)

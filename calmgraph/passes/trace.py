@@ -215,16 +215,34 @@ def _hidden(node: fx.Node) -> torch.Tensor | None:
     return val if isinstance(val, torch.Tensor) and val.ndim == 3 and val.is_floating_point() else None
 
 
+def _owners(graph: fx.Graph, blocks: list[Block]) -> dict[fx.Node, int]:
+    """Node -> position of the block whose computation it is part of, for the nodes inside a block.
+    One pass over the graph, so finding every block's output stays linear in the depth."""
+    position = {f"{ENTRY}.{m}": i for i, b in enumerate(blocks) for m in b.members}
+    owners = {}
+    for node in graph.nodes:
+        for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+            parts = path.split(".")
+            hit = next((position[p] for p in (".".join(parts[:k]) for k in range(1, len(parts) + 1)) if p in position), None)
+            if hit is not None:
+                owners[node] = hit
+                break
+    return owners
+
+
 def block_outputs(graph: fx.Graph, blocks: list[Block]) -> list[fx.Node]:
     """For each block, the last node computed inside it that is read outside it: the block's output."""
+    owners = _owners(graph, blocks)
+    by_block: list[list[fx.Node]] = [[] for _ in blocks]
+    for node, i in owners.items():
+        by_block[i].append(node)
     outs = []
-    for block in blocks:
-        members = tuple(f"{ENTRY}.{m}" for m in block.members)
-        inside = [n for n in graph.nodes if _in(n, members)]
+    for i, block in enumerate(blocks):
+        inside = by_block[i]
         if not inside:
             raise TraceError(f"block {block.name!r} never runs in the model's forward, so its list is not the "
                              "model's transformer blocks")
-        escaping = [n for n in inside if any(not _in(u, members) for u in n.users)]
+        escaping = [n for n in inside if any(owners.get(u) != i for u in n.users)]
         # a block returning a tuple: its hidden states are element 0
         escaping = [next((u for u in n.users if getattr(u.target, "__name__", "") == "getitem" and u.args[1] == 0), n)
                     if _hidden(n) is None and n.op == "call_module" else n for n in escaping]
@@ -296,7 +314,8 @@ def trace_model(name: str, model: nn.Module, blocks: list[Block], *, prompt: boo
             taps = outputs if tap == "output" else block_inputs(gm.graph, blocks, outputs)
             break
         except Exception as e:  # noqa: BLE001 - every front end's reason goes into the final error
-            reasons[frontend] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            reasons[frontend] = f"{type(e).__name__}: {first_line[:300]}"
     else:
         detail = "\n".join(f"  - {k}: {v}" for k, v in reasons.items())
         raise TraceError(

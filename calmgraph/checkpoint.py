@@ -1,0 +1,119 @@
+"""Checkpoints of the new parameters only: the cross-attention blocks, as safetensors, plus the spec.
+
+    composed.save_new("ckpt/")        # ckpt/new_params.safetensors + ckpt/spec.json
+    cg.load_new(composed, "ckpt/")    # bit for bit; refuses a checkpoint of another composition
+
+The frozen models are not saved: they are the user's (or their `source:`). The spec travels inside the
+safetensors metadata too, so the file alone says what it belongs to. Nothing is ever unpickled.
+Loading validates every tensor before it copies any: a refused checkpoint changes nothing.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError, SpecError
+from .spec import CompositionSpec
+
+if TYPE_CHECKING:
+    from .composed import ComposedModel
+
+FILE = "new_params.safetensors"
+SPEC_KEY = "calmgraph_spec"  # safetensors metadata key holding the spec as JSON
+
+
+def _file(path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.suffix == ".safetensors" else path / FILE
+
+
+def save_new(composed: "ComposedModel", path: str | Path) -> Path:
+    """Write the new parameters to `path` (a folder, or a `.safetensors` file) and spec.json beside them."""
+    file = _file(path)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {name: p.detach().cpu().contiguous() for name, p in composed.named_new_parameters()}
+    save_file(tensors, str(file), metadata={SPEC_KEY: composed.spec.to_json(indent=None)})
+    (file.parent / "spec.json").write_text(composed.spec.to_json() + "\n")
+    return file
+
+
+def load_new(composed: "ComposedModel", path: str | Path) -> "ComposedModel":
+    """Copy a checkpoint of new parameters into `composed` (in place; returned for chaining)."""
+    file = _file(path)
+    if not file.is_file():
+        raise CheckpointError(f"no checkpoint at {str(file)!r}; expected a file written by composed.save_new")
+    try:
+        staged = load_file(str(file))                     # plain tensors: safetensors cannot hold code
+        with safe_open(str(file), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{str(file)!r} is not a readable safetensors file: {e}") from None
+
+    problems = _spec_problems(metadata.get(SPEC_KEY), composed)
+    expected = dict(composed.named_new_parameters())
+    missing = sorted(set(expected) - set(staged))
+    extra = sorted(set(staged) - set(expected))
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {_some(missing)}")
+    if extra:
+        problems.append(f"{len(extra)} tensor(s) the composition does not have: {_some(extra)}")
+    for name in sorted(set(expected) & set(staged)):
+        want, got = expected[name], staged[name]
+        if tuple(got.shape) != tuple(want.shape):
+            problems.append(f"{name}: shape {tuple(got.shape)} in the checkpoint, {tuple(want.shape)} in the composition")
+        elif got.is_floating_point() != want.is_floating_point():
+            problems.append(f"{name}: dtype {got.dtype} in the checkpoint, {want.dtype} in the composition")
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise CheckpointError(f"checkpoint {str(file)!r} does not fit this composition; nothing was loaded:\n{lines}")
+
+    with torch.no_grad():
+        for name, p in expected.items():
+            p.copy_(staged[name])
+    return composed
+
+
+def _spec_problems(saved: str | None, composed: "ComposedModel") -> list[str]:
+    if saved is None:  # e.g. written by another tool: names and shapes are still checked
+        return []
+    try:
+        theirs = json.loads(saved)
+    except json.JSONDecodeError:
+        return ["its spec metadata is not valid JSON"]
+    try:
+        theirs = CompositionSpec.from_dict(theirs).model_dump(mode="json")  # with defaults, like ours
+    except SpecError:
+        pass  # e.g. from another calmgraph version: compared as written
+    diffs = _diff(_without_sources(theirs), _without_sources(composed.spec.model_dump(mode="json")), "")
+    if not diffs:
+        return []
+    shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+    return [f"it was saved from a different spec ({shown})"]
+
+
+def _without_sources(spec: dict) -> dict:
+    """Where the models come from does not change the new parameters; everything else does."""
+    if not isinstance(spec, dict):
+        return spec
+    spec = json.loads(json.dumps(spec))
+    for model in [spec.get("anchor", {}), *spec.get("augments", [])]:
+        if isinstance(model, dict):
+            model.pop("source", None)
+    return spec
+
+
+def _diff(a: Any, b: Any, loc: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str) for d in _diff(a.get(k), b.get(k), f"{loc}.{k}" if loc else k)]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _diff(x, y, f"{loc}[{i}]")]
+    return [] if a == b else [f"{loc}: checkpoint {json.dumps(a)}, composition {json.dumps(b)}"]
+
+
+def _some(names: list[str], n: int = 4) -> str:
+    return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")

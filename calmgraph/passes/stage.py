@@ -1,0 +1,92 @@
+"""Stage split: the fused graph -> an augment stage and an anchor stage, both torch.fx GraphModules.
+
+Prompt augments read only their own inputs, so during generation their states are the same at every step.
+The augment stage holds every prompt model (its inputs, blocks, and any cross-attention into it) up to
+the states the rest of the graph reads; the anchor stage holds everything else and takes those states
+as inputs:
+
+    states = stages.augment(<aug>_input_ids=..., <aug>_mask=...)     # tuple, once per prompt
+    logits = stages.anchor(input_ids, *states)                        # == composed(input_ids, ...)
+
+A node's side comes from `node.meta["calmgraph_model"]`, from the target of the link a spliced node
+carries (`calmgraph_link`), or, for the input checks merge adds, from its inputs. Both stages share the
+composed model's submodules (weights, buffers), so training or `.to()` on it is seen by the stages.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx as fx
+import torch.nn as nn
+
+from ..errors import CalmGraphError
+from .merge import MODEL_KEY
+
+LINK_KEY = "calmgraph_link"
+
+
+@dataclass
+class Stages:
+    augment: fx.GraphModule   # forward(<aug>_input_ids..., <aug>_mask=None...) -> tuple of states
+    anchor: fx.GraphModule    # forward(input_ids, *states) -> anchor logits
+    states: list[str]         # names of the values passed from one stage to the other, in order
+
+
+def _augment_side(graph: fx.Graph, prompts: set[str]) -> set[fx.Node]:
+    side: set[fx.Node] = set()
+    for node in graph.nodes:
+        link = node.meta.get(LINK_KEY)
+        if node.op == "placeholder":
+            owned = node.name != "input_ids"               # `<aug>_input_ids`, `<aug>_mask`
+        elif node.op == "output":
+            owned = False
+        elif node.meta.get(MODEL_KEY) is not None:
+            owned = node.meta[MODEL_KEY] in prompts
+        elif link is not None:
+            owned = link.target in prompts
+        else:                                              # merge's input checks: follow their inputs
+            owned = bool(node.all_input_nodes) and all(a in side for a in node.all_input_nodes)
+        if owned:
+            side.add(node)
+    return side
+
+
+def _module_over(composed: nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
+    """A GraphModule whose children ARE the composed model's children (no attribute is copied)."""
+    gm = fx.GraphModule(nn.Module(), fx.Graph(), class_name=class_name)
+    for name, child in composed.named_children():
+        gm.add_module(name, child)
+    gm.graph = graph
+    graph.lint()
+    return gm
+
+
+def split_stages(composed: fx.GraphModule, prompts: list[str]) -> Stages:
+    """Split `composed` (fused graph) for the prompt augments named in `prompts`."""
+    graph = composed.graph
+    side = _augment_side(graph, set(prompts))
+    for node in side:
+        leaked = [a.name for a in node.all_input_nodes if a not in side]
+        if leaked:  # the spec forbids shared -> prompt edges, so this is a calmgraph bug
+            raise CalmGraphError(f"cannot split the fused graph: prompt-side node {node.name!r} reads "
+                                 f"{leaked} from the anchor side")
+    boundary = [n for n in graph.nodes if n in side and any(u not in side for u in n.users)]
+
+    augment, env = fx.Graph(), {}
+    for node in graph.nodes:
+        if node in side:
+            env[node] = augment.node_copy(node, env.__getitem__)
+    augment.output(tuple(env[n] for n in boundary))
+
+    anchor, env = fx.Graph(), {}
+    main = next(n for n in graph.nodes if n.op == "placeholder" and n not in side)
+    env[main] = anchor.node_copy(main)
+    for node in boundary:
+        env[node] = anchor.placeholder(node.name)
+        env[node].meta = {k: node.meta[k] for k in ("val", "tensor_meta") if k in node.meta}
+    for node in graph.nodes:
+        if node not in side and node is not main:
+            env[node] = anchor.node_copy(node, env.__getitem__)
+
+    return Stages(_module_over(composed, augment, "AugmentStage"), _module_over(composed, anchor, "AnchorStage"),
+                  [n.name for n in boundary])

@@ -1,0 +1,167 @@
+"""Model sources: build the models a spec names from their `source:`, so a spec file alone is enough.
+
+    source: {hf: path/to/dir}                                a transformers `save_pretrained` folder (offline)
+    source: {hf_config: {model_type: llama, ...}}            a transformers model with random weights
+    source: {python: "pkg.module:factory", kwargs: {...}}    any factory returning an nn.Module
+    source: {python: "models.py:factory"}                    ... or one defined in a file
+
+Relative paths start at `base_dir` (the CLI passes the spec file's folder). transformers is imported only
+when a spec asks for it.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .errors import ModelError
+from .spec import CompositionSpec, HfConfigSource, HfSource, ModelSpec, PythonSource, load_spec
+
+
+def load_models(spec: CompositionSpec | str | Path | dict, models: dict[str, nn.Module] | None = None, *,
+                base_dir: str | Path | None = None) -> dict[str, nn.Module]:
+    """Every model of the spec: the one passed in `models` if any (it wins), else built from its source.
+    Models passed that the spec does not name are returned as they are, for `compile` to report."""
+    if base_dir is None and isinstance(spec, (str, Path)):
+        base_dir = Path(spec).parent
+    spec = load_spec(spec)
+    given = dict(models or {})
+    missing = [m.name for m in spec.models if m.name not in given and m.source is None]
+    if missing:
+        raise ModelError(f"no model given for {missing}: give each a `source:` in the spec or pass "
+                         f"models={{name: nn.Module}} to compile")
+    out = {m.name: given[m.name] if m.name in given else load_model(m, base_dir) for m in spec.models}
+    return {**out, **{k: v for k, v in given.items() if k not in out}}
+
+
+def load_model(model: ModelSpec, base_dir: str | Path | None = None) -> nn.Module:
+    source = model.source
+    where = f"model {model.name!r} (source {describe(source)})"
+    prompt = getattr(model, "input", "shared") == "prompt"
+    with _seeded(getattr(source, "seed", None)):
+        if isinstance(source, HfSource):
+            built = _from_pretrained(source, _path(source.hf, base_dir), prompt, where)
+        elif isinstance(source, HfConfigSource):
+            built = _from_config(source, prompt, where)
+        else:
+            built = _from_factory(source, base_dir, where)
+    if not isinstance(built, nn.Module):
+        raise ModelError(f"{where}: the factory returned a {type(built).__name__}, not a torch.nn.Module")
+    return built.eval()
+
+
+def describe(source) -> str:
+    if isinstance(source, HfSource):
+        return f"hf: {source.hf}"
+    if isinstance(source, HfConfigSource):
+        return f"hf_config: model_type={source.hf_config['model_type']}"
+    return f"python: {source.python}"
+
+
+# -- transformers ------------------------------------------------------------------------------------
+def _transformers(where: str):
+    try:
+        import transformers
+    except ImportError:
+        raise ModelError(f"{where}: needs transformers; install it with `pip install transformers`") from None
+    return transformers
+
+
+def _auto_class(transformers, name: str | None, prompt: bool, where: str):
+    # An anchor or shared augment is a language model; a prompt augment is read as an encoder.
+    name = name or ("AutoModel" if prompt else "AutoModelForCausalLM")
+    cls = getattr(transformers, name, None)
+    if not name.startswith("Auto") or cls is None:
+        raise ModelError(f"{where}: auto_class {name!r} is not a transformers Auto class "
+                         "(e.g. AutoModelForCausalLM, AutoModel, AutoModelForMaskedLM)")
+    return cls
+
+
+def _from_pretrained(source: HfSource, path: Path, prompt: bool, where: str) -> nn.Module:
+    if not path.is_dir():
+        raise ModelError(f"{where}: no directory at {str(path)!r}; expected a folder written by save_pretrained")
+    cls = _auto_class(_transformers(where), source.auto_class, prompt, where)
+    try:
+        return cls.from_pretrained(str(path), local_files_only=True)  # offline: never touches a hub
+    except Exception as e:  # noqa: BLE001 - transformers raises many types; the user needs the reason
+        raise ModelError(f"{where}: could not load it: {_reason(e)}") from e
+
+
+def _from_config(source: HfConfigSource, prompt: bool, where: str) -> nn.Module:
+    transformers = _transformers(where)
+    cls = _auto_class(transformers, source.auto_class, prompt, where)
+    fields = dict(source.hf_config)
+    try:
+        config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+        return cls.from_config(config)
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"{where}: could not build it from the config: {_reason(e)}") from e
+
+
+# -- Python factories --------------------------------------------------------------------------------
+def _from_factory(source: PythonSource, base_dir: str | Path | None, where: str) -> nn.Module:
+    module_name, _, attr = source.python.partition(":")
+    if module_name.endswith(".py"):
+        module = _module_from_file(_path(module_name, base_dir), where)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as e:  # noqa: BLE001 - ImportError, or whatever the module raises on import
+            raise ModelError(f"{where}: cannot import {module_name!r}: {_reason(e)}") from e
+    factory = module
+    for part in attr.split("."):
+        if not hasattr(factory, part):
+            raise ModelError(f"{where}: {module_name!r} has no attribute {attr!r}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise ModelError(f"{where}: {attr!r} is a {type(factory).__name__}, not a callable factory")
+    try:
+        return factory(**source.kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"{where}: the factory raised {_reason(e)}") from e
+
+
+def _module_from_file(path: Path, where: str):
+    if not path.is_file():
+        raise ModelError(f"{where}: no Python file at {str(path)!r}")
+    # A name unique to the file, registered so that dataclasses and pickling inside it work.
+    name = f"_calmgraph_source_{path.stem}_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001
+        del sys.modules[name]
+        raise ModelError(f"{where}: importing {str(path)!r} failed: {_reason(e)}") from e
+    return module
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+def _path(path: str, base_dir: str | Path | None) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() or base_dir is None else Path(base_dir) / p
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None):
+    """Seed the random weights of one model without changing the caller's global RNG."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _reason(e: Exception) -> str:
+    text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -1,0 +1,410 @@
+"""Train the new parameters of a composed model: `FineTuner`, built on Hugging Face Accelerate.
+
+The composed model is any `nn.Module` whose `forward(input_ids, **extra_inputs)` returns logits
+`(batch, seq, vocab)` and whose `new_parameters()` yields the parameters to train (the cross-attention);
+everything else stays frozen. A base model can be trained in full by passing `params=model.parameters()`.
+
+    tuner = FineTuner(composed, dataset, TrainConfig(max_steps=1000, output_dir="runs/kv"))
+    history = tuner.train(resume_from="latest")
+
+Run it on several processes with `accelerate launch --num_processes N script.py`: the model, optimizer,
+data loader and scheduler are all `accelerator.prepare`d, so each process trains on its own shard.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from calmgraph.errors import InputError
+
+_CKPT_RE = re.compile(r"^step-(\d{8})$")
+
+
+# ----------------------------------------------------------------------------------------------------
+# loss and schedule: plain functions, usable without the trainer
+
+
+def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, label_mask: torch.Tensor | None = None,
+                    ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of predicting token t+1 from position t.
+
+    `label_mask[b, t]` is true where token t is a target (e.g. the answer after a prompt); the first token
+    is never a target. Targets equal to `ignore_index` are skipped too, so passing the pad id as
+    `ignore_index` masks padding without a mask. `reduction="sum"` returns the summed loss, which the
+    trainer divides by the token count of the whole (accumulated, all-process) batch.
+    """
+    targets = input_ids[:, 1:].clone()
+    if label_mask is not None:
+        targets[~label_mask[:, 1:].bool()] = ignore_index
+    logits = logits[:, :-1].float()  # a bf16 softmax over the vocab loses precision
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                           ignore_index=ignore_index, reduction=reduction)
+
+
+def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier for optimizer step `step` (0-based): linear warm-up to 1, then cosine decay to `min_lr_ratio`."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)  # never 0, so no step is wasted (as nanoGPT)
+    if step >= max_steps:
+        return min_lr_ratio
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int                      # optimizer steps; the cosine schedule ends here
+    batch_size: int = 8                 # sequences per micro-batch, per process
+    grad_accum_steps: int = 1           # micro-batches per optimizer step
+    lr: float = 1e-3                    # peak learning rate
+    min_lr_ratio: float = 0.1           # the cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 0
+    weight_decay: float = 0.0           # applied to matrices only, not to biases or norms
+    betas: tuple[float, float] = (0.9, 0.95)
+    max_grad_norm: float | None = 1.0   # None: no clipping
+    mixed_precision: str = "auto"       # "auto": bf16 on GPUs that support it, else fp32; or "no" / "bf16" / "fp16"
+    shuffle: bool = True                # reshuffle each epoch with a seed derived from (seed, epoch)
+    seed: int = 0
+    output_dir: str | None = None       # checkpoints and train_log.jsonl go here
+    save_every: int = 0                 # checkpoint every N optimizer steps (0: never)
+    keep_last: int = 3                  # checkpoints kept; older ones are deleted
+    num_workers: int = 0
+    progress: bool = True               # tqdm bar on the main process
+    cpu: bool = False                   # force the CPU even where a GPU is present
+
+
+class EpochSampler(Sampler[int]):
+    """Indices in a fixed order per epoch: a permutation seeded by (seed, epoch), or 0..n-1.
+
+    The order depends on nothing but the seed and the epoch, so a resumed run sees the same batches as an
+    uninterrupted one. Accelerate shards the batches this sampler produces across processes.
+    """
+
+    def __init__(self, n: int, shuffle: bool, seed: int):
+        self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+# ----------------------------------------------------------------------------------------------------
+# the trainer
+
+
+class FineTuner:
+    """AdamW on the new parameters with warm-up + cosine, clipping, accumulation, mixed precision,
+    atomic keep-last-K checkpoints and exact resume, data parallel through Accelerate.
+
+    `dataset` yields dicts (`input_ids`, optional `label_mask`, and any other inputs of the model's forward
+    by name) or tuples (`input_ids`, the model's other inputs in forward order, then optionally `label_mask`).
+    The loss is the mean over target tokens of the whole optimizer step (all micro-batches, all processes),
+    so splitting a batch into micro-batches or processes does not change the gradient.
+    """
+
+    def __init__(self, model: nn.Module, dataset: Dataset, config: TrainConfig,
+                 params: Iterable[nn.Parameter] | None = None, collate_fn=None):
+        from accelerate import Accelerator  # imported here so calmgraph itself does not need accelerate
+
+        self.config = c = config
+        mp = c.mixed_precision
+        if mp == "auto":
+            mp = "bf16" if torch.cuda.is_available() and not c.cpu and torch.cuda.is_bf16_supported() else "no"
+        self.accelerator = acc = Accelerator(cpu=c.cpu, mixed_precision=mp)
+        self.device = acc.device
+
+        # Freeze everything but the trainable set; name each trainable parameter for the checkpoint.
+        params = list(model.new_parameters() if params is None else params)
+        if not params:
+            raise ValueError("nothing to train: the model's new_parameters() (or params=) is empty")
+        wanted = {id(p) for p in params}
+        self.param_names = [n for n, p in model.named_parameters() if id(p) in wanted]
+        if len(self.param_names) != len(wanted):
+            raise ValueError("params= holds tensors that are not parameters of the model")
+        for p in model.parameters():
+            p.requires_grad_(id(p) in wanted)
+        self.input_names, self.required_inputs, self.open_inputs = _forward_inputs(model)
+
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=c.lr, betas=c.betas)
+        # A prepared scheduler is stepped once per process at each optimizer step (Accelerate assumes a
+        # schedule counted in single-process batches); divide that back out so the schedule is in optimizer steps.
+        n_proc = acc.num_processes
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda k: warmup_cosine(k // n_proc, c.warmup_steps, c.max_steps, c.min_lr_ratio))
+        self.sampler = EpochSampler(len(dataset), c.shuffle, c.seed)
+        # The loader's own generator: creating an iterator draws a worker seed from it, which would
+        # otherwise come from the global RNG and shift dropout after a resume.
+        self.loader_rng = torch.Generator()
+        loader = DataLoader(dataset, batch_size=c.batch_size, sampler=self.sampler, drop_last=True,
+                            num_workers=c.num_workers, collate_fn=collate_fn, generator=self.loader_rng)
+        self.model, self.optimizer, self.loader, self.scheduler = acc.prepare(model, optimizer, loader, scheduler)
+        if len(self.loader) == 0:
+            raise ValueError(f"the dataset ({len(dataset)} items) is smaller than one batch per process "
+                             f"({c.batch_size} x {n_proc} processes)")
+        self.step = 0  # optimizer steps done
+        self.history: list[dict[str, float]] = []
+
+    # -- batches -------------------------------------------------------------------------------------
+
+    def _split(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+        """(input_ids, label_mask, other model inputs) from a dict or tuple batch, checked against forward."""
+        if isinstance(batch, (tuple, list)):
+            names = self.input_names + ["label_mask"]
+            if not 1 <= len(batch) <= len(names):
+                raise InputError(f"a tuple batch must hold 1 to {len(names)} tensors {tuple(names)}, got {len(batch)}")
+            batch = dict(zip(names, batch))
+        if not isinstance(batch, dict):
+            raise InputError(f"a batch must be a dict or a tuple, got {type(batch).__name__}")
+        known = set(self.input_names) | {"label_mask"}
+        for key in batch:
+            if key not in known and not self.open_inputs:
+                hint = difflib.get_close_matches(key, sorted(known), n=1)
+                raise InputError(f"batch key {key!r} is not an input of the model; expected some of {sorted(known)}"
+                                 + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        missing = [k for k in self.required_inputs if k not in batch]
+        if missing:
+            raise InputError(f"batch is missing the model input(s) {missing}; it has {sorted(batch)}")
+        ids = batch["input_ids"]
+        if not (torch.is_tensor(ids) and ids.dim() == 2 and not ids.is_floating_point()):
+            got = f"{tuple(ids.shape)} {ids.dtype}" if torch.is_tensor(ids) else type(ids).__name__
+            raise InputError(f"input_ids must be an integer tensor (batch, seq), got {got}")
+        mask = batch.get("label_mask")
+        if mask is not None and (not torch.is_tensor(mask) or mask.shape != ids.shape):
+            got = tuple(mask.shape) if torch.is_tensor(mask) else type(mask).__name__
+            raise InputError(f"label_mask must have the shape of input_ids {tuple(ids.shape)}, got {got}")
+        extra = {k: v for k, v in batch.items() if k not in ("input_ids", "label_mask")}
+        for k, v in extra.items():
+            if torch.is_tensor(v) and (v.dim() == 0 or v.size(0) != ids.size(0)):
+                raise InputError(f"input {k!r} must have the batch size {ids.size(0)} as its first dim, "
+                                 f"got shape {tuple(v.shape)}")
+        return ids, mask, extra
+
+    def _n_targets(self, ids: torch.Tensor, mask: torch.Tensor | None) -> int:
+        return int(mask[:, 1:].bool().sum()) if mask is not None else ids[:, 1:].numel()
+
+    def _batches(self) -> Iterator[Any]:
+        """Micro-batches from the current position on, across epochs; skips what a resumed run already saw."""
+        from accelerate import skip_first_batches
+
+        done = self.step * self.config.grad_accum_steps
+        epoch, skip = divmod(done, len(self.loader))
+        while True:
+            self.loader.set_epoch(epoch)  # reaches EpochSampler through Accelerate's shard wrapper
+            self.loader_rng.manual_seed(self.config.seed * 1_000_003 + epoch)
+            yield from (skip_first_batches(self.loader, skip) if skip else self.loader)
+            epoch, skip = epoch + 1, 0
+
+    # -- training ------------------------------------------------------------------------------------
+
+    def train(self, resume_from: str | os.PathLike | None = None) -> list[dict[str, float]]:
+        """Train to `config.max_steps`; `resume_from` is a checkpoint dir, or "latest" in `output_dir`.
+
+        Returns the per-step history (loss, lr, grad_norm) of this call.
+        """
+        from tqdm.auto import tqdm
+
+        c, acc = self.config, self.accelerator
+        if resume_from == "latest":
+            found = list_checkpoints(c.output_dir) if c.output_dir else []
+            resume_from = found[-1] if found else None
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        if c.output_dir and acc.is_main_process:
+            Path(c.output_dir).mkdir(parents=True, exist_ok=True)
+        self.model.train()
+        batches = self._batches()
+        bar = tqdm(total=c.max_steps, initial=self.step, disable=not (c.progress and acc.is_main_process),
+                   desc="train", dynamic_ncols=True)
+        t0, tokens = time.perf_counter(), 0
+        while self.step < c.max_steps:
+            window = [self._split(next(batches)) for _ in range(c.grad_accum_steps)]
+            lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
+            loss, grad_norm = self._optimizer_step(window)
+            tokens += sum(ids.numel() for ids, _, _ in window) * acc.num_processes
+            self.step += 1
+            rec = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm}
+            self.history.append(rec)
+            if acc.is_main_process and c.output_dir:
+                with open(Path(c.output_dir) / "train_log.jsonl", "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rec['lr']:.2e}",
+                            tok_s=f"{tokens / (time.perf_counter() - t0):,.0f}")
+            if c.save_every and c.output_dir and (self.step % c.save_every == 0 or self.step == c.max_steps):
+                self.save_checkpoint()
+        bar.close()
+        return self.history
+
+    def _optimizer_step(self, window) -> tuple[float, float]:
+        acc = self.accelerator
+        # Normalise by the target tokens of the whole step on all processes: DDP averages gradients over
+        # processes, hence the factor num_processes.
+        n_local = sum(self._n_targets(ids, mask) for ids, mask, _ in window)
+        n_global = acc.reduce(torch.tensor(float(n_local), device=self.device), reduction="sum").clamp(min=1)
+        scale = acc.num_processes / n_global
+        total = torch.zeros((), device=self.device)
+        for i, (ids, mask, extra) in enumerate(window):
+            # Only the last micro-batch all-reduces gradients.
+            with acc.no_sync(self.model) if i < len(window) - 1 else nullcontext():
+                out = self.model(ids, **extra)
+                logits = out.logits if hasattr(out, "logits") else out
+                loss_sum = next_token_loss(logits, ids, mask, reduction="sum")
+                acc.backward(loss_sum * scale)
+            total += loss_sum.detach()
+        grad_norm = float("nan")
+        if self.config.max_grad_norm is not None:
+            grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(acc.reduce(total, reduction="sum") / n_global), grad_norm
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trained parameters by name (what a checkpoint and a release hold), on the CPU."""
+        named = dict(self.accelerator.unwrap_model(self.model).named_parameters())
+        return {n: named[n].detach().float().cpu().contiguous() for n in self.param_names}
+
+    def save_checkpoint(self) -> Path:
+        """Write `output_dir/step-XXXXXXXX` atomically: build it under a temporary name, then rename.
+
+        A kill at any point leaves either the complete checkpoint or none under that name; older
+        checkpoints are untouched until the new one is in place.
+        """
+        acc, root = self.accelerator, Path(self.config.output_dir)
+        final = root / f"step-{self.step:08d}"
+        tmp = root / f".tmp-{final.name}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-write
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        torch.save(_rng_state(), tmp / f"rng_rank{acc.process_index}.pt")  # each process has its own
+        if acc.is_main_process:
+            save_file(self.trainable_state(), str(tmp / "new_params.safetensors"))
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            cfg = {k: v for k, v in asdict(self.config).items()}
+            (tmp / "state.json").write_text(json.dumps({"step": self.step, "num_processes": acc.num_processes,
+                                                        "param_names": self.param_names, "config": cfg}, indent=1))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            for f in tmp.iterdir():
+                _fsync(f)
+            _fsync(tmp)
+            if final.exists():  # the same step written by an earlier, interrupted run of this training
+                _remove_dir(final)
+            os.replace(tmp, final)
+            _fsync(root)
+            for old in list_checkpoints(root)[:-self.config.keep_last]:
+                _remove_dir(old)
+        acc.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore parameters, optimizer, scheduler, step and this process's RNG state."""
+        acc, path = self.accelerator, Path(path)
+        state = json.loads((path / "state.json").read_text())
+        if state["num_processes"] != acc.num_processes:
+            raise ValueError(f"{path} was written by {state['num_processes']} processes, this run has "
+                             f"{acc.num_processes}: the data order would differ, so it cannot resume exactly")
+        named = dict(acc.unwrap_model(self.model).named_parameters())
+        with torch.no_grad():
+            for name, t in load_file(str(path / "new_params.safetensors")).items():
+                named[name].copy_(t)
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device))
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt"))
+        _set_rng_state(torch.load(path / f"rng_rank{acc.process_index}.pt"))
+        self.step = state["step"]
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first (a temporary or half-deleted dir never matches)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and _CKPT_RE.match(p.name))
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _forward_inputs(model: nn.Module) -> tuple[list[str], list[str], bool]:
+    """(input names, required names, accepts **kwargs) of `model.forward`; the first input is `input_ids`
+    whatever forward calls it (the hand-written GPT calls it `idx`)."""
+    params = inspect.signature(model.forward).parameters.values()
+    named = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    varargs = {p.kind for p in params} & {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}
+    if not named and not varargs:
+        raise ValueError(f"{type(model).__name__}.forward takes no input; it must take input_ids first")
+    names = ["input_ids"] + [p.name for p in named[1:]]
+    required = ["input_ids"] + [p.name for p in named[1:] if p.default is p.empty]
+    return names, required, bool(varargs)  # forward(*args / **kwargs): names cannot be checked
+
+
+def _rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_dir(path: Path) -> None:
+    """Rename out of the checkpoint namespace first, so a kill mid-delete leaves no half checkpoint."""
+    trash = path.with_name(f".trash-{path.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash)

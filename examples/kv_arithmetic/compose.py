@@ -1,0 +1,114 @@
+"""Compose the trained base models with calmgraph and train only the cross-attention (CALM §4.1).
+
+    python -m examples.kv_arithmetic.compose --base runs/kv                   # after train_base; one GPU
+    python -m examples.kv_arithmetic.compose --base /tmp/kv --smoke           # CPU, seconds
+
+The anchor m_B reads the augment m_A through causal cross-attention: both read the same tokens, and
+by default every m_A block feeds one m_B block (the paper taps every 4th layer of much deeper models; m_A
+has 4).
+Both base models stay frozen. The composition trains on `--data`:
+
+    substitution   KV-substitution over the 20% of keys in `world.compose_keys` (the paper's protocol)
+    kv_mix         KV-substitution and KV-arithmetic, half each, over the same 20% of keys (a fallback that
+                   departs from the paper: the composition sees the `=` task on keys, never the other 80%)
+    *_replay       the same plus m_B's own numeric tasks (see COMPOSE_DATA)
+
+Writes `calm_<data>.safetensors` (the new parameters only), `calm_<data>_spec.json` and
+`calm_<data>_eval.json` (exact-match %, the CALM column of Table 1) under --base.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+import calmgraph as cg
+from calmgraph.train import FineTuner, TrainConfig
+from examples.handwritten_gpt.gpt import GPT
+from examples.kv_arithmetic.budget import train_within
+from examples.kv_arithmetic.data import KVConfig, KVDataset, KVWorld
+from examples.kv_arithmetic.evaluate import accuracy_row, compose_key_accuracy, format_table
+from examples.kv_arithmetic.train_base import load_base
+
+# All over the composition's 20% of keys. "replay" adds the anchor's own numeric tasks (expressions over the
+# values of those keys): they teach nothing new, but ask the composition to leave what m_B knows intact.
+COMPOSE_DATA = {
+    "substitution": {"kv_substitution": 1.0},
+    "kv_mix": {"kv_substitution": 0.5, "kv_arithmetic": 0.5},
+    "substitution_replay": {"kv_substitution": 0.5, "numeric_arithmetic": 0.375, "numeric_copy": 0.125},
+    "kv_mix_replay": {"kv_substitution": 0.25, "kv_arithmetic": 0.25, "numeric_arithmetic": 0.375,
+                      "numeric_copy": 0.125},
+}
+# Layer choices: every m_A block (0->1 1->2 2->4 3->5 for 4 and 6 blocks), or only m_A's last block (whose
+# states at the answer hold m_A's next character) into m_B's last.
+LAYERS = {"every1": {"every": 1}, "every2": {"every": 2}, "last": [[-1, -1]]}
+
+
+def spec(layers: str = "every1") -> dict:
+    """m_A (augment, shared tokens) -> m_B (anchor) at the layer pairs LAYERS[layers]."""
+    return {"anchor": {"name": "m_B"},
+            "augments": [{"name": "m_A", "input": "shared"}],
+            "edges": [{"source": "m_A", "target": "m_B", "layers": LAYERS[layers]}]}
+
+
+def compose(m_A: GPT, m_B: GPT, layers: str = "every1") -> cg.ComposedModel:
+    return cg.compile(spec(layers), models={"m_A": m_A, "m_B": m_B})
+
+
+def train_composition(composed: cg.ComposedModel, world: KVWorld, data: str, *, steps: int, batch_size: int,
+                      lr: float, seed: int = 0, cpu: bool = False, progress: bool = True,
+                      seconds: float | None = None, num_workers: int = 0) -> tuple[cg.ComposedModel, FineTuner, dict]:
+    """Train the composition's new parameters on `COMPOSE_DATA[data]` over the composition's keys."""
+    torch.manual_seed(seed)
+    dataset = KVDataset(world, COMPOSE_DATA[data], "compose", size=10**9)
+    cfg = TrainConfig(max_steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(100, steps // 10),
+                      weight_decay=0.01, shuffle=False, seed=seed, cpu=cpu, progress=progress,
+                      num_workers=num_workers)
+    tuner = FineTuner(composed, dataset, cfg)  # new_parameters(): the cross-attention only
+    run = train_within(tuner, seconds)
+    # Without the autocast wrapper Accelerate put on forward: compiled again or scored in fp32 after this.
+    return tuner.accelerator.unwrap_model(tuner.model, keep_fp32_wrapper=False), tuner, run
+
+
+def save_composition(composed: cg.ComposedModel, out: Path, tag: str) -> None:
+    save_file({n: p.detach().float().cpu().contiguous() for n, p in composed.named_new_parameters()},
+              str(out / f"{tag}.safetensors"))
+    (out / f"{tag}_spec.json").write_text(composed.spec.to_json())
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--base", required=True, help="train_base's --out: base models and config.json")
+    ap.add_argument("--data", choices=list(COMPOSE_DATA), default="substitution")
+    ap.add_argument("--smoke", action="store_true", help="a few steps on the CPU")
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--layers", choices=list(LAYERS), default="every1", help="which blocks are connected")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.steps, args.batch_size = 4, 8
+
+    base = Path(args.base)
+    world = KVWorld(KVConfig(**json.loads((base / "config.json").read_text())["data"]))
+    composed = compose(load_base(base, "m_A"), load_base(base, "m_B"), args.layers)
+    print(composed.summary())
+    composed, tuner, run = train_composition(composed, world, args.data, steps=args.steps, batch_size=args.batch_size,
+                                             lr=args.lr, seed=args.seed, cpu=args.smoke, progress=not args.smoke)
+    if not tuner.accelerator.is_main_process:
+        return {}
+    tag = f"calm_{args.data}"
+    save_composition(composed, base, tag)
+    row = accuracy_row(composed, world, tuner.device)
+    run["kv_substitution_own_keys"] = compose_key_accuracy(composed, world, tuner.device, n=20 if args.smoke else 500)
+    (base / f"{tag}_eval.json").write_text(json.dumps({"calm": row, **run, "data": args.data}, indent=1))
+    print(format_table({"calm": row}))
+    return row
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""The key-value arithmetic data of CALM §4.1 (Bansal et al. 2024), small enough to train in minutes.
+
+Keys are random lowercase strings of 2-6 characters, each mapped to a unique integer in [1, n_keys].
+An expression joins 3 (paper: 3-6) keys with +, - and * (the paper's x; written * so it is not a key
+letter). From one expression come the paper's three data sets, plus one skill of the anchor's own:
+
+    kv_substitution      "ab+cde*fg>"  ->  "10+22*24"     m_A learns this (it memorises the keys)
+    numeric_arithmetic   "10+22*24="   ->  "538"          m_B learns this
+    kv_arithmetic        "ab+cde*fg="  ->  "538"          nobody trains on it: the composition's test
+    numeric_copy         "10+22*24>"   ->  "10+22*24"     m_B learns this too (see below)
+
+The last prompt character names the task: `>` rewrite the expression with numbers, `=` compute it.
+The paper's anchor is a pretrained LM that can be asked for either; a model trained from scratch on
+arithmetic alone could not be asked to rewrite anything, so the composition (trained on substitution)
+would have nothing in the anchor to steer. Giving the anchor the numeric `>` skill keeps it ignorant of
+keys while giving it the same two "instructions" the paper's anchor understands.
+
+How the anchor sees keys at all: both models share this character vocabulary, so key letters have rows
+in the anchor's embedding, but the anchor never saw one in training (its letter embeddings are only
+pushed down as outputs). In the composition both models read the same sequence, and the anchor's only
+route to a key's value is cross-attention to m_A's hidden states at the key's characters.
+
+Splits are fixed by `KVConfig.seed`: the evaluation expressions are drawn first and every training
+sampler rejects them; the composition trains on substitution over `compose_key_frac` (20%) of the keys.
+
+Two protocols (`KVConfig.protocol`):
+
+    direct        the above: `=` answers with the result alone (the paper's format; the first attempt)
+    scratchpad    `=` first copies the expression with numbers, then gives the result after `;`:
+                      numeric_arithmetic   "10+22-24="  ->  "10+22-24;8"
+                      kv_arithmetic        "ab+cde-fg=" ->  "10+22-24;8"
+                  and m_B also learns numeric_reread (below). The `=` task then starts with the `>` task,
+                  so the composition, which learns on substitution to make the anchor's copy write values
+                  for keys, puts the values where the anchor's own arithmetic reads them: in its output.
+
+    numeric_reread       "31-7+60="     ->  "10+22-24;8"    loss on ";8" only (scratchpad only)
+
+numeric_reread teaches m_B that the result is a function of its scratchpad, not of the prompt: the
+prompt shows another expression and the copy part is given (teacher-forced, no loss), so the result can
+only be read from the copy. Without it m_B may compute from the prompt's digits, which on a key prompt are
+letters. It is numbers only: m_B still never sees a key.
+"""
+from __future__ import annotations
+
+import random
+import string
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+# Character tokenizer shared by both models: 0 pads, 1 ends the answer.
+CHARS = string.digits + string.ascii_lowercase + "+-*=>;"
+PAD_ID, EOS_ID = 0, 1
+VOCAB_SIZE = len(CHARS) + 2
+STOI = {ch: i + 2 for i, ch in enumerate(CHARS)}
+
+TASKS = ("kv_substitution", "numeric_arithmetic", "kv_arithmetic", "numeric_copy", "numeric_reread")
+PROTOCOLS = ("direct", "scratchpad")
+SEP = ";"  # ends the scratchpad, before the result
+Expr = tuple[tuple[int, ...], tuple[str, ...]]  # (key indices, operators between them)
+
+
+@dataclass(frozen=True)
+class KVConfig:
+    n_keys: int = 100           # N_KV; values are a permutation of 1..n_keys (paper: 25K)
+    min_operands: int = 3       # paper: 3-6 keys per expression
+    max_operands: int = 3
+    ops: str = "+-*"
+    compose_key_frac: float = 0.2  # the composition trains on substitution over this share of the keys
+    n_eval: int = 1000          # held-out expressions, the same for every task
+    seed: int = 0
+    protocol: str = "direct"    # or "scratchpad": `=` answers "<expression with numbers>;<result>"
+
+
+# What each protocol changes beyond the answer format. The scratchpad run drops * (the first attempt's m_B
+# computed only 37% of +,-,* expressions; the scratchpad tests the composition, so the anchor's own skill
+# should be solid).
+PROTOCOL_DEFAULTS = {"direct": {"ops": "+-*"}, "scratchpad": {"ops": "+-"}}
+
+
+def protocol_config(protocol: str, **overrides) -> KVConfig:
+    """The KVConfig of a protocol: its defaults, then `overrides`."""
+    if protocol not in PROTOCOL_DEFAULTS:
+        raise ValueError(f"unknown protocol {protocol!r}; known: {PROTOCOLS}")
+    return KVConfig(**{**PROTOCOL_DEFAULTS[protocol], **overrides, "protocol": protocol})
+
+
+def encode(text: str) -> list[int]:
+    return [STOI[ch] for ch in text]
+
+
+def decode(ids: Sequence[int]) -> str:
+    """Characters up to the first EOS, pads dropped."""
+    out = []
+    for i in ids:
+        if i == EOS_ID:
+            break
+        if i != PAD_ID:
+            out.append(CHARS[i - 2])
+    return "".join(out)
+
+
+def solve(values: Sequence[int], ops: Sequence[str]) -> int:
+    """The value of v0 op0 v1 op1 ... with * before + and -."""
+    terms, signs = [values[0]], []
+    for op, v in zip(ops, values[1:]):
+        if op == "*":
+            terms[-1] *= v
+        else:
+            terms.append(v)
+            signs.append(op)
+    total = terms[0]
+    for sign, t in zip(signs, terms[1:]):
+        total = total + t if sign == "+" else total - t
+    return total
+
+
+class KVWorld:
+    """The keys, their values, the composition's key subset and the held-out expressions, all from one seed."""
+
+    def __init__(self, cfg: KVConfig = KVConfig()):
+        if cfg.protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {cfg.protocol!r}; known: {PROTOCOLS}")
+        self.cfg = cfg
+        rng = random.Random(f"kv-world/{cfg.seed}")
+        keys: dict[str, None] = {}  # insertion-ordered set
+        while len(keys) < cfg.n_keys:
+            keys["".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 6)))] = None
+        self.keys = list(keys)
+        self.values = rng.sample(range(1, cfg.n_keys + 1), cfg.n_keys)  # unique, in [1, n_keys]
+        n_compose = max(1, round(cfg.compose_key_frac * cfg.n_keys))
+        self.compose_keys = sorted(rng.sample(range(cfg.n_keys), n_compose))
+
+        eval_rng = random.Random(f"kv-eval/{cfg.seed}")
+        held_out: dict[Expr, None] = {}
+        while len(held_out) < cfg.n_eval:
+            held_out[self.sample(eval_rng, range(cfg.n_keys))] = None
+        self.eval_exprs = list(held_out)
+        self._eval_set = set(held_out)
+
+        # Longest sequence: prompt, the longest answer, EOS.
+        k, digits = cfg.max_operands, len(str(cfg.n_keys))
+        prompt = 6 * k + (k - 1) + 1
+        expression, result = digits * k + (k - 1), 1 + len(str(cfg.n_keys ** k))
+        answer = expression + 1 + result if cfg.protocol == "scratchpad" else max(expression, result)
+        self.max_len = prompt + answer + 1
+        self.max_answer_len = answer + 1
+
+    def sample(self, rng: random.Random, key_pool: Sequence[int]) -> Expr:
+        n = rng.randint(self.cfg.min_operands, self.cfg.max_operands)
+        return tuple(rng.choice(key_pool) for _ in range(n)), tuple(rng.choice(self.cfg.ops) for _ in range(n - 1))
+
+    def is_held_out(self, expr: Expr) -> bool:
+        return expr in self._eval_set
+
+    def _join(self, parts: Sequence[str], ops: Sequence[str]) -> str:
+        return parts[0] + "".join(op + p for op, p in zip(ops, parts[1:]))
+
+    def _nums(self, expr: Expr) -> str:
+        return self._join([str(self.values[i]) for i in expr[0]], expr[1])
+
+    def example(self, expr: Expr, task: str, distractor: Expr | None = None) -> tuple[str, str]:
+        """(prompt, answer) of `expr` for `task`; numeric_reread's prompt is `distractor`'s numbers."""
+        idx, ops = expr
+        keys_text = self._join([self.keys[i] for i in idx], ops)
+        nums_text = self._nums(expr)
+        result = str(solve([self.values[i] for i in idx], ops))
+        if self.cfg.protocol == "scratchpad":
+            result = nums_text + SEP + result
+        elif task == "numeric_reread":
+            raise ValueError("numeric_reread exists only in the scratchpad protocol")
+        if task == "numeric_reread":
+            if distractor is None:
+                raise ValueError("numeric_reread needs a distractor expression for its prompt")
+            return self._nums(distractor) + "=", result
+        return {
+            "kv_substitution": (keys_text + ">", nums_text),
+            "numeric_arithmetic": (nums_text + "=", result),
+            "kv_arithmetic": (keys_text + "=", result),
+            "numeric_copy": (nums_text + ">", nums_text),
+        }[task]
+
+    def tensors(self, prompt: str, answer: str, loss_from: int = 0) -> dict[str, torch.Tensor]:
+        """Right-padded `input_ids` and a `label_mask` that is true on answer[loss_from:] and the EOS."""
+        ids = encode(prompt) + encode(answer) + [EOS_ID]
+        pad = self.max_len - len(ids)
+        mask = [False] * (len(prompt) + loss_from) + [True] * (len(answer) - loss_from + 1) + [False] * pad
+        return {"input_ids": torch.tensor(ids + [PAD_ID] * pad), "label_mask": torch.tensor(mask)}
+
+
+class KVDataset(Dataset):
+    """Examples of one or more tasks.
+
+    split "train": expressions over all keys; "compose": over the composition's 20% of keys only; both
+    drawn afresh for each index (item i is fixed by (seed, split, i)) and never a held-out expression.
+    split "eval": the held-out expressions, in order (one task).
+    `tasks` maps task -> sampling weight, or names one task.
+    """
+
+    def __init__(self, world: KVWorld, tasks: str | dict[str, float], split: str = "train", size: int | None = None):
+        self.world, self.split = world, split
+        self.tasks = {tasks: 1.0} if isinstance(tasks, str) else dict(tasks)
+        unknown = set(self.tasks) - set(TASKS)
+        if unknown or split not in ("train", "compose", "eval"):
+            raise ValueError(f"unknown task(s) {sorted(unknown)} or split {split!r}; tasks: {TASKS}")
+        if split == "eval":
+            if len(self.tasks) != 1:
+                raise ValueError("an eval split holds one task")
+            self.size = len(world.eval_exprs)
+        else:
+            if size is None:
+                raise ValueError("a training split needs a size (items are generated, not stored)")
+            self.size = size
+        self.pool = world.compose_keys if split == "compose" else range(world.cfg.n_keys)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def expr_and_task(self, i: int) -> tuple[Expr, str]:
+        """Item i's expression and task (numeric_reread's prompt expression: `distractor(i)`)."""
+        if self.split == "eval":
+            return self.world.eval_exprs[i], next(iter(self.tasks))
+        rng = random.Random(f"kv-{self.split}/{self.world.cfg.seed}/{i}")
+        task = rng.choices(list(self.tasks), weights=list(self.tasks.values()))[0]
+        while True:
+            expr = self.world.sample(rng, self.pool)
+            if not self.world.is_held_out(expr):
+                return expr, task
+
+    def distractor(self, i: int) -> Expr:
+        """The other expression whose numbers make numeric_reread's prompt (any expression: it is never scored)."""
+        return self.world.sample(random.Random(f"kv-{self.split}-distractor/{self.world.cfg.seed}/{i}"), self.pool)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < self.size:
+            raise IndexError(i)
+        expr, task = self.expr_and_task(i)
+        if task == "numeric_reread":  # the loss starts at the separator: the copy is given, not learned here
+            prompt, answer = self.world.example(expr, task, self.distractor(i))
+            return self.world.tensors(prompt, answer, loss_from=answer.index(SEP))
+        return self.world.tensors(*self.world.example(expr, task))

@@ -1,0 +1,190 @@
+"""Small models of every family the core must compose, and an eager reference for compositions
+(imported as `tests.support`; fixtures live in conftest.py).
+
+The reference never looks at the fused graph: it runs the user's unmodified models with forward hooks on
+their blocks and recomputes each cross-attention from its weights with explicit softmax math.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples" / "handwritten_gpt"))
+warnings.filterwarnings("ignore", category=UserWarning)
+
+VOCAB = 96
+
+
+def _hf():
+    import transformers
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+# -- model families: factory(dim, depth) -> model; blocks(model) -> modules whose output is a block's output
+def gpt(dim=48, depth=4):
+    from gpt import GPT, GPTConfig
+    return GPT(GPTConfig(vocab_size=VOCAB, n_layer=depth, n_embd=dim, n_head=4, block_size=64))
+
+
+def xtransformers(dim=48, depth=4):
+    from x_transformers import Decoder, TransformerWrapper
+    return TransformerWrapper(num_tokens=VOCAB, max_seq_len=64, attn_layers=Decoder(dim=dim, depth=depth, heads=4))
+
+
+def gpt2(dim=48, depth=4):
+    t = _hf()
+    return t.GPT2LMHeadModel(t.GPT2Config(n_layer=depth, n_embd=dim, n_head=4, vocab_size=VOCAB, n_positions=64))
+
+
+def _llama_like(cls_name, cfg_name, dim, depth, **extra):
+    t = _hf()
+    cfg = getattr(t, cfg_name)(hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=depth,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                               max_position_embeddings=64, **extra)
+    return getattr(t, cls_name)(cfg)
+
+
+def llama(dim=48, depth=4):
+    return _llama_like("LlamaForCausalLM", "LlamaConfig", dim, depth)
+
+
+def qwen2(dim=48, depth=4):
+    return _llama_like("Qwen2ForCausalLM", "Qwen2Config", dim, depth)
+
+
+def mistral(dim=48, depth=4):
+    return _llama_like("MistralForCausalLM", "MistralConfig", dim, depth, sliding_window=None)
+
+
+def bert(dim=32, depth=2):
+    t = _hf()
+    return t.BertModel(t.BertConfig(hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=depth,
+                                    num_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=64))
+
+
+DECODERS = {"gpt": gpt, "xtransformers": xtransformers, "gpt2": gpt2, "llama": llama, "qwen2": qwen2,
+            "mistral": mistral}
+
+
+def block_modules(model) -> list[torch.nn.Module]:
+    """Written per family by hand (not calmgraph's detection): the module whose output is each block's."""
+    name = type(model).__name__
+    if name == "GPT":
+        return list(model.blocks)
+    if name == "TransformerWrapper":
+        layers = model.attn_layers.layers
+        return [layers[i][2] for i, kind in enumerate(model.attn_layers.layer_types) if kind == "f"]
+    if name == "GPT2LMHeadModel":
+        return list(model.transformer.h)
+    if name in ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"):
+        return list(model.model.layers)
+    if name == "BertModel":
+        return list(model.encoder.layer)
+    if name in ("TinyLM", "TinyEncoder"):
+        return list(model.layers)
+    raise KeyError(name)
+
+
+def run_model(model, ids, mask=None):
+    """The model's own output as a tensor (logits, or hidden states for an encoder)."""
+    if mask is None:
+        out = model(ids, use_cache=False) if hasattr(model, "config") else model(ids)
+    elif type(model).__name__ == "TinyEncoder":
+        out = model(ids, mask)
+    else:
+        out = model(ids, attention_mask=mask)
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.logits if hasattr(out, "logits") and out.logits is not None else out[0]
+
+
+# -- the reference ---------------------------------------------------------------------------------------
+def reference_cross_attention(block, x, ctx, mask=None, causal=False):
+    """CALM's f_cross(f_proj(ctx), x) from the block's weights, with explicit attention math."""
+    c = ctx @ block.proj.weight.T + block.proj.bias if isinstance(block.proj, torch.nn.Linear) else ctx
+    norm = block.norm
+    if isinstance(norm, torch.nn.RMSNorm):
+        eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+        xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm.weight
+    elif isinstance(norm, torch.nn.LayerNorm):
+        xn = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + norm.eps)
+        xn = xn * norm.weight + norm.bias
+    else:
+        xn = x
+    h = block.heads
+    B, T, _ = x.shape
+    S = c.shape[1]
+    q = (xn @ block.to_q.weight.T).view(B, T, h, -1).transpose(1, 2)           # (B, h, T, d)
+    k, v = (c @ block.to_kv.weight.T).chunk(2, dim=-1)
+    k, v = (t.reshape(B, S, h, -1).transpose(1, 2) for t in (k, v))            # (B, h, S, d)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])                  # (B, h, T, S)
+    allowed = torch.ones(B, 1, T, S, dtype=torch.bool)
+    if causal:
+        allowed = allowed & torch.ones(T, S, dtype=torch.bool).tril()
+    if mask is not None:
+        allowed = allowed & mask.bool()[:, None, None, :]
+    weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
+    out = (weights @ v).transpose(1, 2).reshape(B, T, -1) @ block.to_out.weight.T
+    return out * torch.tanh(block.gate) if block.gate is not None else out
+
+
+def eager_reference(composed, models, input_ids, prompts=None):
+    """The composition computed with hooks on the user's own models. prompts: {name: (ids, mask)}."""
+    from calmgraph.graph import build_order
+
+    spec, prompts = composed.spec, prompts or {}
+    inputs = {a.name: a.input for a in spec.augments}
+    states = {}
+
+    def compose(name, i, h):
+        total = h
+        for link in composed.links:
+            if link.target == name and link.target_layer == i:
+                block = composed.get_submodule(".".join(("xattn", *link.module_path)))
+                mask = prompts[link.source][1] if inputs.get(link.source) == "prompt" else None
+                total = total + reference_cross_attention(block, h, states[link.source, link.source_layer],
+                                                          mask, causal=link.causal)
+        states[name, i] = total
+        return total
+
+    def output_hook(name, i):
+        def hook(module, args, out):
+            h = compose(name, i, out if isinstance(out, torch.Tensor) else out[0])
+            return h if isinstance(out, torch.Tensor) else (h, *out[1:])
+        return hook
+
+    def input_hook(name, i):
+        def hook(module, args):
+            return (compose(name, i, args[0]), *args[1:])
+        return hook
+
+    for name in build_order(spec):
+        model = models[name]
+        if spec.model(name).tap == "output":
+            handles = [m.register_forward_hook(output_hook(name, i)) for i, m in enumerate(block_modules(model))]
+        else:
+            handles = [m.register_forward_pre_hook(input_hook(name, i)) for i, m in enumerate(block_modules(model))]
+        try:
+            if inputs.get(name) == "prompt":
+                run_model(model, *prompts[name])
+            else:
+                result = run_model(model, input_ids)
+        finally:
+            for h in handles:
+                h.remove()
+    return result
+
+
+def randomize_new_parameters(composed, seed=0, std=0.1):
+    """Like a trained composition: every weight nonzero (norm scales around 1, gates open)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in composed.named_new_parameters():
+            noise = torch.randn(p.shape, generator=g) * std
+            p.copy_(noise + 1.0 if ".norm." in name else noise + 0.5 if name.endswith("gate") else noise)

@@ -1,0 +1,141 @@
+"""calmgraph.bench: the baselines compute what the fused graph computes, and the measurements measure what
+they say. (Speed itself is never asserted: see benchmarks/.)"""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import calmgraph as cg
+from calmgraph.bench import (Budget, HookComposition, Parts, dynamo_report, forward_inputs, make_inputs,
+                             time_round_robin, without_checks)
+from calmgraph.demo.models import demo_models
+from calmgraph.demo.run import demo_spec_path
+from calmgraph.errors import InputError, ModelError
+from calmgraph.passes.merge import check_token_ids
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """The demo composition (shared and prompt augment, pruned blocks) with random cross-attention weights."""
+    models = demo_models(seed=0)
+    composed = cg.compile(str(demo_spec_path()), models=models)
+    torch.manual_seed(0)
+    for p in composed.new_parameters():
+        nn.init.normal_(p, std=0.05)
+    inputs = forward_inputs(make_inputs(composed, models, batch=2, seq=12, prompt_len=9))
+    return composed, models, inputs
+
+
+def test_make_inputs_fit_every_model(demo):
+    composed, models, _ = demo
+    inputs = make_inputs(composed, models, batch=3, seq=10, prompt_len=7)
+    assert set(inputs) == {"input_ids", "notes_input_ids", "notes_mask"}
+    assert inputs["input_ids"].shape == (3, 11)  # one more token: the training step's labels
+    assert inputs["notes_input_ids"].shape == inputs["notes_mask"].shape == (3, 7)
+    assert int(inputs["input_ids"].max()) < 96 and int(inputs["notes_input_ids"].max()) < 96
+    assert inputs["notes_mask"][-1].tolist() == [1, 1, 1, 0, 0, 0, 0]  # the last prompt is padded
+
+
+def test_hook_composition_computes_the_fused_graph(demo):
+    composed, models, inputs = demo
+    with torch.no_grad():
+        fused = composed(**inputs)
+        hooked = HookComposition(composed, models)(**inputs)
+        anchor = models["base"](inputs["input_ids"])
+    assert not torch.allclose(fused, anchor, atol=1e-3)  # the cross-attention deltas are not zero...
+    torch.testing.assert_close(hooked, fused, rtol=0, atol=1e-6)  # ...and the hooks add the same ones
+
+
+def test_hook_composition_leaves_user_models_alone(demo):
+    composed, models, inputs = demo
+    HookComposition(composed, models)
+    assert all(not m._forward_hooks for model in models.values() for m in model.modules())
+
+
+def test_parts_stop_augments_after_their_deepest_tapped_block(demo):
+    composed, models, inputs = demo
+    parts = Parts(composed, models, inputs)
+    ran = []
+    for name, entry in parts.entries.items():
+        for i, layer in enumerate(entry.model.layers):
+            layer.register_forward_pre_hook(lambda m, a, name=name, i=i: ran.append((name, i)))
+    with torch.no_grad():
+        parts(**inputs)
+    deepest = {name: max(i for n, i in ran if n == name) for name in parts.entries}
+    # demo.yaml: arith taps blocks 1 and 3 of 5; notes its last (1 of 2); the anchor runs in full
+    assert deepest == {"base": 5, "arith": 3, "notes": 1}
+    link_of = {composed.get_submodule(".".join(("xattn", *l.module_path))): l for l in composed.links}
+    assert sorted(map(id, (b for b, _ in parts.blocks))) == sorted(map(id, link_of))  # each block once
+    for block, args in parts.blocks:
+        assert args[0].shape[-1] == link_of[block].target_dim and args[1].shape[-1] == link_of[block].source_dim
+
+
+def test_without_checks_same_output_no_check_nodes(demo):
+    composed, _, inputs = demo
+    bare = without_checks(composed)
+    with torch.no_grad():
+        assert torch.equal(bare(**inputs), composed(**inputs))
+        assert torch.equal(bare(**{**inputs, "notes_mask": None}), composed(**{**inputs, "notes_mask": None}))
+    assert not [n for n in bare.graph.nodes if n.target is check_token_ids]
+    assert [n for n in composed.graph.nodes if n.target is check_token_ids]  # the original keeps them
+    float_ids = {**inputs, "input_ids": inputs["input_ids"].float()}
+    with pytest.raises(InputError, match="input_ids must be a"):
+        composed(**float_ids)
+
+
+def test_round_robin_calls_each_function_once_per_round():
+    calls = {"a": 0, "b": 0}
+    fns = {k: (lambda k=k: calls.__setitem__(k, calls[k] + 1)) for k in calls}
+    out = time_round_robin(fns, torch.device("cpu"), Budget(warmup_s=0.0, rounds=4, max_s=60.0, min_rounds=2))
+    assert calls == {"a": 5, "b": 5}  # one untimed first call, then 4 timed rounds
+    assert all(out[k]["rounds"] == 4 and out[k]["q1_ms"] <= out[k]["median_ms"] <= out[k]["q3_ms"] for k in out)
+
+
+def test_dynamo_report_counts_graph_breaks_and_recompiles():
+    class Broken(nn.Module):
+        def forward(self, input_ids):
+            x = input_ids.float() * 2
+            torch._dynamo.graph_break()
+            return x + 1
+    ids = torch.zeros(2, 9, dtype=torch.long)
+    report = dynamo_report(Broken(), {"input_ids": ids}, other_seq=4, backend="eager")
+    assert report["graph_breaks"] == 1 and report["graphs"] == 2
+    assert report["recompiles_same_shapes"] == 0
+    assert report["recompiles_new_seq_len"] >= 1  # a new length: dynamo specialised on the first one
+
+
+def test_bench_command_on_the_demo(tmp_path, capsys):
+    from calmgraph.cli import main
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(demo_spec_path()), "--models", "calmgraph.demo.models:demo_models", "--quick", "--no-compile",
+                 "--batch", "2", "--seq", "16", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    forward = report["times"]["forward"]
+    assert {"fused", "parts", "parts.base", "parts.arith", "parts.notes", "parts.cross_attention", "hooks",
+            "fused_no_checks", "fused_unpruned"} <= set(forward)
+    assert "calm_pytorch" not in forward  # demo models are not x-transformers: CALM-pytorch cannot run them
+    assert "x-transformers" in report["notes"]["calm_pytorch"] or "CALM-pytorch" in report["notes"]["calm_pytorch"]
+    assert {"date", "machine", "versions", "command"} <= set(report)
+    assert "fused/parts" in capsys.readouterr().out
+
+
+def test_bench_command_without_models_says_how_to_give_them(tmp_path):
+    from calmgraph.bench import main
+    try:
+        import calmgraph.sources  # noqa: F401 - with model sources, a spec without any names what is missing
+        expected = "source"
+    except ImportError:
+        expected = "--models package.module:function"
+    with pytest.raises(ModelError, match=expected):
+        main([str(demo_spec_path()), "--quick"])
+    with pytest.raises(ModelError, match="no_such_module"):
+        main([str(demo_spec_path()), "--models", "no_such_module:f", "--quick"])
+
+
+def test_input_checks_timing_runs_the_real_checks_on_the_inputs(demo):
+    from calmgraph.bench import input_checks_us
+    composed, _, inputs = demo
+    assert input_checks_us(composed, inputs, calls=3) > 0
+    with pytest.raises(InputError, match="notes_mask must have the shape"):
+        input_checks_us(composed, {**inputs, "notes_mask": inputs["notes_mask"][:, :2]}, calls=3)

@@ -1,0 +1,124 @@
+"""The `calmgraph` command line, run as a subprocess: output, exit codes, files written, error lines."""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = 'source: {python: "calmgraph.demo.models:TinyLM", kwargs: {vocab: 64, dim: %d, depth: %d, heads: 2}, seed: %d}'
+
+
+def calmgraph(*args, cwd=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's calmgraph, whatever is installed
+    return subprocess.run([sys.executable, "-m", "calmgraph.cli", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def write_spec(tmp_path, layers="[[1, 2], [-1, 3]]", name="spec.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(f"""
+        anchor: {{name: base, {TINY % (32, 4, 0)}}}
+        augments:
+          - {{name: helper, {TINY % (24, 3, 1)}}}
+        edges:
+          - {{source: helper, target: base, layers: {layers}}}
+    """))
+    return path
+
+
+@pytest.mark.parametrize("command", [[], ["validate"], ["inspect"], ["compile"], ["demo"]])
+def test_every_command_has_help(command):
+    run = calmgraph(*command, "--help")
+    assert run.returncode == 0 and run.stdout.startswith(f"usage: calmgraph {' '.join(command)}".rstrip())
+    if not command:
+        assert all(c in run.stdout for c in ("validate", "inspect", "compile", "demo"))
+
+
+def test_usage_errors_exit_2():
+    run = calmgraph("compile", "spec.yaml")  # --out is required
+    assert run.returncode == 2 and "the following arguments are required: --out" in run.stderr
+
+
+def test_validate_a_good_spec(tmp_path):
+    run = calmgraph("validate", write_spec(tmp_path))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == f"{tmp_path / 'spec.yaml'}: valid (2 models, 1 edge, 2 layer pairs)"
+    assert "checking the layer references" in run.stderr  # progress goes to stderr
+
+
+def test_validate_lists_every_problem_with_its_location(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(textwrap.dedent("""
+        anchor: {name: base}
+        augments:
+          - {name: helper, inptu: shared}
+          - {name: 2nd}
+        edges:
+          - {source: helpr, target: base, layers: [[0, 1]]}
+    """))
+    run = calmgraph("validate", bad)
+    assert run.returncode == 1
+    lines = run.stdout.splitlines()
+    assert lines[0] == f"{bad}: 2 problems"
+    assert lines[1].startswith("  augments[0].inptu: unknown key")
+    assert lines[2].startswith("  augments[1].name: String should match pattern")
+    assert "Traceback" not in run.stdout + run.stderr
+
+
+def test_validate_checks_layer_references_against_the_models(tmp_path):
+    run = calmgraph("validate", write_spec(tmp_path, layers="[[7, 0], [1, layers.9]]"))
+    assert run.returncode == 1
+    assert "edges[0].layers[0][0]: layer 7 is out of range for 'helper', which has 3 blocks" in run.stdout
+    assert "edges[0].layers[1][1]: 'layers.9' is not a block of 'base'" in run.stdout
+
+
+def test_validate_a_missing_file(tmp_path):
+    run = calmgraph("validate", tmp_path / "nope.yaml")
+    assert run.returncode == 1 and f"no spec file at '{tmp_path / 'nope.yaml'}'" in run.stdout
+
+
+def test_inspect_lists_blocks_and_pairs_and_draws(tmp_path):
+    run = calmgraph("inspect", write_spec(tmp_path), "--mermaid", "--draw", tmp_path / "c.svg")
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    assert "base: anchor, 4 blocks, fx front end" in out and "helper: augment (shared), 3 blocks" in out
+    assert "2      layers.2  32      <- helper[1]" in out and "2      layers.2  24      -> base[3]" in out
+    assert "edges[0]  helper -> base  [[1, 2], [-1, 3]]  1->2, 2->3" in out
+    assert "```mermaid" in out and 'helper -->|"1→2, 2→3"| base' in out
+    assert "<svg" in (tmp_path / "c.svg").read_text()
+
+
+def test_compile_writes_every_artifact(tmp_path):
+    run = calmgraph("compile", write_spec(tmp_path), "--out", tmp_path / "out")
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "composed.pt2", "composed.py", "composition.png", "composition.svg", "spec.json", "summary.txt"]
+    assert "parameters:" in run.stdout and "wrote " in run.stdout
+    for step in ("building 2 models", "compiling", "exporting", "drawing"):
+        assert f"calmgraph: {step}" in run.stderr
+    assert (tmp_path / "out" / "composition.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "resolved pairs" in (tmp_path / "out" / "summary.txt").read_text()
+
+
+def test_an_error_is_one_line_and_verbose_shows_the_traceback(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(write_spec(tmp_path).read_text().replace("calmgraph.demo.models:TinyLM", "no_such_pkg:Model", 1))
+    run = calmgraph("compile", spec, "--out", tmp_path / "out")
+    assert run.returncode == 1
+    errors = [line for line in run.stderr.splitlines() if line.startswith("calmgraph: error")]
+    assert errors == ["calmgraph: error: model 'base' (source python: no_such_pkg:Model): cannot import "
+                      "'no_such_pkg': ModuleNotFoundError: No module named 'no_such_pkg'"]
+    assert "Traceback" not in run.stderr and not (tmp_path / "out").exists()
+    verbose = calmgraph("compile", spec, "--out", tmp_path / "out", "--verbose")
+    assert verbose.returncode != 0 and "Traceback" in verbose.stderr and "ModelError" in verbose.stderr
+
+
+def test_demo_checks_identity_and_writes_artifacts(tmp_path):
+    run = calmgraph("demo", "--out", tmp_path / "demo")
+    assert run.returncode == 0, run.stderr
+    assert "identity at init: fused output == anchor output" in run.stdout
+    assert {"composed.pt2", "composed.py", "spec.json", "composition.png", "summary.txt"} <= {
+        p.name for p in (tmp_path / "demo").iterdir()}

@@ -1,0 +1,145 @@
+"""Export: a `.pt2` that runs in a fresh process with neither calmgraph nor the models' libraries importable,
+an ONNX file that onnxruntime runs, both at shapes other than the ones exported with."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import calmgraph as cg
+from calmgraph.demo.models import TinyEncoder, demo_models
+from calmgraph.demo.run import demo_spec_path
+
+SPEC = {
+    "anchor": {"name": "base"},
+    "augments": [{"name": "xt"}, {"name": "notes", "input": "prompt"}],
+    "edges": [{"source": "xt", "target": "base", "layers": {"every": 1}},
+              {"source": "notes", "target": "base", "layers": [[-1, 1]]}],
+}
+VOCAB = 64
+DEMO_SPEC = str(demo_spec_path())
+
+# The fresh process: isolated (-I: no PYTHONPATH, no user site, no cwd), and every import of calmgraph,
+# transformers or x_transformers fails. It runs the artifact on saved inputs and saves the outputs.
+LOADER = r"""
+import importlib.abc, sys
+BLOCKED = ("calmgraph", "transformers", "x_transformers")
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"blocked: {name}")
+sys.meta_path.insert(0, Blocker())
+import torch
+from safetensors.torch import load_file, save_file
+program = torch.export.load(sys.argv[1]).module()
+inputs = load_file(sys.argv[2])
+outputs = {}
+for shape in sorted({k.split("/")[0] for k in inputs}):
+    args = [inputs[f"{shape}/{i}"] for i in range(len([k for k in inputs if k.startswith(shape + "/")]))]
+    outputs[shape] = program(*args).contiguous()
+save_file(outputs, sys.argv[3])
+print("imported:", sorted({m.split(".")[0] for m in sys.modules} & set(BLOCKED)))
+"""
+
+
+def models():
+    import transformers
+    from x_transformers import Decoder, TransformerWrapper
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                                      num_key_value_heads=1, vocab_size=VOCAB)
+    return {"base": transformers.LlamaForCausalLM(config).eval(),
+            "xt": TransformerWrapper(num_tokens=VOCAB, max_seq_len=64, attn_layers=Decoder(dim=24, depth=3, heads=2)).eval(),
+            "notes": TinyEncoder(vocab=VOCAB, dim=16, depth=2, heads=2).eval()}
+
+
+@pytest.fixture(scope="module")
+def composed():
+    composed = cg.compile(SPEC, models=models())
+    with torch.no_grad():  # non-zero new parameters, so the augments matter to the output
+        for p in composed.new_parameters():
+            p.normal_(0, 0.2)
+    return composed
+
+
+def inputs_at(batch, seq, prompt, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch, seq), generator=g)
+    notes = torch.randint(0, VOCAB, (batch, prompt), generator=g)
+    mask = torch.ones_like(notes)
+    mask[0, prompt // 2:] = 0  # the first prompt is padded
+    return ids, notes, mask
+
+
+@pytest.fixture(scope="module")
+def exported(composed, tmp_path_factory):
+    return composed.export(tmp_path_factory.mktemp("export") / "composed.pt2")
+
+
+SHAPES = {"a": (3, 11, 4), "b": (1, 5, 7)}  # neither is the shape export traced with (2, 8, 5)
+
+
+def test_pt2_runs_in_a_fresh_process_without_calmgraph_or_model_libraries(composed, exported, tmp_path):
+    path = exported
+    inputs = {k: inputs_at(*shape, seed=i) for i, (k, shape) in enumerate(SHAPES.items())}
+    save_file({f"{k}/{i}": t for k, args in inputs.items() for i, t in enumerate(args)}, tmp_path / "in.safetensors")
+    (tmp_path / "loader.py").write_text(LOADER)
+    run = subprocess.run([sys.executable, "-I", "loader.py", str(path), "in.safetensors", "out.safetensors"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "imported: []" in run.stdout
+    outputs = load_file(tmp_path / "out.safetensors")
+    with torch.no_grad():
+        for k, args in inputs.items():
+            expected = composed(*args)
+            assert outputs[k].shape == expected.shape == (*args[0].shape, VOCAB)
+            assert torch.allclose(outputs[k], expected, atol=1e-5, rtol=1e-5), (k, (outputs[k] - expected).abs().max())
+    # the augments do change the result: parity is not parity with the anchor alone
+    with torch.no_grad():
+        anchor = models()["base"](inputs["a"][0], use_cache=False).logits
+    assert not torch.allclose(outputs["a"], anchor, atol=1e-3)
+
+
+def test_export_writes_code_and_spec_beside_the_artifact(composed, exported):
+    folder = exported.parent
+    assert sorted(p.name for p in folder.iterdir()) == ["composed.pt2", "composed.py", "spec.json"]
+    assert "def forward(self, input_ids, notes_input_ids, notes_mask" in (folder / "composed.py").read_text()
+    assert cg.CompositionSpec.from_json((folder / "spec.json").read_text()) == composed.spec
+    program = torch.export.load(exported)
+    user_inputs = [s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    assert user_inputs == ["input_ids", "notes_input_ids", "notes_mask"]  # the mask is required in the artifact
+
+
+def test_onnx_passes_the_checker_and_matches_onnxruntime(composed, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    path = composed.export(tmp_path / "composed.onnx", format="onnx")
+    model = onnx.load(path)
+    onnx.checker.check_model(model, full_check=True)
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    assert dims == {"input_ids": ["batch", "seq"], "notes_input_ids": ["batch", "notes_seq"],
+                    "notes_mask": ["batch", "notes_seq"]}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for i, shape in enumerate(SHAPES.values()):
+        args = inputs_at(*shape, seed=10 + i)
+        (logits,) = session.run(None, {n: a.numpy() for n, a in zip(composed.input_names, args)})
+        with torch.no_grad():
+            expected = composed(*args)
+        assert logits.shape == tuple(expected.shape)
+        assert torch.allclose(torch.from_numpy(logits), expected, atol=1e-4, rtol=0)
+
+
+def test_unknown_format_is_refused(composed, tmp_path):
+    with pytest.raises(cg.ExportError, match="unknown export format 'tflite'; choose one of pt2, onnx"):
+        composed.export(tmp_path / "x.tflite", format="tflite")
+    assert not any(tmp_path.iterdir())
+
+
+def test_meta_weights_are_refused_with_what_to_do(tmp_path):
+    with torch.device("meta"):
+        m = demo_models()
+    composed = cg.compile(DEMO_SPEC, models=m)  # compiling needs no real weights ...
+    with pytest.raises(cg.ExportError, match=r"weights are on the meta device .* load them"):
+        composed.export(tmp_path / "composed.pt2")  # ... an artifact does
