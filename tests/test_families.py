@@ -258,3 +258,10 @@ def test_minilm_real_weights_as_prompt_augment():
         expected = eager_reference(composed, models, None, ids, {"docs": (docs.input_ids, docs.attention_mask)})
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
     assert (out - models["writer"](ids).logits).abs().max() > 1e-2
+    # the same weights through `source: {hf: <the package's folder>}`
+    import minilm
+    spec = cg.load_spec(Path(__file__).resolve().parents[1] / "examples" / "minilm_docs" / "spec.yaml").to_dict()
+    spec["augments"][0]["source"] = {"hf": str(minilm.path())}
+    via_hf = cg.load_models(spec)["docs"]
+    assert type(via_hf).__name__ == "BertModel"
+    assert all(torch.equal(a, b) for a, b in zip(via_hf.state_dict().values(), models["docs"].state_dict().values()))

