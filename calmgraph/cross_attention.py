@@ -13,6 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from .errors import InputError
+
 NORMS = {"rms": nn.RMSNorm, "layer": nn.LayerNorm, "none": lambda dim: nn.Identity()}
 
 
@@ -36,6 +38,9 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None):
         """x: (B, T, dim) target states; context: (B, S, dim_context) source states; context_mask: (B, S),
         nonzero where the source position is real (prompt mode). Causal blocks need S == T."""
+        if context.shape[0] != x.shape[0]:  # checked here, where the two sides meet (stages split before it)
+            raise InputError(f"a prompt holds {context.shape[0]} sequences but input_ids {x.shape[0]}; "
+                             "pass one prompt per sequence")
         c = self.proj(context.to(self.to_kv.weight.dtype))                        # (B, S, dim)
         q = rearrange(self.to_q(self.norm(x)), "b t (h d) -> b h t d", h=self.heads)
         k, v = rearrange(self.to_kv(c), "b s (two h d) -> two b h s d", two=2, h=self.heads)

@@ -307,8 +307,10 @@ def test_duplicate_layer_pairs():
 
 
 def test_missing_extra_and_wrong_models():
-    with pytest.raises(cg.ModelError, match=r"no model given for \['kv'\]; models \['kb'\] are not in the spec"):
-        cg.compile(spec(), {"base": models()["base"], "kb": models()["kv"]})
+    with pytest.raises(cg.ModelError, match=r"no model given for \['kv'\]: give each a `source:` in the spec or pass models="):
+        cg.compile(spec(), {"base": models()["base"]})
+    with pytest.raises(cg.ModelError, match=r"models \['kb'\] are not in the spec"):
+        cg.compile(spec(), {**models(), "kb": models()["kv"]})
     with pytest.raises(cg.ModelError, match="model 'kv' is a str, not a torch.nn.Module"):
         cg.compile(spec(), models(kv="gpt2"))
 
@@ -358,7 +360,7 @@ def prompted():
     (lambda c, i, p: c(i[None], p), r"got a \(1, 2, 7\) torch.int64 tensor"),
     (lambda c, i, p: c(i.tolist(), p), r"input_ids must be a \(batch, seq\) tensor of integer token ids; got list"),
     (lambda c, i, p: c(i, p.float()), r"docs_input_ids must be a \(batch, seq\) tensor of integer token ids"),
-    (lambda c, i, p: c(i, p[:1]), r"docs_input_ids holds 1 prompts but input_ids 2 sequences; pass one prompt per sequence"),
+    (lambda c, i, p: c(i, p[:1]), r"a prompt holds 1 sequences but input_ids 2; pass one prompt per sequence"),
     (lambda c, i, p: c(i, p, torch.ones(2, 4)), r"docs_mask must have the shape of its input ids \(2, 5\); got \(2, 4\)"),
     (lambda c, i, p: c(i, p, "all"), r"docs_mask must have the shape of its input ids \(2, 5\); got str"),
 ])

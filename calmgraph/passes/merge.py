@@ -39,14 +39,6 @@ def check_pixel_values(pixel_values: torch.Tensor, name: str, shape: tuple[int, 
     return pixel_values
 
 
-def check_batch(prompt: torch.Tensor, input_ids: torch.Tensor, name: str) -> torch.Tensor:
-    """Call-time check: one prompt per sequence of the anchor's batch."""
-    if prompt.shape[0] != input_ids.shape[0]:
-        raise InputError(f"{name} holds {prompt.shape[0]} prompts but input_ids {input_ids.shape[0]} sequences; "
-                         "pass one prompt per sequence")
-    return prompt
-
-
 def prompt_mask(input_ids: torch.Tensor, mask: torch.Tensor | None, name: str) -> torch.Tensor:
     """The padding mask of a prompt (1 = real token); all ones when none is given."""
     if mask is None:
@@ -82,8 +74,6 @@ def merge(spec: CompositionSpec, traced: dict[str, TracedModel], order: list[str
     ids = {key: (graph.call_function(check_pixel_values, (node, node.name, tuple(traced[key].example[0].shape[1:])))
                  if key in images else graph.call_function(check_token_ids, (node, node.name)))
            for key, node in raw.items()}
-    for name in prompts:
-        ids[name] = graph.call_function(check_batch, (ids[name], ids[None], raw[name].name))
     merged = Merged(graph, root, {}, {}, input_names=[n.name for n in (*raw.values(), *raw_masks.values())])
     for name in tokens:
         merged.masks[name] = graph.call_function(prompt_mask, (ids[name], raw_masks[name], f"{name}_mask"))
