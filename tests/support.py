@@ -104,36 +104,10 @@ def run_model(model, ids, mask=None):
     return out.logits if hasattr(out, "logits") and out.logits is not None else out[0]
 
 
+from tests.reference import reference_cross_attention  # noqa: E402 - one reference for all tests
+
+
 # -- the reference ---------------------------------------------------------------------------------------
-def reference_cross_attention(block, x, ctx, mask=None, causal=False):
-    """CALM's f_cross(f_proj(ctx), x) from the block's weights, with explicit attention math."""
-    c = ctx @ block.proj.weight.T + block.proj.bias if isinstance(block.proj, torch.nn.Linear) else ctx
-    norm = block.norm
-    if isinstance(norm, torch.nn.RMSNorm):
-        eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
-        xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm.weight
-    elif isinstance(norm, torch.nn.LayerNorm):
-        xn = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + norm.eps)
-        xn = xn * norm.weight + norm.bias
-    else:
-        xn = x
-    h = block.heads
-    B, T, _ = x.shape
-    S = c.shape[1]
-    q = (xn @ block.to_q.weight.T).view(B, T, h, -1).transpose(1, 2)           # (B, h, T, d)
-    k, v = (c @ block.to_kv.weight.T).chunk(2, dim=-1)
-    k, v = (t.reshape(B, S, h, -1).transpose(1, 2) for t in (k, v))            # (B, h, S, d)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])                  # (B, h, T, S)
-    allowed = torch.ones(B, 1, T, S, dtype=torch.bool)
-    if causal:
-        allowed = allowed & torch.ones(T, S, dtype=torch.bool).tril()
-    if mask is not None:
-        allowed = allowed & mask.bool()[:, None, None, :]
-    weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
-    out = (weights @ v).transpose(1, 2).reshape(B, T, -1) @ block.to_out.weight.T
-    return out * torch.tanh(block.gate) if block.gate is not None else out
-
-
 def eager_reference(composed, models, input_ids, prompts=None):
     """The composition computed with hooks on the user's own models. prompts: {name: (ids, mask)}."""
     from calmgraph.graph import build_order
