@@ -6,7 +6,6 @@ their blocks and recomputes each cross-attention from its weights with explicit 
 """
 from __future__ import annotations
 
-import math
 import sys
 import warnings
 from pathlib import Path
