@@ -54,6 +54,7 @@ def compile(spec: CompositionSpec | str | Path | dict, models: dict[str, nn.Modu
     prompts = [traced[a.name].example for a in spec.augments if a.input == "prompt"]
     verify(composed, prompts, model_device(models[spec.anchor.name]), anchor_out)
     composed.taps = {n: _tap_points(t) for n, t in traced.items()}  # what `inspect` lists and draws
+    composed._anchor_model = (traced[spec.anchor.name].module,)  # generation's KV-cache trace starts here
     composed.compile_seconds = time.perf_counter() - started
     return composed
 

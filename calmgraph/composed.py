@@ -30,6 +30,13 @@ class ComposedModel(fx.GraphModule):
         self.input_names = input_names
         self.taps: dict = {}                       # per model: its TapPoints (index, block name, hidden size)
         self.compile_seconds: float | None = None
+        # The anchor as a module (the frozen alias of the user's), which generation traces again with a KV
+        # cache (`passes/decode.py`). Held in a tuple so nn.Module does not adopt it: no weight counted twice.
+        self._anchor_model: tuple[nn.Module | None] = (None,)
+
+    @property
+    def anchor_model(self) -> nn.Module | None:
+        return self._anchor_model[0]
 
     def new_parameters(self) -> Iterator[nn.Parameter]:
         """The only trainable parameters: those of the cross-attention blocks."""
@@ -56,6 +63,7 @@ class ComposedModel(fx.GraphModule):
         composed = ComposedModel(copied, copied.graph, spec=self.spec, links=self.links, pruned=self.pruned,
                                  frontends=self.frontends, input_names=self.input_names)
         composed.taps, composed.compile_seconds = self.taps, self.compile_seconds
+        composed._anchor_model = self._anchor_model  # shared: the decode graph takes the copy's own weights
         return composed
 
     def generate(self, input_ids, max_new_tokens: int, **kwargs):

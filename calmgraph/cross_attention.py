@@ -37,7 +37,8 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None):
         """x: (B, T, dim) target states; context: (B, S, dim_context) source states; context_mask: (B, S),
-        nonzero where the source position is real (prompt mode). Causal blocks need S == T."""
+        nonzero where the source position is real (prompt mode). Causal blocks: x holds the last T of the
+        S positions (T == S but in a cached decode step)."""
         if context.shape[0] != x.shape[0]:  # checked here, where the two sides meet (stages split before it)
             raise InputError(f"a prompt holds {context.shape[0]} sequences but input_ids {x.shape[0]}; "
                              "pass one prompt per sequence")
@@ -45,7 +46,10 @@ class CrossAttention(nn.Module):
         q = rearrange(self.to_q(self.norm(x)), "b t (h d) -> b h t d", h=self.heads)
         k, v = rearrange(self.to_kv(c), "b s (two h d) -> two b h s d", two=2, h=self.heads)
         mask = None if context_mask is None else context_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal)
+        t, s = q.shape[-2], k.shape[-2]
+        if self.causal and t != s:  # the last t of s positions (a cached decode step): i sees <= s - t + i
+            mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and t == s)
         if mask is not None:  # a prompt that is all padding gives no context (and not NaN)
             out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
         out = self.to_out(rearrange(out, "b h t d -> b t (h d)"))

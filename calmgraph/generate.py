@@ -1,42 +1,83 @@
 """Text generation with a composed model: batched, padded prompts, greedy or sampled (temperature, top-k, top-p).
 
-Each step recomputes the anchor stage (the anchor and the shared augments, as the paper does: a shared
-augment reads the sequence generated so far) over the whole sequence; the prompt augments run once per
-call, in the augment stage (`passes/stage.py`).
+The prompt augments run once per call, in the augment stage (`passes/stage.py`). With a transformers
+anchor, the anchor then reads the prompt once and each new token once, through its decode graph with a
+static KV cache (`passes/decode.py`); the shared augments, which the paper refreshes as the sequence
+grows, run over the sequence so far at each step. Any other anchor (`cache=False`, or one transformers
+does not cache) recomputes the anchor stage over the whole sequence at each step.
 
 Padding. Prompts may come padded (left padding, as tokenizers give them for generation, with an
 `attention_mask`). Rather than thread a mask and position ids into every model (custom models take
 neither), each row's real tokens are moved to the front of a working buffer and what follows them is
 filler. The anchor and shared augments are causal language models, so a position never sees what comes
 after it: a row's logits are those of its unpadded prompt, and its next token is read at its own last
-position. The returned ids keep the caller's layout: `torch.cat([input_ids, new_tokens], dim=1)`.
+position. The cached path runs the rows of each prompt length together (one cache position for all).
+The returned ids keep the caller's layout: `torch.cat([input_ids, new_tokens], dim=1)`.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from weakref import WeakKeyDictionary
 
 import torch
 
-from .errors import InputError
+from .errors import CalmGraphError, InputError, TraceError
+from .passes.decode import Decoder, build_decoder, cache_kwarg
 from .passes.merge import check_token_ids
-from .passes.stage import Stages, split_stages
+from .passes.stage import Contexts, Stages, context_stage, split_stages
 
-_STAGES: WeakKeyDictionary = WeakKeyDictionary()  # composed -> (what it was split from, its stages)
+_STAGES: WeakKeyDictionary = WeakKeyDictionary()  # composed -> (what it was split from, its stages, ...)
+CACHE_ROUND = 32    # cache lengths are rounded up to a multiple of this, so that similar calls share a decoder
+KEEP_DECODERS = 4   # decoders (each holds its KV cache) kept per composed model
+
+
+def _entry(composed) -> dict:
+    key = (composed.code, tuple((name, id(child)) for name, child in composed.named_children()))
+    cached = _STAGES.get(composed)
+    if cached is None or cached["key"] != key:
+        cached = _STAGES[composed] = {"key": key, "decoders": {}}
+    return cached
 
 
 def stages_of(composed) -> Stages:
     """The composed model's stages, split once and reused while its graph and submodules stay the same
     (the stages share its submodules, so training and `.to()` need no new split)."""
-    key = (composed.code, tuple((name, id(child)) for name, child in composed.named_children()))
-    cached = _STAGES.get(composed)
-    if cached is None or cached[0] != key:
-        cached = _STAGES[composed] = (key, split_stages(
-            composed, [a.name for a in composed.spec.augments if a.input == "prompt"]))
-    return cached[1]
+    entry = _entry(composed)
+    if "stages" not in entry:
+        entry["stages"] = split_stages(composed, [a.name for a in composed.spec.augments if a.input == "prompt"])
+    return entry["stages"]
 
 
-def _check_options(max_new_tokens, temperature, top_k, top_p) -> None:
+def contexts_of(composed) -> Contexts:
+    entry = _entry(composed)
+    if "contexts" not in entry:
+        entry["contexts"] = context_stage(stages_of(composed).anchor, composed.spec.anchor.name)
+    return entry["contexts"]
+
+
+def decoder_for(composed, batch: int, length: int) -> Decoder:
+    """The anchor's KV-cache decode graph for `batch` rows and at least `length` positions (built once per
+    batch size, cache length, device and dtype; the last few are kept)."""
+    weight = next(composed.parameters())
+    max_len = -(-length // CACHE_ROUND) * CACHE_ROUND
+    key = (batch, max_len, weight.device, weight.dtype)
+    decoders = _entry(composed)["decoders"]
+    if key not in decoders:
+        decoders[key] = build_decoder(composed, stages_of(composed).anchor, contexts_of(composed).names, batch, max_len)
+        while len(decoders) > KEEP_DECODERS:
+            decoders.pop(next(iter(decoders)))
+    return decoders[key]
+
+
+def can_cache(composed) -> bool:
+    """Whether generation can use the anchor's KV cache: a transformers causal LM as the anchor."""
+    return composed.anchor_model is not None and cache_kwarg(composed.anchor_model) is not None
+
+
+def _check_options(max_new_tokens, temperature, top_k, top_p, cache) -> None:
+    if cache not in (None, True, False):
+        raise InputError(f"cache must be None (use the anchor's KV cache when it has one), True or False; got {cache!r}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be a non-negative int; got {max_new_tokens!r}")
     if not isinstance(temperature, (int, float)) or temperature < 0:
@@ -105,42 +146,96 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int, temperature
              top_k: int | None = None, top_p: float | None = None,
              eos_token_id: int | Sequence[int] | None = None, attention_mask: torch.Tensor | None = None,
              pad_token_id: int | None = None, generator: torch.Generator | None = None,
-             **prompt_inputs) -> torch.Tensor:
+             cache: bool | None = None, **prompt_inputs) -> torch.Tensor:
     """input_ids (B, T) -> (B, T + n): the prompts followed by n <= max_new_tokens new tokens.
 
     `<augment>_input_ids` / `<augment>_mask` feed the prompt augments (read once). A row that emits an
     `eos_token_id` is finished: its later tokens are `pad_token_id` (default: the first eos id);
-    generation stops early once every row is finished.
+    generation stops early once every row is finished. `cache`: None uses the anchor's KV cache when it
+    has one (a transformers causal LM), True requires it, False recomputes the sequence at every step.
     """
     check_token_ids(input_ids, "input_ids")
-    _check_options(max_new_tokens, temperature, top_k, top_p)
+    _check_options(max_new_tokens, temperature, top_k, top_p, cache)
     keep = _check_mask(attention_mask, input_ids)
     prompts = _prompt_inputs(composed, prompt_inputs, input_ids.shape[0])
     eos = None if eos_token_id is None else torch.tensor(
         [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=input_ids.device)
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos is not None else 0)
+    if cache and not can_cache(composed):
+        raise InputError(f"cache=True, but the anchor {composed.spec.anchor.name!r} "
+                         f"({type(composed.anchor_model).__name__}) is not a transformers causal LM, which is what "
+                         "the KV cache is traced from; leave cache unset to recompute instead")
 
-    B, device = input_ids.shape[0], input_ids.device
     lengths = keep.sum(1)                                                     # (B,) real tokens per row
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)         # real tokens first, in order
     width = int(lengths.max())
-    buf = torch.zeros(B, width + max_new_tokens, dtype=input_ids.dtype, device=device)
-    buf[:, :width] = input_ids.gather(1, order)[:, :width].masked_fill(~keep.gather(1, order)[:, :width], 0)
-    rows = torch.arange(B, device=device)
+    packed = input_ids.gather(1, order)[:, :width].masked_fill(~keep.gather(1, order)[:, :width], 0)
+    states = stages_of(composed).augment(**prompts)                           # prompt augments: once
 
-    stages = stages_of(composed)
-    states = stages.augment(**prompts)                                        # prompt augments: once
-    new = torch.full((B, max_new_tokens), pad, dtype=input_ids.dtype, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    n = 0
+    def pick(logits):
+        return next_token(logits, temperature, top_k, top_p, generator)
+
+    new = None
+    if cache is not False and can_cache(composed) and max_new_tokens > 0:
+        try:
+            new = _generate_cached(composed, packed, lengths, states, max_new_tokens, pick, eos, pad)
+        except (TraceError, CalmGraphError) as e:
+            if cache:
+                raise
+            warnings.warn(f"generating without the anchor's KV cache: {e}", stacklevel=3)
+    if new is None:
+        new = _generate_recomputing(composed, packed, lengths, states, max_new_tokens, pick, eos, pad)
+    return torch.cat([input_ids, new], dim=1)
+
+
+def _finish(token, finished, eos, pad):
+    """The tokens to return for one step (a finished row gets pad); updates `finished`."""
+    out = token.masked_fill(finished, pad)
+    if eos is not None:
+        finished |= torch.isin(token, eos)
+    return out
+
+
+def _generate_recomputing(composed, packed, lengths, states, max_new_tokens, pick, eos, pad) -> torch.Tensor:
+    """Each step runs the anchor stage over the whole sequence; rows are read at their own last position."""
+    B, width = packed.shape
+    rows = torch.arange(B, device=packed.device)
+    buf = torch.zeros(B, width + max_new_tokens, dtype=packed.dtype, device=packed.device)
+    buf[:, :width] = packed
+    anchor = stages_of(composed).anchor
+    new, finished = [], torch.zeros(B, dtype=torch.bool, device=packed.device)
     for step in range(max_new_tokens):
-        logits = stages.anchor(buf[:, :width + step], *states)                # (B, width + step, vocab)
-        token = next_token(logits[rows, lengths + step - 1], temperature, top_k, top_p, generator)
+        logits = anchor(buf[:, :width + step], *states)                     # (B, width + step, vocab)
+        token = pick(logits[rows, lengths + step - 1])
         buf[rows, lengths + step] = token
-        new[:, step] = token.masked_fill(finished, pad)
-        n = step + 1
-        if eos is not None:
-            finished |= torch.isin(token, eos)
-            if bool(finished.all()):
+        new.append(_finish(token, finished, eos, pad))
+        if bool(finished.all()):
+            break
+    return torch.stack(new, 1) if new else packed.new_zeros(B, 0)
+
+
+def _generate_cached(composed, packed, lengths, states, max_new_tokens, pick, eos, pad) -> torch.Tensor:
+    """The anchor reads each prompt once and each new token once (its KV cache), a prompt length at a time."""
+    B = packed.shape[0]
+    contexts = contexts_of(composed)
+    out = packed.new_full((B, max_new_tokens), pad)
+    used = 0
+    for length in lengths.unique().tolist():
+        rows = (lengths == length).nonzero().flatten()
+        group = tuple(s[rows] if isinstance(s, torch.Tensor) and s.ndim and s.shape[0] == B else s for s in states)
+        decoder = decoder_for(composed, len(rows), length + max_new_tokens)
+        seq = packed[rows, :length]
+        ctx = contexts.module(seq, *group)
+        logits = decoder.module(seq, torch.arange(length, device=seq.device), *ctx)     # prefill
+        finished = torch.zeros(len(rows), dtype=torch.bool, device=seq.device)
+        for step in range(max_new_tokens):
+            token = pick(logits[:, -1])
+            out[rows, step] = _finish(token, finished, eos, pad)
+            used = max(used, step + 1)
+            if bool(finished.all()) or step + 1 == max_new_tokens:
                 break
-    return torch.cat([input_ids, new[:, :n]], dim=1)
+            seq = torch.cat([seq, token[:, None]], dim=1)
+            if contexts.reads_sequence:                                     # shared augments: refreshed
+                ctx = contexts.module(seq, *group)
+            logits = decoder.module(token[:, None], torch.tensor([length + step], device=seq.device), *ctx)
+    return out[:, :used]

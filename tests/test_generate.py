@@ -201,6 +201,56 @@ def test_right_padding_also_reads_each_row_at_its_own_end(small):
     assert torch.equal(out[0, 6:], alone[0, 4:])
 
 
+# -- the anchor's KV cache ----------------------------------------------------------------------------
+def test_cached_decode_logits_equal_full_forwards(hf_composition):
+    """Prefill then one token at a time through the decode graph (KV cache, the shared GPT-2 refreshed
+    each step, the BERT prompt read once) gives the logits of the anchor stage over the whole sequence."""
+    from calmgraph.generate import contexts_of, decoder_for, stages_of
+    composed, _, name = hf_composition
+    ids, prompts = tokens((3, 14), 40), prompt(name)
+    stages, contexts = stages_of(composed), contexts_of(composed)
+    assert contexts.reads_sequence                       # GPT-2 reads the sequence: refreshed each step
+    states = stages.augment(**prompts)
+    decoder = decoder_for(composed, 3, 14)
+    with torch.no_grad():
+        full = composed(ids, **prompts)
+        got = [decoder.module(ids[:, :6], torch.arange(6), *contexts.module(ids[:, :6], *states))]
+        for t in range(6, 14):
+            got.append(decoder.module(ids[:, t:t + 1], torch.tensor([t]), *contexts.module(ids[:, :t + 1], *states)))
+    torch.testing.assert_close(torch.cat(got, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_generation_equals_recomputing_with_padded_rows(hf_composition):
+    composed, _, name = hf_composition
+    ids, mask = tokens((3, 9), 41), torch.ones(3, 9, dtype=torch.long)
+    mask[0, :3] = mask[2, :3] = 0                        # two rows of 6 tokens, one of 9: two cached groups
+    kwargs = dict(temperature=0, attention_mask=mask, **prompt(name))
+    cached = composed.generate(ids, 10, cache=True, **kwargs)
+    assert torch.equal(cached, composed.generate(ids, 10, cache=False, **kwargs))
+
+
+def test_cached_generation_shares_the_composed_weights_and_leaves_the_anchor_alone(hf_composition):
+    from calmgraph.generate import decoder_for
+    composed, llama, name = hf_composition
+    before = {k: v.clone() for k, v in llama.state_dict().items()}
+    ids = tokens((2, 5), 42)
+    first = composed.generate(ids, 6, temperature=0, cache=True, **prompt(name, batch=2))
+    assert torch.equal(composed.generate(ids, 6, temperature=0, cache=True, **prompt(name, batch=2)), first)
+    decoder = decoder_for(composed, 2, 11).module
+    ours = {p.data_ptr() for p in composed.parameters()}
+    assert {p.data_ptr() for p in decoder.parameters()} <= ours       # no weight copied, xattn shared
+    assert all(torch.equal(v, before[k]) for k, v in llama.state_dict().items())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in llama.modules())
+
+
+def test_cache_is_refused_for_an_anchor_transformers_does_not_cache(small):
+    composed, _, name = small
+    with pytest.raises(cg.InputError, match="is not a transformers causal LM"):
+        composed.generate(tokens((1, 4), 43), 2, cache=True, **prompt(name, batch=1))
+    with pytest.raises(cg.InputError, match="cache must be None"):
+        composed.generate(tokens((1, 4), 43), 2, cache="yes", **prompt(name, batch=1))
+
+
 # -- sampling ---------------------------------------------------------------------------------------
 def allowed_tokens(logits, temperature, top_k, top_p, slack):
     """Reference in float64 with plain sorting: top-k, then the smallest prefix of the renormalised

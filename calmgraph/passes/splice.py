@@ -27,10 +27,13 @@ def build_block(link: Link, like) -> CrossAttention:
     return block.to(device=like.device, dtype=like.dtype)
 
 
-def splice(merged: Merged, links: list[Link], order: list[str]) -> dict[str, CrossAttention]:
-    """Adds the blocks under `merged.root.xattn` and rewires the graph. Returns {module path: block}."""
+def splice(merged: Merged, links: list[Link], order: list[str], blocks: nn.Module | None = None
+           ) -> dict[str, CrossAttention]:
+    """Adds the blocks under `merged.root.xattn` and rewires the graph. Returns {module path: block}.
+    With `blocks` (an existing `xattn`, e.g. the composed model's for its decode graph) they are reused."""
     graph, root = merged.graph, merged.root
-    root.add_module(ROOT, nn.ModuleDict())
+    if blocks is None:
+        root.add_module(ROOT, nn.ModuleDict())
     into: dict[tuple[str, int], list[Link]] = defaultdict(list)
     for link in links:
         into[link.target, link.target_layer].append(link)
@@ -44,9 +47,12 @@ def splice(merged: Merged, links: list[Link], order: list[str]) -> dict[str, Cro
             for link in group:
                 edge_key, pair_key = link.module_path
                 edges = root.get_submodule(ROOT)
-                if edge_key not in edges:
-                    edges[edge_key] = nn.ModuleDict()
-                block = edges[edge_key][pair_key] = build_block(link, tap.meta["val"])
+                if blocks is not None:
+                    block = edges.get_submodule(f"{edge_key}.{pair_key}")
+                else:
+                    if edge_key not in edges:
+                        edges[edge_key] = nn.ModuleDict()
+                    block = edges[edge_key][pair_key] = build_block(link, tap.meta["val"])
                 path = f"{ROOT}.{edge_key}.{pair_key}"
                 added[path] = block
                 context = merged.taps[link.source][link.source_layer]

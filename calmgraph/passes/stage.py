@@ -90,3 +90,35 @@ def split_stages(composed: fx.GraphModule, prompts: list[str]) -> Stages:
 
     return Stages(_module_over(composed, augment, "AugmentStage"), _module_over(composed, anchor, "AnchorStage"),
                   [n.name for n in boundary])
+
+
+def anchor_links(graph: fx.Graph, anchor: str) -> list[fx.Node]:
+    """The cross-attention nodes into the anchor, in graph order."""
+    return [n for n in graph.nodes if n.op == "call_module" and getattr(n.meta.get(LINK_KEY), "target", None) == anchor]
+
+
+@dataclass
+class Contexts:
+    module: fx.GraphModule   # forward(input_ids, *states) -> tuple: what the anchor's cross-attention reads
+    names: list[str]         # the anchor stage's nodes it returns, in order
+    reads_sequence: bool     # False when they are prompt states only: the same at every step
+
+
+def context_stage(anchor_stage: fx.GraphModule, anchor: str) -> Contexts:
+    """The anchor stage less the anchor: everything the anchor's links read (the prompt states, passed
+    through, and the shared augments, run over the sequence), with the anchor stage's own inputs."""
+    graph = anchor_stage.graph
+    wanted = list(dict.fromkeys(a for n in anchor_links(graph, anchor) for a in n.args[1:]))
+    needed, todo = set(), list(wanted)
+    while todo:
+        node = todo.pop()
+        if node not in needed:
+            needed.add(node)
+            todo.extend(node.all_input_nodes)
+    stage, env = fx.Graph(), {}
+    for node in graph.nodes:
+        if node.op == "placeholder" or node in needed:
+            env[node] = stage.node_copy(node, env.__getitem__)
+    stage.output(tuple(env[n] for n in wanted))
+    ids = next(n for n in graph.nodes if n.op == "placeholder")
+    return Contexts(_module_over(anchor_stage, stage, "ContextStage"), [n.name for n in wanted], ids in needed)
