@@ -68,10 +68,15 @@ def main(argv=None) -> dict:
                                            f"(default per protocol: {DEFAULT_COMPOSITIONS})")
     ap.add_argument("--layers", choices=list(LAYERS), default="every1", help="which blocks are connected")
     ap.add_argument("--base", help="reuse the base models of an earlier --out instead of training them")
+    ap.add_argument("--n-keys", type=int, help="number of keys N_KV (values: a permutation of 1..N_KV); "
+                                               "default 100 (data.KVConfig)")
+    ap.add_argument("--shares", help="budget shares of the base models, e.g. m_A=0.3,m_B=0.4 (default per "
+                                     f"protocol: {BASE_SHARE}); the compositions share the rest")
     args = ap.parse_args(argv)
     started = time.perf_counter()
 
-    kv, models = protocol_config(args.protocol, seed=args.seed), dict(MODELS)
+    keys = {} if args.n_keys is None else {"n_keys": args.n_keys}
+    kv, models = protocol_config(args.protocol, seed=args.seed, **keys), dict(MODELS)
     if args.base:  # the data (protocol included) and models those base models were trained with
         saved = json.loads((Path(args.base) / "config.json").read_text())
         kv, models = KVConfig(**saved["data"]), {k: GPTConfig(**v) for k, v in saved["models"].items()}
@@ -87,7 +92,12 @@ def main(argv=None) -> dict:
     world = KVWorld(kv)
     out = Path(args.out)
     models = write_config(out, world, models, write=int(os.environ.get("RANK", "0")) == 0)  # before Accelerate starts
-    share = {} if args.base else dict(BASE_SHARE[kv.protocol])
+    base_share = dict(BASE_SHARE[kv.protocol])
+    if args.shares:
+        base_share = {k: float(v) for k, v in (item.split("=") for item in args.shares.split(","))}
+        if set(base_share) != {"m_A", "m_B"} or sum(base_share.values()) >= 1:
+            ap.error("--shares: give m_A=<x>,m_B=<y> with x + y < 1")
+    share = {} if args.base else base_share
     share |= dict.fromkeys(calms, (1 - sum(share.values())) / len(calms))
     budget = {k: None if args.budget_s is None else s * args.budget_s for k, s in share.items()}
     common = dict(batch_size=args.batch_size, lr=args.lr, seed=args.seed, cpu=args.smoke, progress=False,
