@@ -12,6 +12,9 @@ from pathlib import Path
 
 import torch
 
+from tests.reference import eager_reference as _eager_reference  # one reference for all tests
+from tests.reference import run_model  # noqa: F401 - re-exported: the tests' way to run a user's model
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "handwritten_gpt"))
 warnings.filterwarnings("ignore", category=UserWarning)
@@ -90,68 +93,9 @@ def block_modules(model) -> list[torch.nn.Module]:
     raise KeyError(name)
 
 
-def run_model(model, ids, mask=None):
-    """The model's own output as a tensor (logits, or hidden states for an encoder)."""
-    if mask is None:
-        out = model(ids, use_cache=False) if hasattr(model, "config") else model(ids)
-    elif type(model).__name__ == "TinyEncoder":
-        out = model(ids, mask)
-    else:
-        out = model(ids, attention_mask=mask)
-    if isinstance(out, torch.Tensor):
-        return out
-    return out.logits if hasattr(out, "logits") and out.logits is not None else out[0]
-
-
-from tests.reference import reference_cross_attention  # noqa: E402 - one reference for all tests
-
-
-# -- the reference ---------------------------------------------------------------------------------------
 def eager_reference(composed, models, input_ids, prompts=None):
-    """The composition computed with hooks on the user's own models. prompts: {name: (ids, mask)}."""
-    from calmgraph.graph import build_order
-
-    spec, prompts = composed.spec, prompts or {}
-    inputs = {a.name: a.input for a in spec.augments}
-    states = {}
-
-    def compose(name, i, h):
-        total = h
-        for link in composed.links:
-            if link.target == name and link.target_layer == i:
-                block = composed.get_submodule(".".join(("xattn", *link.module_path)))
-                mask = prompts[link.source][1] if inputs.get(link.source) == "prompt" else None
-                total = total + reference_cross_attention(block, h, states[link.source, link.source_layer],
-                                                          mask, causal=link.causal)
-        states[name, i] = total
-        return total
-
-    def output_hook(name, i):
-        def hook(module, args, out):
-            h = compose(name, i, out if isinstance(out, torch.Tensor) else out[0])
-            return h if isinstance(out, torch.Tensor) else (h, *out[1:])
-        return hook
-
-    def input_hook(name, i):
-        def hook(module, args):
-            return (compose(name, i, args[0]), *args[1:])
-        return hook
-
-    for name in build_order(spec):
-        model = models[name]
-        if spec.model(name).tap == "output":
-            handles = [m.register_forward_hook(output_hook(name, i)) for i, m in enumerate(block_modules(model))]
-        else:
-            handles = [m.register_forward_pre_hook(input_hook(name, i)) for i, m in enumerate(block_modules(model))]
-        try:
-            if inputs.get(name) == "prompt":
-                run_model(model, *prompts[name])
-            else:
-                result = run_model(model, input_ids)
-        finally:
-            for h in handles:
-                h.remove()
-    return result
+    """`tests.reference.eager_reference` with the blocks named by hand above. prompts: {name: (ids, mask)}."""
+    return _eager_reference(composed, models, {n: block_modules(m) for n, m in models.items()}, input_ids, prompts)
 
 
 def randomize_new_parameters(composed, seed=0, std=0.1):
