@@ -2,13 +2,16 @@
 
     python benchmarks/generate_bench.py --out benchmarks/results/generate_cpu.json
 
-Same models for both: an x-transformers decoder anchor and an x-transformers decoder augment that reads
-a prompt, connected at CALM-pytorch's default layers (every 4th augment block; its 1-based pairs, made
-0-based for calmgraph). CALM.generate feeds the prompt to the augment and the anchor, samples with a
-top-p 0.9 filter at temperature 1, and re-runs the whole anchor for every token; calmgraph generates
-with the same settings (and greedily, for reference). Each run is timed after a warm-up, the two
-implementations alternating; the median and the best run are reported (like nanoGPT's bench.py: warm up,
-then time). Neither implementation caches the anchor's keys and values, so the gap is small by design.
+Same models for both: a decoder anchor and a decoder augment that reads a prompt, connected at
+CALM-pytorch's default layers (every 4th augment block; its 1-based pairs, made 0-based for calmgraph),
+either x-transformers models (CALM-pytorch's own kind) or transformers Llamas (given to CALM-pytorch with
+their block lists, and wrapped to return logits). CALM.generate feeds the prompt to the augment and the
+anchor, samples with a top-p 0.9 filter at temperature 1, and re-runs the whole anchor for every token;
+calmgraph generates with the same settings (and greedily, for reference). calmgraph caches a Llama
+anchor's keys and values (`passes/decode.py`); an x-transformers anchor it recomputes, like CALM-pytorch.
+Each run is timed after a warm-up (the first call also builds calmgraph's decode graph, a one-off cost
+reported as `first_call_s`), the implementations alternating; the median and the best run are reported
+(like nanoGPT's bench.py: warm up, then time).
 """
 from __future__ import annotations
 
@@ -31,17 +34,42 @@ from x_transformers import Decoder, TransformerWrapper
 
 import calmgraph as cg
 
-CONFIGS = [  # (batch, prompt, new tokens, vocab, anchor dim/depth, augment dim/depth, heads)
-    dict(batch=4, prompt=32, new=64, vocab=512, anchor_dim=256, anchor_depth=4, augment_dim=256, augment_depth=8, heads=4),
-    dict(batch=1, prompt=64, new=64, vocab=512, anchor_dim=256, anchor_depth=4, augment_dim=256, augment_depth=8, heads=4),
+SIZES = dict(vocab=512, anchor_dim=256, anchor_depth=4, augment_dim=256, augment_depth=8, heads=4)
+CONFIGS = [  # model kind, batch, prompt, new tokens (+ SIZES: vocab, anchor/augment width and depth, heads)
+    dict(models="x-transformers", batch=4, prompt=32, new=64, **SIZES),
+    dict(models="x-transformers", batch=1, prompt=64, new=64, **SIZES),
+    dict(models="llama", batch=4, prompt=32, new=64, **SIZES),
+    dict(models="llama", batch=1, prompt=64, new=192, **SIZES),
 ]
+
+
+class Logits(torch.nn.Module):
+    """A transformers causal LM as CALM-pytorch calls its models: forward(ids) -> logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, **_):
+        return self.model(ids, use_cache=False).logits
+
+
+def decoders(cfg):
+    if cfg["models"] == "llama":
+        import transformers
+        transformers.logging.set_verbosity_error()
+        return lambda dim, depth: transformers.LlamaForCausalLM(transformers.LlamaConfig(  # noqa: E731
+            vocab_size=cfg["vocab"], hidden_size=dim, intermediate_size=4 * dim, num_hidden_layers=depth,
+            num_attention_heads=cfg["heads"], num_key_value_heads=cfg["heads"],
+            max_position_embeddings=cfg["prompt"] + cfg["new"] + 1)).eval()
+    return lambda dim, depth: TransformerWrapper(  # noqa: E731
+        num_tokens=cfg["vocab"], max_seq_len=cfg["prompt"] + cfg["new"] + 1,
+        attn_layers=Decoder(dim=dim, depth=depth, heads=cfg["heads"])).eval()
 
 
 def build(cfg):
     torch.manual_seed(0)
-    decoder = lambda dim, depth: TransformerWrapper(  # noqa: E731
-        num_tokens=cfg["vocab"], max_seq_len=cfg["prompt"] + cfg["new"] + 1,
-        attn_layers=Decoder(dim=dim, depth=depth, heads=cfg["heads"])).eval()
+    decoder = decoders(cfg)
     anchor, augment = decoder(cfg["anchor_dim"], cfg["anchor_depth"]), decoder(cfg["augment_dim"], cfg["augment_depth"])
     # CALM-pytorch's default wiring (CALM.__init__): augment blocks 1, 5, ... -> anchor blocks 1, 1 + k, ...
     n = -(-cfg["augment_depth"] // 4)
@@ -49,7 +77,12 @@ def build(cfg):
     pairs = list(zip(range(1, cfg["augment_depth"] + 1, 4), range(1, cfg["anchor_depth"] + 1, step)))
 
     from CALM_pytorch import CALM, AugmentParams
-    calm = CALM(copy.deepcopy(anchor), AugmentParams(model=copy.deepcopy(augment), connections=tuple(pairs)))
+    if cfg["models"] == "llama":
+        blocks = lambda m: list(m.model.model.layers)  # noqa: E731
+        calm = CALM(Logits(copy.deepcopy(anchor)), AugmentParams(model=Logits(copy.deepcopy(augment)),
+                    connections=tuple(pairs), extract_blocks_fn=blocks), anchor_extract_blocks_fn=blocks)
+    else:
+        calm = CALM(copy.deepcopy(anchor), AugmentParams(model=copy.deepcopy(augment), connections=tuple(pairs)))
     spec = {"anchor": {"name": "anchor"}, "augments": [{"name": "augment", "input": "prompt"}],
             "edges": [{"source": "augment", "target": "anchor", "layers": [[a - 1, b - 1] for a, b in pairs]}]}
     composed = cg.compile(spec, models={"anchor": anchor, "augment": augment})
@@ -66,9 +99,14 @@ def bench(cfg, repeats):
                                                      augment_input_ids=prompt),
         "calmgraph_greedy": lambda: composed.generate(prompt, cfg["new"], temperature=0, augment_input_ids=prompt),
     }
+    if cfg["models"] == "llama":  # what the KV cache is worth: the same calls recomputing the sequence
+        runs["calmgraph_top_p_no_cache"] = lambda: composed.generate(prompt, cfg["new"], temperature=1.0, top_p=0.9,
+                                                                     augment_input_ids=prompt, cache=False)
     out = calm.generate(prompt=prompt, seq_len=total)  # per row: prompt + new tokens (its pad-mask returns both)
     assert [len(row) for row in out] == [total] * cfg["batch"], "CALM generated a different number of tokens"
+    started = time.perf_counter()  # the first call also splits the stages and builds the decode graph
     assert composed.generate(prompt, cfg["new"], augment_input_ids=prompt).shape == (cfg["batch"], total)
+    build_s = time.perf_counter() - started
     times = {name: [] for name in runs}
     for name, fn in runs.items():
         fn()  # warm-up
@@ -79,7 +117,9 @@ def bench(cfg, repeats):
                 fn()
             times[name].append(time.perf_counter() - started)
     tokens = cfg["batch"] * cfg["new"]
-    result = {"config": {**cfg, "layer_pairs_1_based": pairs}, "new_tokens_per_run": tokens}
+    from calmgraph.generate import can_cache
+    result = {"config": {**cfg, "layer_pairs_1_based": pairs}, "new_tokens_per_run": tokens,
+              "calmgraph_kv_cache": can_cache(composed), "first_call_s": round(build_s, 2)}
     for name, ts in times.items():
         result[name] = {"tokens_per_s": round(tokens / statistics.median(ts), 1),
                         "tokens_per_s_best": round(tokens / min(ts), 1),

@@ -300,7 +300,7 @@ class FineTuner:
         return {n: named[n].detach().float().cpu().contiguous() for n in self.param_names}
 
     def save_checkpoint(self) -> Path:
-        """Write `output_dir/step-XXXXXXXX` atomically: build it under a temporary name, then rename.
+        """Write `output_dir/step-<8-digit step>` atomically: build it under a temporary name, then rename.
 
         A kill at any point leaves either the complete checkpoint or none under that name; older
         checkpoints are untouched until the new one is in place.
