@@ -220,6 +220,18 @@ def test_cached_decode_logits_equal_full_forwards(hf_composition):
     torch.testing.assert_close(torch.cat(got, 1), full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("t", [1, 3, 7])
+def test_causal_cross_attention_reads_the_last_positions_as_the_full_sequence_does(t):
+    """A decode step's queries are the last t of the context's 8 positions: each must see exactly what
+    the same position sees when the whole sequence is read at once."""
+    from calmgraph.cross_attention import CrossAttention
+    torch.manual_seed(0)
+    block = CrossAttention(16, 12, heads=2, dim_head=8, causal=True)
+    torch.nn.init.normal_(block.to_out.weight)
+    x, context = torch.randn(2, 8, 16), torch.randn(2, 8, 12)
+    torch.testing.assert_close(block(x[:, -t:], context), block(x, context)[:, -t:], rtol=1e-5, atol=1e-6)
+
+
 def test_cached_generation_equals_recomputing_with_padded_rows(hf_composition):
     composed, _, name = hf_composition
     ids, mask = tokens((3, 9), 41), torch.ones(3, 9, dtype=torch.long)
