@@ -38,7 +38,9 @@ Two protocols (`KVConfig.protocol`):
 numeric_reread teaches m_B that the result is a function of its scratchpad, not of the prompt: the
 prompt shows another expression and the copy part is given (teacher-forced, no loss), so the result can
 only be read from the copy. Without it m_B may compute from the prompt's digits, which on a key prompt are
-letters. It is numbers only: m_B still never sees a key.
+letters. It is numbers only: m_B still never sees a key. With `reread_letters` > 0 that share of its
+prompts are letter strings that are not keys (`"qzv+owkr-xyi="`): m_B learns to ignore a prompt of letters
+it cannot read, and still learns nothing of any key.
 """
 from __future__ import annotations
 
@@ -72,6 +74,7 @@ class KVConfig:
     n_eval: int = 1000          # held-out expressions, the same for every task
     seed: int = 0
     protocol: str = "direct"    # or "scratchpad": `=` answers "<expression with numbers>;<result>"
+    reread_letters: float = 0.0  # share of numeric_reread prompts written in letters that are no key
 
 
 # What each protocol changes beyond the answer format. The scratchpad run drops * (the first attempt's m_B
@@ -161,8 +164,18 @@ class KVWorld:
     def _nums(self, expr: Expr) -> str:
         return self._join([str(self.values[i]) for i in expr[0]], expr[1])
 
-    def example(self, expr: Expr, task: str, distractor: Expr | None = None) -> tuple[str, str]:
-        """(prompt, answer) of `expr` for `task`; numeric_reread's prompt is `distractor`'s numbers."""
+    def letters(self, rng: random.Random) -> str:
+        """An expression of letter strings that are not keys: a numeric_reread prompt m_B cannot read."""
+        keys, words = set(self.keys), []
+        while len(words) < rng.randint(self.cfg.min_operands, self.cfg.max_operands) or not words:
+            word = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 6)))
+            if word not in keys:
+                words.append(word)
+        return self._join(words, [rng.choice(self.cfg.ops) for _ in words[1:]])
+
+    def example(self, expr: Expr, task: str, distractor: Expr | str | None = None) -> tuple[str, str]:
+        """(prompt, answer) of `expr` for `task`; numeric_reread's prompt is `distractor`'s numbers (an
+        expression) or `distractor` itself (a text, from `letters`)."""
         idx, ops = expr
         keys_text = self._join([self.keys[i] for i in idx], ops)
         nums_text = self._nums(expr)
@@ -174,7 +187,7 @@ class KVWorld:
         if task == "numeric_reread":
             if distractor is None:
                 raise ValueError("numeric_reread needs a distractor expression for its prompt")
-            return self._nums(distractor) + "=", result
+            return (distractor if isinstance(distractor, str) else self._nums(distractor)) + "=", result
         return {
             "kv_substitution": (keys_text + ">", nums_text),
             "numeric_arithmetic": (nums_text + "=", result),
@@ -229,9 +242,12 @@ class KVDataset(Dataset):
             if not self.world.is_held_out(expr):
                 return expr, task
 
-    def distractor(self, i: int) -> Expr:
-        """The other expression whose numbers make numeric_reread's prompt (any expression: it is never scored)."""
-        return self.world.sample(random.Random(f"kv-{self.split}-distractor/{self.world.cfg.seed}/{i}"), self.pool)
+    def distractor(self, i: int) -> Expr | str:
+        """What numeric_reread's prompt shows: another expression's numbers (any expression: it is never
+        scored) or, for a `reread_letters` share of items, letters that are no key."""
+        rng = random.Random(f"kv-{self.split}-distractor/{self.world.cfg.seed}/{i}")
+        expr = self.world.sample(rng, self.pool)  # drawn first: items with reread_letters=0 stay as they were
+        return self.world.letters(rng) if rng.random() < self.world.cfg.reread_letters else expr
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < self.size:

@@ -70,13 +70,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--base", help="reuse the base models of an earlier --out instead of training them")
     ap.add_argument("--n-keys", type=int, help="number of keys N_KV (values: a permutation of 1..N_KV); "
                                                "default 100 (data.KVConfig)")
+    ap.add_argument("--reread-letters", type=float, default=0.0,
+                    help="share of m_B's numeric_reread prompts written in letters that are no key (data.py)")
     ap.add_argument("--shares", help="budget shares of the base models, e.g. m_A=0.3,m_B=0.4 (default per "
                                      f"protocol: {BASE_SHARE}); the compositions share the rest")
     args = ap.parse_args(argv)
     started = time.perf_counter()
 
     keys = {} if args.n_keys is None else {"n_keys": args.n_keys}
-    kv, models = protocol_config(args.protocol, seed=args.seed, **keys), dict(MODELS)
+    kv, models = protocol_config(args.protocol, seed=args.seed, reread_letters=args.reread_letters, **keys), dict(MODELS)
     if args.base:  # the data (protocol included) and models those base models were trained with
         saved = json.loads((Path(args.base) / "config.json").read_text())
         kv, models = KVConfig(**saved["data"]), {k: GPTConfig(**v) for k, v in saved["models"].items()}
