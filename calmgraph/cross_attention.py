@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .errors import InputError
 
@@ -39,17 +40,25 @@ class CrossAttention(nn.Module):
         """x: (B, T, dim) target states; context: (B, S, dim_context) source states; context_mask: (B, S),
         nonzero where the source position is real (prompt mode). Causal blocks: x holds the last T of the
         S positions (T == S but in a cached decode step)."""
-        if context.shape[0] != x.shape[0]:  # checked here, where the two sides meet (stages split before it)
-            raise InputError(f"a prompt holds {context.shape[0]} sequences but input_ids {x.shape[0]}; "
-                             "pass one prompt per sequence")
+        return self.attend(x, *self.context_kv(context), context_mask)
+
+    def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, heads, S, dim_head) of the source states: what a decode step can reuse."""
         c = self.proj(context.to(self.to_kv.weight.dtype))                        # (B, S, dim)
-        q = rearrange(self.to_q(self.norm(x)), "b t (h d) -> b h t d", h=self.heads)
         k, v = rearrange(self.to_kv(c), "b s (two h d) -> two b h s d", two=2, h=self.heads)
+        return k, v
+
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_mask: torch.Tensor | None = None):
+        if k.shape[0] != x.shape[0]:  # checked here, where the two sides meet (stages split before it)
+            raise InputError(f"a prompt holds {k.shape[0]} sequences but input_ids {x.shape[0]}; "
+                             "pass one prompt per sequence")
+        q = rearrange(self.to_q(self.norm(x)), "b t (h d) -> b h t d", h=self.heads)
         mask = None if context_mask is None else context_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
         t, s = q.shape[-2], k.shape[-2]
-        if self.causal and t != s:  # the last t of s positions (a cached decode step): i sees <= s - t + i
+        square = self.causal and statically_known_true(t == s)  # symbolic while exported: no guard on it
+        if self.causal and not square:  # the last t of s positions (a cached decode step): i sees <= s - t + i
             mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and t == s)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=square)
         if mask is not None:  # a prompt that is all padding gives no context (and not NaN)
             out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
         out = self.to_out(rearrange(out, "b h t d -> b t (h d)"))

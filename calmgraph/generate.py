@@ -64,7 +64,7 @@ def decoder_for(composed, batch: int, length: int) -> Decoder:
     key = (batch, max_len, weight.device, weight.dtype)
     decoders = _entry(composed)["decoders"]
     if key not in decoders:
-        decoders[key] = build_decoder(composed, stages_of(composed).anchor, contexts_of(composed).names, batch, max_len)
+        decoders[key] = build_decoder(composed, stages_of(composed).anchor, contexts_of(composed), batch, max_len)
         while len(decoders) > KEEP_DECODERS:
             decoders.pop(next(iter(decoders)))
     return decoders[key]
@@ -226,7 +226,8 @@ def _generate_cached(composed, packed, lengths, states, max_new_tokens, pick, eo
         decoder = decoder_for(composed, len(rows), length + max_new_tokens)
         seq = packed[rows, :length]
         ctx = contexts.module(seq, *group)
-        logits = decoder.module(seq, torch.arange(length, device=seq.device), *ctx)     # prefill
+        kv = decoder.project(ctx)                                           # prompt links: once
+        logits = decoder.module(seq, torch.arange(length, device=seq.device), *ctx, *kv)  # prefill
         finished = torch.zeros(len(rows), dtype=torch.bool, device=seq.device)
         for step in range(max_new_tokens):
             token = pick(logits[:, -1])
@@ -237,5 +238,5 @@ def _generate_cached(composed, packed, lengths, states, max_new_tokens, pick, eo
             seq = torch.cat([seq, token[:, None]], dim=1)
             if contexts.reads_sequence:                                     # shared augments: refreshed
                 ctx = contexts.module(seq, *group)
-            logits = decoder.module(token[:, None], torch.tensor([length + step], device=seq.device), *ctx)
+            logits = decoder.module(token[:, None], torch.tensor([length + step], device=seq.device), *ctx, *kv)
     return out[:, :used]

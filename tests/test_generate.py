@@ -210,13 +210,16 @@ def test_cached_decode_logits_equal_full_forwards(hf_composition):
     ids, prompts = tokens((3, 14), 40), prompt(name)
     stages, contexts = stages_of(composed), contexts_of(composed)
     assert contexts.reads_sequence                       # GPT-2 reads the sequence: refreshed each step
-    states = stages.augment(**prompts)
     decoder = decoder_for(composed, 3, 14)
-    with torch.no_grad():
+    with torch.inference_mode():                         # as generate runs it (its cache is an inference tensor)
         full = composed(ids, **prompts)
-        got = [decoder.module(ids[:, :6], torch.arange(6), *contexts.module(ids[:, :6], *states))]
+        states = stages.augment(**prompts)
+        kv = decoder.project(contexts.module(ids[:, :6], *states))        # BERT's keys and values, once
+        assert len(kv) == 2 and len(decoder.precomputed) == 1
+        got = [decoder.module(ids[:, :6], torch.arange(6), *contexts.module(ids[:, :6], *states), *kv)]
         for t in range(6, 14):
-            got.append(decoder.module(ids[:, t:t + 1], torch.tensor([t]), *contexts.module(ids[:, :t + 1], *states)))
+            step = decoder.module(ids[:, t:t + 1], torch.tensor([t]), *contexts.module(ids[:, :t + 1], *states), *kv)
+            got.append(step)
     torch.testing.assert_close(torch.cat(got, 1), full, rtol=1e-5, atol=1e-5)
 
 

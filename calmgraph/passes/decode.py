@@ -7,11 +7,13 @@ step reads one new token. Its block outputs are found as in the fused graph, and
 spliced at them with the composed model's own cross-attention modules (shared, not copied):
 
     contexts = stages.contexts(input_ids, *states)        # what the anchor's cross-attention reads
-    logits = decoder(new_ids, cache_position, *contexts)   # (B, new, vocab)
+    kv = decoder.project(contexts)                         # prompt links' keys and values: once
+    logits = decoder.module(new_ids, cache_position, *contexts, *kv)   # (B, new, vocab)
 
 `contexts` is the anchor stage less the anchor: the prompt states passed through, and the shared augments
 run over the sequence so far (a shared augment is recomputed each step; only the anchor is cached). A
-decoder is built for one batch size and cache length.
+link from a prompt reads keys and values projected once (`CrossAttention.context_kv`), through an
+`Attend` module sharing its block's weights. A decoder is built for one batch size and cache length.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from ..blocks import find_blocks
 from ..errors import TraceError
 from .merge import MODEL_KEY, Merged
 from .splice import ROOT, splice
-from .stage import LINK_KEY, anchor_links
+from .stage import LINK_KEY, Contexts, anchor_links
 from .trace import ENTRY, block_inputs, block_outputs
 
 CACHE_KWARGS = ("cache", "past_key_values")  # what transformers calls the cache argument (5.x, 4.x)
@@ -98,16 +100,33 @@ def trace_cached(entry: CachedEntry) -> fx.GraphModule:
     return gm
 
 
+class Attend(nn.Module):
+    """A cross-attention block's attention alone, on keys and values computed once."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x, k, v, context_mask=None):
+        return self.block.attend(x, k, v, context_mask)
+
+
 @dataclass
 class Decoder:
-    module: fx.GraphModule   # forward(input_ids, cache_position, *contexts) -> logits
+    module: fx.GraphModule   # forward(input_ids, cache_position, *contexts, *kv) -> logits
     batch: int
     max_len: int
+    precomputed: list[tuple[str, int]]  # per prompt link: its Attend module's path, the index of its context
+
+    def project(self, contexts: tuple) -> list[torch.Tensor]:
+        """The keys and values of the prompt links, in the order the decoder takes them."""
+        return [t for path, i in self.precomputed
+                for t in self.module.get_submodule(path).block.context_kv(contexts[i])]
 
 
-def build_decoder(composed, anchor_stage: fx.GraphModule, contexts: list[str], batch: int, max_len: int) -> Decoder:
-    """The anchor's decode graph for `batch` rows and `max_len` positions. `contexts` names the anchor
-    stage's nodes the decoder takes as inputs, in order (what `stages.contexts` returns)."""
+def build_decoder(composed, anchor_stage: fx.GraphModule, contexts: Contexts, batch: int, max_len: int) -> Decoder:
+    """The anchor's decode graph for `batch` rows and `max_len` positions; it takes the values `contexts`
+    returns (the anchor stage's nodes it names), then the prompt links' keys and values."""
     spec = composed.spec
     anchor = spec.anchor.name
     source = composed.anchor_model
@@ -130,7 +149,11 @@ def build_decoder(composed, anchor_stage: fx.GraphModule, contexts: list[str], b
     root.add_module(anchor, gm)
     root.add_module(ROOT, composed.get_submodule(ROOT))
     ids, position = graph.placeholder("input_ids"), graph.placeholder("cache_position")
-    inputs = {name: graph.placeholder(name) for name in contexts}
+    inputs = {name: graph.placeholder(name) for name in contexts.names}
+    stage_links = anchor_links(anchor_stage.graph, anchor)
+    reads = dict(zip(contexts.names, contexts.reads))
+    fixed = [n for n in stage_links if not reads[n.args[1].name]]          # links from a prompt
+    kv = {n.target: (graph.placeholder(f"k_{i}"), graph.placeholder(f"v_{i}")) for i, n in enumerate(fixed)}
     env, out = {}, None
     placeholders = iter((ids, position))
     for node in gm.graph.nodes:
@@ -149,7 +172,6 @@ def build_decoder(composed, anchor_stage: fx.GraphModule, contexts: list[str], b
     graph.output(out)
 
     # the anchor's links read what they read in the anchor stage, now the decoder's inputs
-    stage_links = anchor_links(anchor_stage.graph, anchor)
     sources = {}
     for node in stage_links:
         link = node.meta[LINK_KEY]
@@ -157,5 +179,15 @@ def build_decoder(composed, anchor_stage: fx.GraphModule, contexts: list[str], b
     merged = Merged(graph, root, {anchor: [env[t] for t in taps], **sources}, {},
                     masks={n.meta[LINK_KEY].source: inputs[n.args[2].name] for n in stage_links if len(n.args) > 2})
     splice(merged, [n.meta[LINK_KEY] for n in stage_links], [anchor], blocks=root.get_submodule(ROOT))
+    root.add_module("attend", nn.Module())
+    attend = {}
+    for node in graph.nodes:  # a prompt link attends to its keys and values (tap, context, mask -> tap, k, v, mask)
+        if node.op == "call_module" and node.target in kv:
+            name = node.target.removeprefix(ROOT + ".").replace(".", "_")
+            root.attend.add_module(name, Attend(root.get_submodule(node.target)))
+            attend[node.target] = f"attend.{name}"
+            node.target, node.args = attend[node.target], (node.args[0], *kv[node.target], *node.args[2:])
+    graph.lint()
     module = fx.GraphModule(root, graph, class_name="AnchorDecoder")
-    return Decoder(module, batch, max_len)
+    names = {name: i for i, name in enumerate(contexts.names)}
+    return Decoder(module, batch, max_len, [(attend[n.target], names[n.args[1].name]) for n in fixed])

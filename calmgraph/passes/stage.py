@@ -101,7 +101,12 @@ def anchor_links(graph: fx.Graph, anchor: str) -> list[fx.Node]:
 class Contexts:
     module: fx.GraphModule   # forward(input_ids, *states) -> tuple: what the anchor's cross-attention reads
     names: list[str]         # the anchor stage's nodes it returns, in order
-    reads_sequence: bool     # False when they are prompt states only: the same at every step
+    reads: list[bool]        # per context: whether it reads the sequence (a shared augment's) or not (a prompt's)
+
+    @property
+    def reads_sequence(self) -> bool:
+        """False when they are prompt states only: the same at every step."""
+        return any(self.reads)
 
 
 def context_stage(anchor_stage: fx.GraphModule, anchor: str) -> Contexts:
@@ -109,16 +114,20 @@ def context_stage(anchor_stage: fx.GraphModule, anchor: str) -> Contexts:
     through, and the shared augments, run over the sequence), with the anchor stage's own inputs."""
     graph = anchor_stage.graph
     wanted = list(dict.fromkeys(a for n in anchor_links(graph, anchor) for a in n.args[1:]))
-    needed, todo = set(), list(wanted)
-    while todo:
-        node = todo.pop()
-        if node not in needed:
-            needed.add(node)
-            todo.extend(node.all_input_nodes)
+    ids = next(n for n in graph.nodes if n.op == "placeholder")
+    reads, needed = [], set()
+    for value in wanted:
+        ancestors, todo = set(), [value]
+        while todo:
+            node = todo.pop()
+            if node not in ancestors:
+                ancestors.add(node)
+                todo.extend(node.all_input_nodes)
+        reads.append(ids in ancestors)
+        needed |= ancestors
     stage, env = fx.Graph(), {}
     for node in graph.nodes:
         if node.op == "placeholder" or node in needed:
             env[node] = stage.node_copy(node, env.__getitem__)
     stage.output(tuple(env[n] for n in wanted))
-    ids = next(n for n in graph.nodes if n.op == "placeholder")
-    return Contexts(_module_over(anchor_stage, stage, "ContextStage"), [n.name for n in wanted], ids in needed)
+    return Contexts(_module_over(anchor_stage, stage, "ContextStage"), [n.name for n in wanted], reads)
