@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,22 @@ def test_numeric_reread_puts_the_loss_on_the_result_only(pad_world):
         KVDataset(KVWorld(CFG), "numeric_reread", "train", size=1)[0]
     with pytest.raises(ValueError, match="unknown protocol 'chain'"):
         KVWorld(KVConfig(protocol="chain"))
+
+
+def test_reread_letters_prompts_hold_no_key_and_leave_the_rest_alone(pad_world):
+    lettered = KVWorld(replace(pad_world.cfg, reread_letters=0.5))
+    plain, mixed = (KVDataset(w, "numeric_reread", "train", size=300) for w in (pad_world, lettered))
+    n_letters = 0
+    for i in range(len(mixed)):
+        prompt, answer = decode(mixed[i]["input_ids"].tolist()).split("=", 1)
+        assert answer == decode(plain[i]["input_ids"].tolist()).split("=", 1)[1]   # same scratchpad and result
+        if prompt.replace("+", "").replace("-", "").isalpha():
+            n_letters += 1
+            assert not set(re.split("[-+]", prompt)) & set(lettered.keys)            # m_B never sees a key
+    assert 110 < n_letters < 190                                                       # about half of them
+    other = KVDataset(lettered, "kv_substitution", "train", size=50)
+    same = KVDataset(pad_world, "kv_substitution", "train", size=50)
+    assert all(torch.equal(other[i]["input_ids"], same[i]["input_ids"]) for i in range(50))
 
 
 def test_final_result_scoring():
