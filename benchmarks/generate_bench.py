@@ -1,6 +1,7 @@
 """Tokens/s of `composed.generate` against the seed implementation's `CALM.generate` (CALM-pytorch 0.2.x).
 
     python benchmarks/generate_bench.py --out benchmarks/results/generate_cpu.json
+    python benchmarks/generate_bench.py --device cuda --out benchmarks/results/generate_gpu.json
 
 Same models for both: a decoder anchor and a decoder augment that reads a prompt, connected at
 CALM-pytorch's default layers (every 4th augment block; its 1-based pairs, made 0-based for calmgraph),
@@ -89,15 +90,20 @@ def build(cfg):
     return calm, composed, pairs
 
 
-def bench(cfg, repeats):
-    calm, composed, pairs = build(cfg)
+def bench(cfg, repeats, device="cpu"):
+    calm, composed, pairs = build(cfg)  # on the CPU: CALM-pytorch builds itself with a CPU dummy input
+    calm, composed = calm.to(device), composed.to(device)
     prompt = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["prompt"]), generator=torch.Generator().manual_seed(1))
+    prompt = prompt.to(device)
     total = cfg["prompt"] + cfg["new"]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    cache = True if cfg["models"] == "llama" else None  # a Llama must use its cache (an error, not a fallback)
     runs = {
         "calm_pytorch": lambda: calm.generate(prompt=prompt, seq_len=total),  # default: top-p 0.9, temperature 1
         "calmgraph_top_p": lambda: composed.generate(prompt, cfg["new"], temperature=1.0, top_p=0.9,
-                                                     augment_input_ids=prompt),
-        "calmgraph_greedy": lambda: composed.generate(prompt, cfg["new"], temperature=0, augment_input_ids=prompt),
+                                                     augment_input_ids=prompt, cache=cache),
+        "calmgraph_greedy": lambda: composed.generate(prompt, cfg["new"], temperature=0, augment_input_ids=prompt,
+                                                      cache=cache),
     }
     if cfg["models"] == "llama":  # what the KV cache is worth: the same calls recomputing the sequence
         runs["calmgraph_top_p_no_cache"] = lambda: composed.generate(prompt, cfg["new"], temperature=1.0, top_p=0.9,
@@ -105,7 +111,8 @@ def bench(cfg, repeats):
     out = calm.generate(prompt=prompt, seq_len=total)  # per row: prompt + new tokens (its pad-mask returns both)
     assert [len(row) for row in out] == [total] * cfg["batch"], "CALM generated a different number of tokens"
     started = time.perf_counter()  # the first call also splits the stages and builds the decode graph
-    assert composed.generate(prompt, cfg["new"], augment_input_ids=prompt).shape == (cfg["batch"], total)
+    assert composed.generate(prompt, cfg["new"], augment_input_ids=prompt, cache=cache).shape == (cfg["batch"], total)
+    sync()
     build_s = time.perf_counter() - started
     times = {name: [] for name in runs}
     for name, fn in runs.items():
@@ -115,6 +122,7 @@ def bench(cfg, repeats):
             started = time.perf_counter()
             with torch.inference_mode():
                 fn()
+            sync()
             times[name].append(time.perf_counter() - started)
     tokens = cfg["batch"] * cfg["new"]
     from calmgraph.generate import can_cache
@@ -143,13 +151,16 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared machine)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), platform.processor())
     report = {
-        "benchmark": "tokens/s of generation: calmgraph composed.generate vs CALM-pytorch CALM.generate (CPU)",
+        "benchmark": "tokens/s of generation: calmgraph composed.generate vs CALM-pytorch CALM.generate "
+                     f"({args.device}, fp32)",
         "machine": {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": args.threads,
+                    "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
                     "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "platform": platform.platform()},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
@@ -157,7 +168,7 @@ def main():
         "results": [],
     }
     for cfg in CONFIGS:
-        result = bench(cfg, args.repeats)
+        result = bench(cfg, args.repeats, args.device)
         report["results"].append(result)
         print(f"{cfg}: CALM-pytorch {result['calm_pytorch']['tokens_per_s']} tok/s, calmgraph top-p "
               f"{result['calmgraph_top_p']['tokens_per_s']} tok/s ({result['speedup_top_p']}x), greedy "
