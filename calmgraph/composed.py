@@ -6,6 +6,7 @@ from typing import Iterator
 import torch.fx as fx
 import torch.nn as nn
 
+from .passes.device import retarget_module
 from .passes.prune import PruneReport
 from .passes.resolve import Link
 from .passes.splice import ROOT
@@ -37,6 +38,14 @@ class ComposedModel(fx.GraphModule):
     @property
     def anchor_model(self) -> nn.Module | None:
         return self._anchor_model[0]
+
+    def _apply(self, fn, recurse=True):
+        """`.to()`, `.cuda()`, `.cpu()`...: the graph's device constants follow the parameters (`passes/device.py`)."""
+        super()._apply(fn, recurse)
+        device = next((t.device for t in (*self.parameters(), *self.buffers())), None)
+        if device is not None:
+            retarget_module(self, device)
+        return self
 
     def new_parameters(self) -> Iterator[nn.Parameter]:
         """The only trainable parameters: those of the cross-attention blocks."""

@@ -253,6 +253,24 @@ def test_compiles_on_meta_device():
     assert all(p.device.type == "meta" for p in composed.new_parameters())
 
 
+def test_moving_the_composition_moves_the_devices_written_into_its_graph(ids):
+    """torch.export writes the tracing device into the graph (arange(device=cpu), to(x, cpu)): after
+    `.to()` they must name the new device, or a CPU-compiled model fails on the GPU. Checked with `meta`."""
+    models = {"base": DECODERS["llama"](), "kv": bert()}
+    composed = cg.compile(spec({"name": "kv", "input": "prompt"}, edges=[every("kv", 1)]), models=models)
+
+    def devices(module):
+        return {v for m in module.modules() if isinstance(m, fx.GraphModule) for n in m.graph.nodes
+                for v in (*n.args, *n.kwargs.values()) if isinstance(v, torch.device)}
+
+    assert devices(composed) == {torch.device("cpu")}
+    moved = composed.to("meta")
+    assert moved is composed and devices(composed) == {torch.device("meta")}
+    out = composed(ids.to("meta"), ids[:, :5].to("meta"))
+    assert out.device.type == "meta" and out.shape == (*ids.shape, VOCAB)
+    assert all(p.device.type == "cpu" for p in models["base"].parameters())   # the user's model stays put
+
+
 def test_tap_points_list_blocks_in_order():
     points = cg.tap_points(DECODERS["llama"](dim=48, depth=3))
     assert [(p.index, p.name, p.dim) for p in points] == [(i, f"model.layers.{i}", 48) for i in range(3)]

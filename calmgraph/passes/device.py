@@ -1,0 +1,36 @@
+"""Device constants follow the model: torch.export writes the device it traced on into the graph (factory
+calls like `arange(..., device=cpu)`, `to(x, cpu)`, metadata checks), so a composition compiled on the CPU
+and moved with `.to("cuda")` would still build those tensors on the CPU. `ComposedModel` calls `retarget`
+after every move, on its graph and on the graphs nested in it (torch.export's higher-order op bodies)."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+
+def _moved(value, device: torch.device):
+    if isinstance(value, torch.device) and value != device:
+        return device
+    return value
+
+
+def retarget(graph: fx.Graph, device: torch.device) -> bool:
+    """Point every device constant in `graph` at `device`; True if any changed."""
+    changed = False
+    for node in graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        args = tuple(_moved(a, device) for a in node.args)
+        kwargs = {k: _moved(v, device) for k, v in node.kwargs.items()}
+        if args != node.args or kwargs != node.kwargs:
+            node.args, node.kwargs = args, kwargs
+            changed = True
+    return changed
+
+
+def retarget_module(module: nn.Module, device: torch.device) -> None:
+    """`retarget` on every GraphModule in `module` (itself included), recompiling those that changed."""
+    for m in module.modules():
+        if isinstance(m, fx.GraphModule) and retarget(m.graph, device):
+            m.recompile()
