@@ -90,7 +90,7 @@ def build(cfg):
     return calm, composed, pairs
 
 
-def bench(cfg, repeats, device="cpu"):
+def bench(cfg, repeats, device="cpu", compile_step=False):
     calm, composed, pairs = build(cfg)  # on the CPU: CALM-pytorch builds itself with a CPU dummy input
     calm, composed = calm.to(device), composed.to(device)
     prompt = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["prompt"]), generator=torch.Generator().manual_seed(1))
@@ -108,15 +108,21 @@ def bench(cfg, repeats, device="cpu"):
     if cfg["models"] == "llama":  # what the KV cache is worth: the same calls recomputing the sequence
         runs["calmgraph_top_p_no_cache"] = lambda: composed.generate(prompt, cfg["new"], temperature=1.0, top_p=0.9,
                                                                      augment_input_ids=prompt, cache=False)
+    if cfg["models"] == "llama" and compile_step:  # the decode step under torch.compile (CUDA graphs on a GPU)
+        runs["calmgraph_top_p_compiled"] = lambda: composed.generate(prompt, cfg["new"], temperature=1.0, top_p=0.9,
+                                                                     augment_input_ids=prompt, compile_step=True)
     out = calm.generate(prompt=prompt, seq_len=total)  # per row: prompt + new tokens (its pad-mask returns both)
     assert [len(row) for row in out] == [total] * cfg["batch"], "CALM generated a different number of tokens"
     started = time.perf_counter()  # the first call also splits the stages and builds the decode graph
     assert composed.generate(prompt, cfg["new"], augment_input_ids=prompt, cache=cache).shape == (cfg["batch"], total)
     sync()
     build_s = time.perf_counter() - started
-    times = {name: [] for name in runs}
+    times, first = {name: [] for name in runs}, {}
     for name, fn in runs.items():
-        fn()  # warm-up
+        started = time.perf_counter()
+        fn()  # warm-up (the compiled step compiles here)
+        sync()
+        first[name] = round(time.perf_counter() - started, 2)
     for _ in range(repeats):  # alternate, so a change in machine load hits every implementation alike
         for name, fn in runs.items():
             started = time.perf_counter()
@@ -127,7 +133,7 @@ def bench(cfg, repeats, device="cpu"):
     tokens = cfg["batch"] * cfg["new"]
     from calmgraph.generate import can_cache
     result = {"config": {**cfg, "layer_pairs_1_based": pairs}, "new_tokens_per_run": tokens,
-              "calmgraph_kv_cache": can_cache(composed), "first_call_s": round(build_s, 2)}
+              "calmgraph_kv_cache": can_cache(composed), "first_call_s": round(build_s, 2), "warm_up_s": first}
     for name, ts in times.items():
         result[name] = {"tokens_per_s": round(tokens / statistics.median(ts), 1),
                         "tokens_per_s_best": round(tokens / min(ts), 1),
@@ -152,6 +158,8 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared machine)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way)")
+    parser.add_argument("--compile-step", action="store_true", help="also time generate(compile_step=True) on Llamas")
+    parser.add_argument("--models", choices=["x-transformers", "llama"], help="only the configs of these models")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
@@ -168,7 +176,9 @@ def main():
         "results": [],
     }
     for cfg in CONFIGS:
-        result = bench(cfg, args.repeats, args.device)
+        if args.models and cfg["models"] != args.models:
+            continue
+        result = bench(cfg, args.repeats, args.device, args.compile_step)
         report["results"].append(result)
         print(f"{cfg}: CALM-pytorch {result['calm_pytorch']['tokens_per_s']} tok/s, calmgraph top-p "
               f"{result['calmgraph_top_p']['tokens_per_s']} tok/s ({result['speedup_top_p']}x), greedy "

@@ -30,6 +30,7 @@ from .passes.stage import Contexts, Stages, context_stage, split_stages
 _STAGES: WeakKeyDictionary = WeakKeyDictionary()  # composed -> (what it was split from, its stages, ...)
 CACHE_ROUND = 32    # cache lengths are rounded up to a multiple of this, so that similar calls share a decoder
 KEEP_DECODERS = 4   # decoders (each holds its KV cache) kept per composed model
+STEP_COMPILE = {"mode": "reduce-overhead"}  # torch.compile options of a decode step (generate's compile_step)
 
 
 def _entry(composed) -> dict:
@@ -146,13 +147,15 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int, temperature
              top_k: int | None = None, top_p: float | None = None,
              eos_token_id: int | Sequence[int] | None = None, attention_mask: torch.Tensor | None = None,
              pad_token_id: int | None = None, generator: torch.Generator | None = None,
-             cache: bool | None = None, **prompt_inputs) -> torch.Tensor:
+             cache: bool | None = None, compile_step: bool = False, **prompt_inputs) -> torch.Tensor:
     """input_ids (B, T) -> (B, T + n): the prompts followed by n <= max_new_tokens new tokens.
 
     `<augment>_input_ids` / `<augment>_mask` feed the prompt augments (read once). A row that emits an
     `eos_token_id` is finished: its later tokens are `pad_token_id` (default: the first eos id);
     generation stops early once every row is finished. `cache`: None uses the anchor's KV cache when it
     has one (a transformers causal LM), True requires it, False recomputes the sequence at every step.
+    `compile_step`: run the cached decode step through `torch.compile` (`STEP_COMPILE`: CUDA graphs on a
+    GPU, where small models are bound by kernel launches); the first call compiles.
     """
     check_token_ids(input_ids, "input_ids")
     _check_options(max_new_tokens, temperature, top_k, top_p, cache)
@@ -178,7 +181,7 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int, temperature
     new = None
     if cache is not False and can_cache(composed) and max_new_tokens > 0:
         try:
-            new = _generate_cached(composed, packed, lengths, states, max_new_tokens, pick, eos, pad)
+            new = _generate_cached(composed, packed, lengths, states, max_new_tokens, pick, eos, pad, compile_step)
         except (TraceError, CalmGraphError) as e:
             if cache:
                 raise
@@ -214,7 +217,7 @@ def _generate_recomputing(composed, packed, lengths, states, max_new_tokens, pic
     return torch.stack(new, 1) if new else packed.new_zeros(B, 0)
 
 
-def _generate_cached(composed, packed, lengths, states, max_new_tokens, pick, eos, pad) -> torch.Tensor:
+def _generate_cached(composed, packed, lengths, states, max_new_tokens, pick, eos, pad, compile_step=False):
     """The anchor reads each prompt once and each new token once (its KV cache), a prompt length at a time."""
     B = packed.shape[0]
     contexts = contexts_of(composed)
@@ -224,6 +227,7 @@ def _generate_cached(composed, packed, lengths, states, max_new_tokens, pick, eo
         rows = (lengths == length).nonzero().flatten()
         group = tuple(s[rows] if isinstance(s, torch.Tensor) and s.ndim and s.shape[0] == B else s for s in states)
         decoder = decoder_for(composed, len(rows), length + max_new_tokens)
+        step_fn = decoder.compiled(STEP_COMPILE) if compile_step else decoder.module
         seq = packed[rows, :length]
         ctx = contexts.module(seq, *group)
         kv = decoder.project(ctx)                                           # prompt links: once
@@ -238,5 +242,5 @@ def _generate_cached(composed, packed, lengths, states, max_new_tokens, pick, eo
             seq = torch.cat([seq, token[:, None]], dim=1)
             if contexts.reads_sequence:                                     # shared augments: refreshed
                 ctx = contexts.module(seq, *group)
-            logits = decoder.module(token[:, None], torch.tensor([length + step], device=seq.device), *ctx, *kv)
+            logits = step_fn(token[:, None], torch.tensor([length + step], device=seq.device), *ctx, *kv)
     return out[:, :used]

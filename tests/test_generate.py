@@ -258,6 +258,17 @@ def test_cached_generation_shares_the_composed_weights_and_leaves_the_anchor_alo
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in llama.modules())
 
 
+def test_compiled_decode_step_gives_the_same_tokens(hf_composition, monkeypatch):
+    """compile_step runs the decode step through torch.compile (here its eager backend: the plumbing, not
+    inductor's kernels, is what calmgraph adds)."""
+    import calmgraph.generate as generation
+    monkeypatch.setattr(generation, "STEP_COMPILE", {"backend": "eager"})
+    composed, _, name = hf_composition
+    ids, prompts = tokens((2, 7), 44), prompt(name, batch=2)
+    plain = composed.generate(ids, 6, temperature=0, cache=True, **prompts)
+    assert torch.equal(composed.generate(ids, 6, temperature=0, cache=True, compile_step=True, **prompts), plain)
+
+
 def test_cache_is_refused_for_an_anchor_transformers_does_not_cache(small):
     composed, _, name = small
     with pytest.raises(cg.InputError, match="is not a transformers causal LM"):

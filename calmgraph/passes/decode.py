@@ -118,6 +118,13 @@ class Decoder:
     max_len: int
     precomputed: list[tuple[str, int]]  # per prompt link: its Attend module's path, the index of its context
 
+    def compiled(self, options: dict):
+        """`torch.compile(self.module, **options)`, made once (the decode step: fixed shapes but for a shared
+        augment's growing context, which recompiles)."""
+        if getattr(self, "_compiled", None) is None or self._compiled[0] != options:
+            self._compiled = (dict(options), torch.compile(self.module, **options))
+        return self._compiled[1]
+
     def project(self, contexts: tuple) -> list[torch.Tensor]:
         """The keys and values of the prompt links, in the order the decoder takes them."""
         return [t for path, i in self.precomputed
