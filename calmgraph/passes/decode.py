@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from ..blocks import find_blocks
 from ..errors import TraceError
-from .merge import MODEL_KEY, Merged
+from .merge import Merged, inline
 from .splice import ROOT, splice
 from .stage import LINK_KEY, Contexts, anchor_links
 from .trace import ENTRY, block_inputs, block_outputs
@@ -161,21 +161,7 @@ def build_decoder(composed, anchor_stage: fx.GraphModule, contexts: Contexts, ba
     reads = dict(zip(contexts.names, contexts.reads))
     fixed = [n for n in stage_links if not reads[n.args[1].name]]          # links from a prompt
     kv = {n.target: (graph.placeholder(f"k_{i}"), graph.placeholder(f"v_{i}")) for i, n in enumerate(fixed)}
-    env, out = {}, None
-    placeholders = iter((ids, position))
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            env[node] = next(placeholders)
-        elif node.op == "output":
-            out = node.args[0]
-            while isinstance(out, (tuple, list)) and len(out) == 1:  # torch.export flattens outputs
-                out = out[0]
-            out = env[out]
-        else:
-            target = f"{anchor}.{node.target}" if node.op in ("get_attr", "call_module") else node.target
-            env[node] = graph.create_node(node.op, target, fx.node.map_arg(node.args, env.__getitem__),
-                                          fx.node.map_arg(node.kwargs, env.__getitem__), name=f"{anchor}_{node.name}")
-            env[node].meta = {**node.meta, MODEL_KEY: anchor}
+    env, out = inline(graph, gm.graph, anchor, (ids, position))
     graph.output(out)
 
     # the anchor's links read what they read in the anchor stage, now the decoder's inputs

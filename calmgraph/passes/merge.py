@@ -49,6 +49,29 @@ def prompt_mask(input_ids: torch.Tensor, mask: torch.Tensor | None, name: str) -
     return mask
 
 
+def inline(graph: fx.Graph, model_graph: fx.Graph, name: str, inputs) -> tuple[dict[fx.Node, fx.Node], fx.Node]:
+    """Copy one model's graph into `graph`, namespaced under `name` (its node names and attribute targets);
+    its placeholders read `inputs`, in order. Returns the node map and the node holding its output."""
+    env: dict[fx.Node, fx.Node] = {}
+    placeholders, out = iter(inputs), None
+    for node in model_graph.nodes:
+        if node.op == "placeholder":
+            env[node] = next(placeholders)
+        elif node.op == "output":
+            out = node.args[0]
+            while isinstance(out, (tuple, list)) and len(out) == 1:  # torch.export flattens outputs
+                out = out[0]
+            out = env[out]
+        else:
+            target = f"{name}.{node.target}" if node.op in ("get_attr", "call_module") else node.target
+            new = graph.create_node(node.op, target, fx.node.map_arg(node.args, env.__getitem__),
+                                    fx.node.map_arg(node.kwargs, env.__getitem__),
+                                    name=f"{name}_{node.name.removeprefix(ENTRY + '_')}", type_expr=node.type)
+            new.meta = {**node.meta, MODEL_KEY: name}
+            env[node] = new
+    return env, out
+
+
 @dataclass
 class Merged:
     graph: fx.Graph
@@ -82,23 +105,7 @@ def merge(spec: CompositionSpec, traced: dict[str, TracedModel], order: list[str
         model = traced[name]
         root.add_module(name, model.module)
         inputs = [ids[name], merged.masks[name]] if name in tokens else [ids[name if name in images else None]]
-        env: dict[fx.Node, fx.Node] = {}
-        placeholders = iter(inputs)
-        for node in model.graph.nodes:
-            if node.op == "placeholder":
-                env[node] = next(placeholders)
-            elif node.op == "output":
-                out = node.args[0]
-                while isinstance(out, (tuple, list)) and len(out) == 1:  # torch.export flattens outputs
-                    out = out[0]
-                merged.outputs[name] = env[out]
-            else:
-                target = f"{name}.{node.target}" if node.op in ("get_attr", "call_module") else node.target
-                new = graph.create_node(node.op, target, fx.node.map_arg(node.args, env.__getitem__),
-                                        fx.node.map_arg(node.kwargs, env.__getitem__), name=f"{name}_{node.name.removeprefix(ENTRY + '_')}",
-                                        type_expr=node.type)
-                new.meta = {**node.meta, MODEL_KEY: name}
-                env[node] = new
+        env, merged.outputs[name] = inline(graph, model.graph, name, inputs)
         merged.taps[name] = [env[n] for n in model.taps]
 
     graph.output(merged.outputs[spec.anchor.name])
