@@ -168,6 +168,9 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int, temperature
         raise InputError(f"cache=True, but the anchor {composed.spec.anchor.name!r} "
                          f"({type(composed.anchor_model).__name__}) is not a transformers causal LM, which is what "
                          "the KV cache is traced from; leave cache unset to recompute instead")
+    if compile_step and (cache is False or not can_cache(composed)):
+        raise InputError("compile_step compiles the KV-cache decode step, which this call does not use (cache=False, "
+                         "or an anchor transformers does not cache); leave compile_step off")
 
     lengths = keep.sum(1)                                                     # (B,) real tokens per row
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)         # real tokens first, in order
@@ -212,7 +215,7 @@ def _generate_recomputing(composed, packed, lengths, states, max_new_tokens, pic
         token = pick(logits[rows, lengths + step - 1])
         buf[rows, lengths + step] = token
         new.append(_finish(token, finished, eos, pad))
-        if bool(finished.all()):
+        if eos is not None and bool(finished.all()):  # checked only with an eos: it waits for the device
             break
     return torch.stack(new, 1) if new else packed.new_zeros(B, 0)
 
@@ -237,7 +240,7 @@ def _generate_cached(composed, packed, lengths, states, max_new_tokens, pick, eo
             token = pick(logits[:, -1])
             out[rows, step] = _finish(token, finished, eos, pad)
             used = max(used, step + 1)
-            if bool(finished.all()) or step + 1 == max_new_tokens:
+            if step + 1 == max_new_tokens or (eos is not None and bool(finished.all())):
                 break
             seq = torch.cat([seq, token[:, None]], dim=1)
             if contexts.reads_sequence:                                     # shared augments: refreshed
