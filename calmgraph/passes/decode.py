@@ -6,11 +6,11 @@ instead runs a second graph, traced with torch.export from the anchor wrapped ar
 step reads one new token. Its block outputs are found as in the fused graph, and the anchor's links are
 spliced at them with the composed model's own cross-attention modules (shared, not copied):
 
-    contexts = stages.contexts(input_ids, *states)        # what the anchor's cross-attention reads
-    kv = decoder.project(contexts)                         # prompt links' keys and values: once
-    logits = decoder.module(new_ids, cache_position, *contexts, *kv)   # (B, new, vocab)
+    ctx = contexts.module(input_ids, *states)              # what the anchor's cross-attention reads
+    kv = decoder.project(ctx)                              # prompt links' keys and values: once
+    logits = decoder.module(new_ids, cache_position, *ctx, *kv)        # (B, new, vocab)
 
-`contexts` is the anchor stage less the anchor: the prompt states passed through, and the shared augments
+`contexts` (`stage.context_stage`) is the anchor stage less the anchor: the prompt states passed through, and the shared augments
 run over the sequence so far (a shared augment is recomputed each step; only the anchor is cached). A
 link from a prompt reads keys and values projected once (`CrossAttention.context_kv`), through an
 `Attend` module sharing its block's weights. A decoder is built for one batch size and cache length.
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -117,11 +117,12 @@ class Decoder:
     batch: int
     max_len: int
     precomputed: list[tuple[str, int]]  # per prompt link: its Attend module's path, the index of its context
+    _compiled: tuple | None = field(default=None, repr=False)           # (options, compiled module)
 
     def compiled(self, options: dict):
         """`torch.compile(self.module, **options)`, made once (the decode step: fixed shapes but for a shared
         augment's growing context, which recompiles)."""
-        if getattr(self, "_compiled", None) is None or self._compiled[0] != options:
+        if self._compiled is None or self._compiled[0] != options:
             self._compiled = (dict(options), torch.compile(self.module, **options))
         return self._compiled[1]
 
