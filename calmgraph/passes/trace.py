@@ -41,6 +41,14 @@ class TracedModel:
     heads: int | None
     frontend: str              # "fx" or "export"
     example: tuple             # the inputs it was traced with (input_ids[, attention_mask] or pixel_values)
+    runs: list[int]            # per block, how many times it runs in one forward (more than 1: looped)
+
+    def tap_runs(self, i: int, tap: str) -> tuple[int, int]:
+        """(block, runs) behind tap i: block i itself, or with tap: input block i-1, whose output the tap
+        reads (a looped predecessor leaves it unclear which of its runs feeds block i)."""
+        if tap == "input" and i > 0 and self.runs[i - 1] > self.runs[i]:
+            return i - 1, self.runs[i - 1]
+        return i, self.runs[i]
 
 
 HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
@@ -256,6 +264,33 @@ def block_outputs(graph: fx.Graph, blocks: list[Block]) -> list[fx.Node]:
     return outs
 
 
+def block_runs(graph: fx.Graph, blocks: list[Block]) -> list[int]:
+    """For each block, how many times it runs in one forward. A call of a module is one call_module node
+    (fx front end: members are leaves) or one nn_module_stack key (torch.export keys each call apart:
+    `...layers.1`, `...layers.1@1`). A member runs as often as the least-called module at or under it: a
+    member that is a ModuleList (x-transformers' entries) is never called itself, and a submodule shared
+    with later blocks (called more often) must not count as a rerun."""
+    members = {f"{ENTRY}.{m}": i for i, b in enumerate(blocks) for m in b.members}
+
+    def member_of(path: str) -> str | None:
+        parts = path.split(".")
+        return next((p for p in (".".join(parts[:k]) for k in range(1, len(parts) + 1)) if p in members), None)
+
+    calls: dict[str, dict[str, set]] = {m: {} for m in members}
+    for node in graph.nodes:
+        if node.op == "call_module" and (m := member_of(node.target)):
+            calls[m].setdefault(node.target, set()).add(node.name)
+            continue
+        for key, (path, _) in (node.meta.get("nn_module_stack") or {}).items():
+            if m := member_of(path):
+                calls[m].setdefault(path, set()).add(key)
+    runs = [0] * len(blocks)
+    for m, i in members.items():
+        if calls[m]:
+            runs[i] = max(runs[i], min(len(c) for c in calls[m].values()))
+    return runs
+
+
 def block_inputs(graph: fx.Graph, blocks: list[Block], outputs: list[fx.Node]) -> list[fx.Node]:
     """For each block, the hidden states it reads: the previous block's output, or for the first block
     the value from outside it with the shape of its output (the embeddings)."""
@@ -312,6 +347,7 @@ def trace_model(name: str, model: nn.Module, blocks: list[Block], *, prompt: boo
             gm = FRONTENDS[frontend](entry, blocks, inputs)
             outputs = block_outputs(gm.graph, blocks)
             taps = outputs if tap == "output" else block_inputs(gm.graph, blocks, outputs)
+            runs = block_runs(gm.graph, blocks)  # before the targets lose their entry prefix
             break
         except Exception as e:  # noqa: BLE001 - every front end's reason goes into the final error
             first_line = (str(e).strip().splitlines() or [""])[0]
@@ -327,4 +363,4 @@ def trace_model(name: str, model: nn.Module, blocks: list[Block], *, prompt: boo
             f"{', '.join(block_list_candidates(model)[:5]) or 'none'})")
     graph = _strip_entry(gm, alias)
     return TracedModel(name, alias, graph, blocks, taps, int(_hidden(taps[0]).shape[-1]),
-                       head_count(alias, blocks), frontend, inputs)
+                       head_count(alias, blocks), frontend, inputs, runs)
