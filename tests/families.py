@@ -39,11 +39,16 @@ SMALL = {
     "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 1,
 }
 
-# Families the generic values leave meaningless. dory keeps its default section sizes (8 input, 8 output
-# layers) whatever the depth, so every block of a 2-layer model ran twice; this gives it 1 input block,
-# 1 looped block (run twice a forward) and 1 output block.
-FAMILY_OVERRIDES = {"dory": {"num_hidden_layers": 3, "n_input_layers": 1, "n_recurrent_layers": 1,
-                             "n_output_layers": 1, "n_recurrent_loops": 2}}
+# Per family, values the generic ones leave meaningless or that calmgraph refuses.
+FAMILY_OVERRIDES = {
+    # dory keeps its default section sizes (8 input, 8 output layers) whatever the depth, so every block of
+    # a 2-layer model ran twice: 1 input block, 1 looped block (run twice a forward), 1 output block
+    "dory": {"num_hidden_layers": 3, "n_input_layers": 1, "n_recurrent_layers": 1, "n_output_layers": 1,
+             "n_recurrent_loops": 2},
+    # RWKV divides some weights in place in its first eval forward unless rescale_every is 0; compile refuses
+    # a forward that writes its weights (tests/test_trace_checks.py), and says to set this
+    "rwkv": {"rescale_every": 0},
+}
 
 
 class Unbuildable(Exception):
