@@ -29,10 +29,15 @@ FAMILIES = causal_lm_families() if os.environ.get("CALMGRAPH_FULL_SWEEP") == "1"
 # (the fx front end, tried next, cannot trace their forward either)
 SPECIALISED = r"torch.export specialised the model to its example input's sequence length"
 EXPECTED_ERRORS: dict[str | tuple[str, str], str] = {  # key: family, or (family, role)
-    "jamba": SPECIALISED, "xlstm": SPECIALISED, "cpmant": SPECIALISED,
+    "jamba": SPECIALISED, "xlstm": SPECIALISED, "cpmant": SPECIALISED, "recurrent_gemma": SPECIALISED,
+    "zamba": SPECIALISED,
     "deepseek_v4": r"found no hidden states \(batch, seq, dim\) leaving block 'model.layers.0'; what leaves it",
     "hy_v4": r"found no hidden states \(batch, seq, dim\) leaving block 'model.layers.0'; what leaves it",
     "git": r"block 'git.image_encoder.vision_model.encoder.layers.0' never runs",
+    "phi4_multimodal": r"block 'model.embed_tokens_extend.audio_embed.encoder.encoders.0' never runs",
+    # states not one per token, batch first: XLNet (seq, batch, dim); ProphetNet its 3 streams concatenated
+    "xlnet": r"block 'transformer.layer.0' passes on hidden states of shape \(s\d+, s\d+, 32\), not \(batch, seq",
+    "prophetnet": r"block 'prophetnet.decoder.layers.0' passes on hidden states of shape \(s\d+, 3\*s\d+, 32\)",
     # its middle block loops (tests/families.py); as augment the spec taps only blocks 0 and 2, which run once
     ("dory", "anchor"): r"'base': block 'model.layers.1' runs 2 times in one forward",
 }
@@ -44,6 +49,9 @@ NOT_BITWISE: dict[str, str] = {
     "qwen3_next": "gated delta-net's chunked recurrence is decomposed by torch.export",
     "qwen3_5_text": "gated delta-net, as qwen3_next",
     "inkling_text": "an op decomposed by torch.export (difference 6e-9)",
+    # identity off by about 1e-7, as qwen3_next; they have a gated delta-net too (not isolated further)
+    "qwen3_5_moe_text": "gated delta-net, as qwen3_next", "lara_mini": "gated delta-net, as qwen3_next",
+    "qwen4_exp_text": "gated delta-net, as qwen3_next",
 }
 
 

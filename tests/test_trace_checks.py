@@ -1,9 +1,11 @@
-"""Models whose forward is not a size-generic function of their weights: compile must refuse them with a
-TraceError saying why, or (where another front end can) compose them exactly.
+"""Models whose forward is not a size-generic function of their weights, with one state per token: compile
+must refuse them with a TraceError saying why, or (where another front end can) compose them exactly.
 
 - A forward that writes its own weights in place (RWKV's `rescale_every`): refused, naming the weights.
 - A forward torch.export specialises to the example's sequence length (a Python loop over the tokens):
   not composed from that graph; the fx front end, which keeps the blocks opaque, composes it instead.
+- Blocks whose states are not (batch, seq, dim), one per token (XLNet, ProphetNet): refused.
+- Sizes that depend on data (a mixture of experts' `.tolist()`): the shape check carries them as symbols.
 """
 from __future__ import annotations
 
@@ -175,3 +177,53 @@ def test_specialised_export_falls_back_to_fx(ids, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(composed(longer), eager_reference(composed, models, None, longer), atol=1e-5, rtol=0)
         assert not torch.equal(composed(longer), run_model(models["base"], longer))
+
+
+# -- hidden states that are not (batch, seq, dim) per token ------------------------------------------------
+class Residual(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return x + torch.tanh(self.proj(x))
+
+
+class OtherLayout(TinyLM):
+    """Blocks that see the tokens in another layout: sequence first (as XLNet), or the sequence twice over,
+    concatenated (as ProphetNet's n-gram streams)."""
+
+    def __init__(self, layout: str):
+        super().__init__(vocab=VOCAB, dim=32, depth=2, heads=4)
+        self.layout = layout
+        self.layers = nn.ModuleList(Residual(32) for _ in range(2))
+
+    def forward(self, input_ids):
+        x = self.tok(input_ids)
+        T = x.shape[1]
+        x = x.transpose(0, 1) if self.layout == "seq_first" else torch.cat([x, x], dim=1)
+        for layer in self.layers:
+            x = layer(x)
+        x = x.transpose(0, 1) if self.layout == "seq_first" else x[:, :T]
+        return self.head(self.norm(x))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("layout, shape", [("seq_first", r"\((7|s\d+), (2|s\d+), 32\)"),
+                                           ("streams", r"\((2|s\d+), (14|2\*s\d+), 32\)")])
+def test_states_not_one_per_token_are_refused(layout, shape, frontend, monkeypatch):
+    monkeypatch.setattr(trace, "frontend_order", lambda model: [frontend])
+    torch.manual_seed(0)
+    with pytest.raises(cg.TraceError, match=rf"block 'layers.0' passes on hidden states of shape {shape}, not "
+                                            r"\(batch, seq, dim\) with the input's batch and sequence length"):
+        cg.compile(family_spec(), family_models(OtherLayout(layout).eval(), "anchor"))
+
+
+def test_data_dependent_sizes_pass_the_shape_check(ids):
+    """jetmoe routes tokens with `.tolist()` of its expert sizes: the fused graph's shape check must carry
+    those values as symbols, not fail (it raised 'failed its shape check: DataDependentOutputException')."""
+    from families import small_model
+    models = family_models(small_model("jetmoe"), "anchor")
+    composed = cg.compile(family_spec(), models)
+    assert composed.frontends["base"] == "export"
+    assert_composes(composed, models, ids)

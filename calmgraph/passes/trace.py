@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.fx.experimental.symbolic_shapes import is_concrete_int
+from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from ..blocks import Block, block_list_candidates, head_count
@@ -386,6 +386,22 @@ def _flatten(args):
         yield args
 
 
+def check_layout(graph: fx.Graph, blocks: list[Block], taps: list[fx.Node], tokens: bool) -> None:
+    """A tap must hold one vector per input token, batch first: (batch, seq, dim) with the input's batch and
+    (for token inputs) its length. Cross-attention masks (causal, padding) index the tap's positions as the
+    input's tokens. An image model's sequence (its patches) is its own."""
+    example = next(n for n in graph.nodes if n.op == "placeholder").meta["val"]
+    want = tuple(example.shape[:2]) if tokens else (example.shape[0],)
+    for block, tap in zip(blocks, taps):
+        got = tuple(tap.meta["val"].shape)
+        if not all(statically_known_true(g == w) for g, w in zip(got, want)):
+            raise TraceError(
+                f"block {block.name!r} passes on hidden states of shape {got}, not (batch, seq, dim) with the "
+                f"input's {'batch and sequence length' if tokens else 'batch'} {want}: a tap must hold one vector "
+                "per token, batch first (e.g. XLNet keeps (seq, batch, dim); ProphetNet concatenates its n-gram "
+                "streams along the sequence), so cross-attention cannot line its positions up with the tokens")
+
+
 def _get_attr(module: nn.Module, target: str):
     owner, _, name = target.rpartition(".")
     return getattr(module.get_submodule(owner) if owner else module, name)
@@ -462,6 +478,7 @@ def trace_model(name: str, model: nn.Module, blocks: list[Block], *, prompt: boo
                 propagate_shapes(gm, inputs)
             outputs = block_outputs(gm.graph, blocks)
             taps = outputs if tap == "output" else block_inputs(gm.graph, blocks, outputs)
+            check_layout(gm.graph, blocks, taps, tokens=not (prompt and prompt_input == "pixel_values"))
             runs = block_runs(gm.graph, blocks)  # before the targets lose their entry prefix
             break
         except Exception as e:  # noqa: BLE001
