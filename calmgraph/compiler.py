@@ -64,6 +64,7 @@ class TapPoint:
     index: int
     name: str    # qualified module name of the block
     dim: int     # hidden size of what the block reads/writes
+    runs: int = 1  # times the block runs in one forward; a block that runs more (looped) cannot be tapped
 
 
 def tap_points(model: nn.Module, blocks: str | None = None, *, tap: str = "output",
@@ -78,4 +79,5 @@ def tap_points(model: nn.Module, blocks: str | None = None, *, tap: str = "outpu
 
 
 def _tap_points(traced) -> list[TapPoint]:
-    return [TapPoint(b.index, b.name, int(n.meta["val"].shape[-1])) for b, n in zip(traced.blocks, traced.taps)]
+    return [TapPoint(b.index, b.name, int(n.meta["val"].shape[-1]), r)
+            for b, n, r in zip(traced.blocks, traced.taps, traced.runs)]

@@ -39,6 +39,17 @@ SMALL = {
     "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 1,
 }
 
+# Per family, values the generic ones leave meaningless or that calmgraph refuses.
+FAMILY_OVERRIDES = {
+    # dory keeps its default section sizes (8 input, 8 output layers) whatever the depth, so every block of
+    # a 2-layer model ran twice: 1 input block, 1 looped block (run twice a forward), 1 output block
+    "dory": {"num_hidden_layers": 3, "n_input_layers": 1, "n_recurrent_layers": 1, "n_output_layers": 1,
+             "n_recurrent_loops": 2},
+    # RWKV divides some weights in place in its first eval forward unless rescale_every is 0; compile refuses
+    # a forward that writes its weights (tests/test_trace_checks.py), and says to set this
+    "rwkv": {"rescale_every": 0},
+}
+
 
 class Unbuildable(Exception):
     """Why a family is left out of the sweep: it cannot be built or run from a small config here."""
@@ -70,7 +81,7 @@ def small_config(family: str, **overrides):
         raise Unbuildable("encoder-decoder config")
     if any(isinstance(getattr(default, k, None), t.PreTrainedConfig) for k in ("text_config", "decoder")):
         raise Unbuildable("config wraps sub-configs (multimodal or encoder-decoder); compose its text model")
-    small = {**SMALL, **overrides}
+    small = {**SMALL, **FAMILY_OVERRIDES.get(family, {}), **overrides}
     try:  # only keys the config has, and may be set (not derived)
         kwargs = {k: v for k, v in small.items()
                   if hasattr(default, k) and not isinstance(getattr(type(default), k, None), property)}

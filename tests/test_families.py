@@ -26,23 +26,32 @@ FAST = ("gpt2", "llama", "qwen2", "mistral", "gpt_neox", "phi", "opt", "bert", "
 FAMILIES = causal_lm_families() if os.environ.get("CALMGRAPH_FULL_SWEEP") == "1" else FAST
 
 # Families transformers builds here but calmgraph cannot compose: the error it must give instead.
-SPECIALISED = "torch.export specialised a model to its example's size"
-EXPECTED_ERRORS: dict[str, str] = {
-    "jamba": SPECIALISED, "falcon_mamba": SPECIALISED, "cpmant": SPECIALISED,
+# (the fx front end, tried next, cannot trace their forward either)
+SPECIALISED = r"torch.export specialised the model to its example input's sequence length"
+EXPECTED_ERRORS: dict[str | tuple[str, str], str] = {  # key: family, or (family, role)
+    "jamba": SPECIALISED, "xlstm": SPECIALISED, "cpmant": SPECIALISED, "recurrent_gemma": SPECIALISED,
+    "zamba": SPECIALISED,
     "deepseek_v4": r"found no hidden states \(batch, seq, dim\) leaving block 'model.layers.0'; what leaves it",
     "hy_v4": r"found no hidden states \(batch, seq, dim\) leaving block 'model.layers.0'; what leaves it",
     "git": r"block 'git.image_encoder.vision_model.encoder.layers.0' never runs",
+    "phi4_multimodal": r"block 'model.embed_tokens_extend.audio_embed.encoder.encoders.0' never runs",
+    # states not one per token, batch first: XLNet (seq, batch, dim); ProphetNet its 3 streams concatenated
+    "xlnet": r"block 'transformer.layer.0' passes on hidden states of shape \(s\d+, s\d+, 32\), not \(batch, seq",
+    "prophetnet": r"block 'prophetnet.decoder.layers.0' passes on hidden states of shape \(s\d+, 3\*s\d+, 32\)",
+    # its middle block loops (tests/families.py); as augment the spec taps only blocks 0 and 2, which run once
+    ("dory", "anchor"): r"'base': block 'model.layers.1' runs 2 times in one forward",
 }
-# Composes without error but the result is wrong: dory runs some blocks several times a forward (a looped
-# model); calmgraph taps one of those runs, the reference hooks every run. Should be an error (follow-up).
-KNOWN_WRONG: dict[str, str] = {"dory": "looped blocks run several times per forward",
-                               "rwkv": "RWKV rescales its own weights in place in eval forwards (rescale_every)"}
+# Composes without error but the result is wrong: none known.
+KNOWN_WRONG: dict[str, str] = {}
 # Families whose traced graph computes the same function in a different floating-point order (torch.export
 # decomposes one of their ops): identity holds to rounding, not bit for bit. Value: why.
 NOT_BITWISE: dict[str, str] = {
     "qwen3_next": "gated delta-net's chunked recurrence is decomposed by torch.export",
     "qwen3_5_text": "gated delta-net, as qwen3_next",
     "inkling_text": "an op decomposed by torch.export (difference 6e-9)",
+    # identity off by about 1e-7, as qwen3_next; they have a gated delta-net too (not isolated further)
+    "qwen3_5_moe_text": "gated delta-net, as qwen3_next", "lara_mini": "gated delta-net, as qwen3_next",
+    "qwen4_exp_text": "gated delta-net, as qwen3_next",
 }
 
 
@@ -72,11 +81,12 @@ def test_family(family, role, ids):
     except Unbuildable as e:
         pytest.skip(f"{family}: {e}")
     models = family_models(model, role)
-    if family in EXPECTED_ERRORS:
-        with pytest.raises(cg.CalmGraphError, match=EXPECTED_ERRORS[family]):
+    expected = EXPECTED_ERRORS.get((family, role), EXPECTED_ERRORS.get(family))
+    if expected is not None:
+        with pytest.raises(cg.CalmGraphError, match=expected):
             cg.compile(family_spec(), models)
         return
-    if family in KNOWN_WRONG and (role == "anchor" or family == "rwkv"):
+    if family in KNOWN_WRONG:
         pytest.xfail(KNOWN_WRONG[family])
     # block auto-detection finds the list the config counts its layers in
     assert find_blocks(model)[0].name.rpartition(".")[0] == config_block_list(model)[0]

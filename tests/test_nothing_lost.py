@@ -17,7 +17,7 @@ import torch.nn as nn
 
 import calmgraph as cg
 from families import Unbuildable, causal_lm_families, family_models, family_spec, small_model
-from test_families import FAST, handwritten_gpt, small_encoder, small_vit, prompt_spec, xtransformers
+from test_families import EXPECTED_ERRORS, FAST, handwritten_gpt, small_encoder, small_vit, prompt_spec, xtransformers
 
 FAMILIES = causal_lm_families() if os.environ.get("CALMGRAPH_FULL_SWEEP") == "1" else FAST
 
@@ -104,7 +104,16 @@ def test_compile_leaves_family_untouched(family, role):
         model = small_model(family)
     except Unbuildable as e:
         pytest.skip(f"{family}: {e}")
-    check_nothing_lost(family_spec(), family_models(model, role), lambda c: c(IDS))
+    models = family_models(model, role)
+    expected = EXPECTED_ERRORS.get((family, role), EXPECTED_ERRORS.get(family))
+    if expected is not None:  # refusing must leave the models untouched too
+        calls: list = []
+        before = {n: snapshot(dress(m, calls)) for n, m in models.items()}
+        with pytest.raises(cg.CalmGraphError, match=expected):
+            cg.compile(family_spec(), models)
+        assert calls == [] and all(assert_same(before[n], snapshot(m)) is None for n, m in models.items())
+        return
+    check_nothing_lost(family_spec(), models, lambda c: c(IDS))
 
 
 @pytest.mark.parametrize("build", [handwritten_gpt, xtransformers], ids=["handwritten_gpt", "x-transformers"])

@@ -9,7 +9,7 @@ import difflib
 import math
 from dataclasses import dataclass
 
-from ..errors import LayerRefError, Problem
+from ..errors import LayerRefError, Problem, TraceError
 from ..spec import CompositionSpec, CrossAttentionSpec, Every
 from .trace import TracedModel
 
@@ -109,4 +109,34 @@ def resolve(spec: CompositionSpec, traced: dict[str, TracedModel]) -> list[Link]
         seen.setdefault(key, link.edge)
     if problems:
         raise LayerRefError(problems)
+    refuse_looped(spec, traced, links)
     return links
+
+
+def refuse_looped(spec: CompositionSpec, traced: dict[str, TracedModel], links: list[Link]) -> None:
+    """A tap holds one value per forward: a block that runs several times (a looped middle, a shared
+    block) has no single output to read or add to, so a link that taps one is refused, not composed."""
+    found: dict[tuple[str, int], list[str]] = {}
+    for link in links:
+        for name, layer, role in ((link.source, link.source_layer, "source"), (link.target, link.target_layer, "target")):
+            block, runs = traced[name].tap_runs(layer, spec.model(name).tap)
+            if runs > 1:
+                found.setdefault((name, layer), []).append(f"edges[{link.edge}].layers ({role})")
+    if not found:
+        return
+    lines = []
+    for (name, layer), where in found.items():
+        model, tap = traced[name], spec.model(name).tap
+        block, runs = model.tap_runs(layer, tap)
+        what = (f"tap: input of block {model.blocks[layer].name!r} reads the output of block "
+                f"{model.blocks[block].name!r}, which" if block != layer else f"block {model.blocks[block].name!r}")
+        once = [b.name for i, b in enumerate(model.blocks) if model.tap_runs(i, tap)[1] == 1]
+        shown = once if len(once) <= 6 else [*once[:3], "...", *once[-2:]]
+        lines.append(f"  - {name!r}: {what} runs {runs} times in one forward (tapped by {', '.join(dict.fromkeys(where))}); "
+                     + (f"blocks of {name!r} that run once: {', '.join(shown)}" if once
+                        else f"no block of {name!r} runs once"))
+    raise TraceError(
+        "a tapped block runs more than once in one forward (a looped or shared block):\n" + "\n".join(lines) +
+        "\na tap holds one value per forward, so a cross-attention cannot be added to (or read from) every run; "
+        "composing one run would silently differ from the model. Tap blocks that run once in `layers:`, or name "
+        "a block list whose blocks each run once with `blocks:`")

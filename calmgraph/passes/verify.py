@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from ..errors import CalmGraphError, TraceError
@@ -34,7 +35,11 @@ def example_args(prompts: list[tuple], device: torch.device, batch: int = VERIFY
 
 
 def _propagate(gm: fx.GraphModule, args: list[torch.Tensor]):
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    # a shape environment lets data-dependent values (a mixture of experts' .tolist() of its expert sizes:
+    # jetmoe) propagate as unbacked symbols instead of failing the check
+    mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv(), static_shapes=True)
+    for node in gm.graph.nodes:  # symbols of the tracer's shape environment, whose names the new one reuses
+        node.meta.pop("unbacked_bindings", None)
     return FakeTensorProp(gm, mode).propagate(*[mode.from_tensor(a) for a in args])
 
 
