@@ -13,7 +13,7 @@ from .composed import ComposedModel
 from .errors import LayerRefError, Problem
 from .blocks import BlockListError
 from .graph import build_order
-from .passes.gather import find_all_blocks, gather
+from .passes.gather import find_all_blocks, gather, unchanged
 from .passes.merge import merge
 from .passes.prune import prune as prune_pass
 from .passes.resolve import resolve
@@ -32,6 +32,13 @@ def compile(spec: CompositionSpec | str | Path | dict, models: dict[str, nn.Modu
     models = load_models(spec, models)                              # given, or built from `source:`
     spec = load_spec(spec)
     models = gather(spec, models)                                   # names, types, one device
+    with unchanged(models):                                         # a forward that writes a weight: refused
+        composed = _build(spec, models, prune)
+    composed.compile_seconds = time.perf_counter() - started
+    return composed
+
+
+def _build(spec: CompositionSpec, models: dict[str, nn.Module], prune: bool) -> ComposedModel:
     blocks = find_all_blocks(spec, models)                          # every model's block list
     traced = {m.name: trace_model(m.name, models[m.name], blocks[m.name], tap=m.tap,
                                   prompt=getattr(m, "input", "shared") == "prompt",
@@ -55,7 +62,6 @@ def compile(spec: CompositionSpec | str | Path | dict, models: dict[str, nn.Modu
     verify(composed, prompts, model_device(models[spec.anchor.name]), anchor_out)
     composed.taps = {n: _tap_points(t) for n, t in traced.items()}  # what `inspect` lists and draws
     composed._anchor_model = (traced[spec.anchor.name].module,)  # generation's KV-cache trace starts here
-    composed.compile_seconds = time.perf_counter() - started
     return composed
 
 

@@ -227,3 +227,25 @@ def test_data_dependent_sizes_pass_the_shape_check(ids):
     composed = cg.compile(family_spec(), models)
     assert composed.frontends["base"] == "export"
     assert_composes(composed, models, ids)
+
+
+class CountingLM(TinyLM):
+    """A forward with a side effect on a buffer, outside its blocks: the fx front end keeps it in the graph."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, input_ids):
+        self.calls += 1
+        return super().forward(input_ids)
+
+
+def test_a_forward_that_writes_a_buffer_is_refused_and_the_buffer_put_back():
+    counting = CountingLM(depth=2)
+    before = snapshot(counting)
+    spec = {"anchor": {"name": "base"}, "augments": [{"name": "kv"}],
+            "edges": [{"source": "kv", "target": "base", "layers": [[0, 1]]}]}
+    with pytest.raises(cg.TraceError, match=r"wrote \['base.calls'\] in place \(restored: \['base.calls'\]\)"):
+        cg.compile(spec, models={"base": counting, "kv": TinyLM(depth=2)})
+    assert unchanged(counting, before) and counting.calls.item() == 0
