@@ -22,7 +22,7 @@ from weakref import WeakKeyDictionary
 
 import torch
 
-from .errors import CalmGraphError, InputError, TraceError
+from .errors import CalmGraphError, InputError
 from .passes.decode import Decoder, build_decoder, cache_kwarg
 from .passes.merge import check_token_ids
 from .passes.stage import Contexts, Stages, context_stage, split_stages
@@ -185,7 +185,7 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int, temperature
     if cache is not False and can_cache(composed) and max_new_tokens > 0:
         try:
             new = _generate_cached(composed, packed, lengths, states, max_new_tokens, pick, eos, pad, compile_step)
-        except (TraceError, CalmGraphError) as e:
+        except CalmGraphError as e:  # TraceError included: the cache could not be traced
             if cache:
                 raise
             warnings.warn(f"generating without the anchor's KV cache: {e}", stacklevel=3)
@@ -242,8 +242,8 @@ def _generate_cached(composed, packed, lengths, states, max_new_tokens, pick, eo
             used = max(used, step + 1)
             if step + 1 == max_new_tokens or (eos is not None and bool(finished.all())):
                 break
-            seq = torch.cat([seq, token[:, None]], dim=1)
             if contexts.reads_sequence:                                     # shared augments: refreshed
+                seq = torch.cat([seq, token[:, None]], dim=1)
                 ctx = contexts.module(seq, *group)
             logits = step_fn(token[:, None], torch.tensor([length + step], device=seq.device), *ctx, *kv)
     return out[:, :used]

@@ -58,21 +58,17 @@ def unchanged(models: dict[str, nn.Module]):
                for n, t in (*m.named_parameters(remove_duplicate=False), *m.named_buffers(remove_duplicate=False))}
     versions = {k: t._version for k, t in tensors.items()}
     saved = {f"{name}.{n}": b.clone() for name, m in models.items() for n, b in m.named_buffers(remove_duplicate=False)}
-    failed = False
     try:
         yield
-    except BaseException:
-        failed = True
-        raise
-    finally:
+    finally:  # put back what was written, whether or not compiling failed (then its own error propagates)
         written = [k for k, t in tensors.items() if t._version != versions[k]]
         with torch.no_grad():
             for k in written:
                 if k in saved:
                     tensors[k].copy_(saved[k])
-        if written and not failed:
-            kept = [k for k in written if k not in saved]
-            raise TraceError(f"running the traced forward wrote {written} in place (restored: "
-                             f"{[k for k in written if k in saved] or 'none'}{'; not restorable: ' + str(kept) if kept else ''})"
-                             "; a composition must be a pure function of the models' weights: make the forward "
-                             "leave its parameters and buffers alone (e.g. keep a counter outside the module)")
+    if written:
+        kept = [k for k in written if k not in saved]
+        raise TraceError(f"running the traced forward wrote {written} in place (restored: "
+                         f"{[k for k in written if k in saved] or 'none'}{'; not restorable: ' + str(kept) if kept else ''})"
+                         "; a composition must be a pure function of the models' weights: make the forward "
+                         "leave its parameters and buffers alone (e.g. keep a counter outside the module)")
