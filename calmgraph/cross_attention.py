@@ -5,6 +5,10 @@
 The block returns only `delta`; the residual add is its own node in the fused graph. With `gate="zero"`
 W_O starts at zero, with `gate="tanh"` a scalar gate tanh(g) starts at zero: either way the composition
 computes exactly the target model at initialisation.
+
+With `rotary=True` (shared input only, where position i of both models is the same token) Q and K are
+rotated by their token positions (RoPE, Su et al. 2021), so a block can attend by relative position: to
+"the augment at this very token" as easily as by content. The paper's formula has no positions.
 """
 from __future__ import annotations
 
@@ -21,11 +25,14 @@ NORMS = {"rms": nn.RMSNorm, "layer": nn.LayerNorm, "none": lambda dim: nn.Identi
 
 class CrossAttention(nn.Module):
     def __init__(self, dim: int, dim_context: int, *, heads: int, dim_head: int, norm: str = "rms",
-                 gate: str = "zero", project_context: bool = True, causal: bool = False):
+                 gate: str = "zero", project_context: bool = True, causal: bool = False, rotary: bool = False):
         super().__init__()
         if not project_context and dim_context != dim:
             raise ValueError(f"project_context=False needs equal dims; got context {dim_context} and {dim}")
-        self.heads, self.causal = heads, causal
+        if rotary and (not causal or dim_head % 2):
+            raise ValueError(f"rotary needs aligned (causal, shared-input) sequences and an even dim_head; got "
+                             f"causal={causal}, dim_head={dim_head}")
+        self.heads, self.causal, self.rotary = heads, causal, rotary
         inner = heads * dim_head
         self.norm = NORMS[norm](dim)
         self.proj = nn.Linear(dim_context, dim) if project_context else nn.Identity()  # f_proj
@@ -55,6 +62,8 @@ class CrossAttention(nn.Module):
         q = rearrange(self.to_q(self.norm(x)), "b t (h d) -> b h t d", h=self.heads)
         mask = None if context_mask is None else context_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
         t, s = q.shape[-2], k.shape[-2]
+        if self.rotary:  # x holds the last t of the s positions
+            q, k = rotate(q, torch.arange(s - t, s, device=q.device)), rotate(k, torch.arange(s, device=k.device))
         square = self.causal and statically_known_true(t == s)  # symbolic while exported: no guard on it
         if self.causal and not square:  # the last t of s positions (a cached decode step): i sees <= s - t + i
             mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
@@ -63,3 +72,13 @@ class CrossAttention(nn.Module):
             out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
         out = self.to_out(rearrange(out, "b h t d -> b t (h d)"))
         return out * self.gate.tanh() if self.gate is not None else out
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """RoPE on (..., T, d): channel pairs (i, i + d/2) turned by positions * base^(-2i/d), in float32."""
+    half = x.shape[-1] // 2
+    freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angle = positions.to(torch.float32)[:, None] * freq                       # (T, d/2)
+    cos, sin = angle.cos(), angle.sin()
+    x1, x2 = x.float()[..., :half], x.float()[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)

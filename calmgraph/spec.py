@@ -43,6 +43,7 @@ class CrossAttentionSpec(_Spec):
     norm: Literal["rms", "layer", "none"] = "rms"   # pre-norm of the target's hidden states
     gate: Literal["zero", "tanh"] = "zero"    # zero: output projection starts at 0; tanh: gate starts at 0
     project_context: bool = True              # f_proj: linear map from source dim to target dim
+    positions: Literal["none", "rotary"] = "none"  # rotary: RoPE on Q and K (shared-input augments only)
 
 
 class CrossAttentionOverride(_Spec):
@@ -53,6 +54,7 @@ class CrossAttentionOverride(_Spec):
     norm: Literal["rms", "layer", "none"] | None = None
     gate: Literal["zero", "tanh"] | None = None
     project_context: bool | None = None
+    positions: Literal["none", "rotary"] | None = None
 
 
 class Every(_Spec):

@@ -98,15 +98,27 @@ def reference_cross_attention(block, x, ctx, mask=None, causal=False):
     q = (xn @ block.to_q.weight.T).view(B, T, h, -1).transpose(1, 2)           # (B, h, T, d)
     k, v = (c @ block.to_kv.weight.T).chunk(2, dim=-1)
     k, v = (t.reshape(B, S, h, -1).transpose(1, 2) for t in (k, v))            # (B, h, S, d)
+    if getattr(block, "rotary", False):  # x holds the last T of the S positions
+        q, k = complex_rotary(q, torch.arange(S - T, S)), complex_rotary(k, torch.arange(S))
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])                  # (B, h, T, S)
     allowed = torch.ones(B, 1, T, S, dtype=torch.bool, device=x.device)
     if causal:
-        allowed = allowed & torch.ones(T, S, dtype=torch.bool, device=x.device).tril()
+        allowed = allowed & torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
     if mask is not None:
         allowed = allowed & mask.bool()[:, None, None, :]
     weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
     out = (weights @ v).transpose(1, 2).reshape(B, T, -1) @ block.to_out.weight.T
     return out * torch.tanh(block.gate) if block.gate is not None else out
+
+
+def complex_rotary(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """RoPE as complex multiplication in float64: channel pair (i, i + d/2) is the number x_i + j x_{i+d/2},
+    turned by the angle position * 10000^(-2i/d)."""
+    half = x.shape[-1] // 2
+    z = torch.complex(x[..., :half].double(), x[..., half:].double())
+    angle = positions.double()[:, None] * 10000.0 ** (-torch.arange(half, dtype=torch.float64) / half)
+    z = z * torch.polar(torch.ones_like(angle), angle).to(x.device)
+    return torch.cat((z.real, z.imag), dim=-1).to(x.dtype)
 
 
 def _order(spec) -> list[str]:

@@ -131,6 +131,16 @@ def test_cross_attention_options(tap, gate, norm, ids):
     check_identity_and_parity(composed, models, ids)
 
 
+def test_rotary_cross_attention_matches_the_reference(ids):
+    """RoPE on queries and keys (positions: rotary) against the reference's own complex-number rotation."""
+    torch.manual_seed(0)
+    models = {"base": DECODERS["llama"](dim=48).eval(), "kv": gpt(dim=32).eval()}
+    s = spec({"name": "kv"}, edges=[every("kv", 1, cross_attention={"positions": "rotary"})])
+    composed = cg.compile(s, models=models)
+    assert all(composed.get_submodule(".".join(("xattn", *l.module_path))).rotary for l in composed.links)
+    check_identity_and_parity(composed, models, ids)
+
+
 def test_every_follows_the_paper():
     from calmgraph.passes.resolve import every_pairs
     assert every_pairs(4, 24, 24) == [(3, 3), (7, 7), (11, 11), (15, 15), (19, 19), (23, 23)]

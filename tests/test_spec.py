@@ -184,6 +184,17 @@ def test_every_larger_than_depth_and_unprojected_dims():
     assert "edges[0].layers.every: 3 exceeds the depth of 'kv' (2 blocks)" in found
 
 
+def test_rotary_positions_need_aligned_tokens_and_an_even_head_dim():
+    found = compile_problems([{"source": "kv", "target": "base", "layers": {"every": 2},
+                               "cross_attention": {"positions": "rotary", "dim_head": 7}}],
+                             augments=[{"name": "kv", "input": "prompt"}])
+    assert found == [
+        "edges[0].cross_attention.positions: rotary positions need the source to read the anchor's tokens, but "
+        "'kv' has input: prompt (its positions are not the anchor's); use positions: none for this edge",
+        "edges[0].cross_attention.positions: rotary positions turn channel pairs, but dim_head is 7 (odd); set "
+        "cross_attention.dim_head to an even number"]
+
+
 def test_blocks_path_errors():
     spec = cg.CompositionSpec.from_dict(base_dict(anchor={"name": "base", "blocks": "blokcs"},
                                                   augments=[{"name": "kv", "blocks": "wte"}]))

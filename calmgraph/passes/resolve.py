@@ -82,6 +82,13 @@ def resolve(spec: CompositionSpec, traced: dict[str, TracedModel]) -> list[Link]
             problems.append(Problem(f"edges[{i}].cross_attention.project_context",
                                     f"false needs equal hidden sizes, but {source.name!r} has {source.dim} and "
                                     f"{target.name!r} {target.dim}; set it to true"))
+        where = (f"edges[{i}].cross_attention.positions" if edge.cross_attention and edge.cross_attention.positions
+                 else "cross_attention.positions")
+        rotary = config.positions == "rotary"
+        if rotary and inputs[edge.source] != "shared":
+            problems.append(Problem(where, f"rotary positions need the source to read the anchor's tokens, but "
+                                           f"{edge.source!r} has input: {inputs[edge.source]} (its positions are not "
+                                           "the anchor's); use positions: none for this edge"))
         if isinstance(edge.layers, Every):
             if edge.layers.every > len(source.blocks):
                 problems.append(Problem(f"edges[{i}].layers.every",
@@ -96,6 +103,9 @@ def resolve(spec: CompositionSpec, traced: dict[str, TracedModel]) -> list[Link]
                 if rs is not None and rt is not None:
                     pairs.append((rs, rt))
         heads, dim_head = _heads(config, target)
+        if rotary and dim_head % 2:
+            problems.append(Problem(where, f"rotary positions turn channel pairs, but dim_head is {dim_head} (odd); "
+                                           "set cross_attention.dim_head to an even number"))
         for s, t in pairs:
             links.append(Link(i, edge.source, edge.target, s, t, source.dim, target.dim, heads, dim_head,
                               config, causal=inputs[edge.source] == "shared"))

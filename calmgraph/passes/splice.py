@@ -23,7 +23,8 @@ def build_block(link: Link, like) -> CrossAttention:
     """A cross-attention block on the device and in the floating dtype of the target's states `like`."""
     c = link.config
     block = CrossAttention(link.target_dim, link.source_dim, heads=link.heads, dim_head=link.dim_head,
-                           norm=c.norm, gate=c.gate, project_context=c.project_context, causal=link.causal)
+                           norm=c.norm, gate=c.gate, project_context=c.project_context, causal=link.causal,
+                           rotary=c.positions == "rotary")
     return block.to(device=like.device, dtype=like.dtype)
 
 

@@ -67,6 +67,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--compositions", help=f"rows to train, of {list(COMPOSE_DATA_OF)} "
                                            f"(default per protocol: {DEFAULT_COMPOSITIONS})")
     ap.add_argument("--layers", choices=list(LAYERS), default="every1", help="which blocks are connected")
+    ap.add_argument("--positions", choices=["none", "rotary"], default="none",
+                    help="cross-attention positions (rotary: RoPE on queries and keys; the paper's have none)")
     ap.add_argument("--base", help="reuse the base models of an earlier --out instead of training them")
     ap.add_argument("--n-keys", type=int, help="number of keys N_KV (values: a permutation of 1..N_KV); "
                                                "default 100 (data.KVConfig)")
@@ -122,7 +124,8 @@ def main(argv=None) -> dict:
                "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                "processes": acc.num_processes, "batch_size_per_process": args.batch_size, "runs": runs,
                "models": {k: asdict(v) for k, v in models.items()}, "data": asdict(kv),
-               "compose_data": {n: COMPOSE_DATA[COMPOSE_DATA_OF[n]] for n in calms}, "layers": LAYERS[args.layers], "torch": torch.__version__, "paper": PAPER, "details": details}
+               "compose_data": {n: COMPOSE_DATA[COMPOSE_DATA_OF[n]] for n in calms}, "layers": LAYERS[args.layers],
+               "positions": args.positions, "torch": torch.__version__, "paper": PAPER, "details": details}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
         return out
@@ -144,8 +147,8 @@ def main(argv=None) -> dict:
         tuner.accelerator.wait_for_everyone()
     for name in calms:
         data = COMPOSE_DATA_OF[name]
-        print(f"== {name}: composition trained on {data}, layers {args.layers}", flush=True)
-        composed = compose(base["m_A"], base["m_B"], args.layers)
+        print(f"== {name}: composition trained on {data}, layers {args.layers}, positions {args.positions}", flush=True)
+        composed = compose(base["m_A"], base["m_B"], args.layers, args.positions)
         composed, tuner, runs[name] = train_composition(composed, world, data, steps=steps[name],
                                                         seconds=budget[name], **common)
         if tuner.accelerator.is_main_process:
