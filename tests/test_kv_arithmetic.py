@@ -282,3 +282,22 @@ def test_run_all_and_compose_smoke(tmp_path):
     assert second["details"]["m_A"] == report["details"]["m_A"]  # the same answers from the reloaded model
     saved = load_file(str(tmp_path / "last" / "calm_replay.safetensors"))
     assert len([n for n in saved if n.endswith("to_out.weight")]) == 1
+
+
+def test_compositions_sweep_smoke(tmp_path):
+    # The sweep script with --smoke: one pipeline trains the base models, the other jobs reuse them; a
+    # rotary job builds rotary blocks and writes <row>_rotary.json.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "KV_EXTRA": "--smoke",
+           "KV_BASE": str(tmp_path / "base"), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", "examples/kv_arithmetic/compositions_sweep.sh", str(tmp_path / "out"), "60", "20",
+                           "0.5", "calm/rotary,calm/none,calm_replay/rotary"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:] + "".join(p.read_text()[-2000:] for p in (tmp_path / "out").glob("*.log"))
+    reports = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "out").glob("*.json")}
+    assert set(reports) == {"calm_rotary", "calm", "calm_replay_rotary"}
+    assert [reports[n]["positions"] for n in ("calm_rotary", "calm", "calm_replay_rotary")] == ["rotary", "none", "rotary"]
+    assert all(reports[n]["runs"]["m_B"]["loaded_from"] == str(tmp_path / "base") for n in ("calm", "calm_replay_rotary"))
+    assert reports["calm"]["details"]["m_A"] == reports["calm_rotary"]["details"]["m_A"]  # the same base models
+    assert reports["calm_rotary"]["data"]["reread_letters"] == 0.5
+    spec = json.loads((tmp_path / "base" / "calm_spec.json").read_text())
+    assert spec["cross_attention"]["positions"] == "rotary"
