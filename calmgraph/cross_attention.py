@@ -8,7 +8,8 @@ computes exactly the target model at initialisation.
 
 With `rotary=True` (shared input only, where position i of both models is the same token) Q and K are
 rotated by their token positions (RoPE, Su et al. 2021), so a block can attend by relative position: to
-"the augment at this very token" as easily as by content. The paper's formula has no positions.
+"the augment at this very token" as easily as by content. The paper's formula has no positions. With `window=w` (shared input too) position t
+reads only the source positions t-w+1..t; `window=1` reads the augment at the same token alone.
 """
 from __future__ import annotations
 
@@ -25,14 +26,18 @@ NORMS = {"rms": nn.RMSNorm, "layer": nn.LayerNorm, "none": lambda dim: nn.Identi
 
 class CrossAttention(nn.Module):
     def __init__(self, dim: int, dim_context: int, *, heads: int, dim_head: int, norm: str = "rms",
-                 gate: str = "zero", project_context: bool = True, causal: bool = False, rotary: bool = False):
+                 gate: str = "zero", project_context: bool = True, causal: bool = False, rotary: bool = False,
+                 window: int | None = None):
         super().__init__()
         if not project_context and dim_context != dim:
             raise ValueError(f"project_context=False needs equal dims; got context {dim_context} and {dim}")
         if rotary and (not causal or dim_head % 2):
             raise ValueError(f"rotary needs aligned (causal, shared-input) sequences and an even dim_head; got "
                              f"causal={causal}, dim_head={dim_head}")
-        self.heads, self.causal, self.rotary = heads, causal, rotary
+        if window is not None and (not causal or window < 1):
+            raise ValueError(f"window needs aligned (causal, shared-input) sequences and a size >= 1; got "
+                             f"causal={causal}, window={window}")
+        self.heads, self.causal, self.rotary, self.window = heads, causal, rotary, window
         inner = heads * dim_head
         self.norm = NORMS[norm](dim)
         self.proj = nn.Linear(dim_context, dim) if project_context else nn.Identity()  # f_proj
@@ -64,9 +69,11 @@ class CrossAttention(nn.Module):
         t, s = q.shape[-2], k.shape[-2]
         if self.rotary:  # x holds the last t of the s positions
             q, k = rotate(q, torch.arange(s - t, s, device=q.device)), rotate(k, torch.arange(s, device=k.device))
-        square = self.causal and statically_known_true(t == s)  # symbolic while exported: no guard on it
+        square = self.causal and self.window is None and statically_known_true(t == s)  # symbolic while exported
         if self.causal and not square:  # the last t of s positions (a cached decode step): i sees <= s - t + i
             mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+            if self.window is not None:  # ... and no further back than window - 1 positions
+                mask = mask.triu(s - t - self.window + 1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=square)
         if mask is not None:  # a prompt that is all padding gives no context (and not NaN)
             out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)

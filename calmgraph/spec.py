@@ -44,6 +44,7 @@ class CrossAttentionSpec(_Spec):
     gate: Literal["zero", "tanh"] = "zero"    # zero: output projection starts at 0; tanh: gate starts at 0
     project_context: bool = True              # f_proj: linear map from source dim to target dim
     positions: Literal["none", "rotary"] = "none"  # rotary: RoPE on Q and K (shared-input augments only)
+    window: PositiveInt | None = None         # shared augments: position t reads source positions t-window+1..t
 
 
 class CrossAttentionOverride(_Spec):
@@ -55,6 +56,7 @@ class CrossAttentionOverride(_Spec):
     gate: Literal["zero", "tanh"] | None = None
     project_context: bool | None = None
     positions: Literal["none", "rotary"] | None = None
+    window: PositiveInt | None = None
 
 
 class Every(_Spec):

@@ -102,8 +102,10 @@ def reference_cross_attention(block, x, ctx, mask=None, causal=False):
         q, k = complex_rotary(q, torch.arange(S - T, S)), complex_rotary(k, torch.arange(S))
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])                  # (B, h, T, S)
     allowed = torch.ones(B, 1, T, S, dtype=torch.bool, device=x.device)
-    if causal:
-        allowed = allowed & torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+    if causal:  # query i sits at position S - T + i; with a window it reads back at most window - 1 places
+        back = (torch.arange(S - T, S)[:, None] - torch.arange(S)[None, :]).to(x.device)
+        window = getattr(block, "window", None) or S
+        allowed = allowed & (back >= 0) & (back < window)
     if mask is not None:
         allowed = allowed & mask.bool()[:, None, None, :]
     weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)

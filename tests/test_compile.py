@@ -131,13 +131,17 @@ def test_cross_attention_options(tap, gate, norm, ids):
     check_identity_and_parity(composed, models, ids)
 
 
-def test_rotary_cross_attention_matches_the_reference(ids):
-    """RoPE on queries and keys (positions: rotary) against the reference's own complex-number rotation."""
+@pytest.mark.parametrize("options", [{"positions": "rotary"}, {"window": 1}, {"window": 3, "positions": "rotary"}],
+                         ids=["rotary", "window1", "window3_rotary"])
+def test_positional_cross_attention_matches_the_reference(options, ids):
+    """RoPE on queries and keys against the reference's own complex-number rotation; a window against its
+    own position arithmetic."""
     torch.manual_seed(0)
     models = {"base": DECODERS["llama"](dim=48).eval(), "kv": gpt(dim=32).eval()}
-    s = spec({"name": "kv"}, edges=[every("kv", 1, cross_attention={"positions": "rotary"})])
+    s = spec({"name": "kv"}, edges=[every("kv", 1, cross_attention=options)])
     composed = cg.compile(s, models=models)
-    assert all(composed.get_submodule(".".join(("xattn", *l.module_path))).rotary for l in composed.links)
+    blocks = [composed.get_submodule(".".join(("xattn", *l.module_path))) for l in composed.links]
+    assert all((b.rotary, b.window) == (options.get("positions") == "rotary", options.get("window")) for b in blocks)
     check_identity_and_parity(composed, models, ids)
 
 

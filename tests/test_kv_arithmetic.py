@@ -169,6 +169,24 @@ def test_reread_letters_prompts_hold_no_key_and_leave_the_rest_alone(pad_world):
     assert all(torch.equal(other[i]["input_ids"], same[i]["input_ids"]) for i in range(50))
 
 
+def test_augment_markers_change_only_the_marker_of_m_As_substitution_prompts(pad_world):
+    both = KVWorld(replace(pad_world.cfg, augment_markers=">="))
+    for split in ("train", "compose"):
+        plain, mixed = (KVDataset(w, "kv_substitution", split, size=300) for w in (pad_world, both))
+        markers = []
+        for i in range(len(mixed)):
+            a, b = (decode(d[i]["input_ids"].tolist()) for d in (plain, mixed))
+            prompt_end = len(re.match(r"[a-z+\-]+", a).group())  # the marker follows the keys
+            assert a[:prompt_end] == b[:prompt_end] and a[prompt_end + 1:] == b[prompt_end + 1:]  # same keys, values
+            assert torch.equal(plain[i]["label_mask"], mixed[i]["label_mask"])
+            markers.append(b[prompt_end])
+        # m_A's training data ends in either marker, about half each; the composition's stays ">"
+        assert (110 < markers.count("=") < 190) if split == "train" else set(markers) == {">"}
+    other = KVDataset(both, "numeric_arithmetic", "train", size=50)
+    same = KVDataset(pad_world, "numeric_arithmetic", "train", size=50)
+    assert all(torch.equal(other[i]["input_ids"], same[i]["input_ids"]) for i in range(50))
+
+
 def test_final_result_scoring():
     assert final_result("10+22-24;8") == "8" and final_result("-12") == "-12" and final_result("1;2;3") == "3"
 
@@ -285,19 +303,22 @@ def test_run_all_and_compose_smoke(tmp_path):
 
 
 def test_compositions_sweep_smoke(tmp_path):
-    # The sweep script with --smoke: one pipeline trains the base models, the other jobs reuse them; a
-    # rotary job builds rotary blocks and writes <row>_rotary.json.
+    # The sweep script with --smoke: one pipeline trains the base models (with BASE_ARGS), the other jobs
+    # reuse them, each with its own composition options.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "KV_EXTRA": "--smoke",
-           "KV_BASE": str(tmp_path / "base"), "PYTHON": sys.executable}
+           "KV_BASE": str(tmp_path / "base"), "PYTHON": sys.executable, "BASE_ARGS": "--augment-markers >="}
+    jobs = "near:calm --window 1 --layers last,plain:calm,near_replay:calm_replay --positions rotary --window 2"
     proc = subprocess.run(["bash", "examples/kv_arithmetic/compositions_sweep.sh", str(tmp_path / "out"), "60", "20",
-                           "0.5", "calm/rotary,calm/none,calm_replay/rotary"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:] + "".join(p.read_text()[-2000:] for p in (tmp_path / "out").glob("*.log"))
+                           "0.5", jobs], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    logs = "".join(p.read_text()[-2000:] for p in (tmp_path / "out").glob("*.log"))
+    assert proc.returncode == 0, proc.stderr[-3000:] + logs
     reports = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "out").glob("*.json")}
-    assert set(reports) == {"calm_rotary", "calm", "calm_replay_rotary"}
-    assert [reports[n]["positions"] for n in ("calm_rotary", "calm", "calm_replay_rotary")] == ["rotary", "none", "rotary"]
-    assert all(reports[n]["runs"]["m_B"]["loaded_from"] == str(tmp_path / "base") for n in ("calm", "calm_replay_rotary"))
-    assert reports["calm"]["details"]["m_A"] == reports["calm_rotary"]["details"]["m_A"]  # the same base models
-    assert reports["calm_rotary"]["data"]["reread_letters"] == 0.5
+    assert set(reports) == {"near", "plain", "near_replay"}
+    assert [(reports[t]["positions"], reports[t]["window"], reports[t]["layers"]) for t in ("near", "plain", "near_replay")] \
+        == [("none", 1, [[-1, -1]]), ("none", None, {"every": 1}), ("rotary", 2, {"every": 1})]
+    assert "calm_replay" in reports["near_replay"] and "calm" in reports["plain"]
+    assert all(reports[t]["runs"]["m_B"]["loaded_from"] == str(tmp_path / "base") for t in ("plain", "near_replay"))
+    assert reports["plain"]["details"]["m_A"] == reports["near"]["details"]["m_A"]  # the same base models
+    assert reports["near"]["data"]["reread_letters"] == 0.5 and reports["near"]["data"]["augment_markers"] == ">="
     spec = json.loads((tmp_path / "base" / "calm_spec.json").read_text())
-    assert spec["cross_attention"]["positions"] == "rotary"
+    assert spec["cross_attention"]["window"] == 1

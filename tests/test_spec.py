@@ -184,13 +184,15 @@ def test_every_larger_than_depth_and_unprojected_dims():
     assert "edges[0].layers.every: 3 exceeds the depth of 'kv' (2 blocks)" in found
 
 
-def test_rotary_positions_need_aligned_tokens_and_an_even_head_dim():
+def test_rotary_positions_and_windows_need_aligned_tokens():
     found = compile_problems([{"source": "kv", "target": "base", "layers": {"every": 2},
                                "cross_attention": {"positions": "rotary", "dim_head": 7}}],
-                             augments=[{"name": "kv", "input": "prompt"}])
+                             augments=[{"name": "kv", "input": "prompt"}], cross_attention={"window": 2})
     assert found == [
-        "edges[0].cross_attention.positions: rotary positions need the source to read the anchor's tokens, but "
+        "edges[0].cross_attention.positions: positions needs the source to read the anchor's tokens, but "
         "'kv' has input: prompt (its positions are not the anchor's); use positions: none for this edge",
+        "cross_attention.window: window needs the source to read the anchor's tokens, but 'kv' has input: prompt "
+        "(its positions are not the anchor's); use window: null for this edge",
         "edges[0].cross_attention.positions: rotary positions turn channel pairs, but dim_head is 7 (odd); set "
         "cross_attention.dim_head to an even number"]
 

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import LayerRefError, Problem, TraceError
-from ..spec import CompositionSpec, CrossAttentionSpec, Every
+from ..spec import CompositionSpec, CrossAttentionSpec, EdgeSpec, Every
 from .trace import TracedModel
 
 
@@ -71,6 +71,12 @@ def _heads(config: CrossAttentionSpec, target: TracedModel) -> tuple[int, int]:
     return heads, config.dim_head or max(1, target.dim // heads)
 
 
+def _where(edge: EdgeSpec, i: int, field: str) -> str:
+    """Where a cross-attention field of edge i was set: the edge's override, else the spec-wide default."""
+    own = edge.cross_attention is not None and getattr(edge.cross_attention, field) is not None
+    return f"edges[{i}].cross_attention.{field}" if own else f"cross_attention.{field}"
+
+
 def resolve(spec: CompositionSpec, traced: dict[str, TracedModel]) -> list[Link]:
     problems: list[Problem] = []
     links: list[Link] = []
@@ -82,13 +88,12 @@ def resolve(spec: CompositionSpec, traced: dict[str, TracedModel]) -> list[Link]
             problems.append(Problem(f"edges[{i}].cross_attention.project_context",
                                     f"false needs equal hidden sizes, but {source.name!r} has {source.dim} and "
                                     f"{target.name!r} {target.dim}; set it to true"))
-        where = (f"edges[{i}].cross_attention.positions" if edge.cross_attention and edge.cross_attention.positions
-                 else "cross_attention.positions")
         rotary = config.positions == "rotary"
-        if rotary and inputs[edge.source] != "shared":
-            problems.append(Problem(where, f"rotary positions need the source to read the anchor's tokens, but "
-                                           f"{edge.source!r} has input: {inputs[edge.source]} (its positions are not "
-                                           "the anchor's); use positions: none for this edge"))
+        for field, used, off in (("positions", rotary, "positions: none"), ("window", config.window, "window: null")):
+            if used and inputs[edge.source] != "shared":
+                problems.append(Problem(_where(edge, i, field), f"{field} needs the source to read the anchor's tokens, "
+                                        f"but {edge.source!r} has input: {inputs[edge.source]} (its positions are not "
+                                        f"the anchor's); use {off} for this edge"))
         if isinstance(edge.layers, Every):
             if edge.layers.every > len(source.blocks):
                 problems.append(Problem(f"edges[{i}].layers.every",
@@ -104,7 +109,7 @@ def resolve(spec: CompositionSpec, traced: dict[str, TracedModel]) -> list[Link]
                     pairs.append((rs, rt))
         heads, dim_head = _heads(config, target)
         if rotary and dim_head % 2:
-            problems.append(Problem(where, f"rotary positions turn channel pairs, but dim_head is {dim_head} (odd); "
+            problems.append(Problem(_where(edge, i, "positions"), f"rotary positions turn channel pairs, but dim_head is {dim_head} (odd); "
                                            "set cross_attention.dim_head to an even number"))
         for s, t in pairs:
             links.append(Link(i, edge.source, edge.target, s, t, source.dim, target.dim, heads, dim_head,

@@ -47,17 +47,19 @@ COMPOSE_DATA = {
 LAYERS = {"every1": {"every": 1}, "every2": {"every": 2}, "last": [[-1, -1]]}
 
 
-def spec(layers: str = "every1", positions: str = "none") -> dict:
-    """m_A (augment, shared tokens) -> m_B (anchor) at the layer pairs LAYERS[layers]; `positions="rotary"`
-    lets the cross-attention attend by relative position (RoPE; the paper's blocks have no positions)."""
+def spec(layers: str = "every1", positions: str = "none", window: int | None = None) -> dict:
+    """m_A (augment, shared tokens) -> m_B (anchor) at the layer pairs LAYERS[layers]. The paper's blocks attend
+    to every earlier token by content; `positions="rotary"` adds relative positions (RoPE), `window=w` reads
+    only the last w tokens (1: m_A at the same token)."""
     return {"anchor": {"name": "m_B"},
             "augments": [{"name": "m_A", "input": "shared"}],
             "edges": [{"source": "m_A", "target": "m_B", "layers": LAYERS[layers]}],
-            "cross_attention": {"positions": positions}}
+            "cross_attention": {"positions": positions, "window": window}}
 
 
-def compose(m_A: GPT, m_B: GPT, layers: str = "every1", positions: str = "none") -> cg.ComposedModel:
-    return cg.compile(spec(layers, positions), models={"m_A": m_A, "m_B": m_B})
+def compose(m_A: GPT, m_B: GPT, layers: str = "every1", positions: str = "none",
+            window: int | None = None) -> cg.ComposedModel:
+    return cg.compile(spec(layers, positions, window), models={"m_A": m_A, "m_B": m_B})
 
 
 def train_composition(composed: cg.ComposedModel, world: KVWorld, data: str, *, steps: int, batch_size: int,
@@ -92,6 +94,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--layers", choices=list(LAYERS), default="every1", help="which blocks are connected")
     ap.add_argument("--positions", choices=["none", "rotary"], default="none",
                     help="cross-attention positions (rotary: RoPE on queries and keys)")
+    ap.add_argument("--window", type=int, help="each anchor token reads m_A's last WINDOW tokens (default: all)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.smoke:
@@ -99,7 +102,7 @@ def main(argv=None) -> dict:
 
     base = Path(args.base)
     world = KVWorld(KVConfig(**json.loads((base / "config.json").read_text())["data"]))
-    composed = compose(load_base(base, "m_A"), load_base(base, "m_B"), args.layers, args.positions)
+    composed = compose(load_base(base, "m_A"), load_base(base, "m_B"), args.layers, args.positions, args.window)
     print(composed.summary())
     composed, tuner, run = train_composition(composed, world, args.data, steps=args.steps, batch_size=args.batch_size,
                                              lr=args.lr, seed=args.seed, cpu=args.smoke, progress=not args.smoke)

@@ -41,6 +41,10 @@ only be read from the copy. Without it m_B may compute from the prompt's digits,
 letters. It is numbers only: m_B still never sees a key. With `reread_letters` > 0 that share of its
 prompts are letter strings that are not keys (`"qzv+owkr-xyi="`): m_B learns to ignore a prompt of letters
 it cannot read, and still learns nothing of any key.
+
+With `augment_markers=">="` m_A's substitution prompts end in either marker (it substitutes either way):
+m_A then reads a KV-arithmetic prompt as it reads its own data. Trained on `>` alone it has never read `=`
+and garbles what follows it (`niydb+uij+nxxqq=` -> `====;;;;;74+74+...`). It still knows nothing of arithmetic.
 """
 from __future__ import annotations
 
@@ -75,6 +79,7 @@ class KVConfig:
     seed: int = 0
     protocol: str = "direct"    # or "scratchpad": `=` answers "<expression with numbers>;<result>"
     reread_letters: float = 0.0  # share of numeric_reread prompts written in letters that are no key
+    augment_markers: str = ">"  # m_A's substitution prompts end in one of these at random (">=": either)
 
 
 # What each protocol changes beyond the answer format. The scratchpad run drops * (the first attempt's m_B
@@ -256,4 +261,8 @@ class KVDataset(Dataset):
         if task == "numeric_reread":  # the loss starts at the separator: the copy is given, not learned here
             prompt, answer = self.world.example(expr, task, self.distractor(i))
             return self.world.tensors(prompt, answer, loss_from=answer.index(SEP))
-        return self.world.tensors(*self.world.example(expr, task))
+        prompt, answer = self.world.example(expr, task)
+        markers = self.world.cfg.augment_markers
+        if task == "kv_substitution" and self.split == "train" and markers != ">":  # m_A's own data
+            prompt = prompt[:-1] + random.Random(f"kv-marker/{self.world.cfg.seed}/{i}").choice(markers)
+        return self.world.tensors(prompt, answer)

@@ -69,18 +69,22 @@ def main(argv=None) -> dict:
     ap.add_argument("--layers", choices=list(LAYERS), default="every1", help="which blocks are connected")
     ap.add_argument("--positions", choices=["none", "rotary"], default="none",
                     help="cross-attention positions (rotary: RoPE on queries and keys; the paper's have none)")
+    ap.add_argument("--window", type=int, help="each anchor token reads m_A's last WINDOW tokens (default: all)")
     ap.add_argument("--base", help="reuse the base models of an earlier --out instead of training them")
     ap.add_argument("--n-keys", type=int, help="number of keys N_KV (values: a permutation of 1..N_KV); "
                                                "default 100 (data.KVConfig)")
     ap.add_argument("--reread-letters", type=float, default=0.0,
                     help="share of m_B's numeric_reread prompts written in letters that are no key (data.py)")
+    ap.add_argument("--augment-markers", default=">",
+                    help="the markers m_A's substitution prompts end in, at random ('>=': either; data.py)")
     ap.add_argument("--shares", help="budget shares of the base models, e.g. m_A=0.3,m_B=0.4 (default per "
                                      f"protocol: {BASE_SHARE}); the compositions share the rest")
     args = ap.parse_args(argv)
     started = time.perf_counter()
 
     keys = {} if args.n_keys is None else {"n_keys": args.n_keys}
-    kv, models = protocol_config(args.protocol, seed=args.seed, reread_letters=args.reread_letters, **keys), dict(MODELS)
+    kv, models = protocol_config(args.protocol, seed=args.seed, reread_letters=args.reread_letters,
+                                 augment_markers=args.augment_markers, **keys), dict(MODELS)
     if args.base:  # the data (protocol included) and models those base models were trained with
         saved = json.loads((Path(args.base) / "config.json").read_text())
         kv, models = KVConfig(**saved["data"]), {k: GPTConfig(**v) for k, v in saved["models"].items()}
@@ -125,7 +129,7 @@ def main(argv=None) -> dict:
                "processes": acc.num_processes, "batch_size_per_process": args.batch_size, "runs": runs,
                "models": {k: asdict(v) for k, v in models.items()}, "data": asdict(kv),
                "compose_data": {n: COMPOSE_DATA[COMPOSE_DATA_OF[n]] for n in calms}, "layers": LAYERS[args.layers],
-               "positions": args.positions, "torch": torch.__version__, "paper": PAPER, "details": details}
+               "positions": args.positions, "window": args.window, "torch": torch.__version__, "paper": PAPER, "details": details}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
         return out
@@ -147,8 +151,8 @@ def main(argv=None) -> dict:
         tuner.accelerator.wait_for_everyone()
     for name in calms:
         data = COMPOSE_DATA_OF[name]
-        print(f"== {name}: composition trained on {data}, layers {args.layers}, positions {args.positions}", flush=True)
-        composed = compose(base["m_A"], base["m_B"], args.layers, args.positions)
+        print(f"== {name}: composition trained on {data}, layers {args.layers}, positions {args.positions}, window {args.window}", flush=True)
+        composed = compose(base["m_A"], base["m_B"], args.layers, args.positions, args.window)
         composed, tuner, runs[name] = train_composition(composed, world, data, steps=steps[name],
                                                         seconds=budget[name], **common)
         if tuner.accelerator.is_main_process:
