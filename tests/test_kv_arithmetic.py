@@ -322,3 +322,12 @@ def test_compositions_sweep_smoke(tmp_path):
     assert reports["near"]["data"]["reread_letters"] == 0.5 and reports["near"]["data"]["augment_markers"] == ">="
     spec = json.loads((tmp_path / "base" / "calm_spec.json").read_text())
     assert spec["cross_attention"]["window"] == 1
+
+    from examples.kv_arithmetic.table import main as table
+    got = table(["--sweep", str(tmp_path / "out"), "--first", "near", "--rows", "calm=near,calm_replay=near_replay,plain=plain",
+                 "--command", "sweep", "--out", str(tmp_path / "kv.json")])
+    assert json.loads((tmp_path / "kv.json").read_text()) == got
+    assert got["m_B"] == reports["near"]["m_B"] and got["calm_replay"] == reports["near_replay"]["calm_replay"]
+    assert got["plain"] == reports["plain"]["calm"] and got["compositions"]["plain"]["window"] is None
+    assert got["compositions"]["calm"] == {"trained_on": {"kv_substitution": 1.0}, "layers": [[-1, -1]],
+                                           "positions": "none", "window": 1, "job": "near"}
