@@ -80,6 +80,7 @@ class KVConfig:
     protocol: str = "direct"    # or "scratchpad": `=` answers "<expression with numbers>;<result>"
     reread_letters: float = 0.0  # share of numeric_reread prompts written in letters that are no key
     augment_markers: str = ">"  # m_A's substitution prompts end in one of these at random (">=": either)
+    augment_eos: bool = True    # m_A's loss covers the EOS after its values (False: m_A never learns the end)
 
 
 # What each protocol changes beyond the answer format. The scratchpad run drops * (the first attempt's m_B
@@ -262,7 +263,12 @@ class KVDataset(Dataset):
             prompt, answer = self.world.example(expr, task, self.distractor(i))
             return self.world.tensors(prompt, answer, loss_from=answer.index(SEP))
         prompt, answer = self.world.example(expr, task)
-        markers = self.world.cfg.augment_markers
-        if task == "kv_substitution" and self.split == "train" and markers != ">":  # m_A's own data
-            prompt = prompt[:-1] + random.Random(f"kv-marker/{self.world.cfg.seed}/{i}").choice(markers)
-        return self.world.tensors(prompt, answer)
+        cfg = self.world.cfg
+        if task != "kv_substitution" or self.split != "train":
+            return self.world.tensors(prompt, answer)
+        if cfg.augment_markers != ">":  # m_A's own data
+            prompt = prompt[:-1] + random.Random(f"kv-marker/{cfg.seed}/{i}").choice(cfg.augment_markers)
+        item = self.world.tensors(prompt, answer)
+        if not cfg.augment_eos:
+            item["label_mask"][len(prompt) + len(answer)] = False
+        return item

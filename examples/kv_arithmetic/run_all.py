@@ -77,6 +77,8 @@ def main(argv=None) -> dict:
                     help="share of m_B's numeric_reread prompts written in letters that are no key (data.py)")
     ap.add_argument("--augment-markers", default=">",
                     help="the markers m_A's substitution prompts end in, at random ('>=': either; data.py)")
+    ap.add_argument("--augment-no-eos", action="store_true",
+                    help="m_A's loss leaves out the EOS after its values: it never learns where an answer ends")
     ap.add_argument("--shares", help="budget shares of the base models, e.g. m_A=0.3,m_B=0.4 (default per "
                                      f"protocol: {BASE_SHARE}); the compositions share the rest")
     args = ap.parse_args(argv)
@@ -84,7 +86,8 @@ def main(argv=None) -> dict:
 
     keys = {} if args.n_keys is None else {"n_keys": args.n_keys}
     kv, models = protocol_config(args.protocol, seed=args.seed, reread_letters=args.reread_letters,
-                                 augment_markers=args.augment_markers, **keys), dict(MODELS)
+                                 augment_markers=args.augment_markers, augment_eos=not args.augment_no_eos,
+                                 **keys), dict(MODELS)
     if args.base:  # the data (protocol included) and models those base models were trained with
         saved = json.loads((Path(args.base) / "config.json").read_text())
         kv, models = KVConfig(**saved["data"]), {k: GPTConfig(**v) for k, v in saved["models"].items()}
