@@ -47,13 +47,23 @@ COMPOSE_DATA = {
 LAYERS = {"every1": {"every": 1}, "every2": {"every": 2}, "last": [[-1, -1]]}
 
 
+def layer_choice(name: str):
+    """A LAYERS name, or explicit block pairs "S:T,S:T" (m_A block S feeds m_B block T; negative from the end)."""
+    if name in LAYERS:
+        return LAYERS[name]
+    try:
+        return [[int(i) for i in pair.split(":")] for pair in name.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name!r} is neither one of {list(LAYERS)} nor pairs like -1:3,1:2") from None
+
+
 def spec(layers: str = "every1", positions: str = "none", window: int | None = None) -> dict:
-    """m_A (augment, shared tokens) -> m_B (anchor) at the layer pairs LAYERS[layers]. The paper's blocks attend
+    """m_A (augment, shared tokens) -> m_B (anchor) at the layer pairs `layer_choice(layers)`. The paper's blocks attend
     to every earlier token by content; `positions="rotary"` adds relative positions (RoPE), `window=w` reads
     only the last w tokens (1: m_A at the same token)."""
     return {"anchor": {"name": "m_B"},
             "augments": [{"name": "m_A", "input": "shared"}],
-            "edges": [{"source": "m_A", "target": "m_B", "layers": LAYERS[layers]}],
+            "edges": [{"source": "m_A", "target": "m_B", "layers": layer_choice(layers)}],
             "cross_attention": {"positions": positions, "window": window}}
 
 
@@ -77,6 +87,11 @@ def train_composition(composed: cg.ComposedModel, world: KVWorld, data: str, *, 
     return tuner.accelerator.unwrap_model(tuner.model, keep_fp32_wrapper=False), tuner, run
 
 
+def _layers(name: str) -> str:
+    layer_choice(name)  # refused here, at parse time
+    return name
+
+
 def save_composition(composed: cg.ComposedModel, out: Path, tag: str) -> None:
     save_file({n: p.detach().float().cpu().contiguous() for n, p in composed.named_new_parameters()},
               str(out / f"{tag}.safetensors"))
@@ -91,7 +106,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--layers", choices=list(LAYERS), default="every1", help="which blocks are connected")
+    ap.add_argument("--layers", default="every1", type=_layers, help=f"which blocks are connected: {list(LAYERS)} "
+                                                                    "or pairs S:T,... (m_A block S -> m_B block T)")
     ap.add_argument("--positions", choices=["none", "rotary"], default="none",
                     help="cross-attention positions (rotary: RoPE on queries and keys)")
     ap.add_argument("--window", type=int, help="each anchor token reads m_A's last WINDOW tokens (default: all)")

@@ -81,6 +81,7 @@ class KVConfig:
     reread_letters: float = 0.0  # share of numeric_reread prompts written in letters that are no key
     augment_markers: str = ">"  # m_A's substitution prompts end in one of these at random (">=": either)
     augment_eos: bool = True    # m_A's loss covers the EOS after its values (False: m_A never learns the end)
+    close_copy: bool = False    # scratchpad: `>` answers end with the separator too ("10+22-24;")
 
 
 # What each protocol changes beyond the answer format. The scratchpad run drops * (the first attempt's m_B
@@ -153,7 +154,7 @@ class KVWorld:
         k, digits = cfg.max_operands, len(str(cfg.n_keys))
         prompt = 6 * k + (k - 1) + 1
         expression, result = digits * k + (k - 1), 1 + len(str(cfg.n_keys ** k))
-        answer = expression + 1 + result if cfg.protocol == "scratchpad" else max(expression, result)
+        answer = expression + 1 + result if cfg.protocol == "scratchpad" else max(expression, result)  # + 1: the ;
         self.max_len = prompt + answer + 1
         self.max_answer_len = answer + 1
 
@@ -186,8 +187,10 @@ class KVWorld:
         keys_text = self._join([self.keys[i] for i in idx], ops)
         nums_text = self._nums(expr)
         result = str(solve([self.values[i] for i in idx], ops))
+        copy = nums_text
         if self.cfg.protocol == "scratchpad":
             result = nums_text + SEP + result
+            copy += SEP if self.cfg.close_copy else ""
         elif task == "numeric_reread":
             raise ValueError("numeric_reread exists only in the scratchpad protocol")
         if task == "numeric_reread":
@@ -195,10 +198,10 @@ class KVWorld:
                 raise ValueError("numeric_reread needs a distractor expression for its prompt")
             return (distractor if isinstance(distractor, str) else self._nums(distractor)) + "=", result
         return {
-            "kv_substitution": (keys_text + ">", nums_text),
+            "kv_substitution": (keys_text + ">", copy),
             "numeric_arithmetic": (nums_text + "=", result),
             "kv_arithmetic": (keys_text + "=", result),
-            "numeric_copy": (nums_text + ">", nums_text),
+            "numeric_copy": (nums_text + ">", copy),
         }[task]
 
     def tensors(self, prompt: str, answer: str, loss_from: int = 0) -> dict[str, torch.Tensor]:

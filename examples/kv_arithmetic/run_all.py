@@ -33,7 +33,8 @@ import torch
 from safetensors.torch import save_model
 
 from examples.handwritten_gpt.gpt import GPTConfig
-from examples.kv_arithmetic.compose import COMPOSE_DATA, LAYERS, compose, save_composition, train_composition
+from examples.kv_arithmetic.compose import (COMPOSE_DATA, LAYERS, _layers, compose, layer_choice, save_composition,
+                                           train_composition)
 from examples.kv_arithmetic.data import PROTOCOLS, SEP, KVConfig, KVWorld, protocol_config
 from examples.kv_arithmetic.evaluate import EVAL_TASKS, answers, compose_key_accuracy, format_table, hit
 from examples.kv_arithmetic.train_base import MODELS, load_base, smoke_config, train_base, write_config
@@ -66,7 +67,8 @@ def main(argv=None) -> dict:
                     help="answer format (data.py): scratchpad (default) or direct (the first attempt)")
     ap.add_argument("--compositions", help=f"rows to train, of {list(COMPOSE_DATA_OF)} "
                                            f"(default per protocol: {DEFAULT_COMPOSITIONS})")
-    ap.add_argument("--layers", choices=list(LAYERS), default="every1", help="which blocks are connected")
+    ap.add_argument("--layers", default="every1", type=_layers, help=f"which blocks are connected: {list(LAYERS)} "
+                                                                    "or pairs S:T,... (m_A block S -> m_B block T)")
     ap.add_argument("--positions", choices=["none", "rotary"], default="none",
                     help="cross-attention positions (rotary: RoPE on queries and keys; the paper's have none)")
     ap.add_argument("--window", type=int, help="each anchor token reads m_A's last WINDOW tokens (default: all)")
@@ -79,6 +81,8 @@ def main(argv=None) -> dict:
                     help="the markers m_A's substitution prompts end in, at random ('>=': either; data.py)")
     ap.add_argument("--augment-no-eos", action="store_true",
                     help="m_A's loss leaves out the EOS after its values: it never learns where an answer ends")
+    ap.add_argument("--close-copy", action="store_true",
+                    help="`>` answers (copy, substitution) end with ';' too, as the scratchpad does (data.py)")
     ap.add_argument("--shares", help="budget shares of the base models, e.g. m_A=0.3,m_B=0.4 (default per "
                                      f"protocol: {BASE_SHARE}); the compositions share the rest")
     args = ap.parse_args(argv)
@@ -87,7 +91,7 @@ def main(argv=None) -> dict:
     keys = {} if args.n_keys is None else {"n_keys": args.n_keys}
     kv, models = protocol_config(args.protocol, seed=args.seed, reread_letters=args.reread_letters,
                                  augment_markers=args.augment_markers, augment_eos=not args.augment_no_eos,
-                                 **keys), dict(MODELS)
+                                 close_copy=args.close_copy, **keys), dict(MODELS)
     if args.base:  # the data (protocol included) and models those base models were trained with
         saved = json.loads((Path(args.base) / "config.json").read_text())
         kv, models = KVConfig(**saved["data"]), {k: GPTConfig(**v) for k, v in saved["models"].items()}
@@ -131,7 +135,7 @@ def main(argv=None) -> dict:
                "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                "processes": acc.num_processes, "batch_size_per_process": args.batch_size, "runs": runs,
                "models": {k: asdict(v) for k, v in models.items()}, "data": asdict(kv),
-               "compose_data": {n: COMPOSE_DATA[COMPOSE_DATA_OF[n]] for n in calms}, "layers": LAYERS[args.layers],
+               "compose_data": {n: COMPOSE_DATA[COMPOSE_DATA_OF[n]] for n in calms}, "layers": layer_choice(args.layers),
                "positions": args.positions, "window": args.window, "torch": torch.__version__, "paper": PAPER, "details": details}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
