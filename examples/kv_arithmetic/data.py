@@ -82,6 +82,7 @@ class KVConfig:
     augment_markers: str = ">"  # m_A's substitution prompts end in one of these at random (">=": either)
     augment_eos: bool = True    # m_A's loss covers the EOS after its values (False: m_A never learns the end)
     close_copy: bool = False    # scratchpad: `>` answers end with the separator too ("10+22-24;")
+    fixed_width: bool = False   # numbers in expressions written with leading zeros to one width ("010+022")
 
 
 # What each protocol changes beyond the answer format. The scratchpad run drops * (the first attempt's m_B
@@ -169,7 +170,8 @@ class KVWorld:
         return parts[0] + "".join(op + p for op, p in zip(ops, parts[1:]))
 
     def _nums(self, expr: Expr) -> str:
-        return self._join([str(self.values[i]) for i in expr[0]], expr[1])
+        width = len(str(self.cfg.n_keys)) if self.cfg.fixed_width else 0
+        return self._join([str(self.values[i]).zfill(width) for i in expr[0]], expr[1])
 
     def letters(self, rng: random.Random) -> str:
         """An expression of letter strings that are not keys: a numeric_reread prompt m_B cannot read."""

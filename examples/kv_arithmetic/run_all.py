@@ -83,6 +83,8 @@ def main(argv=None) -> dict:
                     help="m_A's loss leaves out the EOS after its values: it never learns where an answer ends")
     ap.add_argument("--close-copy", action="store_true",
                     help="`>` answers (copy, substitution) end with ';' too, as the scratchpad does (data.py)")
+    ap.add_argument("--fixed-width", action="store_true",
+                    help="write the numbers of an expression with leading zeros to one width (010+022; data.py)")
     ap.add_argument("--shares", help="budget shares of the base models, e.g. m_A=0.3,m_B=0.4 (default per "
                                      f"protocol: {BASE_SHARE}); the compositions share the rest")
     args = ap.parse_args(argv)
@@ -91,7 +93,7 @@ def main(argv=None) -> dict:
     keys = {} if args.n_keys is None else {"n_keys": args.n_keys}
     kv, models = protocol_config(args.protocol, seed=args.seed, reread_letters=args.reread_letters,
                                  augment_markers=args.augment_markers, augment_eos=not args.augment_no_eos,
-                                 close_copy=args.close_copy, **keys), dict(MODELS)
+                                 close_copy=args.close_copy, fixed_width=args.fixed_width, **keys), dict(MODELS)
     if args.base:  # the data (protocol included) and models those base models were trained with
         saved = json.loads((Path(args.base) / "config.json").read_text())
         kv, models = KVConfig(**saved["data"]), {k: GPTConfig(**v) for k, v in saved["models"].items()}

@@ -44,9 +44,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--rows", required=True, help="ROW=TAG,...: table rows and the sweep jobs they come from")
     ap.add_argument("--command", required=True, help="the command that ran the sweep")
     ap.add_argument("--out", default="benchmarks/results/kv_arithmetic.json")
+    ap.add_argument("--device", help="the machine, where the first JSON's (one process's) says too little")
     args = ap.parse_args(argv)
     rows = dict(item.split("=", 1) for item in args.rows.split(","))
     table = gather(Path(args.sweep), args.first, rows, args.command)
+    if args.device:
+        table["device"] = args.device
     Path(args.out).write_text(json.dumps(table, indent=1) + "\n")
     print(format_table({k: table[k] for k in ("m_A", "m_B", *rows)}))
     return table
