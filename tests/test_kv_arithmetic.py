@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from examples.kv_arithmetic.data import (EOS_ID, PAD_ID, VOCAB_SIZE, KVConfig, KVDataset, KVWorld, decode,
+from examples.kv_arithmetic.data import (EOS_ID, PAD_ID, SEP, VOCAB_SIZE, KVConfig, KVDataset, KVWorld, decode,
                                          encode, protocol_config)
-from examples.kv_arithmetic.evaluate import exact_match, final_result, greedy_complete
+from examples.kv_arithmetic.evaluate import exact_match, final_result, greedy_complete, hit
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = KVConfig(n_keys=60, min_operands=3, max_operands=5, n_eval=300, seed=3)
@@ -185,6 +185,31 @@ def test_augment_markers_change_only_the_marker_of_m_As_substitution_prompts(pad
     other = KVDataset(both, "numeric_arithmetic", "train", size=50)
     same = KVDataset(pad_world, "numeric_arithmetic", "train", size=50)
     assert all(torch.equal(other[i]["input_ids"], same[i]["input_ids"]) for i in range(50))
+
+
+def test_closed_copies_fixed_widths_and_m_As_end(pad_world):
+    closed = KVWorld(replace(pad_world.cfg, close_copy=True))
+    wide = KVWorld(replace(pad_world.cfg, fixed_width=True))
+    no_end = KVWorld(replace(pad_world.cfg, augment_eos=False))
+    for expr in pad_world.eval_exprs[:50]:
+        for task in ("kv_substitution", "numeric_copy"):  # `>` answers: closed with the separator
+            assert closed.example(expr, task)[1] == pad_world.example(expr, task)[1] + SEP
+        for task in ("numeric_arithmetic", "kv_arithmetic"):
+            assert closed.example(expr, task) == pad_world.example(expr, task)
+        ref = pad_world.example(expr, "numeric_arithmetic")[1]
+        padded = wide.example(expr, "numeric_arithmetic")[1]
+        assert padded.split(SEP)[1] == ref.split(SEP)[1]                          # the result is not padded
+        numbers = re.split("[-+]", padded.split(SEP)[0])
+        assert all(len(n) == 2 for n in numbers) and [int(n) for n in numbers] == [int(n) for n in
+                                                                                   re.split("[-+]", ref.split(SEP)[0])]
+    for i in range(20):  # m_A's loss leaves out the EOS, and only that
+        a, b = KVDataset(pad_world, "kv_substitution", "train", size=20)[i], KVDataset(no_end, "kv_substitution", "train", size=20)[i]
+        end = int(a["label_mask"].nonzero().max())
+        assert torch.equal(a["input_ids"], b["input_ids"]) and a["input_ids"][end] == EOS_ID
+        assert not b["label_mask"][end] and torch.equal(a["label_mask"][:end], b["label_mask"][:end])
+    kept = KVDataset(no_end, "kv_substitution", "compose", size=5)[0]  # the composition's data keeps it
+    assert kept["label_mask"][int(kept["label_mask"].nonzero().max())] and kept["input_ids"][int(kept["label_mask"].nonzero().max())] == EOS_ID
+    assert hit("10+22;", "10+22;") and not hit("10+22;", "10+23;") and not hit("10+22;5", "10+22;")
 
 
 def test_final_result_scoring():
