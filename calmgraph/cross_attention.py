@@ -6,10 +6,10 @@ The block returns only `delta`; the residual add is its own node in the fused gr
 W_O starts at zero, with `gate="tanh"` a scalar gate tanh(g) starts at zero: either way the composition
 computes exactly the target model at initialisation.
 
-With `rotary=True` (shared input only, where position i of both models is the same token) Q and K are
-rotated by their token positions (RoPE, Su et al. 2021), so a block can attend by relative position: to
-"the augment at this very token" as easily as by content. The paper's formula has no positions. With `window=w` (shared input too) position t
-reads only the source positions t-w+1..t; `window=1` reads the augment at the same token alone.
+Two options for shared input, where position i of both models is the same token (the paper's formula has
+no positions): `rotary=True` rotates Q and K by their token positions (RoPE, Su et al. 2021), so a block can
+attend by relative position as well as by content; `window=w` lets position t read only the source
+positions t-w+1..t (`window=1`: the augment at the same token alone).
 """
 from __future__ import annotations
 

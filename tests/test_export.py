@@ -143,3 +143,23 @@ def test_meta_weights_are_refused_with_what_to_do(tmp_path):
     composed = cg.compile(DEMO_SPEC, models=m)  # compiling needs no real weights ...
     with pytest.raises(cg.ExportError, match=r"weights are on the meta device .* load them"):
         composed.export(tmp_path / "composed.pt2")  # ... an artifact does
+
+
+def test_windowed_rotary_blocks_export_and_run_at_other_shapes(tmp_path):
+    """Positions (RoPE) and windows are computed from the sequence length inside the graph: the `.pt2`
+    must give the composition's logits at lengths other than the one it was exported with."""
+    from examples.handwritten_gpt.gpt import GPT, GPTConfig
+    torch.manual_seed(0)
+    models = {"base": GPT(GPTConfig(vocab_size=VOCAB, block_size=40, n_layer=2, n_head=2, n_embd=64)).eval(),
+              "aug": GPT(GPTConfig(vocab_size=VOCAB, block_size=40, n_layer=2, n_head=2, n_embd=32)).eval()}
+    composed = cg.compile({"anchor": {"name": "base"}, "augments": [{"name": "aug"}],
+                           "edges": [{"source": "aug", "target": "base", "layers": {"every": 1}}],
+                           "cross_attention": {"positions": "rotary", "window": 3}}, models=models)
+    with torch.no_grad():
+        for p in composed.new_parameters():
+            p.normal_(0, 0.2)
+    program = torch.export.load(str(composed.export(tmp_path / "composed.pt2"))).module()
+    for shape in [(2, 11), (3, 17), (1, 1)]:
+        ids = torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(shape[1]))
+        with torch.no_grad():
+            torch.testing.assert_close(program(ids), composed(ids), rtol=1e-5, atol=1e-5)

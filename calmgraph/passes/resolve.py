@@ -109,8 +109,8 @@ def resolve(spec: CompositionSpec, traced: dict[str, TracedModel]) -> list[Link]
                     pairs.append((rs, rt))
         heads, dim_head = _heads(config, target)
         if rotary and dim_head % 2:
-            problems.append(Problem(_where(edge, i, "positions"), f"rotary positions turn channel pairs, but dim_head is {dim_head} (odd); "
-                                           "set cross_attention.dim_head to an even number"))
+            problems.append(Problem(_where(edge, i, "positions"), f"rotary positions turn channel pairs, but "
+                                    f"dim_head is {dim_head} (odd); set cross_attention.dim_head to an even number"))
         for s, t in pairs:
             links.append(Link(i, edge.source, edge.target, s, t, source.dim, target.dim, heads, dim_head,
                               config, causal=inputs[edge.source] == "shared"))
