@@ -9,6 +9,8 @@ from examples.kv_arithmetic.compose import compose, train_composition
 from examples.kv_arithmetic.evaluate import answers, hit
 from calmgraph.cross_attention import CrossAttention
 from collections import defaultdict
+import examples.kv_arithmetic.compose as C
+C.LAYERS["last_to_0"] = [[-1, 0]]; C.LAYERS["last_to_1"] = [[-1, 1]]
 torch.set_num_threads(int(sys.argv[5]) if len(sys.argv) > 5 else 2)
 out = Path(sys.argv[1]); mode = sys.argv[2]; layers = sys.argv[3]; steps = int(sys.argv[4])
 world = KVWorld(KVConfig(**json.loads((out / "config.json").read_text())["data"]))
