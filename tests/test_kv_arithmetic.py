@@ -212,6 +212,19 @@ def test_closed_copies_fixed_widths_and_m_As_end(pad_world):
     assert hit("10+22;", "10+22;") and not hit("10+22;", "10+23;") and not hit("10+22;5", "10+22;")
 
 
+def test_kv_scratchpad_shows_the_separator_and_no_result(pad_world):
+    pads, full = (KVDataset(pad_world, task, "compose", size=40) for task in ("kv_scratchpad", "kv_arithmetic"))
+    for i in range(40):
+        a, b = pads[i], full[i]
+        assert torch.equal(a["input_ids"], b["input_ids"])
+        text = decode(a["input_ids"].tolist())
+        marked = [t for t, m in zip(a["input_ids"].tolist(), a["label_mask"].tolist()) if m]
+        assert decode(marked) == text.split("=", 1)[1].split(SEP)[0] + SEP   # scratchpad and separator, no result
+        assert a["label_mask"].sum() < b["label_mask"].sum()
+    with pytest.raises(ValueError, match="only in the scratchpad protocol"):
+        KVDataset(KVWorld(CFG), "kv_scratchpad", "compose", size=1)[0]
+
+
 def test_final_result_scoring():
     assert final_result("10+22-24;8") == "8" and final_result("-12") == "-12" and final_result("1;2;3") == "3"
 

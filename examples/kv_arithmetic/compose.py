@@ -11,6 +11,8 @@ Both base models stay frozen. The composition trains on `--data`:
     substitution   KV-substitution over the 20% of keys in `world.compose_keys` (the paper's protocol)
     kv_mix         KV-substitution and KV-arithmetic, half each, over the same 20% of keys (a fallback that
                    departs from the paper: the composition sees the `=` task on keys, never the other 80%)
+    kv_pad         KV-substitution, and KV-arithmetic prompts with the loss on the scratchpad and its `;` only
+                   (a smaller departure: the composition learns that a `=` answer goes on, never a result)
     *_replay       the same plus m_B's own numeric tasks (see COMPOSE_DATA)
 
 Writes `calm_<data>.safetensors` (the new parameters only), `calm_<data>_spec.json` and
@@ -38,6 +40,7 @@ from examples.kv_arithmetic.train_base import load_base
 COMPOSE_DATA = {
     "substitution": {"kv_substitution": 1.0},
     "kv_mix": {"kv_substitution": 0.5, "kv_arithmetic": 0.5},
+    "kv_pad": {"kv_substitution": 0.5, "kv_scratchpad": 0.5},
     "substitution_replay": {"kv_substitution": 0.5, "numeric_arithmetic": 0.375, "numeric_copy": 0.125},
     "kv_mix_replay": {"kv_substitution": 0.25, "kv_arithmetic": 0.25, "numeric_arithmetic": 0.375,
                       "numeric_copy": 0.125},

@@ -34,6 +34,7 @@ Two protocols (`KVConfig.protocol`):
                   for keys, puts the values where the anchor's own arithmetic reads them: in its output.
 
     numeric_reread       "31-7+60="     ->  "10+22-24;8"    loss on ";8" only (scratchpad only)
+    kv_scratchpad        "ab+cde-fg="   ->  "10+22-24;8"    loss on "10+22-24;" only: no result on keys
 
 numeric_reread teaches m_B that the result is a function of its scratchpad, not of the prompt: the
 prompt shows another expression and the copy part is given (teacher-forced, no loss), so the result can
@@ -62,7 +63,7 @@ PAD_ID, EOS_ID = 0, 1
 VOCAB_SIZE = len(CHARS) + 2
 STOI = {ch: i + 2 for i, ch in enumerate(CHARS)}
 
-TASKS = ("kv_substitution", "numeric_arithmetic", "kv_arithmetic", "numeric_copy", "numeric_reread")
+TASKS = ("kv_substitution", "numeric_arithmetic", "kv_arithmetic", "numeric_copy", "numeric_reread", "kv_scratchpad")
 PROTOCOLS = ("direct", "scratchpad")
 SEP = ";"  # ends the scratchpad, before the result
 Expr = tuple[tuple[int, ...], tuple[str, ...]]  # (key indices, operators between them)
@@ -203,6 +204,7 @@ class KVWorld:
             "kv_substitution": (keys_text + ">", copy),
             "numeric_arithmetic": (nums_text + "=", result),
             "kv_arithmetic": (keys_text + "=", result),
+            "kv_scratchpad": (keys_text + "=", result),  # the loss stops at the separator (KVDataset)
             "numeric_copy": (nums_text + ">", copy),
         }[task]
 
@@ -269,6 +271,12 @@ class KVDataset(Dataset):
             return self.world.tensors(prompt, answer, loss_from=answer.index(SEP))
         prompt, answer = self.world.example(expr, task)
         cfg = self.world.cfg
+        if task == "kv_scratchpad":  # the scratchpad and its `;` only: no result on keys is ever shown
+            if SEP not in answer:
+                raise ValueError("kv_scratchpad exists only in the scratchpad protocol")
+            item = self.world.tensors(prompt, answer)
+            item["label_mask"][len(prompt) + answer.index(SEP) + 1:] = False
+            return item
         if task != "kv_substitution" or self.split != "train":
             return self.world.tensors(prompt, answer)
         if cfg.augment_markers != ">":  # m_A's own data

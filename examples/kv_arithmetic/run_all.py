@@ -43,7 +43,7 @@ from examples.kv_arithmetic.train_base import MODELS, load_base, smoke_config, t
 # (whose skill the composition reuses) gets more.
 BASE_SHARE = {"direct": {"m_A": 0.15, "m_B": 0.40}, "scratchpad": {"m_A": 0.15, "m_B": 0.45}}
 DEFAULT_COMPOSITIONS = {"direct": "calm,calm_kv_mix", "scratchpad": "calm"}
-COMPOSE_DATA_OF = {"calm": "substitution", "calm_kv_mix": "kv_mix", "calm_replay": "substitution_replay",
+COMPOSE_DATA_OF = {"calm": "substitution", "calm_kv_mix": "kv_mix", "calm_kv_pad": "kv_pad", "calm_replay": "substitution_replay",
                    "calm_kv_mix_replay": "kv_mix_replay"}
 PAPER = {"m_A": {"kv_substitution": 98.1, "numeric_arithmetic": 4.2, "kv_arithmetic": 0.7},
          "m_B": {"kv_substitution": 0.0, "numeric_arithmetic": 73.7, "kv_arithmetic": 0.0},
