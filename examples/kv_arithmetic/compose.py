@@ -90,7 +90,7 @@ def train_composition(composed: cg.ComposedModel, world: KVWorld, data: str, *, 
     return tuner.accelerator.unwrap_model(tuner.model, keep_fp32_wrapper=False), tuner, run
 
 
-def _layers(name: str) -> str:
+def layers_arg(name: str) -> str:
     layer_choice(name)  # refused here, at parse time
     return name
 
@@ -109,7 +109,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--layers", default="every1", type=_layers, help=f"which blocks are connected: {list(LAYERS)} "
+    ap.add_argument("--layers", default="every1", type=layers_arg, help=f"which blocks are connected: {list(LAYERS)} "
                                                                     "or pairs S:T,... (m_A block S -> m_B block T)")
     ap.add_argument("--positions", choices=["none", "rotary"], default="none",
                     help="cross-attention positions (rotary: RoPE on queries and keys)")

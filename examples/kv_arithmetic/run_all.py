@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import save_model
 
 from examples.handwritten_gpt.gpt import GPTConfig
-from examples.kv_arithmetic.compose import (COMPOSE_DATA, LAYERS, _layers, compose, layer_choice, save_composition,
+from examples.kv_arithmetic.compose import (COMPOSE_DATA, LAYERS, compose, layer_choice, layers_arg, save_composition,
                                            train_composition)
 from examples.kv_arithmetic.data import PROTOCOLS, SEP, KVConfig, KVWorld, protocol_config
 from examples.kv_arithmetic.evaluate import EVAL_TASKS, answers, compose_key_accuracy, format_table, hit
@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
                     help="answer format (data.py): scratchpad (default) or direct (the first attempt)")
     ap.add_argument("--compositions", help=f"rows to train, of {list(COMPOSE_DATA_OF)} "
                                            f"(default per protocol: {DEFAULT_COMPOSITIONS})")
-    ap.add_argument("--layers", default="every1", type=_layers, help=f"which blocks are connected: {list(LAYERS)} "
+    ap.add_argument("--layers", default="every1", type=layers_arg, help=f"which blocks are connected: {list(LAYERS)} "
                                                                     "or pairs S:T,... (m_A block S -> m_B block T)")
     ap.add_argument("--positions", choices=["none", "rotary"], default="none",
                     help="cross-attention positions (rotary: RoPE on queries and keys; the paper's have none)")
