@@ -10,6 +10,10 @@ Two options for shared input, where position i of both models is the same token 
 no positions): `rotary=True` rotates Q and K by their token positions (RoPE, Su et al. 2021), so a block can
 attend by relative position as well as by content; `window=w` lets position t read only the source
 positions t-w+1..t (`window=1`: the augment at the same token alone).
+
+`null_kv=True` adds one learned key/value pair (no position) that every query may attend to, so a head can
+read nothing from the source where the source has nothing for it. Without it a `window=1` block is a fixed
+linear map of the source's state at each token: its softmax over one key is always 1.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ NORMS = {"rms": nn.RMSNorm, "layer": nn.LayerNorm, "none": lambda dim: nn.Identi
 class CrossAttention(nn.Module):
     def __init__(self, dim: int, dim_context: int, *, heads: int, dim_head: int, norm: str = "rms",
                  gate: str = "zero", project_context: bool = True, causal: bool = False, rotary: bool = False,
-                 window: int | None = None):
+                 window: int | None = None, null_kv: bool = False):
         super().__init__()
         if not project_context and dim_context != dim:
             raise ValueError(f"project_context=False needs equal dims; got context {dim_context} and {dim}")
@@ -44,6 +48,7 @@ class CrossAttention(nn.Module):
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
+        self.null_kv = nn.Parameter(torch.randn(2, heads, 1, dim_head) * 0.02) if null_kv else None  # key, value
         self.gate = nn.Parameter(torch.zeros(1)) if gate == "tanh" else None
         if gate == "zero":
             nn.init.zeros_(self.to_out.weight)
@@ -74,6 +79,13 @@ class CrossAttention(nn.Module):
             mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
             if self.window is not None:  # ... and no further back than window - 1 positions
                 mask = mask.triu(s - t - self.window + 1)
+        if self.null_kv is not None:  # one more key, first, that every query may read
+            if square:
+                mask, square = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(), False
+            null_k, null_v = (n.to(k.dtype).expand(k.shape[0], -1, -1, -1) for n in self.null_kv)
+            k, v = torch.cat((null_k, k), dim=-2), torch.cat((null_v, v), dim=-2)
+            if mask is not None:
+                mask = F.pad(mask, (1, 0), value=True)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=square)
         if mask is not None:  # a prompt that is all padding gives no context (and not NaN)
             out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)

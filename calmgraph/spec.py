@@ -45,6 +45,7 @@ class CrossAttentionSpec(_Spec):
     project_context: bool = True              # f_proj: linear map from source dim to target dim
     positions: Literal["none", "rotary"] = "none"  # rotary: RoPE on Q and K (shared-input augments only)
     window: PositiveInt | None = None         # shared augments: position t reads source positions t-window+1..t
+    null_kv: bool = False                     # a learned key/value every query may attend to (read nothing)
 
 
 class CrossAttentionOverride(_Spec):
@@ -57,6 +58,7 @@ class CrossAttentionOverride(_Spec):
     project_context: bool | None = None
     positions: Literal["none", "rotary"] | None = None
     window: PositiveInt | None = None
+    null_kv: bool | None = None
 
 
 class Every(_Spec):

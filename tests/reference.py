@@ -108,6 +108,11 @@ def reference_cross_attention(block, x, ctx, mask=None, causal=False):
         allowed = allowed & (back >= 0) & (back < window)
     if mask is not None:
         allowed = allowed & mask.bool()[:, None, None, :]
+    if getattr(block, "null_kv", None) is not None:  # a key/value without position that every query may read
+        null_k, null_v = block.null_kv
+        scores = torch.cat((q @ null_k.transpose(-1, -2) / math.sqrt(q.shape[-1]), scores), dim=-1)
+        v = torch.cat((null_v.expand(B, -1, -1, -1), v), dim=-2)
+        allowed = torch.cat((torch.ones_like(allowed[..., :1]), allowed.expand(B, -1, T, -1)), dim=-1)
     weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
     out = (weights @ v).transpose(1, 2).reshape(B, T, -1) @ block.to_out.weight.T
     return out * torch.tanh(block.gate) if block.gate is not None else out

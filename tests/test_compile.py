@@ -69,6 +69,17 @@ def test_prompt_augment(encoder, ids):
     check_identity_and_parity(composed, models, ids, {"docs": prompt_ids()})
 
 
+def test_null_kv_with_a_padded_prompt(ids):
+    # The null key stays readable where the prompt is padding, and from a prompt that is all padding.
+    torch.manual_seed(0)
+    models = {"base": llama_or_gpt(), "docs": TinyEncoder(vocab=VOCAB, dim=32, depth=2, heads=2).eval()}
+    composed = cg.compile(spec({"name": "docs", "input": "prompt"},
+                               edges=[every("docs", 1, cross_attention={"null_kv": True})]), models=models)
+    p, m = prompt_ids()
+    m[1] = 0
+    check_identity_and_parity(composed, models, ids, {"docs": (p, m)})
+
+
 def llama_or_gpt():
     return gpt(dim=64, depth=4).eval()
 
@@ -131,17 +142,19 @@ def test_cross_attention_options(tap, gate, norm, ids):
     check_identity_and_parity(composed, models, ids)
 
 
-@pytest.mark.parametrize("options", [{"positions": "rotary"}, {"window": 1}, {"window": 3, "positions": "rotary"}],
-                         ids=["rotary", "window1", "window3_rotary"])
+@pytest.mark.parametrize("options", [{"positions": "rotary"}, {"window": 1}, {"window": 3, "positions": "rotary"},
+                                     {"null_kv": True}, {"window": 1, "null_kv": True, "positions": "rotary"}],
+                         ids=["rotary", "window1", "window3_rotary", "null_kv", "window1_null_kv_rotary"])
 def test_positional_cross_attention_matches_the_reference(options, ids):
     """RoPE on queries and keys against the reference's own complex-number rotation; a window against its
-    own position arithmetic."""
+    own position arithmetic; a null key/value against its own extra score column."""
     torch.manual_seed(0)
     models = {"base": DECODERS["llama"](dim=48).eval(), "kv": gpt(dim=32).eval()}
     s = spec({"name": "kv"}, edges=[every("kv", 1, cross_attention=options)])
     composed = cg.compile(s, models=models)
     blocks = [composed.get_submodule(".".join(("xattn", *l.module_path))) for l in composed.links]
-    assert all((b.rotary, b.window) == (options.get("positions") == "rotary", options.get("window")) for b in blocks)
+    assert all((b.rotary, b.window, b.null_kv is not None) ==
+               (options.get("positions") == "rotary", options.get("window"), options.get("null_kv", False)) for b in blocks)
     check_identity_and_parity(composed, models, ids)
 
 

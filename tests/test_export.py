@@ -145,7 +145,8 @@ def test_meta_weights_are_refused_with_what_to_do(tmp_path):
         composed.export(tmp_path / "composed.pt2")  # ... an artifact does
 
 
-def test_windowed_rotary_blocks_export_and_run_at_other_shapes(tmp_path):
+@pytest.mark.parametrize("null_kv", [False, True], ids=["", "null_kv"])
+def test_windowed_rotary_blocks_export_and_run_at_other_shapes(tmp_path, null_kv):
     """Positions (RoPE) and windows are computed from the sequence length inside the graph: the `.pt2`
     must give the composition's logits at lengths other than the one it was exported with."""
     from examples.handwritten_gpt.gpt import GPT, GPTConfig
@@ -154,7 +155,7 @@ def test_windowed_rotary_blocks_export_and_run_at_other_shapes(tmp_path):
               "aug": GPT(GPTConfig(vocab_size=VOCAB, block_size=40, n_layer=2, n_head=2, n_embd=32)).eval()}
     composed = cg.compile({"anchor": {"name": "base"}, "augments": [{"name": "aug"}],
                            "edges": [{"source": "aug", "target": "base", "layers": {"every": 1}}],
-                           "cross_attention": {"positions": "rotary", "window": 3}}, models=models)
+                           "cross_attention": {"positions": "rotary", "window": 3, "null_kv": null_kv}}, models=models)
     with torch.no_grad():
         for p in composed.new_parameters():
             p.normal_(0, 0.2)

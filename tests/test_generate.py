@@ -224,17 +224,18 @@ def test_cached_decode_logits_equal_full_forwards(hf_composition):
     torch.testing.assert_close(torch.cat(got, 1), full, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rotary, window", [(False, None), (True, None), (False, 2), (True, 1)],
-                         ids=["plain", "rotary", "window2", "window1_rotary"])
+@pytest.mark.parametrize("rotary, window, null_kv", [(False, None, False), (True, None, False), (False, 2, False),
+                                                    (True, 1, False), (False, None, True), (True, 1, True)],
+                         ids=["plain", "rotary", "window2", "window1_rotary", "null_kv", "window1_rotary_null_kv"])
 @pytest.mark.parametrize("t", [1, 3, 7])
-def test_causal_cross_attention_reads_the_last_positions_as_the_full_sequence_does(t, rotary, window):
+def test_causal_cross_attention_reads_the_last_positions_as_the_full_sequence_does(t, rotary, window, null_kv):
     """A decode step's queries are the last t of the context's 8 positions: each must see exactly what
     the same position sees when the whole sequence is read at once (and, rotary, be turned by its own
     position), as the float64 reference computes it."""
     from calmgraph.cross_attention import CrossAttention
     from tests.reference import reference_cross_attention
     torch.manual_seed(0)
-    block = CrossAttention(16, 12, heads=2, dim_head=8, causal=True, rotary=rotary, window=window)
+    block = CrossAttention(16, 12, heads=2, dim_head=8, causal=True, rotary=rotary, window=window, null_kv=null_kv)
     torch.nn.init.normal_(block.to_out.weight)
     x, context = torch.randn(2, 8, 16), torch.randn(2, 8, 12)
     step = block(x[:, -t:], context)
@@ -252,10 +253,11 @@ def test_cached_generation_equals_recomputing_with_padded_rows(hf_composition):
     assert torch.equal(cached, composed.generate(ids, 10, cache=False, **kwargs))
 
 
-def test_cached_generation_with_rotary_windowed_cross_attention_equals_recomputing():
+@pytest.mark.parametrize("null_kv", [False, True], ids=["", "null_kv"])
+def test_cached_generation_with_rotary_windowed_cross_attention_equals_recomputing(null_kv):
     """Rotary windowed blocks in the decode graph turn a step's query by its place in the sequence and read
     back from there: the tokens of left-padded rows match recomputing the whole sequence each step."""
-    composed, _, name = hf({"positions": "rotary", "window": 3})
+    composed, _, name = hf({"positions": "rotary", "window": 3, "null_kv": null_kv})
     ids, mask = tokens((3, 9), 43), torch.ones(3, 9, dtype=torch.long)
     mask[1, :4] = 0
     kwargs = dict(temperature=0, attention_mask=mask, **prompt(name))

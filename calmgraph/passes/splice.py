@@ -24,7 +24,7 @@ def build_block(link: Link, like) -> CrossAttention:
     c = link.config
     block = CrossAttention(link.target_dim, link.source_dim, heads=link.heads, dim_head=link.dim_head,
                            norm=c.norm, gate=c.gate, project_context=c.project_context, causal=link.causal,
-                           rotary=c.positions == "rotary", window=c.window)
+                           rotary=c.positions == "rotary", window=c.window, null_kv=c.null_kv)
     return block.to(device=like.device, dtype=like.dtype)
 
 
