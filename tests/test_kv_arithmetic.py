@@ -153,6 +153,26 @@ def test_numeric_reread_puts_the_loss_on_the_result_only(pad_world):
         KVWorld(KVConfig(protocol="chain"))
 
 
+def test_copy_reread_puts_the_loss_on_the_end_of_a_given_copy(pad_world):
+    from examples.kv_arithmetic.train_base import task_mix
+    lettered = KVWorld(replace(pad_world.cfg, reread_letters=0.5, reread_copy=0.5))
+    ds = KVDataset(lettered, "copy_reread", "train", size=200)
+    n_letters = 0
+    for i in range(len(ds)):
+        ids, mask = ds[i]["input_ids"].tolist(), ds[i]["label_mask"].tolist()
+        prompt, copy = decode(ids).split(">", 1)
+        assert re.fullmatch(r"\d+([-+]\d+)*", copy) and copy.count("+") + copy.count("-") == len(re.split("[-+]", prompt)) - 1
+        assert [t for t, m in zip(ids, mask) if m] == [EOS_ID]   # only where the given copy ends
+        n_letters += prompt.replace("+", "").replace("-", "").isalpha()
+        assert not set(re.split("[-+]", prompt)) & set(lettered.keys)  # letters or numbers, never a key
+    assert 60 < n_letters < 140
+    mix = task_mix(lettered.cfg, "m_B")
+    assert mix["copy_reread"] == mix["numeric_copy"] == 0.125 and sum(mix.values()) == 1.0
+    assert task_mix(pad_world.cfg, "m_B") == {"numeric_arithmetic": 0.5, "numeric_reread": 0.25, "numeric_copy": 0.25}
+    with pytest.raises(ValueError, match="only in the scratchpad protocol"):
+        KVDataset(KVWorld(CFG), "copy_reread", "train", size=1)[0]
+
+
 def test_reread_letters_prompts_hold_no_key_and_leave_the_rest_alone(pad_world):
     lettered = KVWorld(replace(pad_world.cfg, reread_letters=0.5))
     plain, mixed = (KVDataset(w, "numeric_reread", "train", size=300) for w in (pad_world, lettered))
@@ -210,6 +230,23 @@ def test_closed_copies_fixed_widths_and_m_As_end(pad_world):
     kept = KVDataset(no_end, "kv_substitution", "compose", size=5)[0]  # the composition's data keeps it
     assert kept["label_mask"][int(kept["label_mask"].nonzero().max())] and kept["input_ids"][int(kept["label_mask"].nonzero().max())] == EOS_ID
     assert hit("10+22;", "10+22;") and not hit("10+22;", "10+23;") and not hit("10+22;5", "10+22;")
+
+
+def test_eos_loss_off_drops_the_end_of_substitutions_only(pad_world):
+    # --compose-no-eos: the same items; KV-substitution answers lose the loss on their EOS, nothing else changes.
+    tasks = {"kv_substitution": 0.5, "kv_scratchpad": 0.25, "kv_arithmetic": 0.25}
+    with_end, without = (KVDataset(pad_world, tasks, "compose", size=40, eos_loss=e) for e in (True, False))
+    dropped = 0
+    for i in range(40):
+        a, b = with_end[i], without[i]
+        end = int((a["input_ids"] == EOS_ID).nonzero())
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["label_mask"][:end], b["label_mask"][:end])
+        if with_end.expr_and_task(i)[1] == "kv_substitution":
+            assert a["label_mask"][end] and not b["label_mask"][end]
+            dropped += 1
+        else:
+            assert torch.equal(a["label_mask"], b["label_mask"])
+    assert 10 < dropped < 30
 
 
 def test_kv_scratchpad_shows_the_separator_and_no_result(pad_world):
@@ -344,8 +381,9 @@ def test_compositions_sweep_smoke(tmp_path):
     # The sweep script with --smoke: one pipeline trains the base models (with BASE_ARGS), the other jobs
     # reuse them, each with its own composition options.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "KV_EXTRA": "--smoke",
-           "KV_BASE": str(tmp_path / "base"), "PYTHON": sys.executable, "BASE_ARGS": "--augment-markers >="}
-    jobs = "near:calm --window 1 --layers last,plain:calm,near_replay:calm_replay --positions rotary --window 2"
+           "KV_BASE": str(tmp_path / "base"), "PYTHON": sys.executable, "BASE_ARGS": "--augment-markers >= --reread-copy 0.5"}
+    jobs = ("near:calm --window 1 --layers last --null-kv --compose-no-eos,plain:calm,"
+            "near_replay:calm_replay --positions rotary --window 2")
     proc = subprocess.run(["bash", "examples/kv_arithmetic/compositions_sweep.sh", str(tmp_path / "out"), "60", "20",
                            "0.5", jobs], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     logs = "".join(p.read_text()[-2000:] for p in (tmp_path / "out").glob("*.log"))
@@ -358,8 +396,12 @@ def test_compositions_sweep_smoke(tmp_path):
     assert all(reports[t]["runs"]["m_B"]["loaded_from"] == str(tmp_path / "base") for t in ("plain", "near_replay"))
     assert reports["plain"]["details"]["m_A"] == reports["near"]["details"]["m_A"]  # the same base models
     assert reports["near"]["data"]["reread_letters"] == 0.5 and reports["near"]["data"]["augment_markers"] == ">="
+    assert reports["near"]["data"]["reread_copy"] == 0.5
+    assert [(reports[t]["null_kv"], reports[t]["compose_eos_loss"]) for t in ("near", "plain")] == [(True, False), (False, True)]
     spec = json.loads((tmp_path / "base" / "calm_spec.json").read_text())
-    assert spec["cross_attention"]["window"] == 1
+    assert spec["cross_attention"]["window"] == 1 and spec["cross_attention"]["null_kv"] is True
+    forced = reports["near"]["details"]["calm"]["kv_arithmetic"]["pct_result_right_given_scratchpad_forced"]
+    assert 0.0 <= forced <= 100.0
 
     from examples.kv_arithmetic.table import main as table
     got = table(["--sweep", str(tmp_path / "out"), "--first", "near", "--rows", "calm=near,calm_replay=near_replay,plain=plain",
@@ -368,4 +410,5 @@ def test_compositions_sweep_smoke(tmp_path):
     assert got["m_B"] == reports["near"]["m_B"] and got["calm_replay"] == reports["near_replay"]["calm_replay"]
     assert got["plain"] == reports["plain"]["calm"] and got["compositions"]["plain"]["window"] is None
     assert got["compositions"]["calm"] == {"trained_on": {"kv_substitution": 1.0}, "layers": [[-1, -1]],
-                                           "positions": "none", "window": 1, "job": "near"}
+                                           "positions": "none", "window": 1, "null_kv": True, "eos_loss": False,
+                                           "job": "near"}

@@ -60,27 +60,29 @@ def layer_choice(name: str):
         raise argparse.ArgumentTypeError(f"{name!r} is neither one of {list(LAYERS)} nor pairs like -1:3,1:2") from None
 
 
-def spec(layers: str = "every1", positions: str = "none", window: int | None = None) -> dict:
+def spec(layers: str = "every1", positions: str = "none", window: int | None = None, null_kv: bool = False) -> dict:
     """m_A (augment, shared tokens) -> m_B (anchor) at the layer pairs `layer_choice(layers)`. The paper's blocks attend
     to every earlier token by content; `positions="rotary"` adds relative positions (RoPE), `window=w` reads
-    only the last w tokens (1: m_A at the same token)."""
+    only the last w tokens (1: m_A at the same token), `null_kv` lets a head read nothing."""
     return {"anchor": {"name": "m_B"},
             "augments": [{"name": "m_A", "input": "shared"}],
             "edges": [{"source": "m_A", "target": "m_B", "layers": layer_choice(layers)}],
-            "cross_attention": {"positions": positions, "window": window}}
+            "cross_attention": {"positions": positions, "window": window, "null_kv": null_kv}}
 
 
 def compose(m_A: GPT, m_B: GPT, layers: str = "every1", positions: str = "none",
-            window: int | None = None) -> cg.ComposedModel:
-    return cg.compile(spec(layers, positions, window), models={"m_A": m_A, "m_B": m_B})
+            window: int | None = None, null_kv: bool = False) -> cg.ComposedModel:
+    return cg.compile(spec(layers, positions, window, null_kv), models={"m_A": m_A, "m_B": m_B})
 
 
 def train_composition(composed: cg.ComposedModel, world: KVWorld, data: str, *, steps: int, batch_size: int,
                       lr: float, seed: int = 0, cpu: bool = False, progress: bool = True,
-                      seconds: float | None = None, num_workers: int = 0) -> tuple[cg.ComposedModel, FineTuner, dict]:
-    """Train the composition's new parameters on `COMPOSE_DATA[data]` over the composition's keys."""
+                      seconds: float | None = None, num_workers: int = 0, eos_loss: bool = True
+                      ) -> tuple[cg.ComposedModel, FineTuner, dict]:
+    """Train the composition's new parameters on `COMPOSE_DATA[data]` over the composition's keys (with
+    `eos_loss=False`, without the loss on the EOS that ends a KV-substitution answer)."""
     torch.manual_seed(seed)
-    dataset = KVDataset(world, COMPOSE_DATA[data], "compose", size=10**9)
+    dataset = KVDataset(world, COMPOSE_DATA[data], "compose", size=10**9, eos_loss=eos_loss)
     cfg = TrainConfig(max_steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(100, steps // 10),
                       weight_decay=0.01, shuffle=False, seed=seed, cpu=cpu, progress=progress,
                       num_workers=num_workers)
@@ -114,6 +116,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--positions", choices=["none", "rotary"], default="none",
                     help="cross-attention positions (rotary: RoPE on queries and keys)")
     ap.add_argument("--window", type=int, help="each anchor token reads m_A's last WINDOW tokens (default: all)")
+    ap.add_argument("--null-kv", action="store_true", help="a learned null key/value: a head may read nothing")
+    ap.add_argument("--no-eos", action="store_true", help="no loss on the EOS of KV-substitution answers: where "
+                                                          "they end is left to the anchor")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.smoke:
@@ -121,10 +126,12 @@ def main(argv=None) -> dict:
 
     base = Path(args.base)
     world = KVWorld(KVConfig(**json.loads((base / "config.json").read_text())["data"]))
-    composed = compose(load_base(base, "m_A"), load_base(base, "m_B"), args.layers, args.positions, args.window)
+    composed = compose(load_base(base, "m_A"), load_base(base, "m_B"), args.layers, args.positions, args.window,
+                       args.null_kv)
     print(composed.summary())
     composed, tuner, run = train_composition(composed, world, args.data, steps=args.steps, batch_size=args.batch_size,
-                                             lr=args.lr, seed=args.seed, cpu=args.smoke, progress=not args.smoke)
+                                             lr=args.lr, seed=args.seed, cpu=args.smoke, progress=not args.smoke,
+                                             eos_loss=not args.no_eos)
     if not tuner.accelerator.is_main_process:
         return {}
     tag = f"calm_{args.data}"

@@ -34,6 +34,7 @@ Two protocols (`KVConfig.protocol`):
                   for keys, puts the values where the anchor's own arithmetic reads them: in its output.
 
     numeric_reread       "31-7+60="     ->  "10+22-24;8"    loss on ";8" only (scratchpad only)
+    copy_reread          "31-7+60>"     ->  "10+22-24"      loss on the EOS only (scratchpad only)
     kv_scratchpad        "ab+cde-fg="   ->  "10+22-24;8"    loss on "10+22-24;" only: no result on keys
 
 numeric_reread teaches m_B that the result is a function of its scratchpad, not of the prompt: the
@@ -41,7 +42,10 @@ prompt shows another expression and the copy part is given (teacher-forced, no l
 only be read from the copy. Without it m_B may compute from the prompt's digits, which on a key prompt are
 letters. It is numbers only: m_B still never sees a key. With `reread_letters` > 0 that share of its
 prompts are letter strings that are not keys (`"qzv+owkr-xyi="`): m_B learns to ignore a prompt of letters
-it cannot read, and still learns nothing of any key.
+it cannot read, and still learns nothing of any key. copy_reread (`reread_copy` > 0) does the same for the `>`
+task: m_B learns where a copy ends (after as many numbers as the prompt has operands) without reading the
+prompt, so on a key prompt the anchor itself knows when the values are written. With fixed widths that is
+the only signal it needs: a composition need not be told where a substitution ends (`eos_loss=False`).
 
 With `augment_markers=">="` m_A's substitution prompts end in either marker (it substitutes either way):
 m_A then reads a KV-arithmetic prompt as it reads its own data. Trained on `>` alone it has never read `=`
@@ -63,7 +67,8 @@ PAD_ID, EOS_ID = 0, 1
 VOCAB_SIZE = len(CHARS) + 2
 STOI = {ch: i + 2 for i, ch in enumerate(CHARS)}
 
-TASKS = ("kv_substitution", "numeric_arithmetic", "kv_arithmetic", "numeric_copy", "numeric_reread", "kv_scratchpad")
+TASKS = ("kv_substitution", "numeric_arithmetic", "kv_arithmetic", "numeric_copy", "numeric_reread", "kv_scratchpad",
+         "copy_reread")
 PROTOCOLS = ("direct", "scratchpad")
 SEP = ";"  # ends the scratchpad, before the result
 Expr = tuple[tuple[int, ...], tuple[str, ...]]  # (key indices, operators between them)
@@ -84,6 +89,7 @@ class KVConfig:
     augment_eos: bool = True    # m_A's loss covers the EOS after its values (False: m_A never learns the end)
     close_copy: bool = False    # scratchpad: `>` answers end with the separator too ("10+22-24;")
     fixed_width: bool = False   # numbers in expressions written with leading zeros to one width ("010+022")
+    reread_copy: float = 0.0    # share of m_B's copy items that are copy_reread (scratchpad only)
 
 
 # What each protocol changes beyond the answer format. The scratchpad run drops * (the first attempt's m_B
@@ -160,8 +166,8 @@ class KVWorld:
         self.max_len = prompt + answer + 1
         self.max_answer_len = answer + 1
 
-    def sample(self, rng: random.Random, key_pool: Sequence[int]) -> Expr:
-        n = rng.randint(self.cfg.min_operands, self.cfg.max_operands)
+    def sample(self, rng: random.Random, key_pool: Sequence[int], n: int | None = None) -> Expr:
+        n = rng.randint(self.cfg.min_operands, self.cfg.max_operands) if n is None else n
         return tuple(rng.choice(key_pool) for _ in range(n)), tuple(rng.choice(self.cfg.ops) for _ in range(n - 1))
 
     def is_held_out(self, expr: Expr) -> bool:
@@ -174,10 +180,10 @@ class KVWorld:
         width = len(str(self.cfg.n_keys)) if self.cfg.fixed_width else 0
         return self._join([str(self.values[i]).zfill(width) for i in expr[0]], expr[1])
 
-    def letters(self, rng: random.Random) -> str:
-        """An expression of letter strings that are not keys: a numeric_reread prompt m_B cannot read."""
+    def letters(self, rng: random.Random, n: int | None = None) -> str:
+        """An expression of letter strings that are not keys (`n` of them): a prompt m_B cannot read."""
         keys, words = set(self.keys), []
-        while len(words) < rng.randint(self.cfg.min_operands, self.cfg.max_operands) or not words:
+        while len(words) < (rng.randint(self.cfg.min_operands, self.cfg.max_operands) if n is None else n) or not words:
             word = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 6)))
             if word not in keys:
                 words.append(word)
@@ -194,12 +200,13 @@ class KVWorld:
         if self.cfg.protocol == "scratchpad":
             result = nums_text + SEP + result
             copy += SEP if self.cfg.close_copy else ""
-        elif task == "numeric_reread":
-            raise ValueError("numeric_reread exists only in the scratchpad protocol")
-        if task == "numeric_reread":
+        elif task in ("numeric_reread", "copy_reread"):
+            raise ValueError(f"{task} exists only in the scratchpad protocol")
+        if task in ("numeric_reread", "copy_reread"):
             if distractor is None:
-                raise ValueError("numeric_reread needs a distractor expression for its prompt")
-            return (distractor if isinstance(distractor, str) else self._nums(distractor)) + "=", result
+                raise ValueError(f"{task} needs a distractor expression for its prompt")
+            shown = distractor if isinstance(distractor, str) else self._nums(distractor)
+            return (shown + "=", result) if task == "numeric_reread" else (shown + ">", copy)
         return {
             "kv_substitution": (keys_text + ">", copy),
             "numeric_arithmetic": (nums_text + "=", result),
@@ -222,11 +229,14 @@ class KVDataset(Dataset):
     split "train": expressions over all keys; "compose": over the composition's 20% of keys only; both
     drawn afresh for each index (item i is fixed by (seed, split, i)) and never a held-out expression.
     split "eval": the held-out expressions, in order (one task).
-    `tasks` maps task -> sampling weight, or names one task.
+    `tasks` maps task -> sampling weight, or names one task. With `eos_loss=False` no KV-substitution item
+    has a loss on its EOS: a composition trained on them writes the values but leaves where the answer ends
+    to the anchor.
     """
 
-    def __init__(self, world: KVWorld, tasks: str | dict[str, float], split: str = "train", size: int | None = None):
-        self.world, self.split = world, split
+    def __init__(self, world: KVWorld, tasks: str | dict[str, float], split: str = "train", size: int | None = None,
+                 eos_loss: bool = True):
+        self.world, self.split, self.eos_loss = world, split, eos_loss
         self.tasks = {tasks: 1.0} if isinstance(tasks, str) else dict(tasks)
         unknown = set(self.tasks) - set(TASKS)
         if unknown or split not in ("train", "compose", "eval"):
@@ -255,20 +265,29 @@ class KVDataset(Dataset):
             if not self.world.is_held_out(expr):
                 return expr, task
 
-    def distractor(self, i: int) -> Expr | str:
-        """What numeric_reread's prompt shows: another expression's numbers (any expression: it is never
-        scored) or, for a `reread_letters` share of items, letters that are no key."""
+    def distractor(self, i: int, n: int | None = None) -> Expr | str:
+        """What a reread item's prompt shows: another expression's numbers (any expression: it is never
+        scored) or, for a `reread_letters` share of items, letters that are no key; `n` operands (copy_reread:
+        as many as the copy, whose end they tell)."""
         rng = random.Random(f"kv-{self.split}-distractor/{self.world.cfg.seed}/{i}")
-        expr = self.world.sample(rng, self.pool)  # drawn first: items with reread_letters=0 stay as they were
-        return self.world.letters(rng) if rng.random() < self.world.cfg.reread_letters else expr
+        expr = self.world.sample(rng, self.pool, n)  # drawn first: items with reread_letters=0 stay as they were
+        return self.world.letters(rng, n) if rng.random() < self.world.cfg.reread_letters else expr
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < self.size:
             raise IndexError(i)
+        item = self._item(i)
+        if not self.eos_loss and self.expr_and_task(i)[1] == "kv_substitution":
+            item["label_mask"][(item["input_ids"] == EOS_ID).nonzero()[0]] = False
+        return item
+
+    def _item(self, i: int) -> dict[str, torch.Tensor]:
         expr, task = self.expr_and_task(i)
-        if task == "numeric_reread":  # the loss starts at the separator: the copy is given, not learned here
-            prompt, answer = self.world.example(expr, task, self.distractor(i))
-            return self.world.tensors(prompt, answer, loss_from=answer.index(SEP))
+        if task in ("numeric_reread", "copy_reread"):  # the copy is given, not learned here
+            n = len(expr[0]) if task == "copy_reread" else None
+            prompt, answer = self.world.example(expr, task, self.distractor(i, n))
+            return self.world.tensors(prompt, answer, loss_from=answer.index(SEP) if task == "numeric_reread"
+                                      else len(answer))
         prompt, answer = self.world.example(expr, task)
         cfg = self.world.cfg
         if task == "kv_scratchpad":  # the scratchpad and its `;` only: no result on keys is ever shown

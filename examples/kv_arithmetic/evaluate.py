@@ -51,6 +51,15 @@ def answers(model, world: KVWorld, task: str, device, batch_size: int = 1000) ->
     return [(p, ref, a) for (p, ref), a in zip(pairs, got)]
 
 
+def result_given_scratchpad(model, world: KVWorld, task: str, device) -> float:
+    """% of held-out `task` results right when the right scratchpad and its separator are given (teacher-forced):
+    the anchor's arithmetic on values it reads from its own context, whatever wrote them."""
+    pairs = [world.example(e, task) for e in world.eval_exprs]
+    forced = [p + ref[:ref.index(SEP) + 1] for p, ref in pairs]
+    got = greedy_complete(model, forced, world.max_len - max(map(len, forced)), device)  # room for the result
+    return 100.0 * sum(a == final_result(ref) for (_, ref), a in zip(pairs, got)) / len(pairs)
+
+
 def compose_key_accuracy(model, world: KVWorld, device, n: int = 500) -> float:
     """KV-substitution exact match on `n` expressions over the composition's own keys (its training
     distribution, items past any run's reach; no held-out expression): how well it learned its data,

@@ -36,7 +36,8 @@ from examples.handwritten_gpt.gpt import GPTConfig
 from examples.kv_arithmetic.compose import (COMPOSE_DATA, LAYERS, compose, layer_choice, layers_arg, save_composition,
                                            train_composition)
 from examples.kv_arithmetic.data import PROTOCOLS, SEP, KVConfig, KVWorld, protocol_config
-from examples.kv_arithmetic.evaluate import EVAL_TASKS, answers, compose_key_accuracy, format_table, hit
+from examples.kv_arithmetic.evaluate import (EVAL_TASKS, answers, compose_key_accuracy, format_table, hit,
+                                             result_given_scratchpad)
 from examples.kv_arithmetic.train_base import MODELS, load_base, smoke_config, train_base, write_config
 
 # Of the budget; the compositions share the rest equally. The scratchpad run trains one composition, so m_B
@@ -85,6 +86,14 @@ def main(argv=None) -> dict:
                     help="`>` answers (copy, substitution) end with ';' too, as the scratchpad does (data.py)")
     ap.add_argument("--fixed-width", action="store_true",
                     help="write the numbers of an expression with leading zeros to one width (010+022; data.py)")
+    ap.add_argument("--compose-no-eos", action="store_true",
+                    help="the compositions' loss leaves out the EOS after KV-substitution answers: where they end "
+                         "is left to the anchor")
+    ap.add_argument("--null-kv", action="store_true",
+                    help="cross-attention with a learned null key/value: a head may read nothing (README)")
+    ap.add_argument("--reread-copy", type=float, default=0.0,
+                    help="share of m_B's copy items given with a prompt it cannot read, the loss on the end only "
+                         "(copy_reread, data.py)")
     ap.add_argument("--shares", help="budget shares of the base models, e.g. m_A=0.3,m_B=0.4 (default per "
                                      f"protocol: {BASE_SHARE}); the compositions share the rest")
     args = ap.parse_args(argv)
@@ -93,7 +102,8 @@ def main(argv=None) -> dict:
     keys = {} if args.n_keys is None else {"n_keys": args.n_keys}
     kv, models = protocol_config(args.protocol, seed=args.seed, reread_letters=args.reread_letters,
                                  augment_markers=args.augment_markers, augment_eos=not args.augment_no_eos,
-                                 close_copy=args.close_copy, fixed_width=args.fixed_width, **keys), dict(MODELS)
+                                 close_copy=args.close_copy, fixed_width=args.fixed_width,
+                                 reread_copy=args.reread_copy, **keys), dict(MODELS)
     if args.base:  # the data (protocol included) and models those base models were trained with
         saved = json.loads((Path(args.base) / "config.json").read_text())
         kv, models = KVConfig(**saved["data"]), {k: GPTConfig(**v) for k, v in saved["models"].items()}
@@ -138,7 +148,8 @@ def main(argv=None) -> dict:
                "processes": acc.num_processes, "batch_size_per_process": args.batch_size, "runs": runs,
                "models": {k: asdict(v) for k, v in models.items()}, "data": asdict(kv),
                "compose_data": {n: COMPOSE_DATA[COMPOSE_DATA_OF[n]] for n in calms}, "layers": layer_choice(args.layers),
-               "positions": args.positions, "window": args.window, "torch": torch.__version__, "paper": PAPER, "details": details}
+               "positions": args.positions, "window": args.window,
+               "null_kv": args.null_kv, "compose_eos_loss": not args.compose_no_eos, "torch": torch.__version__, "paper": PAPER, "details": details}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
         return out
@@ -161,9 +172,9 @@ def main(argv=None) -> dict:
     for name in calms:
         data = COMPOSE_DATA_OF[name]
         print(f"== {name}: composition trained on {data}, layers {args.layers}, positions {args.positions}, window {args.window}", flush=True)
-        composed = compose(base["m_A"], base["m_B"], args.layers, args.positions, args.window)
+        composed = compose(base["m_A"], base["m_B"], args.layers, args.positions, args.window, args.null_kv)
         composed, tuner, runs[name] = train_composition(composed, world, data, steps=steps[name],
-                                                        seconds=budget[name], **common)
+                                                        seconds=budget[name], eos_loss=not args.compose_no_eos, **common)
         if tuner.accelerator.is_main_process:
             print(composed.summary(), flush=True)
             save_composition(composed, out, name)
@@ -184,7 +195,8 @@ def main(argv=None) -> dict:
 def _score(name, model, world, device, run) -> tuple[dict[str, float], dict[str, float], dict]:
     """Exact match per data set (final result; whole answer), and what to read the numbers by: a few
     answers; on the key tasks the accuracy by how many of an expression's keys lie outside the composition's
-    20% (0 to 3); on scratchpad answers how often the scratchpad is right, and the result given that."""
+    20% (0 to 3); on scratchpad answers how often the scratchpad is right, the result given that, and the
+    result when the right scratchpad is given (teacher-forced)."""
     t0 = time.perf_counter()
     model.eval()
     row, full, detail, compose_keys = {}, {}, {}, set(world.compose_keys)
@@ -199,6 +211,8 @@ def _score(name, model, world, device, run) -> tuple[dict[str, float], dict[str,
             detail[task]["pct_scratchpad_right"] = round(100.0 * sum(pad_ok) / len(pad_ok), 1)
             detail[task]["pct_result_right_given_scratchpad_right"] = (
                 round(100.0 * sum(h for h, ok in zip(hits, pad_ok) if ok) / sum(pad_ok), 1) if any(pad_ok) else None)
+            detail[task]["pct_result_right_given_scratchpad_forced"] = round(
+                result_given_scratchpad(model, world, task, device), 1)
         if task.startswith("kv_"):
             groups = defaultdict(list)
             for (keys, _), h in zip(world.eval_exprs, hits):

@@ -29,7 +29,8 @@ def gather(sweep: Path, first: str, rows: dict[str, str], command: str) -> dict:
         out[name], details[name], train[name], full[name] = (run[row], run["details"][row], run["runs"][row],
                                                              run["full_answer"][row])
         options[name] = {"trained_on": run["compose_data"][row], "layers": run["layers"],
-                          "positions": run.get("positions", "none"), "window": run.get("window"), "job": tag}
+                          "positions": run.get("positions", "none"), "window": run.get("window"), "null_kv": run.get("null_kv", False),
+                         "eos_loss": run.get("compose_eos_loss", True), "job": tag}
     return {**out, "scored_on": base["scored_on"], "protocol": base["protocol"], "compositions": options,
             "device": base["device"], "command": command, "seconds": base["seconds"], "date": base["date"],
             "data": base["data"], "models": base["models"], "torch": base["torch"], "paper": base["paper"],

@@ -40,6 +40,15 @@ TASK_MIXES = {
 }
 
 
+def task_mix(cfg: KVConfig, name: str) -> dict[str, float]:
+    """TASK_MIXES[protocol][name], with `cfg.reread_copy` of m_B's copy items turned into copy_reread."""
+    mix = dict(TASK_MIXES[cfg.protocol][name])
+    if cfg.reread_copy and "numeric_copy" in mix:
+        mix["copy_reread"] = mix["numeric_copy"] * cfg.reread_copy
+        mix["numeric_copy"] *= 1 - cfg.reread_copy
+    return mix
+
+
 def init_weights(model: nn.Module) -> None:
     """nanoGPT's init: N(0, 0.02) weights, zero biases. PyTorch's default N(0, 1) embedding, tied to the
     head, starts the loss near 20 and slows these small models down."""
@@ -68,7 +77,7 @@ def train_base(name: str, model_cfg: GPTConfig, world: KVWorld, *, steps: int, b
     torch.manual_seed(seed)
     model = GPT(model_cfg)
     init_weights(model)
-    data = KVDataset(world, TASK_MIXES[world.cfg.protocol][name], "train", size=10**9)  # generated per index: never runs out
+    data = KVDataset(world, task_mix(world.cfg, name), "train", size=10**9)  # generated per index: never runs out
     cfg = TrainConfig(max_steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(200, steps // 10),
                       weight_decay=0.1, shuffle=False, seed=seed, cpu=cpu, progress=progress,
                       num_workers=num_workers)
