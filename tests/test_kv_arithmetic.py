@@ -249,6 +249,17 @@ def test_eos_loss_off_drops_the_end_of_substitutions_only(pad_world):
     assert 10 < dropped < 30
 
 
+def test_replay_is_half_the_anchors_own_mix(pad_world):
+    from examples.kv_arithmetic.compose import compose_tasks
+    from examples.kv_arithmetic.train_base import task_mix
+    cfg = replace(pad_world.cfg, reread_letters=0.5, reread_copy=0.5)
+    assert compose_tasks("substitution", cfg) == {"kv_substitution": 1.0}
+    replay = compose_tasks("substitution_replay", cfg)
+    assert replay == {"kv_substitution": 0.5, **{t: w / 2 for t, w in task_mix(cfg, "m_B").items()}}
+    assert abs(sum(replay.values()) - 1) < 1e-12 and "numeric_reread" in replay and "copy_reread" in replay
+    assert compose_tasks("kv_mix_replay", cfg)["kv_arithmetic"] == 0.25
+
+
 def test_kv_scratchpad_shows_the_separator_and_no_result(pad_world):
     pads, full = (KVDataset(pad_world, task, "compose", size=40) for task in ("kv_scratchpad", "kv_arithmetic"))
     for i in range(40):

@@ -13,7 +13,7 @@ Both base models stay frozen. The composition trains on `--data`:
                    departs from the paper: the composition sees the `=` task on keys, never the other 80%)
     kv_pad         KV-substitution, and KV-arithmetic prompts with the loss on the scratchpad and its `;` only
                    (a smaller departure: the composition learns that a `=` answer goes on, never a result)
-    *_replay       the same plus m_B's own numeric tasks (see COMPOSE_DATA)
+    *_replay       half the same, half m_B's own task mix (`compose_tasks`): no key in it
 
 Writes `calm_<data>.safetensors` (the new parameters only), `calm_<data>_spec.json` and
 `calm_<data>_eval.json` (exact-match %, the CALM column of Table 1) under --base.
@@ -33,18 +33,29 @@ from examples.handwritten_gpt.gpt import GPT
 from examples.kv_arithmetic.budget import train_within
 from examples.kv_arithmetic.data import KVConfig, KVDataset, KVWorld
 from examples.kv_arithmetic.evaluate import accuracy_row, compose_key_accuracy, format_table
-from examples.kv_arithmetic.train_base import load_base
+from examples.kv_arithmetic.train_base import load_base, task_mix
 
-# All over the composition's 20% of keys. "replay" adds the anchor's own numeric tasks (expressions over the
-# values of those keys): they teach nothing new, but ask the composition to leave what m_B knows intact.
+# All over the composition's 20% of keys. "<data>_replay" is half <data>, half the anchor's own task mix
+# (expressions over the values of those keys, or prompts of letters that are no key): nothing new, but the
+# composition is asked to leave what m_B knows intact, there included where m_B computes after a prompt it
+# cannot read.
 COMPOSE_DATA = {
     "substitution": {"kv_substitution": 1.0},
     "kv_mix": {"kv_substitution": 0.5, "kv_arithmetic": 0.5},
     "kv_pad": {"kv_substitution": 0.5, "kv_scratchpad": 0.5},
-    "substitution_replay": {"kv_substitution": 0.5, "numeric_arithmetic": 0.375, "numeric_copy": 0.125},
-    "kv_mix_replay": {"kv_substitution": 0.25, "kv_arithmetic": 0.25, "numeric_arithmetic": 0.375,
-                      "numeric_copy": 0.125},
 }
+DATA_CHOICES = [*COMPOSE_DATA, *(f"{d}_replay" for d in COMPOSE_DATA)]
+
+
+def compose_tasks(data: str, cfg: KVConfig) -> dict[str, float]:
+    """The task mix of composition data `data` (one of DATA_CHOICES) in a world of config `cfg`."""
+    own = COMPOSE_DATA[data.removesuffix("_replay")]
+    if not data.endswith("_replay"):
+        return dict(own)
+    mix = {task: w / 2 for task, w in own.items()}
+    for task, w in task_mix(cfg, "m_B").items():
+        mix[task] = mix.get(task, 0.0) + w / 2
+    return mix
 # Layer choices: every m_A block (0->1 1->2 2->4 3->5 for 4 and 6 blocks), or only m_A's last block (whose
 # states at the answer hold m_A's next character) into m_B's last.
 LAYERS = {"every1": {"every": 1}, "every2": {"every": 2}, "last": [[-1, -1]]}
@@ -79,10 +90,10 @@ def train_composition(composed: cg.ComposedModel, world: KVWorld, data: str, *, 
                       lr: float, seed: int = 0, cpu: bool = False, progress: bool = True,
                       seconds: float | None = None, num_workers: int = 0, eos_loss: bool = True
                       ) -> tuple[cg.ComposedModel, FineTuner, dict]:
-    """Train the composition's new parameters on `COMPOSE_DATA[data]` over the composition's keys (with
+    """Train the composition's new parameters on `compose_tasks(data)` over the composition's keys (with
     `eos_loss=False`, without the loss on the EOS that ends a KV-substitution answer)."""
     torch.manual_seed(seed)
-    dataset = KVDataset(world, COMPOSE_DATA[data], "compose", size=10**9, eos_loss=eos_loss)
+    dataset = KVDataset(world, compose_tasks(data, world.cfg), "compose", size=10**9, eos_loss=eos_loss)
     cfg = TrainConfig(max_steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(100, steps // 10),
                       weight_decay=0.01, shuffle=False, seed=seed, cpu=cpu, progress=progress,
                       num_workers=num_workers)
@@ -106,7 +117,7 @@ def save_composition(composed: cg.ComposedModel, out: Path, tag: str) -> None:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", required=True, help="train_base's --out: base models and config.json")
-    ap.add_argument("--data", choices=list(COMPOSE_DATA), default="substitution")
+    ap.add_argument("--data", choices=DATA_CHOICES, default="substitution")
     ap.add_argument("--smoke", action="store_true", help="a few steps on the CPU")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=256)

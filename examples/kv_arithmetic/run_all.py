@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import save_model
 
 from examples.handwritten_gpt.gpt import GPTConfig
-from examples.kv_arithmetic.compose import (COMPOSE_DATA, LAYERS, compose, layer_choice, layers_arg, save_composition,
+from examples.kv_arithmetic.compose import (LAYERS, compose, compose_tasks, layer_choice, layers_arg, save_composition,
                                            train_composition)
 from examples.kv_arithmetic.data import PROTOCOLS, SEP, KVConfig, KVWorld, protocol_config
 from examples.kv_arithmetic.evaluate import (EVAL_TASKS, answers, compose_key_accuracy, format_table, hit,
@@ -147,7 +147,7 @@ def main(argv=None) -> dict:
                "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                "processes": acc.num_processes, "batch_size_per_process": args.batch_size, "runs": runs,
                "models": {k: asdict(v) for k, v in models.items()}, "data": asdict(kv),
-               "compose_data": {n: COMPOSE_DATA[COMPOSE_DATA_OF[n]] for n in calms}, "layers": layer_choice(args.layers),
+               "compose_data": {n: compose_tasks(COMPOSE_DATA_OF[n], kv) for n in calms}, "layers": layer_choice(args.layers),
                "positions": args.positions, "window": args.window,
                "null_kv": args.null_kv, "compose_eos_loss": not args.compose_no_eos, "torch": torch.__version__, "paper": PAPER, "details": details}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
