@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Several compositions of the same two base models, trained at once on two GPUs.
 #   bash examples/kv_arithmetic/compositions_sweep.sh OUTDIR BUDGET_S N_KEYS [REREAD_LETTERS [JOBS]]
-# JOBS: comma-separated TAG:ROW [ARGS], ROW a row of run_all.py (calm: the paper's composition data; calm_replay,
-# calm_kv_mix, calm_kv_mix_replay: the fallbacks) and ARGS more run_all.py options for its composition
-# (--layers, --positions, --window); default the fourth attempt's four rows, tagged by their row names.
+# JOBS: comma-separated TAG:ROW [ARGS], ROW a row of run_all.py (calm: the paper's composition data; calm_replay:
+# that and the anchor's own tasks; calm_kv_mix, calm_kv_mix_replay: the fallbacks) and ARGS more run_all.py options
+# for its composition (--layers, --positions, --window, --null-kv, --compose-no-eos); default the fourth attempt's
+# four rows, tagged by their row names.
 # The first job's pipeline trains m_A and m_B, then its composition, on GPU 0; the other jobs start from those
 # base models once saved, on GPUs 1, 0, 1, ... Each writes TAG.json and TAG.log to OUTDIR.
 # BUDGET_S is the first pipeline's (m_A 20%, m_B 55%, its composition 25%); each other job gets that 25%.

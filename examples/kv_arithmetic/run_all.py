@@ -12,7 +12,7 @@
 shared equally by the compositions; each run times its first steps and fits its length to its share
 (budget.py), up to its step cap. Rows of the table: m_A, m_B, and one per composition (COMPOSE_DATA_OF):
 calm is trained on KV-substitution over 20% of keys (the paper's protocol), calm_kv_mix on KV-substitution
-and KV-arithmetic over the same 20% (the fallback), the *_replay rows add m_B's own numeric tasks. All are
+and KV-arithmetic over the same 20% (the fallback), the *_replay rows mix in m_B's own tasks. All are
 scored by greedy exact match of the final result (after the last `;`) on the same 1000 held-out
 expressions; the JSON's `full_answer` scores whole answers. `--protocol` picks the answer format (data.py):
 scratchpad (default; one composition, `calm`) or direct (the first attempt; `calm` and `calm_kv_mix`).
