@@ -56,6 +56,8 @@ def compose_tasks(data: str, cfg: KVConfig) -> dict[str, float]:
     for task, w in task_mix(cfg, "m_B").items():
         mix[task] = mix.get(task, 0.0) + w / 2
     return mix
+
+
 # Layer choices: every m_A block (0->1 1->2 2->4 3->5 for 4 and 6 blocks), or only m_A's last block (whose
 # states at the answer hold m_A's next character) into m_B's last.
 LAYERS = {"every1": {"every": 1}, "every2": {"every": 2}, "last": [[-1, -1]]}
