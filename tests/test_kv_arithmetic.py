@@ -171,6 +171,8 @@ def test_copy_reread_puts_the_loss_on_the_end_of_a_given_copy(pad_world):
     assert task_mix(pad_world.cfg, "m_B") == {"numeric_arithmetic": 0.5, "numeric_reread": 0.25, "numeric_copy": 0.25}
     with pytest.raises(ValueError, match="only in the scratchpad protocol"):
         KVDataset(KVWorld(CFG), "copy_reread", "train", size=1)[0]
+    with pytest.raises(ValueError, match="reread_copy is a share of items, between 0 and 1; got 2.0"):
+        KVWorld(replace(pad_world.cfg, reread_copy=2.0))
 
 
 def test_reread_letters_prompts_hold_no_key_and_leave_the_rest_alone(pad_world):

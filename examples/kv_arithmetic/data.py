@@ -141,6 +141,9 @@ class KVWorld:
     def __init__(self, cfg: KVConfig = KVConfig()):
         if cfg.protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {cfg.protocol!r}; known: {PROTOCOLS}")
+        for name in ("reread_letters", "reread_copy"):
+            if not 0.0 <= getattr(cfg, name) <= 1.0:
+                raise ValueError(f"{name} is a share of items, between 0 and 1; got {getattr(cfg, name)}")
         self.cfg = cfg
         rng = random.Random(f"kv-world/{cfg.seed}")
         keys: dict[str, None] = {}  # insertion-ordered set
@@ -276,13 +279,13 @@ class KVDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < self.size:
             raise IndexError(i)
-        item = self._item(i)
-        if not self.eos_loss and self.expr_and_task(i)[1] == "kv_substitution":
+        expr, task = self.expr_and_task(i)
+        item = self._item(i, expr, task)
+        if not self.eos_loss and task == "kv_substitution":
             item["label_mask"][(item["input_ids"] == EOS_ID).nonzero()[0]] = False
         return item
 
-    def _item(self, i: int) -> dict[str, torch.Tensor]:
-        expr, task = self.expr_and_task(i)
+    def _item(self, i: int, expr: Expr, task: str) -> dict[str, torch.Tensor]:
         if task in ("numeric_reread", "copy_reread"):  # the copy is given, not learned here
             n = len(expr[0]) if task == "copy_reread" else None
             prompt, answer = self.world.example(expr, task, self.distractor(i, n))
