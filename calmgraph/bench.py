@@ -38,8 +38,8 @@ from .composed import ComposedModel
 from .errors import ModelError
 from .graph import build_order
 from .passes.merge import check_token_ids, prompt_mask
-from .passes.splice import ROOT
-from .passes.trace import Entry, PromptEntry, frozen_alias, model_device
+from .plan import ROOT
+from .tracing.entry import Entry, PromptEntry, frozen_alias, model_device
 from .spec import load_spec
 
 

@@ -1,8 +1,8 @@
 """Find a model's transformer blocks: the layers an edge can tap.
 
 A model's blocks are the entries of one `nn.ModuleList` (or `nn.Sequential`): named by the spec's
-`blocks:` or found as the list of same-typed modules holding the most parameters. x-transformers keeps
-attention and feed-forward as separate entries (`layer_types` 'a', 'f', ...): one block ends at each 'f'.
+`blocks:` or found as the list of same-typed modules holding the most parameters. A family may group
+several entries into one block (`families.block_groups`: x-transformers' attention + feed-forward).
 """
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import difflib
 from dataclasses import dataclass
 
 import torch.nn as nn
+
+from .families import block_groups
 
 
 @dataclass(frozen=True)
@@ -62,20 +64,8 @@ def find_blocks(model: nn.Module, path: str | None = None) -> list[Block]:
 
     entries = [f"{path}.{i}" for i in range(len(blocks))]
     owner = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
-    layer_types = getattr(owner, "layer_types", None)
-    if isinstance(layer_types, (tuple, list)) and len(layer_types) == len(entries) and "f" in layer_types:
-        return _group_by_feedforward(entries, list(layer_types))
-    return [Block(i, name, (name,)) for i, name in enumerate(entries)]
-
-
-def _group_by_feedforward(entries: list[str], layer_types: list[str]) -> list[Block]:
-    out, members = [], []
-    for name, kind in zip(entries, layer_types):
-        members.append(name)
-        if kind == "f":
-            out.append(Block(len(out), name, tuple(members)))
-            members = []
-    return out
+    groups = block_groups(owner, entries) or [(name,) for name in entries]
+    return [Block(i, members[-1], members) for i, members in enumerate(groups)]
 
 
 def head_count(model: nn.Module, blocks: list[Block]) -> int | None:

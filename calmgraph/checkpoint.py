@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -20,8 +20,6 @@ from safetensors.torch import load_file, save_file
 from .errors import CheckpointError, SpecError
 from .spec import CompositionSpec
 
-if TYPE_CHECKING:
-    from .composed import ComposedModel
 
 FILE = "new_params.safetensors"
 SPEC_KEY = "calmgraph_spec"  # safetensors metadata key holding the spec as JSON

@@ -18,7 +18,7 @@ import time
 import warnings
 from pathlib import Path
 
-from .errors import CalmGraphError, Problem, SpecError
+from .errors import CalmGraphError, InternalError, Problem, SpecError
 
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -198,6 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         return args.run(args)
+    except InternalError as e:  # calmgraph's own bug, raised on purpose: not the user's input
+        if verbose:
+            raise
+        print(f"calmgraph: internal error: {str(e).splitlines()[0]}\n"
+              "(this is a calmgraph bug; run with --verbose for the traceback and report it)", file=sys.stderr)
+        return EXIT_INTERNAL
     except CalmGraphError as e:
         if verbose:
             raise

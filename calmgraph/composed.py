@@ -6,10 +6,10 @@ from typing import Iterator
 import torch.fx as fx
 import torch.nn as nn
 
-from .passes.device import retarget_module
-from .passes.prune import PruneReport
-from .passes.resolve import Link
-from .passes.splice import ROOT
+from .device import retarget_module
+from .passes.base import CompileState, PruneReport, TapPoint
+from .plan import ROOT, Link
+from .signature import InputSignature
 from .spec import CompositionSpec
 
 
@@ -22,25 +22,39 @@ class ComposedModel(fx.GraphModule):
     """
 
     def __init__(self, root: nn.Module, graph: fx.Graph, *, spec: CompositionSpec, links: list[Link],
-                 pruned: PruneReport, frontends: dict[str, str], input_names: list[str]):
+                 pruned: PruneReport, frontends: dict[str, str], signature: InputSignature,
+                 taps: dict[str, list[TapPoint]], anchor_model: nn.Module | None = None,
+                 compile_seconds: float | None = None):
         super().__init__(root, graph, class_name="ComposedModel")
         self.spec = spec
-        self.links = links
+        self.links = links                         # the cross-attention blocks that survived pruning
         self.pruned = pruned
-        self.frontends = frontends
-        self.input_names = input_names
-        self.taps: dict = {}                       # per model: its TapPoints (index, block name, hidden size)
-        self.compile_seconds: float | None = None
+        self.frontends = frontends                 # per model: "fx" or "export"
+        self.signature = signature                 # the inputs, in order (signature.py)
+        self.taps = taps                           # per model: its TapPoints (index, block name, hidden size)
+        self.compile_seconds = compile_seconds
         # The anchor as a module (the frozen alias of the user's), which generation traces again with a KV
-        # cache (`passes/decode.py`). Held in a tuple so nn.Module does not adopt it: no weight counted twice.
-        self._anchor_model: tuple[nn.Module | None] = (None,)
+        # cache (`generation/decode.py`). Held in a tuple so nn.Module does not adopt it: no weight counted twice.
+        self._anchor_model: tuple[nn.Module | None] = (anchor_model,)
+
+    @classmethod
+    def from_state(cls, state: CompileState, compile_seconds: float | None = None) -> "ComposedModel":
+        """The composition a finished compile state describes (`compiler.PIPELINE`)."""
+        return cls(state.module, state.module.graph, spec=state.spec, links=state.links, pruned=state.pruned,
+                   frontends={n: t.frontend for n, t in state.traced.items()}, signature=state.signature,
+                   taps={n: t.tap_points() for n, t in state.traced.items()},
+                   anchor_model=state.traced[state.spec.anchor.name].module, compile_seconds=compile_seconds)
+
+    @property
+    def input_names(self) -> list[str]:
+        return self.signature.names
 
     @property
     def anchor_model(self) -> nn.Module | None:
         return self._anchor_model[0]
 
     def _apply(self, fn, recurse=True):
-        """`.to()`, `.cuda()`, `.cpu()`...: the graph's device constants follow the parameters (`passes/device.py`)."""
+        """`.to()`, `.cuda()`, `.cpu()`...: the graph's device constants follow the parameters (`device.py`)."""
         super()._apply(fn, recurse)
         device = next((t.device for t in (*self.parameters(), *self.buffers())), None)
         if device is not None:
@@ -62,22 +76,22 @@ class ComposedModel(fx.GraphModule):
                 getattr(self, m.name).eval()
         return self
 
+    def __deepcopy__(self, memo) -> "ComposedModel":
+        copied = super().__deepcopy__(memo)  # a plain GraphModule: restore what makes it a composition
+        # the anchor module is shared: the decode graph takes the copy's own weights (`generation/decode.py`)
+        return ComposedModel(copied, copied.graph, spec=self.spec, links=self.links, pruned=self.pruned,
+                             frontends=self.frontends, signature=self.signature, taps=self.taps,
+                             anchor_model=self.anchor_model, compile_seconds=self.compile_seconds)
+
+    # -- conveniences: each calls a module that does not import this one ------------------------------
     def loss(self, input_ids, label_mask=None, ignore_index: int = -100, **inputs):
         """Next-token cross-entropy of the anchor's logits; `label_mask` (B, T) picks the tokens scored."""
         from .train import next_token_loss
         return next_token_loss(self(input_ids, **inputs), input_ids, label_mask, ignore_index)
 
-    def __deepcopy__(self, memo) -> "ComposedModel":
-        copied = super().__deepcopy__(memo)  # a plain GraphModule: restore what makes it a composition
-        composed = ComposedModel(copied, copied.graph, spec=self.spec, links=self.links, pruned=self.pruned,
-                                 frontends=self.frontends, input_names=self.input_names)
-        composed.taps, composed.compile_seconds = self.taps, self.compile_seconds
-        composed._anchor_model = self._anchor_model  # shared: the decode graph takes the copy's own weights
-        return composed
-
     def generate(self, input_ids, max_new_tokens: int, **kwargs):
-        """Prompt followed by up to `max_new_tokens` new tokens; see `calmgraph.generate.generate`."""
-        from .generate import generate
+        """Prompt followed by up to `max_new_tokens` new tokens; see `calmgraph.generation.generate`."""
+        from .generation import generate
         return generate(self, input_ids, max_new_tokens, **kwargs)
 
     def export(self, path, format: str = "pt2"):

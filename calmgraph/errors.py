@@ -53,3 +53,7 @@ class ExportError(CalmGraphError, ValueError):
 
 class CheckpointError(CalmGraphError, ValueError):
     """A checkpoint of new parameters does not fit the composition it is loaded into."""
+
+
+class InternalError(CalmGraphError):
+    """A bug in calmgraph, not a problem with the user's input (the CLI exits with 3). Please report it."""

@@ -17,37 +17,25 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch.export import Dim
 
 from .errors import ExportError
-from .passes.trace import model_device
+from .tracing.entry import model_device
 
-if TYPE_CHECKING:
-    from .composed import ComposedModel
 
 FORMATS = ("pt2", "onnx")
-EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PROMPT = 2, 8, 5  # distinct, so that no two dims are unified by accident
+EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 8  # prompts are 2 longer: no two dims are unified by accident
 
 
-def prompt_names(composed: "ComposedModel") -> list[str]:
-    return [a.name for a in composed.spec.augments if a.input == "prompt"]
+def example_inputs(composed) -> tuple[torch.Tensor, ...]:
+    return composed.signature.examples(EXAMPLE_BATCH, EXAMPLE_SEQ, model_device(composed))
 
 
-def example_inputs(composed: "ComposedModel") -> tuple[torch.Tensor, ...]:
-    device = model_device(composed)
-    ids = torch.zeros(EXAMPLE_BATCH, EXAMPLE_SEQ, dtype=torch.long, device=device)
-    prompts = [torch.zeros(EXAMPLE_BATCH, EXAMPLE_PROMPT, dtype=torch.long, device=device)
-               for _ in prompt_names(composed)]
-    return (ids, *prompts, *[torch.ones_like(p) for p in prompts])
-
-
-def dynamic_shapes(composed: "ComposedModel") -> tuple[dict, ...]:
+def dynamic_shapes(composed) -> tuple[dict, ...]:
     # Dim.AUTO lets export find which dims are equal (every input shares the batch); min=1 keeps batch 1.
-    n = 1 + 2 * len(prompt_names(composed))
-    return tuple({0: Dim.AUTO(min=1), 1: Dim.AUTO(min=1)} for _ in range(n))
+    return composed.signature.dynamic_shapes(Dim.AUTO(min=1))
 
 
 def export_program(composed: "ComposedModel") -> torch.export.ExportedProgram:
@@ -100,8 +88,8 @@ def _name_dims(composed: "ComposedModel", path: Path) -> None:
     """Give the dynamic dims readable names (batch, seq, <augment>_seq) instead of export's s24, s70."""
     import onnx
     model = onnx.load(str(path), load_external_data=False)
-    names = {"input_ids": ("batch", "seq"),
-             **{f"{p}_{kind}": ("batch", f"{p}_seq") for p in prompt_names(composed) for kind in ("input_ids", "mask")}}
+    names = {i.name: ("batch", "seq" if i.owner is None else f"{i.owner}_seq")[:len(i.dynamic_dims)]
+             for i in composed.signature.inputs}
     rename = {}
     for value in model.graph.input:
         for dim, name in zip(value.type.tensor_type.shape.dim, names.get(value.name, ())):

@@ -5,14 +5,12 @@ augment reaching the anchor, no way for the future of the shared sequence to lea
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import networkx as nx
 
 from .errors import Problem
 
-if TYPE_CHECKING:
-    from .spec import CompositionSpec
+# The functions take a `CompositionSpec`; spec.py imports this module to check itself, so the type is
+# named here only in annotations (a string), never imported.
 
 
 def composition_graph(spec: "CompositionSpec") -> nx.DiGraph:

@@ -9,21 +9,11 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import networkx as nx
 
 from .graph import composition_graph
-from .report import table
-
-if TYPE_CHECKING:
-    from .composed import ComposedModel
-
-
-def role(composed: "ComposedModel", name: str) -> str:
-    if name == composed.spec.anchor.name:
-        return "anchor"
-    return f"augment ({composed.spec.model(name).input})"
+from .report import role as _role, table
 
 
 def blocks_run(composed: "ComposedModel", name: str) -> int:
@@ -50,7 +40,7 @@ def report(composed: "ComposedModel") -> str:
         taps, run = composed.taps[m.name], blocks_run(composed, m.name)
         rows = [[t.index, t.name, t.dim, " ".join(wired[m.name, t.index]) or ("(pruned)" if t.index >= run else "")]
                 for t in taps]
-        parts.append(f"{m.name}: {role(composed, m.name)}, {len(taps)} blocks, {composed.frontends[m.name]} front end\n"
+        parts.append(f"{m.name}: {_role(composed.spec, m.name)}, {len(taps)} blocks, {composed.frontends[m.name]} front end\n"
                      + table(rows, ["index", "block", "hidden", "cross-attention"]))
     pairs = edge_pairs(composed)
     edges = [[f"edges[{i}]", f"{e.source} -> {e.target}", _layers(e.layers),
@@ -69,7 +59,7 @@ def mermaid(composed: "ComposedModel") -> str:
     lines = ["```mermaid", "flowchart LR"]
     for m in composed.spec.models:
         taps = composed.taps[m.name]
-        label = f"<b>{m.name}</b><br/>{role(composed, m.name)}<br/>{len(taps)} blocks, d={taps[0].dim}"
+        label = f"<b>{m.name}</b><br/>{_role(composed.spec, m.name)}<br/>{len(taps)} blocks, d={taps[0].dim}"
         lines.append(f'    {m.name}["{label}"]')
     pairs = edge_pairs(composed)
     for i, e in enumerate(composed.spec.edges):

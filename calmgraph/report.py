@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .composed import ComposedModel
+
+def role(spec, name: str) -> str:
+    """`anchor`, or `augment (shared)` / `augment (prompt)`."""
+    return "anchor" if spec.role(name) == "anchor" else f"augment ({spec.model(name).input})"
 
 
 def table(rows: list[list], header: list[str]) -> str:
@@ -23,17 +24,16 @@ def summary(composed: "ComposedModel") -> str:
             frozen[name.split(".")[0]] += p.numel()
     models = []
     for m in spec.models:
-        role = "anchor" if m.name == spec.anchor.name else f"augment ({m.input})"
         kept = (f"{pruned.blocks_kept[m.name]}/{pruned.blocks_total[m.name]}" if m.name in pruned.blocks_kept
                 else "all")
         head = "removed" if pruned.head_removed.get(m.name) else "kept"
-        models.append([m.name, role, composed.frontends[m.name], f"{frozen[m.name]:,}", kept, head,
+        models.append([m.name, role(spec, m.name), composed.frontends[m.name], f"{frozen[m.name]:,}", kept, head,
                        pruned.nodes_before.get(m.name, 0) - pruned.nodes_after.get(m.name, 0)])
     pairs = defaultdict(list)
     params = defaultdict(int)
     for link in composed.links:
         pairs[link.edge].append(f"{link.source_layer}->{link.target_layer}")
-        block = composed.get_submodule(".".join(("xattn", *link.module_path)))
+        block = composed.get_submodule(link.qualified_name)
         params[link.edge] += sum(p.numel() for p in block.parameters())
     heads = {link.edge: link.heads for link in composed.links}
     edges = [[f"{e.source} -> {e.target}", " ".join(pairs[i]) or "none (pruned: it feeds nothing the anchor reads)",

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PlainValidator, PositiveInt, Tag,
-                      ValidationError, field_validator, model_validator)
+                      ValidationError, create_model, field_validator, model_validator)
 
 from .errors import Problem, SpecError
+from .graph import graph_problems
 
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]*$"  # becomes part of attribute and argument names in the graph
 
@@ -48,17 +49,10 @@ class CrossAttentionSpec(_Spec):
     null_kv: bool = False                     # a learned key/value every query may attend to (read nothing)
 
 
-class CrossAttentionOverride(_Spec):
-    """Per-edge override: only the fields given replace the spec-wide defaults."""
-
-    heads: PositiveInt | None = None
-    dim_head: PositiveInt | None = None
-    norm: Literal["rms", "layer", "none"] | None = None
-    gate: Literal["zero", "tanh"] | None = None
-    project_context: bool | None = None
-    positions: Literal["none", "rotary"] | None = None
-    window: PositiveInt | None = None
-    null_kv: bool | None = None
+# Per-edge override: the same fields, each optional; only the fields given replace the spec-wide defaults.
+CrossAttentionOverride = create_model(
+    "CrossAttentionOverride", __base__=_Spec, __doc__="Per-edge override of `CrossAttentionSpec`: only the fields given apply.",
+    **{name: (Optional[field.annotation], None) for name, field in CrossAttentionSpec.model_fields.items()})
 
 
 class Every(_Spec):
@@ -140,6 +134,15 @@ class ModelSpec(_Spec):
     blocks: str | None = None                  # qualified name of the ModuleList of blocks; auto if omitted
     tap: Literal["output", "input"] = "output"  # read/modify each block's output or its input
 
+    @property
+    def reads(self) -> Literal["ids", "prompt", "pixels"]:
+        """What the model is called on: the shared token ids, a token prompt (ids + mask), or images."""
+        return "ids"
+
+    @property
+    def is_prompt(self) -> bool:
+        return self.reads != "ids"
+
 
 class AnchorSpec(ModelSpec):
     pass
@@ -148,6 +151,12 @@ class AnchorSpec(ModelSpec):
 class AugmentSpec(ModelSpec):
     input: Literal["shared", "prompt"] = "shared"  # shared: the anchor's tokens (causal); prompt: its own
     prompt_input: Literal["input_ids", "pixel_values"] = "input_ids"  # a prompt's form: tokens (+ mask) or images
+
+    @property
+    def reads(self) -> Literal["ids", "prompt", "pixels"]:
+        if self.input == "shared":
+            return "ids"
+        return "pixels" if self.prompt_input == "pixel_values" else "prompt"
 
 
 class EdgeSpec(_Spec):
@@ -173,7 +182,6 @@ class CompositionSpec(_Spec):
 
     @model_validator(mode="after")
     def _check_graph(self) -> "CompositionSpec":
-        from .graph import graph_problems  # graph.py builds on this module's types
         problems = graph_problems(self)
         if problems:
             raise SpecError(problems)
@@ -186,6 +194,14 @@ class CompositionSpec(_Spec):
 
     def model(self, name: str) -> ModelSpec:
         return next(m for m in self.models if m.name == name)
+
+    @property
+    def prompts(self) -> list[AugmentSpec]:
+        """The augments that read a prompt of their own (tokens or images), in spec order."""
+        return [a for a in self.augments if a.is_prompt]
+
+    def role(self, name: str) -> Literal["anchor", "augment"]:
+        return "anchor" if name == self.anchor.name else "augment"
 
     def cross_attention_for(self, edge: EdgeSpec) -> CrossAttentionSpec:
         if edge.cross_attention is None:

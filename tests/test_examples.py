@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import calmgraph as cg
-from calmgraph.passes.trace import Entry
+from calmgraph.tracing.entry import Entry
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SPECS = sorted(p for suffix in ("*.yaml", "*.yml", "*.json") for p in EXAMPLES.rglob(suffix)

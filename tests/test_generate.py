@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 import calmgraph as cg
 from calmgraph.demo.models import demo_models
 from calmgraph.demo.run import demo_spec_path
-from calmgraph.generate import filter_logits, next_token
-from calmgraph.passes.merge import MODEL_KEY
-from calmgraph.passes.stage import split_stages
+from calmgraph.generation.generate import filter_logits, next_token
+from calmgraph.plan import MODEL_KEY
+from calmgraph.generation.stage import split_stages
 
 warnings.filterwarnings("ignore", category=UserWarning)
 VOCAB = 96
@@ -206,7 +206,7 @@ def test_right_padding_also_reads_each_row_at_its_own_end(small):
 def test_cached_decode_logits_equal_full_forwards(hf_composition):
     """Prefill then one token at a time through the decode graph (KV cache, the shared GPT-2 refreshed
     each step, the BERT prompt read once) gives the logits of the anchor stage over the whole sequence."""
-    from calmgraph.generate import contexts_of, decoder_for, stages_of
+    from calmgraph.generation.generate import contexts_of, decoder_for, stages_of
     composed, _, name = hf_composition
     ids, prompts = tokens((3, 14), 40), prompt(name)
     stages, contexts = stages_of(composed), contexts_of(composed)
@@ -265,7 +265,7 @@ def test_cached_generation_with_rotary_windowed_cross_attention_equals_recomputi
 
 
 def test_cached_generation_shares_the_composed_weights_and_leaves_the_anchor_alone(hf_composition):
-    from calmgraph.generate import decoder_for
+    from calmgraph.generation.generate import decoder_for
     composed, llama, name = hf_composition
     before = {k: v.clone() for k, v in llama.state_dict().items()}
     ids = tokens((2, 5), 42)
@@ -281,7 +281,7 @@ def test_cached_generation_shares_the_composed_weights_and_leaves_the_anchor_alo
 def test_compiled_decode_step_gives_the_same_tokens(hf_composition, monkeypatch):
     """compile_step runs the decode step through torch.compile (here its eager backend: the plumbing, not
     inductor's kernels, is what calmgraph adds)."""
-    import calmgraph.generate as generation
+    import calmgraph.generation.generate as generation
     monkeypatch.setattr(generation, "STEP_COMPILE", {"backend": "eager"})
     composed, _, name = hf_composition
     ids, prompts = tokens((2, 7), 44), prompt(name, batch=2)

@@ -4,15 +4,13 @@ Nothing is traced or built here; every problem is reported before any work is do
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
-import torch
 import torch.nn as nn
 
 from ..blocks import Block, BlockListError, find_blocks
-from ..errors import LayerRefError, ModelError, Problem, TraceError
+from ..errors import LayerRefError, ModelError, Problem
 from ..spec import CompositionSpec
-from .trace import model_device
+from ..tracing.entry import model_device
+from .base import CompileState, Pass, PassResult
 
 
 def gather(spec: CompositionSpec, models: dict[str, nn.Module] | None) -> dict[str, nn.Module]:
@@ -48,27 +46,12 @@ def find_all_blocks(spec: CompositionSpec, models: dict[str, nn.Module]) -> dict
     return found
 
 
-@contextmanager
-def unchanged(models: dict[str, nn.Module]):
-    """Compiling runs the traced graphs (shape checks, verification) on tensors that share the models'
-    storage, so a forward that writes its own buffer (a call counter, a cache) would write the user's.
-    Version counters, shared with those aliases, show any such write: buffers are put back from a copy
-    taken here (buffers are small; weights are not copied) and the write is refused."""
-    tensors = {f"{name}.{n}": t for name, m in models.items()
-               for n, t in (*m.named_parameters(remove_duplicate=False), *m.named_buffers(remove_duplicate=False))}
-    versions = {k: t._version for k, t in tensors.items()}
-    saved = {f"{name}.{n}": b.clone() for name, m in models.items() for n, b in m.named_buffers(remove_duplicate=False)}
-    try:
-        yield
-    finally:  # put back what was written, whether or not compiling failed (then its own error propagates)
-        written = [k for k, t in tensors.items() if t._version != versions[k]]
-        with torch.no_grad():
-            for k in written:
-                if k in saved:
-                    tensors[k].copy_(saved[k])
-    if written:
-        kept = [k for k in written if k not in saved]
-        raise TraceError(f"running the traced forward wrote {written} in place (restored: "
-                         f"{[k for k in written if k in saved] or 'none'}{'; not restorable: ' + str(kept) if kept else ''})"
-                         "; a composition must be a pure function of the models' weights: make the forward "
-                         "leave its parameters and buffers alone (e.g. keep a counter outside the module)")
+class Gather(Pass):
+    """The models checked against the spec, and each one's blocks found."""
+
+    ensures = ("blocks",)
+
+    def call(self, state: CompileState) -> PassResult:
+        state.models = gather(state.spec, state.models)
+        state.blocks = find_all_blocks(state.spec, state.models)
+        return PassResult(state, False)

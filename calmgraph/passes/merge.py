@@ -1,23 +1,23 @@
 """Pass 3, merge: every model's graph -> ONE graph, each model namespaced under its name.
 
 Node names get the model's name as prefix (`kv_add_7`), attribute targets its submodule (`kv.transformer...`).
-The fused inputs: `input_ids` (the anchor and shared augments), then per prompt augment `<name>_input_ids`
-(or `<name>_pixel_values` for an image prompt), then per token prompt an optional `<name>_mask`.
+The fused inputs are the composition's `InputSignature` (signature.py): `input_ids`, each prompt's ids (or
+pixel values), then the token prompts' optional masks.
 The fused output: the anchor's output.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import InputError
+from ..graph import build_order
+from ..plan import MODEL_KEY
+from ..signature import InputSignature
 from ..spec import CompositionSpec
-from .trace import ENTRY, TracedModel
-
-MODEL_KEY = "calmgraph_model"  # node.meta key: which model a node came from
+from ..tracing.entry import ENTRY
+from .base import CompileState, Merged, Pass, PassResult, TracedModel
 
 
 def check_token_ids(input_ids: torch.Tensor, name: str) -> torch.Tensor:
@@ -72,41 +72,45 @@ def inline(graph: fx.Graph, model_graph: fx.Graph, name: str, inputs) -> tuple[d
     return env, out
 
 
-@dataclass
-class Merged:
-    graph: fx.Graph
-    root: nn.Module                              # holds each model's frozen copy under its name
-    taps: dict[str, list[fx.Node]]               # per model, per block: tap node in the fused graph
-    outputs: dict[str, fx.Node]                  # per model: its output node (the anchor's is the result)
-    masks: dict[str, fx.Node] = field(default_factory=dict)  # per prompt augment: its padding mask
-    input_names: list[str] = field(default_factory=list)
-
-
-def merge(spec: CompositionSpec, traced: dict[str, TracedModel], order: list[str]) -> Merged:
+def merge(spec: CompositionSpec, traced: dict[str, TracedModel], order: list[str],
+          signature: InputSignature) -> Merged:
     graph = fx.Graph()
     root = nn.Module()
-    prompts = [a.name for a in spec.augments if a.input == "prompt"]
-    images = {a.name for a in spec.augments if a.input == "prompt" and a.prompt_input == "pixel_values"}
-    tokens = [name for name in prompts if name not in images]
-
-    # Inputs first: every required one, then the optional masks (Python's argument order).
-    raw = {None: graph.placeholder("input_ids")}
-    raw.update({name: graph.placeholder(f"{name}_{'pixel_values' if name in images else 'input_ids'}")
-                for name in prompts})
-    raw_masks = {name: graph.placeholder(f"{name}_mask", default_value=None) for name in tokens}
-    ids = {key: (graph.call_function(check_pixel_values, (node, node.name, tuple(traced[key].example[0].shape[1:])))
-                 if key in images else graph.call_function(check_token_ids, (node, node.name)))
-           for key, node in raw.items()}
-    merged = Merged(graph, root, {}, {}, input_names=[n.name for n in (*raw.values(), *raw_masks.values())])
-    for name in tokens:
-        merged.masks[name] = graph.call_function(prompt_mask, (ids[name], raw_masks[name], f"{name}_mask"))
+    # Inputs in the signature's order: every required one, then the optional masks (Python's argument order).
+    raw = {i.name: graph.placeholder(i.name, default_value=None) if not i.required else graph.placeholder(i.name)
+           for i in signature.inputs}
+    checked = {}
+    for i in signature.inputs:
+        if i.kind == "ids":
+            checked[i.owner] = graph.call_function(check_token_ids, (raw[i.name], i.name))
+        elif i.kind == "pixels":
+            checked[i.owner] = graph.call_function(check_pixel_values, (raw[i.name], i.name, i.image))
+    merged = Merged(graph, root, {}, {})
+    for i in signature.inputs:
+        if i.kind == "mask":
+            merged.masks[i.owner] = graph.call_function(prompt_mask, (checked[i.owner], raw[i.name], i.name))
 
     for name in order:
         model = traced[name]
         root.add_module(name, model.module)
-        inputs = [ids[name], merged.masks[name]] if name in tokens else [ids[name if name in images else None]]
+        key = name if spec.model(name).is_prompt else None
+        inputs = [checked[key], merged.masks[name]] if name in merged.masks else [checked[key]]
         env, merged.outputs[name] = inline(graph, model.graph, name, inputs)
         merged.taps[name] = [env[n] for n in model.taps]
 
     graph.output(merged.outputs[spec.anchor.name])
     return merged
+
+
+class Merge(Pass):
+    """Every model's graph -> one graph, namespaced per model; the fused inputs from the signature."""
+
+    requires = ("traced",)
+    ensures = ("merged", "order", "signature")
+
+    def call(self, state: CompileState) -> PassResult:
+        state.order = build_order(state.spec)
+        images = {a.name: state.traced[a.name].example[0] for a in state.spec.prompts if a.reads == "pixels"}
+        state.signature = InputSignature.of(state.spec, images)
+        state.merged = merge(state.spec, state.traced, state.order, state.signature)
+        return PassResult(state, True)

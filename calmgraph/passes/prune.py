@@ -5,25 +5,12 @@ The fused graph returns only the anchor's output, so an augment's later blocks a
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
-from .merge import MODEL_KEY
-
-
-@dataclass(frozen=True)
-class PruneReport:
-    nodes_before: dict[str, int]
-    nodes_after: dict[str, int]
-    blocks_kept: dict[str, int]      # per augment: blocks still computed
-    blocks_total: dict[str, int]
-    head_removed: dict[str, bool]    # per augment: its output (LM head) no longer computed
-
-    @property
-    def nodes_removed(self) -> int:
-        return sum(self.nodes_before.values()) - sum(self.nodes_after.values())
+from ..plan import LINK_KEY, MODEL_KEY, Link
+from .base import CompileState, Pass, PassResult, PruneReport
 
 
 # fx's dead-code elimination keeps nodes it cannot prove pure: torch.export's runtime checks (dtype, device,
@@ -52,3 +39,26 @@ def prune(graph: fx.Graph, augment_taps: dict[str, list[fx.Node]], augment_outpu
             for name, taps in augment_taps.items()}
     return PruneReport(dict(before), dict(after), kept, {k: len(v) for k, v in augment_taps.items()},
                        {name: out not in alive for name, out in augment_outputs.items()})
+
+
+def live_links(graph: fx.Graph, links: list[Link]) -> list[Link]:
+    """The links whose block the graph still calls: a block feeding only pruned computation went with it."""
+    called = {n.meta[LINK_KEY] for n in graph.nodes if n.op == "call_module" and LINK_KEY in n.meta}
+    return [link for link in links if link in called]
+
+
+class Prune(Pass):
+    """Dead code out (augment blocks past the deepest tap, augment heads); `state.links` keeps the live ones."""
+
+    requires = ("module", "merged", "links")
+    ensures = ("pruned",)
+
+    def call(self, state: CompileState) -> PassResult:
+        graph, merged = state.module.graph, state.merged
+        augments = [a.name for a in state.spec.augments]
+        state.pruned = prune(graph, {a: merged.taps[a] for a in augments}, {a: merged.outputs[a] for a in augments},
+                             enabled=state.prune)
+        state.links = live_links(graph, state.links)
+        # the GraphModule keeps only the modules its graph still calls
+        state.module = fx.GraphModule(state.module, graph)
+        return PassResult(state, state.pruned.nodes_removed > 0)

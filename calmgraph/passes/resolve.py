@@ -7,32 +7,11 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import dataclass
 
 from ..errors import LayerRefError, Problem, TraceError
+from ..plan import Link
 from ..spec import CompositionSpec, CrossAttentionSpec, EdgeSpec, Every
-from .trace import TracedModel
-
-
-@dataclass(frozen=True)
-class Link:
-    """One cross-attention block: target block `target_layer` attends to source block `source_layer`."""
-
-    edge: int                  # index into spec.edges
-    source: str
-    target: str
-    source_layer: int
-    target_layer: int
-    source_dim: int
-    target_dim: int
-    heads: int
-    dim_head: int
-    config: CrossAttentionSpec
-    causal: bool               # shared source: position t sees source positions <= t
-
-    @property
-    def module_path(self) -> tuple[str, str]:
-        return f"{self.source}_to_{self.target}", f"l{self.source_layer}_to_l{self.target_layer}"
+from .base import CompileState, Pass, PassResult, TracedModel
 
 
 def every_pairs(k: int, n_source: int, n_target: int) -> list[tuple[int, int]]:
@@ -80,7 +59,7 @@ def _where(edge: EdgeSpec, i: int, field: str) -> str:
 def resolve(spec: CompositionSpec, traced: dict[str, TracedModel]) -> list[Link]:
     problems: list[Problem] = []
     links: list[Link] = []
-    inputs = {spec.anchor.name: "shared", **{a.name: a.input for a in spec.augments}}
+    inputs = {m.name: "prompt" if m.is_prompt else "shared" for m in spec.models}
     for i, edge in enumerate(spec.edges):
         source, target = traced[edge.source], traced[edge.target]
         config = spec.cross_attention_for(edge)
@@ -155,3 +134,14 @@ def refuse_looped(spec: CompositionSpec, traced: dict[str, TracedModel], links: 
         "\na tap holds one value per forward, so a cross-attention cannot be added to (or read from) every run; "
         "composing one run would silently differ from the model. Tap blocks that run once in `layers:`, or name "
         "a block list whose blocks each run once with `blocks:`")
+
+
+class Resolve(Pass):
+    """Layer references -> the plan: one `Link` per cross-attention block."""
+
+    requires = ("traced",)
+    ensures = ("links",)
+
+    def call(self, state: CompileState) -> PassResult:
+        state.links = resolve(state.spec, state.traced)
+        return PassResult(state, False)

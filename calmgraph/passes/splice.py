@@ -10,13 +10,12 @@ from __future__ import annotations
 import operator
 from collections import defaultdict
 
+import torch.fx as fx
 import torch.nn as nn
 
 from ..cross_attention import CrossAttention
-from .merge import Merged
-from .resolve import Link
-
-ROOT = "xattn"  # every new module lives under this attribute: composed.xattn.<source>_to_<target>.l<i>_to_l<j>
+from ..plan import LINK_KEY, ROOT, Link
+from .base import CompileState, Merged, Pass, PassResult
 
 
 def build_block(link: Link, like) -> CrossAttention:
@@ -62,10 +61,22 @@ def splice(merged: Merged, links: list[Link], order: list[str], blocks: nn.Modul
                     delta = graph.call_module(path, args)
                 with graph.inserting_after(delta):
                     total = graph.call_function(operator.add, (total, delta))
-                delta.meta = total.meta = {"calmgraph_link": link, **{k: tap.meta[k] for k in ("val",) if k in tap.meta}}
+                delta.meta = total.meta = {LINK_KEY: link, **{k: tap.meta[k] for k in ("val",) if k in tap.meta}}
                 created |= {delta, total}
                 last = total
             tap.replace_all_uses_with(total, delete_user_cb=lambda user: user not in created)
             merged.taps[target][layer] = total
     graph.lint()
     return added
+
+
+class Splice(Pass):
+    """A cross-attention node for every link; the fused graph becomes a module (`state.module`)."""
+
+    requires = ("merged", "links", "order")
+    ensures = ("module",)
+
+    def call(self, state: CompileState) -> PassResult:
+        splice(state.merged, state.links, state.order)
+        state.module = fx.GraphModule(state.merged.root, state.merged.graph)
+        return PassResult(state, bool(state.links))

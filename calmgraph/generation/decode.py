@@ -27,17 +27,18 @@ import torch.nn as nn
 
 from ..blocks import find_blocks
 from ..errors import TraceError
-from .merge import Merged, inline
-from .splice import ROOT, splice
-from .stage import LINK_KEY, Contexts, anchor_links
-from .trace import ENTRY, block_inputs, block_outputs
-
-CACHE_KWARGS = ("cache", "past_key_values")  # what transformers calls the cache argument (5.x, 4.x)
-
+from ..families import CACHE_KWARGS, is_transformers
+from ..passes.base import Merged
+from ..passes.merge import inline
+from ..passes.splice import splice
+from ..plan import LINK_KEY, ROOT
+from ..tracing.entry import ENTRY
+from ..tracing.taps import block_inputs, block_outputs
+from .stage import Contexts, anchor_links
 
 def cache_kwarg(model: nn.Module) -> str | None:
     """The name under which a transformers causal LM takes a KV cache, or None if it is not one."""
-    if not type(model).__module__.startswith("transformers."):
+    if not is_transformers(model):
         return None
     params = inspect.signature(model.forward).parameters
     return next((k for k in CACHE_KWARGS if k in params), None)

@@ -19,10 +19,8 @@ from dataclasses import dataclass
 import torch.fx as fx
 import torch.nn as nn
 
-from ..errors import CalmGraphError
-from .merge import MODEL_KEY
-
-LINK_KEY = "calmgraph_link"
+from ..errors import InternalError
+from ..plan import LINK_KEY, MODEL_KEY
 
 
 @dataclass
@@ -68,7 +66,7 @@ def split_stages(composed: fx.GraphModule, prompts: list[str]) -> Stages:
     for node in side:
         leaked = [a.name for a in node.all_input_nodes if a not in side]
         if leaked:  # the spec forbids shared -> prompt edges, so this is a calmgraph bug
-            raise CalmGraphError(f"cannot split the fused graph: prompt-side node {node.name!r} reads "
+            raise InternalError(f"cannot split the fused graph: prompt-side node {node.name!r} reads "
                                  f"{leaked} from the anchor side")
     boundary = [n for n in graph.nodes if n in side and any(u not in side for u in n.users)]
 

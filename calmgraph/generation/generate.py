@@ -1,8 +1,8 @@
 """Text generation with a composed model: batched, padded prompts, greedy or sampled (temperature, top-k, top-p).
 
-The prompt augments run once per call, in the augment stage (`passes/stage.py`). With a transformers
+The prompt augments run once per call, in the augment stage (`stage.py`). With a transformers
 anchor, the anchor then reads the prompt once and each new token once, through its decode graph with a
-static KV cache (`passes/decode.py`); the shared augments, which the paper refreshes as the sequence
+static KV cache (`decode.py`); the shared augments, which the paper refreshes as the sequence
 grows, run over the sequence so far at each step. Any other anchor (`cache=False`, or one transformers
 does not cache) recomputes the anchor stage over the whole sequence at each step.
 
@@ -22,10 +22,10 @@ from weakref import WeakKeyDictionary
 
 import torch
 
-from .errors import CalmGraphError, InputError
-from .passes.decode import Decoder, build_decoder, cache_kwarg
-from .passes.merge import check_token_ids
-from .passes.stage import Contexts, Stages, context_stage, split_stages
+from ..errors import CalmGraphError, InputError
+from ..passes.merge import check_token_ids
+from .decode import Decoder, build_decoder, cache_kwarg
+from .stage import Contexts, Stages, context_stage, split_stages
 
 _STAGES: WeakKeyDictionary = WeakKeyDictionary()  # composed -> (what it was split from, its stages, ...)
 CACHE_ROUND = 32    # cache lengths are rounded up to a multiple of this, so that similar calls share a decoder
@@ -46,7 +46,7 @@ def stages_of(composed) -> Stages:
     (the stages share its submodules, so training and `.to()` need no new split)."""
     entry = _entry(composed)
     if "stages" not in entry:
-        entry["stages"] = split_stages(composed, [a.name for a in composed.spec.augments if a.input == "prompt"])
+        entry["stages"] = split_stages(composed, [a.name for a in composed.spec.prompts])
     return entry["stages"]
 
 
@@ -103,14 +103,7 @@ def _check_mask(attention_mask, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def _prompt_inputs(composed, inputs: dict, batch: int) -> dict:
-    allowed = [n for n in composed.input_names if n != "input_ids"]
-    unknown = [k for k in inputs if k not in allowed]
-    if unknown:
-        raise InputError(f"unknown inputs {unknown}; this composition takes input_ids"
-                         f"{''.join(', ' + n for n in allowed)}")
-    missing = [n for n in allowed if n.endswith("_input_ids") and n not in inputs]
-    if missing:
-        raise InputError(f"missing inputs {missing}: each prompt augment needs its own token ids")
+    composed.signature.check_keywords(inputs)
     for name, value in inputs.items():
         if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] != batch:
             raise InputError(f"{name} has batch size {value.shape[0]} but input_ids has {batch}; "

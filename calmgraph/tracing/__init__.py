@@ -1,0 +1,1 @@
+"""What the trace pass uses: entry wrappers, front ends, tap finding, purity checks."""
