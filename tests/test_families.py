@@ -275,3 +275,23 @@ def test_minilm_real_weights_as_prompt_augment():
     via_hf = cg.load_models(spec)["docs"]
     assert type(via_hf).__name__ == "BertModel"
     assert all(torch.equal(a, b) for a, b in zip(via_hf.state_dict().values(), models["docs"].state_dict().values()))
+
+
+def test_vit_image_prompt_export_and_generate(ids, tmp_path):
+    """The image prompt through the two other users of the input signature: a `.pt2` (other batch size)
+    and greedy generation, which must equal step-by-step argmax over full forwards."""
+    models = {"base": small_model("llama"), "docs": small_vit()}
+    composed = cg.compile(prompt_spec("pixel_values"), models)
+    with torch.no_grad():
+        randomize_new_parameters(composed)
+    images = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    ids3 = torch.randint(0, 96, (3, 5), generator=torch.Generator().manual_seed(5))
+    program = torch.export.load(str(composed.export(tmp_path / "vit.pt2"))).module()
+    with torch.no_grad():
+        torch.testing.assert_close(program(ids3, images), composed(ids3, docs_pixel_values=images), atol=1e-5, rtol=0)
+        out = composed.generate(ids3, 4, temperature=0, docs_pixel_values=images)
+        expected = ids3
+        for _ in range(4):
+            step = composed(expected, docs_pixel_values=images)[:, -1].argmax(-1, keepdim=True)
+            expected = torch.cat([expected, step], dim=1)
+    assert torch.equal(out, expected)
