@@ -100,7 +100,8 @@ def run(args: argparse.Namespace, out: IO[str] | None = None, progress=None) -> 
 def settings(args: argparse.Namespace, spec, device: str, dtype: str | None, budget, variants: tuple[str, ...]) -> str:
     """What is about to be measured, printed before anything slow starts."""
     import torch
-    threads = f" ({torch.get_num_threads()} threads)" if device == "cpu" else ""
+    n = torch.get_num_threads()
+    threads = f" ({n} thread{'s' * (n != 1)})" if device == "cpu" else ""
     train = "train" in variants
     shown = ["fused", *(v for v in variants if v != "train")]
     rows = [("spec", f"{args.spec}: anchor {spec.anchor.name}, augments {', '.join(a.name for a in spec.augments)}"),

@@ -60,6 +60,8 @@ class Console(Progress):
                 bars[name].update(1)
         try:
             yield observe
+            for bar in (bars or {}).values():
+                bar.total = bar.n  # the budget's time limit may end the rounds early: that is done too
         finally:
             for bar in (bars or {}).values():
                 bar.close()

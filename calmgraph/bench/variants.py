@@ -168,7 +168,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("unpruned", "the composition compiled with prune=False", _unpruned, _nothing_pruned),
     Variant("calm_pytorch", "CALM-pytorch's own CALM on copies of the models", _calm_pytorch,
             lambda b: calm_pytorch_unfit(b.composed, b.models)),
-    Variant("compiled", "torch.compile of the fused graph", _compiled, finish=_compiled_finish),
+    Variant("compiled", "torch.compile of the fused graph (its first calls compile: minutes on a CPU)", _compiled,
+            finish=_compiled_finish),
     Variant("cudagraphs", "torch.compile with CUDA graphs (mode='reduce-overhead')", _cudagraphs, _needs_gpu,
             selected_by="compiled"),
 )
@@ -207,7 +208,7 @@ def _bench(composed, models, *, batch, seq, prompt_len, budget, variants, seed, 
             b.notes[variant.name] = reason
             progress.skipped(variant.name, reason)
             continue
-        with progress.step(f"building {variant.name}"):
+        with progress.step(f"building {variant.name}: {variant.what}"):
             timed = variant.build(b)
         forward.update(timed.forward)
         train.update(timed.train)
