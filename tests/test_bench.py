@@ -164,7 +164,8 @@ def test_bench_takes_verbose_and_every_option_has_help():
         assert action.help and action.help.strip(), f"{action.option_strings or action.dest} has no help"
 
 
-@pytest.mark.parametrize("option", [["--batch", "0"], ["--seq", "-3"], ["--prompt-len", "x"], ["--device", "nonsense"]])
+@pytest.mark.parametrize("option", [["--batch", "0"], ["--seq", "-3"], ["--prompt-len", "x"], ["--device", "nonsense"],
+                                    ["--json", "no/such/folder/out.json"]])
 def test_bench_refuses_bad_options_as_usage_errors(option, capsys):
     from calmgraph.cli import main
     with pytest.raises(SystemExit) as exit_:

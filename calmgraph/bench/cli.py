@@ -5,7 +5,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import IO
 
 DESCRIPTION = ("Time the fused graph beside the sum of its parts, an eager hook composition, CALM-pytorch and "
                "torch.compile, in one process on the same weights and inputs (medians of round-robin calls).")
@@ -29,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="no warm-up, 3 rounds: checks that it runs, not speed")
     p.add_argument("--no-compile", action="store_true",
                    help="skip torch.compile (its first call takes minutes on a CPU)")
-    p.add_argument("--json", metavar="FILE",
+    p.add_argument("--json", metavar="FILE", type=_writable,
                    help="also write the whole result here (times, memory, notes, machine, versions, command)")
 
 
@@ -41,6 +40,14 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
     return value
+
+
+def _writable(text: str) -> str:
+    """Checked before the run: a result lost at the end of a long run to a missing folder is minutes lost."""
+    folder = Path(text).parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"no folder {str(folder)!r} to write {text!r} into")
+    return text
 
 
 def _device(text: str) -> str:
@@ -60,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     return run(p.parse_args(argv))
 
 
-def run(args: argparse.Namespace, out: IO[str] | None = None, progress=None) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Settings on stdout first, progress on stderr while it runs, then the report on stdout."""
     import torch
     import torch.nn as nn
 
@@ -69,14 +77,13 @@ def run(args: argparse.Namespace, out: IO[str] | None = None, progress=None) -> 
     from .report import environment
     from .timing import QUICK, Budget
     from .variants import NAMES, bench_composition
-    out = out or sys.stdout
-    progress = progress or Console()
+    progress = Console()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else None)
     budget = QUICK if args.quick else Budget()
     variants = tuple(n for n in NAMES if not (args.no_compile and n == "compiled"))
     spec = load_spec(args.spec)
-    print(settings(args, spec, device, dtype, budget, variants), file=out, flush=True)
+    print(settings(args, spec, device, dtype, budget, variants), flush=True)
     with progress.step(f"building {len(spec.models)} models"):
         models = _load_models(args.spec, args.models)
         models = {n: m.to(device).eval() for n, m in models.items()}  # weights as given, compute under autocast
@@ -90,10 +97,10 @@ def run(args: argparse.Namespace, out: IO[str] | None = None, progress=None) -> 
                                autocast=getattr(torch, dtype) if dtype and dtype != "float32" else None)
     result = {**environment(["calmgraph", "bench", *sys.argv[2:]] if sys.argv[1:2] == ["bench"] else None),
               "spec": spec.to_dict(), "device": device, "dtype": dtype or "as given", **result}
-    print(report(result), file=out)
+    print(report(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))
-        print(f"wrote {args.json}", file=out)
+        print(f"wrote {args.json}")
     return 0
 
 
