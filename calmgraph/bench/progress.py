@@ -48,8 +48,8 @@ class Console(Progress):
 
     @contextlib.contextmanager
     def timing(self, section: str, names: list[str], budget: Budget) -> Iterator[Observer]:
-        self._say(f"calmgraph bench: timing the {section} step of {len(names)} variants round-robin "
-                  f"({budget.describe()})")
+        self._say(f"calmgraph bench: timing the {section} step of {len(names)} variants round-robin: "
+                  f"{budget.describe()}")
         times: dict[str, list[float]] = {name: [] for name in names}
         bars = self._bars(section, names, budget)
 

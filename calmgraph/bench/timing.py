@@ -22,7 +22,7 @@ class Budget:
 
     def describe(self) -> str:
         warmup = f"{self.warmup_s:g} s warm-up" if self.warmup_s else "no warm-up"
-        return f"{warmup}, {self.rounds} rounds or {self.max_s:g} s (at least {self.min_rounds} rounds)"
+        return f"{warmup}, {self.rounds} rounds or {self.max_s:g} s, at least {self.min_rounds} rounds"
 
 
 QUICK = Budget(warmup_s=0.0, rounds=3, max_s=2.0, min_rounds=2)

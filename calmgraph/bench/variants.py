@@ -160,8 +160,8 @@ def _compiled_finish(b: Bench) -> None:
 
 
 VARIANTS: tuple[Variant, ...] = (
-    Variant("parts", "the anchor and each augment alone (to its deepest tapped block), the cross-attention "
-            "blocks alone", _parts),
+    Variant("parts", "each model alone (augments to their deepest tapped block), the cross-attention alone",
+            _parts),
     Variant("part_detail", "each of the parts timed alone too", _part_detail),
     Variant("hooks", "the same models and blocks wired with forward hooks (the seed's way)", _hooks),
     Variant("no_checks", "the fused graph without its call-time input checks", _no_checks),
