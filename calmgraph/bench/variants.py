@@ -62,7 +62,7 @@ class Timed:
 @dataclass(frozen=True)
 class Variant:
     name: str                                                 # as passed in `variants=`
-    what: str                                                 # one line, for the settings printout
+    what: str                                                 # one line, said as it is built
     build: Callable[[Bench], Timed]
     skip_reason: Callable[[Bench], str | None] = lambda b: None
     selected_by: str | None = None                            # selected with another variant (default: its name)
