@@ -48,7 +48,8 @@ class Preset:
 
 
 PRESETS = {
-    # DESIGN.md's measurement of the seed: bf16, batch 8, 1024 tokens, 12-layer anchor and augment.
+    # The shapes of an earlier H100 measurement of the seed (CALM-pytorch 0.2.x): bf16, batch 8, 1024 tokens,
+    # 12-layer anchor and augment; its forward took 1.55x the anchor and augment run apart.
     "cuda": Preset(torch.bfloat16, 768, 12, 12, 32000, 8, 1024, (1, 2, 4, 8), (6, 12, 24), (256, 512, 1024, 2048),
                    (1, 5, 11), (), (), Budget(warmup_s=1.0, rounds=25, max_s=6.0), Budget(warmup_s=1.0, rounds=12, max_s=2.0)),
     "cpu": Preset(None, 256, 8, 4, 4096, 2, 128, (1, 2, 4, 8), (4, 8, 16), (64, 128, 256),

@@ -4,6 +4,7 @@
     calmgraph inspect SPEC.yaml [--draw FILE] [--mermaid]
     calmgraph compile SPEC.yaml --out DIR         composed.pt2, composed.py, spec.json, picture, summary
     calmgraph demo [--out DIR]
+    calmgraph bench SPEC.yaml [--device cuda] [--quick] [--json FILE]
 
 Exit codes: 0 success, 1 a problem with the input (spec, models, checkpoint), 2 bad command-line usage,
 3 an internal error (a calmgraph bug: please report it with --verbose output). Progress goes to stderr.
@@ -135,8 +136,8 @@ def _demo(args) -> int:
 
 
 def _bench(args) -> int:
-    from .bench import main as bench_main  # its own parser: `calmgraph bench --help`
-    return bench_main(args.args)
+    from .bench.cli import run  # the harness loads only for this command
+    return run(args)
 
 
 # -- parser --------------------------------------------------------------------------------------------
@@ -184,9 +185,10 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--code", action="store_true", help="also print the fused graph's Python code")
     demo.add_argument("--out", metavar="DIR", help="folder for the artifacts (default: a new temporary folder)")
     demo.set_defaults(run=_demo)
-    bench = sub.add_parser("bench", add_help=False, prefix_chars="+", help="time the fused graph beside its parts, an eager hook "
-                           "composition, CALM-pytorch and torch.compile (calmgraph bench --help)")
-    bench.add_argument("args", nargs="*")  # every option too (prefix_chars): bench.main parses them
+    from .bench.cli import DESCRIPTION, add_arguments  # argparse only; the harness loads when it runs
+    bench = sub.add_parser("bench", parents=[common], help="time the fused graph beside its parts, an eager hook "
+                           "composition, CALM-pytorch and torch.compile", description=DESCRIPTION)
+    add_arguments(bench)
     bench.set_defaults(run=_bench)
     return p
 

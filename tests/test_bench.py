@@ -1,6 +1,13 @@
 """calmgraph.bench: the baselines compute what the fused graph computes, and the measurements measure what
 they say. (Speed itself is never asserted: see benchmarks/.)"""
+import ast
+import io
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,3 +146,116 @@ def test_input_checks_timing_runs_the_real_checks_on_the_inputs(demo):
     assert input_checks_us(composed, inputs, calls=3) > 0
     with pytest.raises(InputError, match="notes_mask must have the shape"):
         input_checks_us(composed, {**inputs, "notes_mask": inputs["notes_mask"][:, :2]}, calls=3)
+
+
+# -- the command's output: settings first, progress per variant, why a variant was skipped -------------------
+def _bench_parser():
+    from calmgraph.cli import parser
+    sub = next(a for a in parser()._actions if a.dest == "command")
+    return sub.choices["bench"]
+
+
+def test_bench_takes_verbose_and_every_option_has_help():
+    bench = _bench_parser()
+    args = bench.parse_args(["-v", "spec.yaml", "--device", "cpu", "--batch", "2", "--seq", "8"])
+    assert (args.verbose, args.spec, args.device, args.batch, args.seq) == (True, "spec.yaml", "cpu", 2, 8)
+    assert bench.parse_args(["--verbose", "spec.yaml"]).verbose is True
+    for action in bench._actions:
+        assert action.help and action.help.strip(), f"{action.option_strings or action.dest} has no help"
+
+
+@pytest.mark.parametrize("option", [["--batch", "0"], ["--seq", "-3"], ["--prompt-len", "x"], ["--device", "nonsense"],
+                                    ["--json", "no/such/folder/out.json"]])
+def test_bench_refuses_bad_options_as_usage_errors(option, capsys):
+    from calmgraph.cli import main
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "spec.yaml", *option])
+    assert exit_.value.code == 2
+    assert option[0] in capsys.readouterr().err
+
+
+def test_bench_prints_its_settings_first_and_why_variants_were_skipped(capsys):
+    from calmgraph.cli import main
+    assert main(["bench", "-v", str(demo_spec_path()), "--models", "calmgraph.demo.models:demo_models", "--quick",
+                 "--no-compile", "--batch", "1", "--seq", "8"]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
+    settings = out[:out.index("fused/parts")]  # everything printed before the results
+    for line in ("device    cpu", "batch     1", "seq       8", "budget    no warm-up, 3 rounds",
+                 "variants  fused, parts, part_detail, hooks, no_checks, unpruned, calm_pytorch;",
+                 "compiled off (--no-compile)", "steps     forward and training step"):
+        assert line in settings
+    assert out.index("device") < out.index("median ms")
+    # the demo models are not x-transformers: CALM-pytorch is skipped, and the normal output says why
+    assert "skipped calm_pytorch: " in out and ("x-transformers" in out or "not installed" in out)
+    for name in ("parts", "hooks", "no_checks", "unpruned"):  # progress on stderr, one line per variant built
+        assert f"building {name}: " in captured.err
+    assert "calm_pytorch skipped: " in captured.err
+
+
+def test_bench_says_when_calm_pytorch_is_not_installed(demo, monkeypatch):
+    from calmgraph.bench import QUICK, bench_composition
+    composed, models, _ = demo
+    monkeypatch.setitem(sys.modules, "CALM_pytorch", None)  # import CALM_pytorch now raises ImportError
+    result = bench_composition(composed, models, batch=1, seq=8, budget=QUICK, variants=("calm_pytorch",))
+    assert "not installed" in result["notes"]["calm_pytorch"]
+    assert set(result["times"]["forward"]) == {"fused"}
+    with pytest.raises(ValueError, match="unknown benchmark variants \\['calm'\\]"):
+        bench_composition(composed, models, batch=1, seq=8, budget=QUICK, variants=("calm",))
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def _timed_with(console):
+    calls = {"fused": 0, "hooks": 0}
+    fns = {k: (lambda k=k: calls.__setitem__(k, calls[k] + 1)) for k in calls}
+    budget = Budget(warmup_s=0.0, rounds=3, max_s=60.0, min_rounds=3)
+    with console.timing("forward", list(fns), budget) as observe:
+        return time_round_robin(fns, torch.device("cpu"), budget, observe)
+
+
+def test_console_draws_a_tqdm_bar_per_variant_on_a_terminal():
+    pytest.importorskip("tqdm")
+    from calmgraph.bench import Console
+    stream = _Terminal()
+    _timed_with(Console(stream))
+    text = stream.getvalue()
+    for name in ("fused", "hooks"):  # each variant's own bar, run to its 3 rounds
+        assert re.search(rf"forward {name}\s*: 100%.*3/3", text), text
+
+
+@pytest.mark.parametrize("why", ["no tqdm", "no terminal"])
+def test_console_prints_one_line_per_variant_without_tqdm_or_terminal(why, monkeypatch):
+    from calmgraph.bench import Console
+    if why == "no tqdm":
+        monkeypatch.setitem(sys.modules, "tqdm", None)
+    stream = _Terminal() if why == "no tqdm" else io.StringIO()
+    result = _timed_with(Console(stream))
+    lines = [l.split() for l in stream.getvalue().splitlines() if l.startswith("  forward ")]
+    assert [l[1] for l in lines] == ["fused", "hooks"]
+    for line in lines:  # the median each line shows is the one the result holds
+        assert float(line[3]) == pytest.approx(result[line[1]]["median_ms"], abs=5e-4)
+    assert "%" not in stream.getvalue()  # no bar
+
+
+def test_nothing_in_calmgraph_imports_the_harness_but_the_command_line():
+    root = Path(cg.__file__).parent
+    importers = []
+    for path in root.rglob("*.py"):
+        if "bench" in path.relative_to(root).parts[:1] or path.name == "cli.py" and path.parent == root:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [f"{'.' * node.level}{node.module or ''}"] + [a.name for a in node.names]
+                     if isinstance(node, ast.ImportFrom) else [])
+            if any("bench" in n.split(".") for n in names):
+                importers.append(str(path.relative_to(root)))
+    assert importers == []
+    # and the command line reads the bench options without loading the harness
+    code = "import sys, calmgraph.cli as c; c.parser(); print(sorted(m for m in sys.modules if m.startswith('calmgraph.bench')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": str(root.parent)}).stdout
+    assert loaded.strip() == "['calmgraph.bench', 'calmgraph.bench.cli']"
