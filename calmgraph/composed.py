@@ -90,8 +90,8 @@ class ComposedModel(fx.GraphModule):
         return next_token_loss(self(input_ids, **inputs), input_ids, label_mask, ignore_index)
 
     def generate(self, input_ids, max_new_tokens: int, **kwargs):
-        """Prompt followed by up to `max_new_tokens` new tokens; see `calmgraph.generation.generate`."""
-        from .generation import generate
+        """Prompt followed by up to `max_new_tokens` new tokens; see `calmgraph.generation.generate.generate`."""
+        from .generation.generate import generate
         return generate(self, input_ids, max_new_tokens, **kwargs)
 
     def export(self, path, format: str = "pt2"):

@@ -98,4 +98,4 @@ class InputSignature:
         if unknown or missing:
             parts = ([f"unknown inputs {unknown}"] if unknown else []) + ([f"missing inputs {missing}"] if missing else [])
             takes = ", ".join(f"{i.name}{'' if i.required else ' (optional)'}" for i in self.inputs)
-            raise InputError(f"{'; '.join(parts)}: this composition takes {takes}")
+            raise InputError(f"{'; '.join(parts)}; this composition takes {takes}")

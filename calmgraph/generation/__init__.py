@@ -1,5 +1,2 @@
 """Generation from a composed model: the fused graph split into stages (`stage.py`), the anchor's KV-cache
-decode graph (`decode.py`), and the sampling loop (`generate.py`)."""
-from .generate import generate
-
-__all__ = ["generate"]
+decode graph (`decode.py`), and the sampling loop (`generate.py`: `generate`)."""

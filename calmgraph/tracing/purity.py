@@ -109,6 +109,7 @@ def unchanged(models: dict[str, nn.Module]):
     storage, so a forward that writes its own buffer (a call counter, a cache) would write the user's.
     Version counters, shared with those aliases, show any such write: buffers are put back from a copy
     taken here (buffers are small; weights are not copied) and the write is refused."""
+    models = {name: m for name, m in models.items() if isinstance(m, nn.Module)}  # others: gather refuses them
     tensors = {f"{name}.{n}": t for name, m in models.items()
                for n, t in (*m.named_parameters(remove_duplicate=False), *m.named_buffers(remove_duplicate=False))}
     versions = {k: t._version for k, t in tensors.items()}
