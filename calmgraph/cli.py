@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import sys
 import tempfile
 import time
@@ -24,17 +25,67 @@ from .errors import CalmGraphError, InternalError, Problem, SpecError
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 
+_open_line = [False]  # a progress line on stderr still waits for its " done"
+
+
+def _end_open_line() -> None:
+    if _open_line[0]:
+        print(file=sys.stderr, flush=True)
+        _open_line[0] = False
+
+
 @contextlib.contextmanager
 def progress(message: str):
-    """`message ... done (1.2 s)` on stderr, for the steps that take seconds."""
+    """`message ... done (1.2 s)` on stderr, for the steps that take seconds; log lines printed meanwhile
+    go below it, and the step's end then gets a line of its own."""
+    _end_open_line()
     print(f"calmgraph: {message} ...", end="", file=sys.stderr, flush=True)
+    _open_line[0] = True
     started = time.perf_counter()
+
+    def end(word: str) -> None:
+        print(f" {word}" if _open_line[0] else f"calmgraph: {message}: {word}", file=sys.stderr, flush=True)
+        _open_line[0] = False
+
     try:
         yield
     except BaseException:
-        print(" failed", file=sys.stderr, flush=True)
+        end("failed")
         raise
-    print(f" done ({time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True)
+    end(f"done ({time.perf_counter() - started:.1f} s)")
+
+
+class _LogLines(logging.StreamHandler):
+    """calmgraph's log records (INFO: a line per traced model) on stderr, below an open progress line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _end_open_line()
+        super().emit(record)
+
+
+# Warnings that say nothing about the user's models or spec: torch's own deprecations, raised by torch
+# code that fx and export run on the user's behalf. Every other warning is shown.
+KNOWN_NOISE = (
+    r"'has_(cuda|cudnn|mps|mkldnn)' is deprecated",
+)
+
+
+@contextlib.contextmanager
+def _shown_logs_and_warnings(verbose: bool):
+    logger = logging.getLogger("calmgraph")
+    handler = _LogLines(sys.stderr)
+    handler.setFormatter(logging.Formatter("calmgraph:   %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    with warnings.catch_warnings():
+        for pattern in KNOWN_NOISE:
+            warnings.filterwarnings("ignore", message=pattern)
+        try:
+            yield
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
 
 
 def _models(spec, spec_path: Path, *, meta: bool):
@@ -118,7 +169,9 @@ def _inspect(args) -> int:
 
 def _compile_cmd(args) -> int:
     from .checkpoint import load_new
-    from .export import write_bundle
+    from .export import require_onnx, write_bundle
+    if args.format == "onnx":
+        require_onnx()  # before the long compile, not after it
     composed = _compile(Path(args.spec), meta=False, prune=not args.no_prune)
     if args.new_params:
         with progress(f"loading new parameters from {args.new_params}"):
@@ -196,10 +249,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)
-    warnings.filterwarnings("ignore", module="torch")
-    warnings.filterwarnings("ignore", category=FutureWarning)
     try:
-        return args.run(args)
+        with _shown_logs_and_warnings(verbose):
+            return args.run(args)
     except InternalError as e:  # calmgraph's own bug, raised on purpose: not the user's input
         if verbose:
             raise

@@ -107,3 +107,8 @@ class ComposedModel(fx.GraphModule):
     def summary(self) -> str:
         from .report import summary
         return summary(self)
+
+    def print_trainable_parameters(self) -> None:
+        """Print new (trainable) over all parameters, as PEFT's `print_trainable_parameters` does."""
+        from .report import trainable_parameters
+        print(trainable_parameters(self))

@@ -57,3 +57,7 @@ class CheckpointError(CalmGraphError, ValueError):
 
 class InternalError(CalmGraphError):
     """A bug in calmgraph, not a problem with the user's input (the CLI exits with 3). Please report it."""
+
+
+class DependencyError(CalmGraphError, ImportError):
+    """An optional dependency is not installed; the message names the extra that installs it."""

@@ -67,7 +67,16 @@ def export(composed: "ComposedModel", path: str | Path, format: str = "pt2") -> 
 
 
 # -- ONNX --------------------------------------------------------------------------------------------
+ONNX_NEEDS = ("onnx", "onnxscript")  # to write the file; the [onnx] extra also brings onnxruntime to run it
+
+
+def require_onnx() -> None:
+    from .extras import require
+    require("onnx", "ONNX export", ExportError, ONNX_NEEDS)
+
+
 def _export_onnx(composed: "ComposedModel", path: Path) -> None:
+    require_onnx()
     _check_weights(composed)
     n_bytes = sum(t.numel() * t.element_size() for t in composed.state_dict().values())
     onnx_logger = logging.getLogger("torch.onnx")
@@ -77,8 +86,6 @@ def _export_onnx(composed: "ComposedModel", path: Path) -> None:
         torch.onnx.export(composed, example_inputs(composed), f=str(path), dynamo=True,
                           dynamic_shapes=dynamic_shapes(composed), input_names=list(composed.input_names),
                           output_names=["logits"], external_data=n_bytes > 1 << 30, verbose=False)
-    except ImportError as e:
-        raise ExportError(f"ONNX export needs onnx and onnxscript: pip install onnx onnxscript ({e})") from e
     finally:
         onnx_logger.setLevel(level)
     _name_dims(composed, path)

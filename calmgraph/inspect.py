@@ -188,7 +188,7 @@ def draw(composed: "ComposedModel", path: str | Path, title: str | None = None) 
     n_new = sum(p.numel() for p in composed.new_parameters())
     n_all = sum(p.numel() for p in composed.parameters())
     ax.text(width / 2, height + 0.3, title or f"{len(composed.links)} cross-attention blocks · "
-            f"{n_new:,} new parameters ({100 * n_new / max(1, n_all - n_new):.1f}% of the frozen models)",
+            f"{n_new:,} new parameters ({100 * n_new / max(1, n_all):.1f}% of all)",
             ha="center", va="center", fontsize=10, color="#333333")
     # the legend names only what the picture shows
     kinds = {_kind(composed, m.name) for m in composed.spec.models}

@@ -16,6 +16,18 @@ def table(rows: list[list], header: list[str]) -> str:
     return "\n".join([line(cells[0]), line(["-" * w for w in widths]), *map(line, cells[1:])])
 
 
+def parameter_counts(composed: "ComposedModel") -> tuple[int, int]:
+    """(new, total): the new cross-attention parameters and all parameters, each tensor counted once."""
+    new = sum(p.numel() for p in composed.new_parameters())
+    return new, sum(p.numel() for p in composed.parameters())
+
+
+def trainable_parameters(composed: "ComposedModel") -> str:
+    """The line PEFT's `print_trainable_parameters` prints: new over total (frozen models included)."""
+    new, total = parameter_counts(composed)
+    return f"trainable params: {new:,} || all params: {total:,} || trainable%: {100 * new / max(1, total):.4f}"
+
+
 def summary(composed: "ComposedModel") -> str:
     spec, pruned = composed.spec, composed.pruned
     frozen = defaultdict(int)
@@ -38,12 +50,10 @@ def summary(composed: "ComposedModel") -> str:
     heads = {link.edge: link.heads for link in composed.links}
     edges = [[f"{e.source} -> {e.target}", " ".join(pairs[i]) or "none (pruned: it feeds nothing the anchor reads)",
               heads.get(i, "-"), f"{params[i]:,}"] for i, e in enumerate(spec.edges)]
-    n_new = sum(p.numel() for p in composed.new_parameters())
-    n_frozen = sum(frozen.values())
     seconds = f"{composed.compile_seconds:.2f} s" if composed.compile_seconds is not None else "n/a"
     return "\n\n".join([
         table(models, ["model", "role", "front end", "frozen params", "blocks run", "head", "nodes pruned"]),
         table(edges, ["edge", "layer pairs (source->target)", "heads", "new params"]),
-        f"parameters: {n_new:,} new (trainable) vs {n_frozen:,} frozen ({100 * n_new / max(1, n_frozen):.2f}%)\n"
+        f"{trainable_parameters(composed)}\n"
         f"fused graph: {len(composed.graph.nodes)} nodes, {pruned.nodes_removed} pruned; compiled in {seconds}",
     ])

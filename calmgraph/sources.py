@@ -66,10 +66,9 @@ def describe(source) -> str:
 
 # -- transformers ------------------------------------------------------------------------------------
 def _transformers(where: str):
-    try:
-        import transformers
-    except ImportError:
-        raise ModelError(f"{where}: needs transformers; install it with `pip install transformers`") from None
+    from .extras import require
+    require("hf", where, ModelError)
+    import transformers
     return transformers
 
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from calmgraph.errors import InputError
+from calmgraph.errors import DependencyError, InputError
 
 _CKPT_RE = re.compile(r"^step-(\d{8})$")
 
@@ -134,7 +134,9 @@ class FineTuner:
 
     def __init__(self, model: nn.Module, dataset: Dataset, config: TrainConfig,
                  params: Iterable[nn.Parameter] | None = None, collate_fn=None):
-        from accelerate import Accelerator  # imported here so calmgraph itself does not need accelerate
+        from .extras import require
+        require("train", "FineTuner", DependencyError)  # calmgraph itself does not need accelerate
+        from accelerate import Accelerator
 
         self.config = c = config
         mp = c.mixed_precision

@@ -6,6 +6,9 @@ taps come from `tracing/taps.py`, and a forward that writes its own weights is r
 """
 from __future__ import annotations
 
+import logging
+import time
+
 from ..blocks import Block, block_list_candidates, head_count
 from ..errors import TraceError
 from ..families import frontend_order
@@ -16,6 +19,7 @@ from ..tracing.purity import refuse_weight_writes
 from ..tracing.taps import block_inputs, block_outputs, block_runs, check_layout, hidden_of
 from .base import CompileState, Pass, PassResult, TracedModel
 
+log = logging.getLogger(__name__)  # under "calmgraph": the CLI shows its INFO lines
 EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 7  # distinct sizes, so the tracer cannot mistake one for the other
 
 
@@ -73,6 +77,12 @@ class Trace(Pass):
     ensures = ("traced",)
 
     def call(self, state: CompileState) -> PassResult:
-        state.traced = {m.name: trace_model(m.name, state.models[m.name], state.blocks[m.name], reads=m.reads,
-                                            tap=m.tap, leaf_modules=state.leaf_modules) for m in state.spec.models}
+        state.traced = {}
+        for m in state.spec.models:  # a large model takes seconds a block: one line each, as it finishes
+            started = time.perf_counter()
+            traced = trace_model(m.name, state.models[m.name], state.blocks[m.name], reads=m.reads, tap=m.tap,
+                                 leaf_modules=state.leaf_modules)
+            state.traced[m.name] = traced
+            log.info("traced %s: %d blocks, %s front end, %.1f s", m.name, len(traced.blocks), traced.frontend,
+                     time.perf_counter() - started)
         return PassResult(state, True)
