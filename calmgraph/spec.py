@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Callable, Literal, Optional, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PlainValidator, PositiveInt, Tag,
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PlainSerializer, PlainValidator, PositiveInt, Tag,
                       ValidationError, create_model, field_validator, model_validator)
 
 from .errors import Problem, SpecError
@@ -128,10 +128,29 @@ Source = Annotated[
 ]
 
 
+def _blocks(value: Any) -> str | tuple[str, ...] | Callable | None:
+    if value is None or isinstance(value, str) or callable(value):
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ValueError("blocks is the qualified name of the ModuleList of blocks, a non-empty list of each "
+                     "block's qualified name (blocks not in one list), or in Python a callable model -> [modules]")
+
+
+def _blocks_out(value: Any) -> Any:
+    """A callable has no YAML form: a written spec names it."""
+    if callable(value):
+        return f"<callable {getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__name__)}>"
+    return list(value) if isinstance(value, tuple) else value
+
+
+Blocks = Annotated[Any, PlainValidator(_blocks), PlainSerializer(_blocks_out)]
+
+
 class ModelSpec(_Spec):
     name: str = Field(pattern=NAME_PATTERN)
     source: Source | None = None               # where the model comes from; models passed to compile win
-    blocks: str | None = None                  # qualified name of the ModuleList of blocks; auto if omitted
+    blocks: Blocks = None                      # the ModuleList of blocks, or each block; auto if omitted
     tap: Literal["output", "input"] = "output"  # read/modify each block's output or its input
 
     @property
