@@ -109,41 +109,17 @@ def _compile(spec_path: Path, *, meta: bool, prune: bool = True):
 
 # -- commands ------------------------------------------------------------------------------------------
 def _validate(args) -> int:
-    from .errors import LayerRefError
-    from .sources import load_model
-    from .spec import load_spec
-    try:
-        spec = load_spec(args.spec)
-    except SpecError as e:
-        return _print_problems(args.spec, e.problems)
-    if args.no_models or any(m.source is None for m in spec.models):
+    from .validate import check
+    problems, spec, n_pairs = check(args.spec, models=not args.no_models, progress=progress)
+    if problems:
+        return _print_problems(args.spec, problems)
+    if n_pairs is None:
         reason = "--no-models" if args.no_models else "not every model has a `source:`"
         print(f"{args.spec}: valid spec ({len(spec.models)} models, {len(spec.edges)} edges); "
               f"layer references not checked against the models ({reason})")
         return EXIT_OK
-    # The models' structure (meta device, no weights) checks the layer references too.
-    import torch
-    problems, models = [], {}
-    locs = {spec.anchor.name: "anchor", **{a.name: f"augments[{i}]" for i, a in enumerate(spec.augments)}}
-    with progress(f"checking the layer references against the {len(spec.models)} models"):
-        for m in spec.models:
-            try:
-                with torch.device("meta"):
-                    models[m.name] = load_model(m, Path(args.spec).parent)
-            except CalmGraphError as e:
-                problems.append(Problem(f"{locs[m.name]}.source", str(e)))
-        if not problems:
-            from .compiler import compile
-            try:
-                composed = compile(spec, models=models)
-            except LayerRefError as e:
-                problems = e.problems
-            except CalmGraphError as e:
-                problems = [Problem("", str(e))]
-    if problems:
-        return _print_problems(args.spec, problems)
     print(f"{args.spec}: valid ({len(spec.models)} models, {len(spec.edges)} edge{'s' * (len(spec.edges) != 1)}, "
-          f"{len(composed.links)} layer pairs)")
+          f"{n_pairs} layer pairs)")
     return EXIT_OK
 
 

@@ -75,6 +75,20 @@ def test_validate_checks_layer_references_against_the_models(tmp_path):
     assert "edges[0].layers[1][1]: 'layers.9' is not a block of 'base'" in run.stdout
 
 
+def test_validate_reports_the_problems_of_every_stage_in_one_run(tmp_path):
+    spec = write_spec(tmp_path, layers="[[7, 0]], cross_attention: {heeds: 2}")
+    spec.write_text(spec.read_text().replace("edges:", "cross_attention: {norm: rmss}\nedges:") +
+                    "  - {source: helpr, target: base, layers: [[0, 1]]}\n")
+    run = calmgraph("validate", spec)
+    assert run.returncode == 1
+    assert run.stdout.splitlines() == [
+        f"{spec}: 4 problems",
+        "  edges[0].cross_attention.heeds: unknown key (check its spelling; unknown keys are not ignored) (got 2)",
+        "  cross_attention.norm: Input should be 'rms', 'layer' or 'none' (got 'rmss')",
+        "  edges[1].source: unknown model 'helpr' (models: base, helper)",
+        "  edges[0].layers[0][0]: layer 7 is out of range for 'helper', which has 3 blocks (0..2, or -3..-1 from the end)"]
+
+
 def test_validate_a_missing_file(tmp_path):
     run = calmgraph("validate", tmp_path / "nope.yaml")
     assert run.returncode == 1 and f"no spec file at '{tmp_path / 'nope.yaml'}'" in run.stdout
@@ -96,9 +110,15 @@ def test_compile_writes_every_artifact(tmp_path):
     assert run.returncode == 0, run.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "composed.pt2", "composed.py", "composition.png", "composition.svg", "spec.json", "summary.txt"]
-    assert "parameters:" in run.stdout and "wrote " in run.stdout
+    assert "trainable params: " in run.stdout and "wrote " in run.stdout
     for step in ("building 2 models", "compiling", "exporting", "drawing"):
         assert f"calmgraph: {step}" in run.stderr
+    # a line per traced model (INFO of the "calmgraph" logger), each below the step it belongs to
+    lines = run.stderr.splitlines()
+    at = lines.index("calmgraph: compiling ...")
+    assert lines[at + 1].startswith("calmgraph:   traced base: 4 blocks, fx front end, ")
+    assert lines[at + 2].startswith("calmgraph:   traced helper: 3 blocks, fx front end, ")
+    assert lines[at + 3].startswith("calmgraph: compiling: done (")
     assert (tmp_path / "out" / "composition.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "resolved pairs" in (tmp_path / "out" / "summary.txt").read_text()
 
@@ -122,3 +142,45 @@ def test_demo_checks_identity_and_writes_artifacts(tmp_path):
     assert "identity at init: fused output == anchor output" in run.stdout
     assert {"composed.pt2", "composed.py", "spec.json", "composition.png", "summary.txt"} <= {
         p.name for p in (tmp_path / "demo").iterdir()}
+
+
+def test_compile_to_onnx_checks_its_dependencies_before_compiling(tmp_path, monkeypatch, capsys):
+    from calmgraph import cli
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if not installed
+    monkeypatch.setattr(cli, "_compile", lambda *a, **k: pytest.fail("compiled before checking"))
+    code = cli.main(["compile", str(write_spec(tmp_path)), "--out", str(tmp_path / "out"), "--format", "onnx"])
+    err = capsys.readouterr().err
+    assert code == 1 and not (tmp_path / "out").exists()
+    assert err.startswith('calmgraph: error: ONNX export needs onnxscript; install the [onnx] extra: pip install -e ".[onnx]"')
+
+
+def test_warnings_are_shown_except_known_torch_noise(tmp_path):
+    (tmp_path / "warns.py").write_text(textwrap.dedent("""
+        import warnings
+        from calmgraph.demo.models import TinyLM
+
+        class Warns(TinyLM):
+            def forward(self, input_ids):
+                warnings.warn("this model's own FutureWarning", FutureWarning)
+                return super().forward(input_ids)
+
+        def make(**kwargs):
+            return Warns(**kwargs)
+    """))
+    spec = write_spec(tmp_path)
+    spec.write_text(spec.read_text().replace("calmgraph.demo.models:TinyLM", "warns.py:make", 1))
+    run = calmgraph("inspect", spec)
+    assert run.returncode == 0, run.stderr
+    assert "FutureWarning: this model's own FutureWarning" in run.stderr
+
+
+def test_known_noise_is_filtered_and_nothing_else():
+    import warnings
+
+    from calmgraph import cli
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with cli._shown_logs_and_warnings(verbose=False):
+            warnings.warn("'has_cuda' is deprecated, please use 'torch.backends.cuda.is_built()'", UserWarning)
+            warnings.warn("something the user should see", UserWarning)
+    assert [str(w.message) for w in seen] == ["something the user should see"]
