@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from .blocks import find_blocks
 from .compiler import compile as compile_composition
 from .composed import ComposedModel
-from .errors import ModelError
+from .errors import ModelError, SpecError
 from .graph import build_order
 from .passes.merge import check_token_ids, prompt_mask
 from .passes.splice import ROOT
@@ -544,7 +544,7 @@ def _git_commit() -> str | None:
 
 
 # -- command line -------------------------------------------------------------------------------------
-def _load_models(spec_path: str, factory: str | None) -> dict[str, nn.Module]:
+def _load_models(spec_path: str, factory: str | None, trust_code: bool = False) -> dict[str, nn.Module]:
     if factory:
         import importlib
         module, _, attr = factory.partition(":")
@@ -558,7 +558,11 @@ def _load_models(spec_path: str, factory: str | None) -> dict[str, nn.Module]:
     except ImportError:
         raise ModelError("pass --models package.module:function returning {name: nn.Module} for the spec's "
                          "models") from None
-    return load_models(spec_path)
+    from .sources import untrusted_sources
+    problems = [] if trust_code else untrusted_sources(load_spec(spec_path), flag="--trust-code")
+    if problems:
+        raise SpecError(problems, header="the spec runs code from its sources")
+    return load_models(spec_path, trust_code=trust_code)
 
 
 def table(result: dict) -> str:
@@ -580,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="composition spec (.yaml or .json)")
     p.add_argument("--models", help="package.module:function returning {name: nn.Module} (default: the spec's sources)")
+    p.add_argument("--trust-code", action="store_true", help="let the spec's `python:` sources run their code")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="autocast to this dtype (default: bfloat16 on GPU, none on CPU)")
@@ -593,7 +598,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
-    models = _load_models(args.spec, args.models)
+    models = _load_models(args.spec, args.models, args.trust_code)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else None)
     models = {n: m.to(args.device).eval() for n, m in models.items()}  # weights as given, compute under autocast
     composed = compile_composition(spec, models=models)

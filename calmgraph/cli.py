@@ -21,6 +21,7 @@ from pathlib import Path
 from .errors import CalmGraphError, Problem, SpecError
 
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+TRUST_FLAG = "--trust-code"
 
 
 @contextlib.contextmanager
@@ -36,21 +37,23 @@ def progress(message: str):
     print(f" done ({time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True)
 
 
-def _models(spec, spec_path: Path, *, meta: bool):
+def _models(spec, spec_path: Path, *, meta: bool, trust_code: bool):
     """The spec's models from their sources; on the meta device (no weights) when only structure is needed."""
     import torch
 
-    from .sources import load_models
+    from .sources import load_models, untrusted_sources
+    if not trust_code and untrusted_sources(spec):  # refused before anything is imported
+        raise SpecError(untrusted_sources(spec, flag=TRUST_FLAG), header="the spec runs code from its sources")
     with progress(f"building {len(spec.models)} models from their sources" + (" (meta device, no weights)" if meta else "")):
         with torch.device("meta") if meta else contextlib.nullcontext():
-            return load_models(spec, base_dir=spec_path.parent)
+            return load_models(spec, base_dir=spec_path.parent, trust_code=trust_code)
 
 
-def _compile(spec_path: Path, *, meta: bool, prune: bool = True):
+def _compile(spec_path: Path, *, meta: bool, trust_code: bool, prune: bool = True):
     from .compiler import compile
     from .spec import load_spec
     spec = load_spec(spec_path)
-    models = _models(spec, spec_path, meta=meta)
+    models = _models(spec, spec_path, meta=meta, trust_code=trust_code)
     with progress("compiling"):
         return compile(spec, models=models, prune=prune)
 
@@ -58,7 +61,7 @@ def _compile(spec_path: Path, *, meta: bool, prune: bool = True):
 # -- commands ------------------------------------------------------------------------------------------
 def _validate(args) -> int:
     from .errors import LayerRefError
-    from .sources import load_model
+    from .sources import load_model, untrusted_sources
     from .spec import load_spec
     try:
         spec = load_spec(args.spec)
@@ -69,6 +72,8 @@ def _validate(args) -> int:
         print(f"{args.spec}: valid spec ({len(spec.models)} models, {len(spec.edges)} edges); "
               f"layer references not checked against the models ({reason})")
         return EXIT_OK
+    if not args.trust_code and untrusted_sources(spec):  # nothing imported: said before any model is built
+        return _print_problems(args.spec, untrusted_sources(spec, flag=TRUST_FLAG))
     # The models' structure (meta device, no weights) checks the layer references too.
     import torch
     problems, models = [], {}
@@ -77,7 +82,7 @@ def _validate(args) -> int:
         for m in spec.models:
             try:
                 with torch.device("meta"):
-                    models[m.name] = load_model(m, Path(args.spec).parent)
+                    models[m.name] = load_model(m, Path(args.spec).parent, trust_code=args.trust_code)
             except CalmGraphError as e:
                 problems.append(Problem(f"{locs[m.name]}.source", str(e)))
         if not problems:
@@ -104,7 +109,7 @@ def _print_problems(spec_path, problems: list[Problem]) -> int:
 
 def _inspect(args) -> int:
     from .inspect import draw, mermaid, report
-    composed = _compile(Path(args.spec), meta=True)
+    composed = _compile(Path(args.spec), meta=True, trust_code=args.trust_code)
     print(report(composed))
     if args.mermaid:
         print()
@@ -118,7 +123,7 @@ def _inspect(args) -> int:
 def _compile_cmd(args) -> int:
     from .checkpoint import load_new
     from .export import write_bundle
-    composed = _compile(Path(args.spec), meta=False, prune=not args.no_prune)
+    composed = _compile(Path(args.spec), meta=False, trust_code=args.trust_code, prune=not args.no_prune)
     if args.new_params:
         with progress(f"loading new parameters from {args.new_params}"):
             load_new(composed, args.new_params)
@@ -144,12 +149,16 @@ def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="on an error, show the full details and traceback")
+    trust = argparse.ArgumentParser(add_help=False)
+    trust.add_argument("--trust-code", action="store_true",
+                       help="let the spec's `python:` sources import and run their code (only for a spec you "
+                            "trust; calmgraph's own factories need no consent)")
     p = argparse.ArgumentParser(prog="calmgraph", parents=[common],
                                 description="Compose language models CALM-style into one torch.fx graph.",
                                 epilog="Exit codes: 0 ok, 1 problem with the input, 2 usage, 3 internal error.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    validate = sub.add_parser("validate", parents=[common], help="check a spec file and report every problem in it",
+    validate = sub.add_parser("validate", parents=[common, trust], help="check a spec file and report every problem in it",
                               description="Check a spec: its shape and composition graph, then (when every model has "
                                           "a source) its layer references against the models' structure. Every problem "
                                           "is listed with its location. Exit 1 if there is any.")
@@ -157,7 +166,7 @@ def parser() -> argparse.ArgumentParser:
     validate.add_argument("--no-models", action="store_true", help="check the file only, without building the models")
     validate.set_defaults(run=_validate)
 
-    inspect = sub.add_parser("inspect", parents=[common], help="list each model's blocks and the layer pairs of every edge",
+    inspect = sub.add_parser("inspect", parents=[common, trust], help="list each model's blocks and the layer pairs of every edge",
                              description="Compile a spec on the meta device (no weights) and list each model's blocks "
                                          "(index, qualified name, hidden size) and the resolved layer pairs of every edge.")
     inspect.add_argument("spec", help="spec file (.yaml, .yml or .json)")
@@ -165,7 +174,7 @@ def parser() -> argparse.ArgumentParser:
     inspect.add_argument("--mermaid", action="store_true", help="also print a Mermaid block for Markdown")
     inspect.set_defaults(run=_inspect)
 
-    comp = sub.add_parser("compile", parents=[common], help="compile a spec and export the fused model",
+    comp = sub.add_parser("compile", parents=[common, trust], help="compile a spec and export the fused model",
                           description="Build the models from their sources, compile, and write into DIR: composed.pt2 "
                                       "(or .onnx), composed.py (the fused graph's code), spec.json, composition.png/.svg "
                                       "and summary.txt.")

@@ -25,11 +25,12 @@ from .spec import CompositionSpec, load_spec
 
 
 def compile(spec: CompositionSpec | str | Path | dict, models: dict[str, nn.Module] | None = None, *,
-            prune: bool = True) -> ComposedModel:
+            prune: bool = True, trust_code: bool = False) -> ComposedModel:
     """Compile a composition. The models are not modified; see the README for what this means for
-    `requires_grad`. Every problem with the spec or the models is raised before anything is built."""
+    `requires_grad`. Every problem with the spec or the models is raised before anything is built.
+    `trust_code=True` lets the spec's `python:` sources run (calmgraph's own factories need no consent)."""
     started = time.perf_counter()
-    models = load_models(spec, models)                              # given, or built from `source:`
+    models = load_models(spec, models, trust_code=trust_code)       # given, or built from `source:`
     spec = load_spec(spec)
     models = gather(spec, models)                                   # names, types, one device
     with unchanged(models):                                         # a forward that writes a weight: refused

@@ -1,0 +1,152 @@
+"""Trust: a spec runs no code without consent, a write replaces nothing it was not told to, and hostile
+specs (bombs, odd keys, odd numbers, reserved names) are refused with a clear, located error."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import calmgraph as cg
+from calmgraph.demo.models import TinyLM
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = {"python": "calmgraph.demo.models:TinyLM", "kwargs": {"vocab": 64, "dim": 24, "depth": 2, "heads": 2}}
+
+
+def spec(augment_source, anchor_source=TINY, name="aug"):
+    return {"anchor": {"name": "base", "source": anchor_source},
+            "augments": [{"name": name, "source": augment_source}],
+            "edges": [{"source": name, "target": "base", "layers": [[-1, 0]]}]}
+
+
+def calmgraph(*args, cwd=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "calmgraph.cli", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+# -- 1. python: sources run only with consent -----------------------------------------------------------
+SIDE_EFFECT = """
+from pathlib import Path
+Path(__file__).with_name("imported.txt").write_text("ran")   # import-time code
+from calmgraph.demo.models import TinyLM
+def small():
+    Path(__file__).with_name("called.txt").write_text("ran")
+    return TinyLM(vocab=64, dim=16, depth=2, heads=2)
+"""
+
+
+@pytest.fixture
+def factory_file(tmp_path):
+    (tmp_path / "factories.py").write_text(SIDE_EFFECT)
+    return tmp_path
+
+
+def ran(folder):
+    return [p.name for p in folder.iterdir() if p.name in ("imported.txt", "called.txt")]
+
+
+@pytest.mark.parametrize("call", [
+    lambda s, d: cg.load_models(s, base_dir=d),
+    lambda s, d: cg.compile(s),
+])
+def test_a_file_source_is_neither_imported_nor_called_without_consent(factory_file, call):
+    before = set(sys.modules)
+    with pytest.raises(cg.SpecError) as e:
+        call(spec({"python": "factories.py:small"}), factory_file)
+    assert [p.loc for p in e.value.problems] == ["augments[0].source.python"]
+    assert "trust_code=True" in str(e.value) and "'factories.py:small'" in str(e.value)
+    assert ran(factory_file) == []
+    assert not [m for m in set(sys.modules) - before if "factories" in m]
+
+
+def test_with_consent_the_file_source_runs(factory_file):
+    models = cg.load_models(spec({"python": "factories.py:small"}), base_dir=factory_file, trust_code=True)
+    assert models["aug"].tok.embedding_dim == 16 and sorted(ran(factory_file)) == ["called.txt", "imported.txt"]
+
+
+@pytest.mark.parametrize("python", [
+    "subprocess:getoutput",
+    "calmgraph.bench:subprocess.getoutput",      # a name calmgraph imports is not a calmgraph factory
+    "calmgraph.demo.models:torch.nn.Linear",     # nor is a path through calmgraph into another module
+    "calmgraph.cli:main",                        # nor a calmgraph function that is not a model factory
+])
+def test_a_module_source_is_never_called_without_consent(python, monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(subprocess, "getoutput", lambda *a, **k: calls.append((a, k)))
+    with pytest.raises(cg.SpecError) as e:
+        cg.compile(spec({"python": python, "kwargs": {"cmd": f"touch {tmp_path}/owned.txt"}}))
+    assert [p.loc for p in e.value.problems] == ["augments[0].source.python"] and "trust_code=True" in str(e.value)
+    assert calls == [] and not (tmp_path / "owned.txt").exists()
+
+
+def test_every_untrusted_source_is_listed_at_once():
+    with pytest.raises(cg.SpecError) as e:
+        cg.load_models(spec({"python": "os:system"}, anchor_source={"python": "m.py:f"}))
+    assert [p.loc for p in e.value.problems] == ["anchor.source.python", "augments[0].source.python"]
+
+
+def test_calmgraphs_own_factories_and_passed_models_need_no_consent():
+    seeded = spec({**TINY, "seed": 1}, anchor_source={**TINY, "seed": 0})
+    composed = cg.compile(seeded)
+    anchor = cg.load_models(seeded)["base"]
+    ids = torch.randint(0, 64, (2, 5))
+    with torch.no_grad():
+        assert torch.equal(composed(ids), anchor(ids))  # built from the sources, the anchor at init
+    mine = TinyLM(vocab=64, dim=16, depth=2, heads=2)
+    # a passed model wins, so its untrusted source is never looked at
+    assert cg.load_models(spec({"python": "os:system"}), models={"aug": mine})["aug"] is mine
+
+
+def test_hf_sources_never_run_a_folders_code(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, vocab_size=64)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    # the folder asks for its own code (auto_map), which would write a file on import
+    (tmp_path / "llama" / "modeling_evil.py").write_text(
+        "from pathlib import Path\nPath(__file__).with_name('evil_ran.txt').write_text('x')\n"
+        "from transformers import LlamaForCausalLM as Evil\n")
+    cfg = tmp_path / "llama" / "config.json"
+    data = json.loads(cfg.read_text())
+    data["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.Evil", "AutoConfig": "modeling_evil.Evil"}
+    cfg.write_text(json.dumps(data))
+    models = cg.load_models(spec(TINY, anchor_source={"hf": str(tmp_path / "llama")}))
+    assert type(models["base"]).__name__ == "LlamaForCausalLM"
+    assert not (tmp_path / "llama" / "evil_ran.txt").exists()
+    with_map = {**{k: v for k, v in config.to_dict().items() if k in ("hidden_size", "intermediate_size",
+                "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")},
+                "model_type": "llama", "auto_map": {"AutoModelForCausalLM": "evil--modeling_evil.Evil"}}
+    built = cg.load_models(spec(TINY, anchor_source={"hf_config": with_map}))["base"]
+    assert type(built).__name__ == "LlamaForCausalLM"
+
+
+def write_untrusted_spec(folder):
+    (folder / "factories.py").write_text(SIDE_EFFECT)
+    path = folder / "spec.yaml"
+    path.write_text(textwrap.dedent("""
+        anchor: {name: base, source: {python: "calmgraph.demo.models:TinyLM", kwargs: {vocab: 64, dim: 24, depth: 2, heads: 2}}}
+        augments: [{name: aug, source: {python: "factories.py:small"}}]
+        edges: [{source: aug, target: base, layers: [[-1, 0]]}]
+    """))
+    return path
+
+
+@pytest.mark.parametrize("command, options", [("validate", []), ("inspect", []), ("compile", ["--out", "out"]),
+                                              ("bench", ["--quick", "--no-compile"])])
+def test_the_cli_runs_no_spec_code_without_trust_code(tmp_path, command, options):
+    run = calmgraph(command, write_untrusted_spec(tmp_path), *options, cwd=tmp_path)
+    assert run.returncode == 1, run.stderr
+    text = run.stdout + run.stderr
+    assert "augments[0].source.python" in text and "--trust-code" in text and "Traceback" not in text
+    assert ran(tmp_path) == [] and not (tmp_path / "out").exists()
+
+
+def test_the_cli_runs_spec_code_with_trust_code(tmp_path):
+    run = calmgraph("validate", write_untrusted_spec(tmp_path), "--trust-code")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "valid (2 models, 1 edge, 1 layer pairs)" in run.stdout and "imported.txt" in ran(tmp_path)
