@@ -594,6 +594,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="no warm-up, 3 rounds: checks that it runs, not speed")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to compile on CPU)")
     p.add_argument("--json", help="also write the result here")
+    p.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -615,7 +616,8 @@ def run(args: argparse.Namespace) -> int:
     print("\n" + "\n".join(f"{k}: {v:.3f}" for k, v in result["ratios"].items() if v is not None))
     print(f"compile (trace + splice): {result['compile_seconds']:.2f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+        from .files import write_text
+        write_text(args.json, json.dumps(result, indent=2, default=str), overwrite=args.overwrite, flag="--overwrite")
     return 0
 
 

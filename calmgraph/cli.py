@@ -21,7 +21,7 @@ from pathlib import Path
 from .errors import CalmGraphError, Problem, SpecError
 
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
-TRUST_FLAG = "--trust-code"
+TRUST_FLAG, OVERWRITE_FLAG = "--trust-code", "--overwrite"
 
 
 @contextlib.contextmanager
@@ -108,26 +108,32 @@ def _print_problems(spec_path, problems: list[Problem]) -> int:
 
 
 def _inspect(args) -> int:
+    from .files import check_targets
     from .inspect import draw, mermaid, report
+    if args.draw:  # refused before the models are built
+        check_targets([args.draw], overwrite=args.overwrite, flag=OVERWRITE_FLAG)
     composed = _compile(Path(args.spec), meta=True, trust_code=args.trust_code)
     print(report(composed))
     if args.mermaid:
         print()
         print(mermaid(composed))
     if args.draw:
+        from .files import write_with
         with progress(f"drawing {args.draw}"):
-            draw(composed, args.draw)
+            write_with(args.draw, lambda tmp: draw(composed, tmp), overwrite=args.overwrite, flag=OVERWRITE_FLAG)
     return EXIT_OK
 
 
 def _compile_cmd(args) -> int:
     from .checkpoint import load_new
-    from .export import write_bundle
+    from .export import bundle_files, write_bundle
+    from .files import check_targets
+    check_targets(bundle_files(args.out, args.format), overwrite=args.overwrite, flag=OVERWRITE_FLAG)  # before compiling
     composed = _compile(Path(args.spec), meta=False, trust_code=args.trust_code, prune=not args.no_prune)
     if args.new_params:
         with progress(f"loading new parameters from {args.new_params}"):
             load_new(composed, args.new_params)
-    written = write_bundle(composed, args.out, args.format, progress)
+    written = write_bundle(composed, args.out, args.format, progress, overwrite=args.overwrite, flag=OVERWRITE_FLAG)
     print(composed.summary())
     print(f"\nwrote {', '.join(str(p) for p in written)}")
     return EXIT_OK
@@ -136,7 +142,8 @@ def _compile_cmd(args) -> int:
 def _demo(args) -> int:
     from .demo.run import run_demo
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="calmgraph-demo-"))
-    return EXIT_OK if run_demo(seed=args.seed, print_code=args.code, out=out, progress=progress) else EXIT_INPUT
+    same = run_demo(seed=args.seed, print_code=args.code, out=out, progress=progress, overwrite=args.overwrite)
+    return EXIT_OK if same else EXIT_INPUT
 
 
 def _bench(args) -> int:
@@ -153,6 +160,9 @@ def parser() -> argparse.ArgumentParser:
     trust.add_argument("--trust-code", action="store_true",
                        help="let the spec's `python:` sources import and run their code (only for a spec you "
                             "trust; calmgraph's own factories need no consent)")
+    replace = argparse.ArgumentParser(add_help=False)
+    replace.add_argument("--overwrite", action="store_true",
+                         help="replace files that already exist (by default an existing file is never replaced)")
     p = argparse.ArgumentParser(prog="calmgraph", parents=[common],
                                 description="Compose language models CALM-style into one torch.fx graph.",
                                 epilog="Exit codes: 0 ok, 1 problem with the input, 2 usage, 3 internal error.")
@@ -166,7 +176,7 @@ def parser() -> argparse.ArgumentParser:
     validate.add_argument("--no-models", action="store_true", help="check the file only, without building the models")
     validate.set_defaults(run=_validate)
 
-    inspect = sub.add_parser("inspect", parents=[common, trust], help="list each model's blocks and the layer pairs of every edge",
+    inspect = sub.add_parser("inspect", parents=[common, trust, replace], help="list each model's blocks and the layer pairs of every edge",
                              description="Compile a spec on the meta device (no weights) and list each model's blocks "
                                          "(index, qualified name, hidden size) and the resolved layer pairs of every edge.")
     inspect.add_argument("spec", help="spec file (.yaml, .yml or .json)")
@@ -174,7 +184,7 @@ def parser() -> argparse.ArgumentParser:
     inspect.add_argument("--mermaid", action="store_true", help="also print a Mermaid block for Markdown")
     inspect.set_defaults(run=_inspect)
 
-    comp = sub.add_parser("compile", parents=[common, trust], help="compile a spec and export the fused model",
+    comp = sub.add_parser("compile", parents=[common, trust, replace], help="compile a spec and export the fused model",
                           description="Build the models from their sources, compile, and write into DIR: composed.pt2 "
                                       "(or .onnx), composed.py (the fused graph's code), spec.json, composition.png/.svg "
                                       "and summary.txt.")
@@ -185,7 +195,7 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("--no-prune", action="store_true", help="keep augment blocks and heads no edge reads")
     comp.set_defaults(run=_compile_cmd)
 
-    demo = sub.add_parser("demo", parents=[common], help="compile the bundled demo composition and check it against its anchor",
+    demo = sub.add_parser("demo", parents=[common, replace], help="compile the bundled demo composition and check it against its anchor",
                           description="Compile the bundled demo (an anchor LM, a second LM over the same tokens, an "
                                       "encoder over a prompt), check it computes exactly the anchor at initialisation, "
                                       "and write the compile artifacts.")

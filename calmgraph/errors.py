@@ -53,3 +53,7 @@ class ExportError(CalmGraphError, ValueError):
 
 class CheckpointError(CalmGraphError, ValueError):
     """A checkpoint of new parameters does not fit the composition it is loaded into."""
+
+
+class WriteError(CalmGraphError, ValueError):
+    """A file calmgraph was asked to write is in the way (exists, is a symlink) or named twice in one call."""

@@ -150,3 +150,116 @@ def test_the_cli_runs_spec_code_with_trust_code(tmp_path):
     run = calmgraph("validate", write_untrusted_spec(tmp_path), "--trust-code")
     assert run.returncode == 0, run.stdout + run.stderr
     assert "valid (2 models, 1 edge, 1 layer pairs)" in run.stdout and "imported.txt" in ran(tmp_path)
+
+
+# -- 2. writes replace nothing they were not told to, never through a link, each file whole -------------
+PLAIN = {"anchor": {"name": "base"}, "augments": [{"name": "aug"}],
+         "edges": [{"source": "aug", "target": "base", "layers": [[-1, 0]]}]}
+torch.manual_seed(0)
+MODELS = {"base": TinyLM(vocab=64, dim=24, depth=2, heads=2), "aug": TinyLM(vocab=64, dim=16, depth=2, heads=2)}
+
+
+@pytest.fixture(scope="module")
+def composed():
+    composed = cg.compile(PLAIN, models=MODELS)
+    with torch.no_grad():
+        for p in composed.new_parameters():
+            p.normal_(0, 0.2)
+    return composed
+
+
+def contents(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_export_refuses_to_replace_a_users_files_and_writes_nothing(composed, tmp_path):
+    (tmp_path / "model.py").write_text("# my own code\n")
+    before = contents(tmp_path)
+    with pytest.raises(cg.WriteError, match=r"'.*model\.py' already exists; pass overwrite=True to replace it"):
+        composed.export(tmp_path / "model.pt2")
+    assert contents(tmp_path) == before  # not even the artifact: every target is checked first
+
+
+def test_an_artifact_is_never_its_own_code_listing(composed, tmp_path):
+    with pytest.raises(cg.ExportError, match="would be overwritten by its own code listing"):
+        composed.export(tmp_path / "model.py")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_two_exports_in_one_folder_share_no_file_and_overwrite_replaces_only_when_told(composed, tmp_path):
+    a, b = composed.export(tmp_path / "a.pt2"), composed.export(tmp_path / "b.pt2")
+    assert sorted(contents(tmp_path)) == ["a.pt2", "a.py", "a.spec.json", "b.pt2", "b.py", "b.spec.json"]
+    assert cg.CompositionSpec.from_json((tmp_path / "a.spec.json").read_text()) == composed.spec
+    assert "# For reading; the runnable artifact is a.pt2" in (tmp_path / "a.py").read_text()
+    before = contents(tmp_path)
+    with pytest.raises(cg.WriteError, match="a.pt2' already exists"):
+        composed.export(a)
+    assert contents(tmp_path) == before
+    composed.export(a, overwrite=True)
+    ids = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        assert torch.allclose(torch.export.load(str(a)).module()(ids), composed(ids), atol=1e-6)
+    assert sorted(contents(tmp_path)) == sorted(before)  # no temporary file left over
+
+
+def test_a_symlink_is_never_written_through_even_with_overwrite(composed, tmp_path):
+    victim = tmp_path / "elsewhere.txt"
+    victim.write_text("precious")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x.safetensors").symlink_to(victim)
+    for overwrite in (False, True):
+        with pytest.raises(cg.WriteError, match="is a symbolic link; calmgraph never writes through one"):
+            composed.save_new(tmp_path / "out" / "x.safetensors", overwrite=overwrite)
+    assert victim.read_text() == "precious" and (tmp_path / "out" / "x.safetensors").is_symlink()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["x.safetensors"]
+
+
+def test_save_new_to_a_file_keeps_a_folder_checkpoints_spec(composed, tmp_path):
+    composed.save_new(tmp_path)                                  # new_params.safetensors + spec.json
+    folder_spec = (tmp_path / "spec.json").read_bytes()
+    other = cg.compile({**PLAIN, "cross_attention": {"norm": "layer"}}, models=MODELS)
+    other.save_new(tmp_path / "x.safetensors")                   # x.safetensors + x.spec.json
+    assert (tmp_path / "spec.json").read_bytes() == folder_spec
+    assert cg.CompositionSpec.from_json((tmp_path / "x.spec.json").read_text()) == other.spec
+    fresh = cg.compile(PLAIN, models=MODELS)
+    cg.load_new(fresh, tmp_path)
+    assert all(torch.equal(p, q) for p, q in zip(fresh.new_parameters(), composed.new_parameters()))
+    with pytest.raises(cg.WriteError, match="new_params.safetensors' already exists"):
+        composed.save_new(tmp_path)
+
+
+def test_a_failed_write_leaves_the_old_file_whole_and_no_temporary(composed, tmp_path, monkeypatch):
+    import calmgraph.checkpoint as checkpoint
+    file = composed.save_new(tmp_path / "c.safetensors")
+    before = contents(tmp_path)
+
+    def half_then_crash(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("disk full")
+    monkeypatch.setattr(checkpoint, "save_file", half_then_crash)
+    with pytest.raises(OSError, match="disk full"):
+        composed.save_new(file, overwrite=True)
+    assert contents(tmp_path) == before
+
+
+def test_the_cli_replaces_its_outputs_only_with_overwrite(tmp_path):
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(textwrap.dedent("""
+        anchor: {name: base, source: {python: "calmgraph.demo.models:TinyLM", kwargs: {vocab: 64, dim: 24, depth: 2, heads: 2}}}
+        augments: [{name: aug, source: {python: "calmgraph.demo.models:TinyLM", kwargs: {vocab: 64, dim: 16, depth: 2, heads: 2}}}]
+        edges: [{source: aug, target: base, layers: [[-1, 0]]}]
+    """))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "summary.txt").write_text("my notes")
+    run = calmgraph("compile", spec_path, "--out", tmp_path / "out")
+    assert run.returncode == 1 and "summary.txt' already exists; pass --overwrite to replace it" in run.stderr
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["summary.txt"]
+    assert "building" not in run.stderr  # refused before anything was built
+    (tmp_path / "c.svg").write_text("mine")
+    run = calmgraph("inspect", spec_path, "--draw", tmp_path / "c.svg")
+    assert run.returncode == 1 and "c.svg' already exists; pass --overwrite" in run.stderr
+    assert (tmp_path / "c.svg").read_text() == "mine"
+    run = calmgraph("compile", spec_path, "--out", tmp_path / "out", "--overwrite")
+    assert run.returncode == 0, run.stderr
+    assert "resolved pairs" in (tmp_path / "out" / "summary.txt").read_text()
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
