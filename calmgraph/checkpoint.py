@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError, SpecError
 from .files import check_targets, write_text, write_with
+from .limits import load_json
 from .spec import CompositionSpec
 
 if TYPE_CHECKING:
@@ -101,9 +102,9 @@ def _spec_problems(saved: str | None, composed: "ComposedModel") -> list[str]:
     if saved is None:  # e.g. written by another tool: names and shapes are still checked
         return []
     try:
-        theirs = json.loads(saved)
-    except json.JSONDecodeError:
-        return ["its spec metadata is not valid JSON"]
+        theirs = load_json(saved)  # bounded: a crafted file's metadata may be deep or huge
+    except SpecError:
+        return ["its spec metadata is not valid JSON (or beyond what a spec may be)"]
     try:
         theirs = CompositionSpec.from_dict(theirs).model_dump(mode="json")  # with defaults, like ours
     except SpecError:

@@ -263,3 +263,72 @@ def test_the_cli_replaces_its_outputs_only_with_overwrite(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "resolved pairs" in (tmp_path / "out" / "summary.txt").read_text()
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+
+
+# -- 3. bombs are refused quickly, located, and never echoed ----------------------------------------------
+LAUGHS = "".join(f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+BOMB = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + LAUGHS  # 9**9 strings
+VALID = textwrap.dedent("""
+    anchor: {name: base}
+    augments: [{name: aug}]
+    edges: [{source: aug, target: base, layers: [[-1, 0]]}]
+""")
+
+
+def refused_quickly(load, text):
+    import time
+    started = time.perf_counter()
+    with pytest.raises(cg.SpecError) as e:
+        load(text)
+    assert time.perf_counter() - started < 10  # a guard against the hang, not a speed target
+    assert len(str(e.value)) < 1000  # the expansion is never echoed
+    return e.value
+
+
+def test_an_alias_bomb_is_refused_without_expanding_it():
+    assert len(BOMB) < 450
+    e = refused_quickly(cg.CompositionSpec.from_yaml, BOMB + VALID)
+    assert "expands to more than 100,000 values" in str(e) and e.problems[0].loc.startswith("i[")
+
+
+def test_an_alias_bomb_inside_hf_config_is_refused_at_its_location(tmp_path):
+    nested = ("anchor:\n  name: base\n  source:\n    hf_config:\n      model_type: llama\n      junk:\n"
+              + textwrap.indent(BOMB, "        ") + VALID.split("\n", 2)[2])
+    e = refused_quickly(cg.CompositionSpec.from_yaml, nested)
+    assert e.problems[0].loc.startswith("anchor.source.hf_config.junk.")
+    (tmp_path / "bomb.yaml").write_text(nested)
+    run = calmgraph("validate", tmp_path / "bomb.yaml")
+    assert run.returncode == 1 and "expands to more than" in run.stdout and len(run.stdout) < 1000
+
+
+@pytest.mark.parametrize("text", ["[" * 3000 + "]" * 3000, "a: " + "{b: " * 3000 + "1" + "}" * 3000])
+def test_deep_yaml_is_refused(text):
+    refused_quickly(cg.CompositionSpec.from_yaml, text)
+
+
+def test_deep_json_and_deep_python_are_refused():
+    refused_quickly(cg.CompositionSpec.from_json, '{"anchor": ' + "[" * 5000 + "]" * 5000 + "}")
+    deep = "x"
+    for _ in range(100):
+        deep = {"k": deep}
+    data = {**PLAIN, "anchor": {"name": "base", "source": {"hf_config": {"model_type": "llama", "x": deep}}}}
+    e = refused_quickly(cg.load_spec, data)
+    assert "nested more than 32 levels deep" in str(e) and e.problems[0].loc.startswith("anchor.source.hf_config.x.k")
+
+
+def test_a_huge_spec_file_is_not_read(tmp_path):
+    big = tmp_path / "big.yaml"
+    with open(big, "wb") as f:
+        f.truncate(50_000_000)  # sparse: cheap to make; reading it would not be
+    e = refused_quickly(cg.load_spec, big)
+    assert "bytes; a spec has at most 1,000,000 characters" in str(e)
+
+
+def test_a_checkpoint_with_deep_spec_metadata_is_refused_and_changes_nothing(composed, tmp_path):
+    from safetensors.torch import save_file
+    tensors = {n: p.detach().clone() for n, p in composed.named_new_parameters()}
+    save_file(tensors, tmp_path / "deep.safetensors", metadata={"calmgraph_spec": "[" * 5000 + "]" * 5000})
+    before = {n: p.clone() for n, p in composed.named_new_parameters()}
+    with pytest.raises(cg.CheckpointError, match="its spec metadata is not valid JSON"):
+        cg.load_new(composed, tmp_path / "deep.safetensors")
+    assert all(torch.equal(p, before[n]) for n, p in composed.named_new_parameters())
