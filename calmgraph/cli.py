@@ -22,6 +22,7 @@ from pathlib import Path
 from .errors import CalmGraphError, InternalError, Problem, SpecError
 
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+TRUST_FLAG, OVERWRITE_FLAG = "--trust-code", "--overwrite"
 
 
 @contextlib.contextmanager
@@ -37,21 +38,23 @@ def progress(message: str):
     print(f" done ({time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True)
 
 
-def _models(spec, spec_path: Path, *, meta: bool):
+def _models(spec, spec_path: Path, *, meta: bool, trust_code: bool):
     """The spec's models from their sources; on the meta device (no weights) when only structure is needed."""
     import torch
 
-    from .sources import load_models
+    from .sources import load_models, untrusted_sources
+    if not trust_code and untrusted_sources(spec):  # refused before anything is imported
+        raise SpecError(untrusted_sources(spec, flag=TRUST_FLAG), header="the spec runs code from its sources")
     with progress(f"building {len(spec.models)} models from their sources" + (" (meta device, no weights)" if meta else "")):
         with torch.device("meta") if meta else contextlib.nullcontext():
-            return load_models(spec, base_dir=spec_path.parent)
+            return load_models(spec, base_dir=spec_path.parent, trust_code=trust_code)
 
 
-def _compile(spec_path: Path, *, meta: bool, prune: bool = True):
+def _compile(spec_path: Path, *, meta: bool, trust_code: bool, prune: bool = True):
     from .compiler import compile
     from .spec import load_spec
     spec = load_spec(spec_path)
-    models = _models(spec, spec_path, meta=meta)
+    models = _models(spec, spec_path, meta=meta, trust_code=trust_code)
     with progress("compiling"):
         return compile(spec, models=models, prune=prune)
 
@@ -59,7 +62,7 @@ def _compile(spec_path: Path, *, meta: bool, prune: bool = True):
 # -- commands ------------------------------------------------------------------------------------------
 def _validate(args) -> int:
     from .errors import LayerRefError
-    from .sources import load_model
+    from .sources import load_model, untrusted_sources
     from .spec import load_spec
     try:
         spec = load_spec(args.spec)
@@ -70,6 +73,8 @@ def _validate(args) -> int:
         print(f"{args.spec}: valid spec ({len(spec.models)} models, {len(spec.edges)} edges); "
               f"layer references not checked against the models ({reason})")
         return EXIT_OK
+    if not args.trust_code and untrusted_sources(spec):  # nothing imported: said before any model is built
+        return _print_problems(args.spec, untrusted_sources(spec, flag=TRUST_FLAG))
     # The models' structure (meta device, no weights) checks the layer references too.
     import torch
     problems, models = [], {}
@@ -78,7 +83,7 @@ def _validate(args) -> int:
         for m in spec.models:
             try:
                 with torch.device("meta"):
-                    models[m.name] = load_model(m, Path(args.spec).parent)
+                    models[m.name] = load_model(m, Path(args.spec).parent, trust_code=args.trust_code)
             except CalmGraphError as e:
                 problems.append(Problem(f"{locs[m.name]}.source", str(e)))
         if not problems:
@@ -104,26 +109,32 @@ def _print_problems(spec_path, problems: list[Problem]) -> int:
 
 
 def _inspect(args) -> int:
+    from .files import check_targets
     from .inspect import draw, mermaid, report
-    composed = _compile(Path(args.spec), meta=True)
+    if args.draw:  # refused before the models are built
+        check_targets([args.draw], overwrite=args.overwrite, flag=OVERWRITE_FLAG)
+    composed = _compile(Path(args.spec), meta=True, trust_code=args.trust_code)
     print(report(composed))
     if args.mermaid:
         print()
         print(mermaid(composed))
     if args.draw:
+        from .files import write_with
         with progress(f"drawing {args.draw}"):
-            draw(composed, args.draw)
+            write_with(args.draw, lambda tmp: draw(composed, tmp), overwrite=args.overwrite, flag=OVERWRITE_FLAG)
     return EXIT_OK
 
 
 def _compile_cmd(args) -> int:
     from .checkpoint import load_new
-    from .export import write_bundle
-    composed = _compile(Path(args.spec), meta=False, prune=not args.no_prune)
+    from .export import bundle_files, write_bundle
+    from .files import check_targets
+    check_targets(bundle_files(args.out, args.format), overwrite=args.overwrite, flag=OVERWRITE_FLAG)  # before compiling
+    composed = _compile(Path(args.spec), meta=False, trust_code=args.trust_code, prune=not args.no_prune)
     if args.new_params:
         with progress(f"loading new parameters from {args.new_params}"):
             load_new(composed, args.new_params)
-    written = write_bundle(composed, args.out, args.format, progress)
+    written = write_bundle(composed, args.out, args.format, progress, overwrite=args.overwrite, flag=OVERWRITE_FLAG)
     print(composed.summary())
     print(f"\nwrote {', '.join(str(p) for p in written)}")
     return EXIT_OK
@@ -132,7 +143,8 @@ def _compile_cmd(args) -> int:
 def _demo(args) -> int:
     from .demo.run import run_demo
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="calmgraph-demo-"))
-    return EXIT_OK if run_demo(seed=args.seed, print_code=args.code, out=out, progress=progress) else EXIT_INPUT
+    same = run_demo(seed=args.seed, print_code=args.code, out=out, progress=progress, overwrite=args.overwrite)
+    return EXIT_OK if same else EXIT_INPUT
 
 
 def _bench(args) -> int:
@@ -145,12 +157,19 @@ def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="on an error, show the full details and traceback")
+    trust = argparse.ArgumentParser(add_help=False)
+    trust.add_argument("--trust-code", action="store_true",
+                       help="let the spec's `python:` sources import and run their code (only for a spec you "
+                            "trust; calmgraph's own factories need no consent)")
+    replace = argparse.ArgumentParser(add_help=False)
+    replace.add_argument("--overwrite", action="store_true",
+                         help="replace files that already exist (by default an existing file is never replaced)")
     p = argparse.ArgumentParser(prog="calmgraph", parents=[common],
                                 description="Compose language models CALM-style into one torch.fx graph.",
                                 epilog="Exit codes: 0 ok, 1 problem with the input, 2 usage, 3 internal error.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    validate = sub.add_parser("validate", parents=[common], help="check a spec file and report every problem in it",
+    validate = sub.add_parser("validate", parents=[common, trust], help="check a spec file and report every problem in it",
                               description="Check a spec: its shape and composition graph, then (when every model has "
                                           "a source) its layer references against the models' structure. Every problem "
                                           "is listed with its location. Exit 1 if there is any.")
@@ -158,7 +177,7 @@ def parser() -> argparse.ArgumentParser:
     validate.add_argument("--no-models", action="store_true", help="check the file only, without building the models")
     validate.set_defaults(run=_validate)
 
-    inspect = sub.add_parser("inspect", parents=[common], help="list each model's blocks and the layer pairs of every edge",
+    inspect = sub.add_parser("inspect", parents=[common, trust, replace], help="list each model's blocks and the layer pairs of every edge",
                              description="Compile a spec on the meta device (no weights) and list each model's blocks "
                                          "(index, qualified name, hidden size) and the resolved layer pairs of every edge.")
     inspect.add_argument("spec", help="spec file (.yaml, .yml or .json)")
@@ -166,7 +185,7 @@ def parser() -> argparse.ArgumentParser:
     inspect.add_argument("--mermaid", action="store_true", help="also print a Mermaid block for Markdown")
     inspect.set_defaults(run=_inspect)
 
-    comp = sub.add_parser("compile", parents=[common], help="compile a spec and export the fused model",
+    comp = sub.add_parser("compile", parents=[common, trust, replace], help="compile a spec and export the fused model",
                           description="Build the models from their sources, compile, and write into DIR: composed.pt2 "
                                       "(or .onnx), composed.py (the fused graph's code), spec.json, composition.png/.svg "
                                       "and summary.txt.")
@@ -177,7 +196,7 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("--no-prune", action="store_true", help="keep augment blocks and heads no edge reads")
     comp.set_defaults(run=_compile_cmd)
 
-    demo = sub.add_parser("demo", parents=[common], help="compile the bundled demo composition and check it against its anchor",
+    demo = sub.add_parser("demo", parents=[common, replace], help="compile the bundled demo composition and check it against its anchor",
                           description="Compile the bundled demo (an anchor LM, a second LM over the same tokens, an "
                                       "encoder over a prompt), check it computes exactly the anchor at initialisation, "
                                       "and write the compile artifacts.")

@@ -94,15 +94,17 @@ class ComposedModel(fx.GraphModule):
         from .generation.generate import generate
         return generate(self, input_ids, max_new_tokens, **kwargs)
 
-    def export(self, path, format: str = "pt2"):
-        """Write a torch.export `.pt2` (or `format="onnx"`) with `<stem>.py` and `spec.json` beside it."""
+    def export(self, path, format: str = "pt2", *, overwrite: bool = False):
+        """Write a torch.export `.pt2` (or `format="onnx"`) with `<stem>.py` and `<stem>.spec.json` beside it;
+        an existing file is replaced only with `overwrite=True`."""
         from .export import export
-        return export(self, path, format)
+        return export(self, path, format, overwrite=overwrite)
 
-    def save_new(self, path):
-        """Save only the new parameters (safetensors) and the spec; load them with `cg.load_new`."""
+    def save_new(self, path, *, overwrite: bool = False):
+        """Save only the new parameters (safetensors) and the spec; load them with `cg.load_new`. An
+        existing file is replaced only with `overwrite=True`."""
         from .checkpoint import save_new
-        return save_new(self, path)
+        return save_new(self, path, overwrite=overwrite)
 
     def summary(self) -> str:
         from .report import summary

@@ -57,3 +57,7 @@ class CheckpointError(CalmGraphError, ValueError):
 
 class InternalError(CalmGraphError):
     """A bug in calmgraph, not a problem with the user's input (the CLI exits with 3). Please report it."""
+
+
+class WriteError(CalmGraphError, ValueError):
+    """A file calmgraph was asked to write is in the way (exists, is a symlink) or named twice in one call."""

@@ -17,6 +17,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PlainValidato
 
 from .errors import Problem, SpecError
 from .graph import graph_problems
+from .limits import MAX_TEXT, check_data, load_json, load_yaml, short
 
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]*$"  # becomes part of attribute and argument names in the graph
 
@@ -175,6 +176,7 @@ class CompositionSpec(_Spec):
     cross_attention: CrossAttentionSpec = CrossAttentionSpec()
 
     def __init__(self, **data: Any):  # every problem, located, as one calmgraph error
+        check_data(data)  # bounded first: an alias bomb or deep nesting never reaches pydantic
         try:
             super().__init__(**data)
         except ValidationError as e:
@@ -222,23 +224,16 @@ class CompositionSpec(_Spec):
     def from_dict(cls, data: Any) -> "CompositionSpec":
         if not isinstance(data, dict):
             raise SpecError([Problem("", f"a spec is a mapping with keys anchor, augments, edges; got {type(data).__name__}")])
+        check_data(data)  # also its keys: `**data` needs strings
         return cls(**data)
 
     @classmethod
     def from_yaml(cls, text: str) -> "CompositionSpec":
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise SpecError([Problem("", f"not valid YAML: {e}")]) from None
-        return cls.from_dict(data)
+        return cls.from_dict(load_yaml(text))  # bounded: see limits.py
 
     @classmethod
     def from_json(cls, text: str) -> "CompositionSpec":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SpecError([Problem("", f"not valid JSON: {e}")]) from None
-        return cls.from_dict(data)
+        return cls.from_dict(load_json(text))
 
 
 def load_spec(source: str | Path | dict | CompositionSpec) -> CompositionSpec:
@@ -250,7 +245,13 @@ def load_spec(source: str | Path | dict | CompositionSpec) -> CompositionSpec:
     path = Path(source)
     if not path.is_file():
         raise SpecError([Problem("", f"no spec file at {str(path)!r}")])
-    text = path.read_text()
+    if path.stat().st_size > 4 * MAX_TEXT:  # not read at all: a spec is at most MAX_TEXT characters
+        raise SpecError([Problem("", f"{str(path)!r} is {path.stat().st_size:,} bytes; a spec has at most "
+                                     f"{MAX_TEXT:,} characters")])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError([Problem("", f"{str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start})")]) from None
     if path.suffix.lower() == ".json":
         return CompositionSpec.from_json(text)
     return CompositionSpec.from_yaml(text)
@@ -292,6 +293,6 @@ def spec_error_from(e: ValidationError) -> SpecError:
         elif err["type"] == "missing":
             msg = "required but missing"
         if "input" in err and err["type"] not in ("missing",):
-            msg += f" (got {err['input']!r})"
+            msg += f" (got {short(err['input'])})"  # never the whole input: it may be huge
         problems.append(Problem(_loc(err["loc"]), msg))
     return SpecError(problems)

@@ -30,10 +30,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from calmgraph.checkpoint import FILE as NEW_PARAMS, write_new
 from calmgraph.errors import InputError
+from calmgraph.spec import CompositionSpec
 
 _CKPT_RE = re.compile(r"^step-(\d{8})$")
 
@@ -313,8 +315,9 @@ class FineTuner:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         torch.save(_rng_state(), tmp / f"rng_rank{acc.process_index}.pt")  # each process has its own
-        if acc.is_main_process:
-            save_file(self.trainable_state(), str(tmp / "new_params.safetensors"))
+        if acc.is_main_process:  # the new parameters and the spec, as composed.save_new writes them
+            spec = getattr(acc.unwrap_model(self.model), "spec", None)
+            write_new(self.trainable_state(), tmp / NEW_PARAMS, spec if isinstance(spec, CompositionSpec) else None)
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             cfg = {k: v for k, v in asdict(self.config).items()}
@@ -343,7 +346,7 @@ class FineTuner:
                              f"{acc.num_processes}: the data order would differ, so it cannot resume exactly")
         named = dict(acc.unwrap_model(self.model).named_parameters())
         with torch.no_grad():
-            for name, t in load_file(str(path / "new_params.safetensors")).items():
+            for name, t in load_file(str(path / NEW_PARAMS)).items():
                 named[name].copy_(t)
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device))
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt"))
