@@ -131,7 +131,7 @@ def bench(cfg, repeats, device="cpu", compile_step=False):
             sync()
             times[name].append(time.perf_counter() - started)
     tokens = cfg["batch"] * cfg["new"]
-    from calmgraph.generate import can_cache
+    from calmgraph.generation.generate import can_cache
     result = {"config": {**cfg, "layer_pairs_1_based": pairs}, "new_tokens_per_run": tokens,
               "calmgraph_kv_cache": can_cache(composed), "first_call_s": round(build_s, 2), "warm_up_s": first}
     for name, ts in times.items():
