@@ -15,6 +15,7 @@ from .blocks import BlockListError
 from .graph import build_order
 from .passes.gather import find_all_blocks, gather, unchanged
 from .passes.merge import merge
+from .passes.outline import outline_blocks
 from .passes.prune import prune as prune_pass
 from .passes.resolve import resolve
 from .passes.splice import splice
@@ -51,6 +52,7 @@ def _build(spec: CompositionSpec, models: dict[str, nn.Module], prune: bool) -> 
     augments = [a.name for a in spec.augments]
     pruned = prune_pass(owner.graph, {a: merged.taps[a] for a in augments},
                         {a: merged.outputs[a] for a in augments}, enabled=prune)
+    owner = outline_blocks(owner, blocks).module                    # each block: one submodule, called once
     # a link whose block feeds nothing the anchor reads was pruned with its block (GraphModule keeps only
     # the modules its graph calls): list only the live ones
     live = {n.target for n in owner.graph.nodes if n.op == "call_module"}
