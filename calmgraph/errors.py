@@ -53,3 +53,7 @@ class ExportError(CalmGraphError, ValueError):
 
 class CheckpointError(CalmGraphError, ValueError):
     """A checkpoint of new parameters does not fit the composition it is loaded into."""
+
+
+class ParallelError(CalmGraphError, ValueError):
+    """A composition cannot be sharded or checkpointed as asked (no process group, not block-granular)."""
