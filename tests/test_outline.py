@@ -332,3 +332,39 @@ def test_fsdp_on_two_processes_matches_one(sharded, variant):
     assert result["grads"].keys() == want.keys()
     for n, g in result["grads"].items():
         assert torch.allclose(g, want[n], rtol=GRAD_RTOL, atol=GRAD_ATOL), (n, (g - want[n]).abs().max())
+
+
+class _NoGradLayer(nn.Module):
+    """A block with a `torch.no_grad()` region, which torch.export lifts into a subgraph of the model."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        with torch.no_grad():
+            scale = x.abs().mean(-1, keepdim=True) + 1
+        return x + self.proj(x) / scale
+
+
+class _NoGradLM(TinyLM):
+    def __init__(self):
+        super().__init__(vocab=VOCAB, dim=32, depth=2)
+        self.layers = nn.ModuleList(_NoGradLayer(32) for _ in range(2))
+
+
+def test_what_export_lifts_out_of_a_block_moves_into_it(ids, monkeypatch):
+    import calmgraph.passes.trace as trace
+    monkeypatch.setattr(trace, "frontend_order", lambda model: ["export"])
+    torch.manual_seed(0)
+    models = {"base": _NoGradLM().eval(), "kv": _NoGradLM().eval()}
+    spec = {"anchor": {"name": "base"}, "augments": [{"name": "kv"}],
+            "edges": [{"source": "kv", "target": "base", "layers": [[0, 1]]}]}
+    composed = cg.compile(spec, models=models)                  # cross-attention at its zero init: identity
+    lifted = [n.target for n in composed.graph.nodes if n.op == "get_attr" and "_calmgraph_" in n.target]
+    assert not lifted
+    for path in ("base.layers.0", "base.layers.1", "kv.layers.0"):
+        inner = [n.target for n in composed.get_submodule(path).graph.nodes if n.op == "get_attr"]
+        assert any(t.startswith("_calmgraph_") for t in inner), path
+    with torch.no_grad():
+        assert torch.allclose(composed(ids), models["base"](ids), atol=1e-6)

@@ -10,7 +10,8 @@ Cross-attention nodes stay in the root graph, between the block calls.
 A block's nodes: those of its model computed inside one of the block's member modules (from
 `nn_module_stack`, or a `call_module` target under a member), and every node of the same model between
 the first and last of them (the glue the parent's forward runs per layer, e.g. x-transformers' residual
-bookkeeping). Weights under a member's name move into the block when only the block reads them.
+bookkeeping). Weights under a member's name (and constants torch.export lifted out of the code) move
+into the block when only the block reads them.
 A block that is already one `call_module` of its own path (the fx front end's leaf blocks) stays as it is.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .trace import ENTRY
 
 BLOCK_KEY = "calmgraph_block"   # node.meta key on a block's call_module node: the block's path
 CARRIED_META = ("val", "tensor_meta", MODEL_KEY)
+LIFTED = "_calmgraph_"          # prefix of what trace._strip_entry moved onto a model (export's constants)
 
 
 @dataclass(frozen=True)
@@ -96,9 +98,14 @@ def _region(graph: fx.Graph, model: str, block: Block) -> list[fx.Node]:
             if n.meta.get(MODEL_KEY) == model and n.op not in ("placeholder", "output", "get_attr")]
     inside = set(span)
     prefixes = tuple(f"{model}.{m}" for m in block.members)
-    weights = [n for n in nodes if n.op == "get_attr" and _under(n.target, prefixes)
+    weights = [n for n in nodes if n.op == "get_attr" and (_under(n.target, prefixes) or _lifted(n.target))
                and n.users and all(u in inside for u in n.users)]
     return weights + span
+
+
+def _lifted(target: str) -> bool:
+    """A constant or subgraph torch.export lifted out of the model's code (named by `trace._strip_entry`)."""
+    return target.rpartition(".")[2].startswith(LIFTED)
 
 
 def _cycle(graph: fx.Graph, region: list[fx.Node]) -> str | None:
@@ -125,6 +132,8 @@ def _relative(target: str, model: str, block: Block) -> str:
                 return rest
             head = f"member_{member.rpartition('.')[2]}"
             return f"{head}.{rest}" if rest else head
+    if _lifted(target):                   # no name of the user's: kept at the block's top
+        return target.rpartition(".")[2]
     raise AssertionError(f"{target!r} is not under block {block.name!r}")
 
 
