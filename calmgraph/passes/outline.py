@@ -50,23 +50,19 @@ def outline_blocks(gm: fx.GraphModule, blocks: dict[str, list[Block]]) -> Outlin
     outlined: dict[str, fx.GraphModule] = {}
     paths: dict[str, list[str]] = {}
     left_flat: dict[str, str] = {}
-    for model, model_blocks in blocks.items():
-        for block in model_blocks:
-            path = f"{model}.{block.name}"
-            region = _region(graph, model, block)
-            if not region:                                   # pruned: an augment block nothing reads
-                continue
-            if all(n.op == "call_module" and n.target == path for n in region):
-                for n in region:                             # already a call of the block (fx front end)
-                    n.meta[BLOCK_KEY] = path
-                paths.setdefault(model, []).append(path)
-                continue
-            why = _cycle(graph, region)
-            if why:
-                left_flat[path] = why
-                continue
-            outlined[path] = _outline(gm, graph, region, model, block, path)
+    for model, block, region, span in _regions(graph, blocks):   # all found before the graph changes
+        path = f"{model}.{block.name}"
+        if all(n.op == "call_module" and n.target == path for n in region):
+            for n in region:                                 # already a call of the block (fx front end)
+                n.meta[BLOCK_KEY] = path
             paths.setdefault(model, []).append(path)
+            continue
+        why = _cycle(span, region)
+        if why:
+            left_flat[path] = why
+            continue
+        outlined[path] = _outline(gm, graph, region, model, block, path)
+        paths.setdefault(model, []).append(path)
     graph.lint()
     module = fx.GraphModule(_root(gm, graph, outlined), graph, class_name=type(gm).__name__)
     return OutlineReport(module, paths, left_flat, time.perf_counter() - started)
@@ -77,30 +73,9 @@ def _under(path: str, prefixes: tuple[str, ...]) -> bool:
     return any(path == p or path.startswith(p + ".") for p in prefixes)
 
 
-def _owned(node: fx.Node, model: str, block: Block) -> bool:
-    if node.meta.get(MODEL_KEY) != model or node.op in ("placeholder", "output", "get_attr"):
-        return False
-    if node.op == "call_module" and _under(node.target, tuple(f"{model}.{m}" for m in block.members)):
-        return True
-    stack = node.meta.get("nn_module_stack") or {}
-    members = tuple(f"{ENTRY}.{m}" for m in block.members)
-    return any(_under(p, members) for p, _ in stack.values())
-
-
-def _region(graph: fx.Graph, model: str, block: Block) -> list[fx.Node]:
-    """The block's nodes in graph order: its own, the same model's nodes between them, and the weights
-    under its members' names read by nothing else."""
-    nodes = list(graph.nodes)
-    owned = [i for i, n in enumerate(nodes) if _owned(n, model, block)]
-    if not owned:
-        return []
-    span = [n for n in nodes[owned[0]:owned[-1] + 1]
-            if n.meta.get(MODEL_KEY) == model and n.op not in ("placeholder", "output", "get_attr")]
-    inside = set(span)
-    prefixes = tuple(f"{model}.{m}" for m in block.members)
-    weights = [n for n in nodes if n.op == "get_attr" and (_under(n.target, prefixes) or _lifted(n.target))
-               and n.users and all(u in inside for u in n.users)]
-    return weights + span
+def _prefixes(path: str):
+    parts = path.split(".")
+    return (".".join(parts[:k]) for k in range(1, len(parts) + 1))
 
 
 def _lifted(target: str) -> bool:
@@ -108,11 +83,63 @@ def _lifted(target: str) -> bool:
     return target.rpartition(".")[2].startswith(LIFTED)
 
 
-def _cycle(graph: fx.Graph, region: list[fx.Node]) -> str | None:
-    """Why the region cannot be one call (a node outside it both reads it and feeds it), or None."""
+def _owner(node: fx.Node, members: dict[str, tuple[str, Block]]) -> tuple[str, Block] | None:
+    """The (model, block) whose member module computes `node` (or whose member holds a weight), if any."""
+    model = node.meta.get(MODEL_KEY)
+    if node.op in ("get_attr", "call_module"):
+        hit = next((members[p] for p in _prefixes(node.target) if p in members), None)
+        if hit is not None or node.op == "get_attr":
+            return hit
+    if model is None or node.op in ("placeholder", "output"):
+        return None
+    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+        if path.startswith(ENTRY + "."):
+            hit = next((members[f"{model}.{p}"] for p in _prefixes(path[len(ENTRY) + 1:]) if f"{model}.{p}" in members), None)
+            if hit is not None and hit[0] == model:
+                return hit
+    return None
+
+
+def _regions(graph: fx.Graph, blocks: dict[str, list[Block]]):
+    """Per block that still runs, in graph order: (model, block, region, span). The region: the weights
+    under its members' names (and lifted constants) read by nothing else, then the nodes from its first to
+    its last own node that belong to its model. The span: every node from the first to the last."""
+    members = {f"{model}.{m}": (model, b) for model, bs in blocks.items() for b in bs for m in b.members}
+    nodes = list(graph.nodes)
+    own: dict[tuple[str, str], list[int]] = {}
+    weights: dict[tuple[str, str], list[fx.Node]] = {}
+    lifted = []
+    for i, node in enumerate(nodes):
+        hit = _owner(node, members)
+        if hit is not None:
+            key = (hit[0], hit[1].name)
+            (weights if node.op == "get_attr" else own).setdefault(key, []).append(node if node.op == "get_attr" else i)
+        elif node.op == "get_attr" and _lifted(node.target):
+            lifted.append(node)
+    claimed: set[fx.Node] = set()
+    found = []
+    for model, bs in blocks.items():
+        for block in bs:
+            at = own.get((model, block.name))
+            if not at:                                       # pruned: an augment block nothing reads
+                continue
+            span = nodes[at[0]:at[-1] + 1]
+            body = [n for n in span if n.meta.get(MODEL_KEY) == model and n.op not in ("placeholder", "output", "get_attr")
+                    and n not in claimed]
+            inside = set(body)
+            extra = [n for n in (*weights.get((model, block.name), ()), *lifted)
+                     if n.users and all(u in inside for u in n.users)]
+            claimed |= inside
+            found.append((model, block, extra + body, span))
+    return found
+
+
+def _cycle(span: list[fx.Node], region: list[fx.Node]) -> str | None:
+    """Why the region cannot be one call (a node outside it both reads it and feeds it), or None. Only
+    nodes within the region's span can: the graph is in topological order."""
     inside = set(region)
     reads_region: set[fx.Node] = set()
-    for node in graph.nodes:
+    for node in span:
         if node not in inside and any(a in inside or a in reads_region for a in node.all_input_nodes):
             reads_region.add(node)
     feeding = [a.name for n in region for a in n.all_input_nodes if a in reads_region]
@@ -174,24 +201,22 @@ def _outline(gm: fx.GraphModule, graph: fx.Graph, region: list[fx.Node], model: 
             results.append(at)
     for o, r in zip(outputs, results):
         o.replace_all_uses_with(r, delete_user_cb=lambda user: user not in inside)
-    _after(graph, call, results, inside)
+    _after(region, call, results, inside)
     for n in reversed(region):
         graph.erase_node(n)
     return module
 
 
-def _after(graph: fx.Graph, call: fx.Node, results: list[fx.Node], inside: set[fx.Node]) -> None:
+def _after(inside_order: list[fx.Node], call: fx.Node, results: list[fx.Node], inside: set[fx.Node]) -> None:
     """Move the nodes among the region's that now read the call after its results, in order (they feed
     nothing the region reads: `_cycle` checked)."""
-    late, seen, started = [], {call, *results}, False
-    for node in graph.nodes:
-        if node is call:
-            break
-        if node in inside:
-            started = True
-        elif started and any(a in seen for a in node.all_input_nodes):
+    late, seen = [], {call, *results}
+    node = next(n for n in inside_order if n.op != "get_attr")   # the region's first computed node
+    while node is not call:
+        if node not in inside and any(a in seen for a in node.all_input_nodes):
             late.append(node)
             seen.add(node)
+        node = node.next
     at = results[-1]
     for node in late:
         at.append(node)
