@@ -41,7 +41,7 @@ def spec_file(file: Path) -> Path:
     return file.with_name("spec.json") if file.name == FILE else file.with_name(f"{file.stem}.spec.json")
 
 
-def save_new(composed: "ComposedModel", path: str | Path, *, overwrite: bool = False) -> Path:
+def save_new(composed, path: str | Path, *, overwrite: bool = False) -> Path:
     """Write the new parameters to `path` (a folder, or a `.safetensors` file) and the spec beside them."""
     tensors = {name: p.detach().cpu().contiguous() for name, p in composed.named_new_parameters()}
     return write_new(tensors, _file(path), composed.spec, overwrite=overwrite)
@@ -60,7 +60,7 @@ def write_new(tensors: dict[str, torch.Tensor], file: Path, spec: CompositionSpe
     return file
 
 
-def load_new(composed: "ComposedModel", path: str | Path) -> "ComposedModel":
+def load_new(composed, path: str | Path):
     """Copy a checkpoint of new parameters into `composed` (in place; returned for chaining)."""
     file = _file(path)
     if not file.is_file():
@@ -96,7 +96,7 @@ def load_new(composed: "ComposedModel", path: str | Path) -> "ComposedModel":
     return composed
 
 
-def _spec_problems(saved: str | None, composed: "ComposedModel") -> list[str]:
+def _spec_problems(saved: str | None, composed) -> list[str]:
     if saved is None:  # e.g. written by another tool: names and shapes are still checked
         return []
     try:

@@ -13,6 +13,7 @@ from .errors import LayerRefError, Problem
 from .passes.base import CompileState, TapPoint
 from .passes.gather import Gather
 from .passes.merge import Merge
+from .passes.outline import Outline
 from .passes.prune import Prune
 from .passes.resolve import Resolve
 from .passes.splice import Splice
@@ -29,6 +30,7 @@ PIPELINE = (
     Merge(),     # one graph, namespaced per model; the input signature         passes/merge.py
     Splice(),    # a cross-attention node per link                              passes/splice.py
     Prune(),     # what no edge reads goes; the links that survive              passes/prune.py
+    Outline(),   # each block one submodule, called once (FSDP, checkpointing)  passes/outline.py
     Verify(),    # lint + a shape check on fake tensors at other sizes          passes/verify.py
 )
 

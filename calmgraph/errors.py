@@ -61,3 +61,7 @@ class InternalError(CalmGraphError):
 
 class WriteError(CalmGraphError, ValueError):
     """A file calmgraph was asked to write is in the way (exists, is a symlink) or named twice in one call."""
+
+
+class ParallelError(CalmGraphError, ValueError):
+    """A composition cannot be sharded or checkpointed as asked (no process group, not block-granular)."""

@@ -41,20 +41,20 @@ def dynamic_shapes(composed) -> tuple[dict, ...]:
     return composed.signature.dynamic_shapes(Dim.AUTO(min=1))
 
 
-def export_program(composed: "ComposedModel") -> torch.export.ExportedProgram:
+def export_program(composed) -> torch.export.ExportedProgram:
     _check_weights(composed)
     return torch.export.export(composed, example_inputs(composed), strict=False,
                                dynamic_shapes=dynamic_shapes(composed))
 
 
-def export(composed: "ComposedModel", path: str | Path, format: str = "pt2", *, overwrite: bool = False) -> Path:
+def export(composed, path: str | Path, format: str = "pt2", *, overwrite: bool = False) -> Path:
     """Write the artifact to `path`, and `<stem>.py` (its code) and `<stem>.spec.json` beside it. Returns `path`.
     Refuses, before writing anything, to replace an existing file unless `overwrite=True`."""
     path = Path(path)
     return _export(composed, path, format, path.with_name(f"{path.stem}.spec.json"), overwrite)
 
 
-def _export(composed: "ComposedModel", path: Path, format: str, spec_path: Path, overwrite: bool,
+def _export(composed, path: Path, format: str, spec_path: Path, overwrite: bool,
             flag: str = "overwrite=True") -> Path:
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -81,7 +81,7 @@ def _export(composed: "ComposedModel", path: Path, format: str, spec_path: Path,
 
 
 # -- ONNX --------------------------------------------------------------------------------------------
-def _export_onnx(composed: "ComposedModel", path: Path) -> None:
+def _export_onnx(composed, path: Path) -> None:
     _check_weights(composed)
     n_bytes = sum(t.numel() * t.element_size() for t in composed.state_dict().values())
     onnx_logger = logging.getLogger("torch.onnx")
@@ -98,7 +98,7 @@ def _export_onnx(composed: "ComposedModel", path: Path) -> None:
     _name_dims(composed, path)
 
 
-def _name_dims(composed: "ComposedModel", path: Path) -> None:
+def _name_dims(composed, path: Path) -> None:
     """Give the dynamic dims readable names (batch, seq, <augment>_seq) instead of export's s24, s70."""
     import onnx
     model = onnx.load(str(path), load_external_data=False)
@@ -116,7 +116,7 @@ def _name_dims(composed: "ComposedModel", path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def _check_weights(composed: "ComposedModel") -> None:
+def _check_weights(composed) -> None:
     meta = [n for n, t in (*composed.named_parameters(), *composed.named_buffers()) if t.is_meta]
     if meta:
         raise ExportError(f"{len(meta)} weights are on the meta device (e.g. {meta[0]!r}): an artifact holds real "
@@ -130,7 +130,7 @@ def bundle_files(out: str | Path, format: str = "pt2") -> list[Path]:
             out / "composition.svg", out / "summary.txt"]
 
 
-def write_bundle(composed: "ComposedModel", out: str | Path, format: str = "pt2", progress=None, *,
+def write_bundle(composed, out: str | Path, format: str = "pt2", progress=None, *,
                  overwrite: bool = False, flag: str = "overwrite=True") -> list[Path]:
     """Everything `calmgraph compile` writes into `out`: the artifact (`composed.pt2` or `.onnx`), its code
     (`composed.py`), `spec.json`, the picture (`composition.png`, `.svg`) and `summary.txt`. Refuses, before

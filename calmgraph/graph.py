@@ -13,7 +13,7 @@ from .errors import Problem
 # named here only in annotations (a string), never imported.
 
 
-def composition_graph(spec: "CompositionSpec") -> nx.DiGraph:
+def composition_graph(spec) -> nx.DiGraph:
     """Node attributes: `role` (anchor | augment), `input` (shared | prompt). Edge attribute: `index` list."""
     g = nx.DiGraph()
     g.add_node(spec.anchor.name, role="anchor", input="shared")
@@ -27,12 +27,12 @@ def composition_graph(spec: "CompositionSpec") -> nx.DiGraph:
     return g
 
 
-def build_order(spec: "CompositionSpec") -> list[str]:
+def build_order(spec) -> list[str]:
     """Models in an order where every model comes after all it reads; the anchor last."""
     return list(nx.lexicographical_topological_sort(composition_graph(spec)))
 
 
-def graph_problems(spec: "CompositionSpec") -> list[Problem]:
+def graph_problems(spec) -> list[Problem]:
     problems: list[Problem] = []
     anchor = spec.anchor.name
     names = {anchor: "anchor.name"}

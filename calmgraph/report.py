@@ -16,7 +16,7 @@ def table(rows: list[list], header: list[str]) -> str:
     return "\n".join([line(cells[0]), line(["-" * w for w in widths]), *map(line, cells[1:])])
 
 
-def summary(composed: "ComposedModel") -> str:
+def summary(composed) -> str:
     spec, pruned = composed.spec, composed.pruned
     frozen = defaultdict(int)
     for name, p in composed.named_parameters():
