@@ -9,8 +9,8 @@ import networkx as nx
 
 from .errors import Problem
 
-# The functions take a `CompositionSpec`; spec.py imports this module to check itself, so the type is
-# named here only in annotations (a string), never imported.
+# The functions take a `CompositionSpec` (`spec`); spec.py imports this module to check itself, so this
+# module does not import it back.
 
 
 def composition_graph(spec) -> nx.DiGraph:
