@@ -51,6 +51,17 @@ def answers(model, world: KVWorld, task: str, device, batch_size: int = 1000) ->
     return [(p, ref, a) for (p, ref), a in zip(pairs, got)]
 
 
+def chain_answers(m_A, m_B, world: KVWorld, device) -> list[tuple[str, str, str]]:
+    """(prompt, reference, answer) for every held-out KV-arithmetic expression, answered by the chain
+    baseline: m_A substitutes the prompt's keys (its own `>` task), and m_B is asked to compute what m_A wrote
+    (`<m_A's answer>=`). No trained parameters beyond the two base models."""
+    pairs = [world.example(e, "kv_arithmetic") for e in world.eval_exprs]
+    copies = greedy_complete(m_A, [p[:-1] + ">" for p, _ in pairs], world.max_answer_len, device)
+    longest = world.max_len - world.max_answer_len - 1  # m_B's prompt and answer must fit its positions
+    got = greedy_complete(m_B, [c.removesuffix(SEP)[:longest] + "=" for c in copies], world.max_answer_len, device)
+    return [(p, ref, a) for (p, ref), a in zip(pairs, got)]
+
+
 def result_given_scratchpad(model, world: KVWorld, task: str, device) -> float:
     """% of held-out `task` results right when the right scratchpad and its separator are given (teacher-forced):
     the anchor's arithmetic on values it reads from its own context, whatever wrote them."""
