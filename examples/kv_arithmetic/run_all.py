@@ -164,7 +164,7 @@ def main(argv=None) -> dict:
                "models": {k: asdict(v) for k, v in models.items()}, "data": asdict(kv),
                "torch": torch.__version__, "paper": PAPER, "details": details}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        Path(args.json).write_text(dump_json(out) + "\n")
         return out
 
     for name in ("m_A", "m_B"):
@@ -195,6 +195,18 @@ def main(argv=None) -> dict:
     print(f"chain (m_A -> m_B, no training): {rows['chain']['kv_arithmetic']:.1f}% on kv_arithmetic")
     print(f"wrote {args.json} ({final['seconds']:.0f} s in all)")
     return final
+
+
+def dump_json(obj, depth: int = 3, indent: int = 0) -> str:
+    """JSON with the first `depth` levels one entry a line and deeper values on one line: short to read
+    and to keep in the tree."""
+    pad = " " * (indent + 1)
+    if depth and isinstance(obj, dict) and obj:
+        items = (f"{pad}{json.dumps(k)}: {dump_json(v, depth - 1, indent + 1)}" for k, v in obj.items())
+        return "{\n" + ",\n".join(items) + "\n" + " " * indent + "}"
+    if depth and isinstance(obj, list) and any(isinstance(v, (dict, list)) for v in obj):
+        return "[\n" + ",\n".join(pad + dump_json(v, depth - 1, indent + 1) for v in obj) + "\n" + " " * indent + "]"
+    return json.dumps(obj)
 
 
 def _score_chain(m_A, m_B, world, device) -> tuple[dict, dict, dict]:
