@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from examples.kv_arithmetic.data import (EOS_ID, PAD_ID, SEP, VOCAB_SIZE, KVConfig, KVDataset, KVWorld, decode,
-                                         encode, protocol_config)
+from examples.kv_arithmetic.data import (EOS_ID, PAD_ID, SEP, VOCAB_SIZE, KVConfig, KVDataset, KVWorld, collate,
+                                         decode, encode, protocol_config)
 from examples.kv_arithmetic.evaluate import exact_match, final_result, greedy_complete, hit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,6 +123,48 @@ def test_m_B_never_sees_a_key_and_learns_only_what_it_cannot_read_from_the_promp
         KVWorld(replace(pad_world.cfg, reread_copy=2.0))
 
 
+def test_broad_anchor_mix_binds_names_that_are_no_keys_and_answers_right():
+    from examples.kv_arithmetic.train_base import task_mix
+    w = KVWorld(protocol_config("direct", ops="+-", n_keys=60, n_eval=100, seed=3, anchor_mix="broad",
+                                anchor_operands=(2, 4)))
+    ds = KVDataset(w, task_mix(w.cfg, "m_B"), "train", size=800)
+    batch = collate([ds[i] for i in range(len(ds))])
+    assert batch["input_ids"].shape[1] <= w.max_len and (batch["input_ids"][:, -1] != PAD_ID).any()
+    tasks, starts = set(), set()
+    for i in range(len(ds)):
+        ids, mask = ds[i]["input_ids"].tolist(), ds[i]["label_mask"].tolist()
+        text, task = decode(ids), ds.expr_and_task(i)[1]
+        tasks.add(task)
+        *bindings, question = text.split(";")
+        table = dict(b.split(":") for b in bindings)
+        assert not (set(table) | set(re.findall("[a-z]+", question))) & set(w.keys), text  # never a key
+        expr, answer = re.split("[>=]", question)
+        assert 2 <= len(re.split("[-+]", expr)) <= 4
+        numbers = re.sub("[a-z]+", lambda m: table[m.group()], expr)  # every name is bound
+        assert answer == (numbers if ">" in question else str(eval(numbers))), text
+        assert decode([t for t, m in zip(ids, mask) if m]) == answer  # the loss on the answer (and EOS) only
+        starts.add(len(text) - len(question))
+    assert tasks == {"numeric_arithmetic", "numeric_copy", "bound_arithmetic", "bound_copy"}
+    assert 0 in starts and len(starts) > 10  # expressions at varied positions, the test's included
+    with pytest.raises(ValueError, match="unknown anchor_mix 'wide'"):
+        KVWorld(replace(w.cfg, anchor_mix="wide"))
+
+
+def test_validation_keys_are_the_compositions_and_never_its_training_data():
+    w = KVWorld(replace(CFG, val_key_frac=0.25))
+    assert set(w.val_keys) | set(w.fit_keys) == set(w.compose_keys) and not set(w.val_keys) & set(w.fit_keys)
+    assert len(w.val_keys) == 3 and KVWorld(CFG).eval_exprs == w.eval_exprs  # the held-out set stays
+    fit = KVDataset(w, "kv_substitution", "compose", size=1000)
+    val = KVDataset(w, "kv_arithmetic", "val", size=300)
+    assert all(set(fit.expr_and_task(i)[0][0]) <= set(w.fit_keys) for i in range(len(fit)))
+    for i in range(len(val)):
+        keys = set(val.expr_and_task(i)[0][0])
+        assert keys <= set(w.compose_keys) and keys & set(w.val_keys)
+        assert not w.is_held_out(val.expr_and_task(i)[0])
+    with pytest.raises(ValueError, match="val split needs validation keys"):
+        KVDataset(KVWorld(CFG), "kv_arithmetic", "val", size=10)
+
+
 def test_eos_loss_off_drops_the_end_of_substitutions_only(pad_world):
     tasks = {"kv_substitution": 0.5, "numeric_arithmetic": 0.5}
     with_end, without = (KVDataset(pad_world, tasks, "compose", size=40, eos_loss=e) for e in (True, False))
@@ -212,8 +254,8 @@ def test_run_all_and_compose_smoke(tmp_path):
     run = lambda *args: subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True,
                                        text=True, timeout=300)
     table = tmp_path / "kv.json"
-    proc = run("examples.kv_arithmetic.run_all", "--out", str(tmp_path), "--smoke", "--compositions",
-               "replay_same_token,paper", "--json", str(table))
+    proc = run("examples.kv_arithmetic.run_all", "--preset", "same_token", "--out", str(tmp_path), "--smoke",
+               "--compositions", "replay_same_token,paper", "--json", str(table))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(table.read_text())
     assert [(t["protocol"], t["composition"]) for t in report["tables"]] == \
@@ -241,6 +283,26 @@ def test_run_all_and_compose_smoke(tmp_path):
     new = dict(fresh.named_new_parameters())
     assert set(saved) == set(new)  # the cross-attention and nothing of the base models
     outs = [n for n in new if n.endswith("to_out.weight")]
-    assert len(outs) == len(fresh.links) == 2  # every block of the 2-block smoke m_A feeds m_B
+    assert len(outs) == len(fresh.links) == 4  # every block of the 4-block m_A feeds m_B
     assert all(new[n].abs().sum() == 0 for n in outs)  # a fresh composition starts at the anchor...
     assert all(saved[n].abs().sum() > 0 for n in outs)  # ...the saved one was trained away from it
+
+
+def test_run_all_input_side_chooses_on_validation_keys_smoke(tmp_path):
+    # The default preset: direct answers, m_B's broad mix, candidates chosen on the validation keys.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    table = tmp_path / "kv.json"
+    proc = subprocess.run([sys.executable, "-m", "examples.kv_arithmetic.run_all", "--out", str(tmp_path), "--smoke",
+                           "--compositions", "input_mid_short,input_deep", "--json", str(table)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(table.read_text())
+    assert report["data"]["protocol"] == "direct" and report["data"]["anchor_mix"] == "broad"
+    assert report["data"]["val_key_frac"] == 0.2 and report["models"]["m_B"]["n_layer"] == 8
+    tables = report["tables"]
+    assert [t["composition"] for t in tables] == ["input_mid_short", "input_deep"]
+    assert all(t["protocol"] == "paper" and set(t["validation"]) == {"kv_substitution", "kv_arithmetic"} for t in tables)
+    best = max(tables, key=lambda t: (t["validation"]["kv_arithmetic"], t["validation"]["kv_substitution"]))
+    assert [t["selected"] for t in tables].count(True) == 1 and best["selected"]
+    assert report["calm"] == best["calm"] and report["protocol"] == "paper"
+    assert any("validate" in d for d in best["departures"]) and report["versions"]["torch"] == torch.__version__

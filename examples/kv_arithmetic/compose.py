@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 import calmgraph as cg
 from calmgraph.train import FineTuner, TrainConfig
 from examples.handwritten_gpt.gpt import GPT
-from examples.kv_arithmetic.data import KVConfig, KVDataset, KVWorld
+from examples.kv_arithmetic.data import KVConfig, KVDataset, KVWorld, collate
 from examples.kv_arithmetic.evaluate import accuracy_row, compose_key_accuracy, format_table
 from examples.kv_arithmetic.train_base import load_base, task_mix, train_steps
 
@@ -98,7 +98,7 @@ def train_composition(composed: cg.ComposedModel, world: KVWorld, data: str, *, 
     cfg = TrainConfig(max_steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(100, steps // 10),
                       weight_decay=0.01, shuffle=False, seed=seed, cpu=cpu, progress=progress,
                       num_workers=num_workers)
-    tuner = FineTuner(composed, dataset, cfg)  # new_parameters(): the cross-attention only
+    tuner = FineTuner(composed, dataset, cfg, collate_fn=collate)  # new_parameters(): the cross-attention only
     run = train_steps(tuner)
     # Without the autocast wrapper Accelerate put on forward: compiled again or scored in fp32 after this.
     return tuner.accelerator.unwrap_model(tuner.model, keep_fp32_wrapper=False), tuner, run

@@ -71,6 +71,19 @@ def result_given_scratchpad(model, world: KVWorld, task: str, device) -> float:
     return 100.0 * sum(a == final_result(ref) for (_, ref), a in zip(pairs, got)) / len(pairs)
 
 
+def val_accuracy(model, world: KVWorld, device, n: int = 500) -> dict[str, float]:
+    """Exact match on `n` expressions of the validation split (the composition's keys, each expression with at
+    least one validation key, none held out) for KV-substitution and KV-arithmetic: what hyperparameters are
+    chosen by, never the held-out expressions."""
+    row = {}
+    for task in ("kv_substitution", "kv_arithmetic"):
+        ds = KVDataset(world, task, "val", size=n)
+        pairs = [world.example(ds.expr_and_task(i)[0], task) for i in range(n)]
+        got = greedy_complete(model, [p for p, _ in pairs], world.max_answer_len, device)
+        row[task] = 100.0 * sum(hit(ref, a) for (_, ref), a in zip(pairs, got)) / n
+    return row
+
+
 def compose_key_accuracy(model, world: KVWorld, device, n: int = 500) -> float:
     """KV-substitution exact match on `n` expressions over the composition's own keys (its training
     distribution, items past any run's reach; no held-out expression): how well it learned its data,

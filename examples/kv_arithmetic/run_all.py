@@ -1,17 +1,21 @@
 """The whole experiment in one command: both base models, the compositions, the chain baseline, the JSON.
 
     python -m examples.kv_arithmetic.run_all --out runs/kv --json runs/kv/kv_arithmetic.json   # one GPU
+    python -m examples.kv_arithmetic.run_all --preset same_token --out runs/kv1 --json runs/kv1/kv.json
     python -m examples.kv_arithmetic.run_all --out runs/kv_smoke --smoke --json runs/kv_smoke/kv.json  # CPU
-    python -m examples.kv_arithmetic.run_all --base runs/kv --out runs/kv_more --compositions replay_same_token \\
+    python -m examples.kv_arithmetic.run_all --base runs/kv --out runs/kv_more --compositions input_deep \
         --json runs/kv_more/kv.json        # other compositions of the same base models
 
-Every run has a fixed number of optimizer steps (`--steps`), so a rerun repeats it step for step. Each
-composition is a named variant (VARIANTS): its training data, its layer pairs and its cross-attention. Its
-table's `protocol` is "paper" where the composition trains on KV-substitution over 20% of the keys and
-nothing else (the paper's D_C), otherwise the variant's name; `departures` lists everything that differs
-from the paper. `chain` is the baseline with no trained parameters: m_A's greedy substitution of the
-prompt's keys, fed to m_B as a numeric prompt. All rows are scored by greedy exact match of the final
-result (after the last `;`) on the same 1000 held-out expressions; `full_answer` scores whole answers.
+`--preset` names the world, the base models and the compositions (PRESETS; options given win). Every run
+has a fixed number of optimizer steps, so a rerun repeats it step for step. Each composition is a named
+variant (VARIANTS): its training data, layer pairs and cross-attention. Its table's `protocol` is "paper"
+where the composition trains on KV-substitution over the composition's keys and nothing else (the paper's
+D_C), otherwise the variant's name; `departures` lists what differs from the paper. With `--select` the
+table's composition is the one with the best exact match on expressions over the validation keys (a share
+of the composition's keys it does not train on), never on the held-out set. `chain` is the baseline with
+no trained parameters: m_A's greedy substitution of the prompt's keys, fed to m_B as a numeric prompt. All
+rows are scored by greedy exact match of the final result (after the last `;`, the whole answer where there
+is none) on the same 1000 held-out expressions; `full_answer` scores whole answers.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import os
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,23 +34,48 @@ from safetensors.torch import save_model
 
 from examples.handwritten_gpt.gpt import GPTConfig
 from examples.kv_arithmetic.compose import compose, compose_tasks, layer_choice, save_composition, train_composition
-from examples.kv_arithmetic.data import PROTOCOLS, SEP, KVConfig, KVWorld, protocol_config
+from examples.kv_arithmetic.data import ANCHOR_MIXES, PROTOCOLS, SEP, KVConfig, KVWorld, protocol_config
 from examples.kv_arithmetic.evaluate import (EVAL_TASKS, answers, chain_answers, compose_key_accuracy, format_table,
-                                             hit, result_given_scratchpad)
+                                             hit, result_given_scratchpad, val_accuracy)
 from examples.kv_arithmetic.train_base import MODELS, load_base, smoke_config, train_base, write_config
 
 # Composition variants: training data (compose.COMPOSE_DATA), layer pairs (compose.LAYERS or "S:T,..."),
 # cross-attention window and null key, and whether the loss covers the EOS of a substitution answer.
 VARIANTS = {
-    "paper": dict(data="substitution", layers="every1", window=None, null_kv=False, eos_loss=True),
+    "paper": dict(data="substitution", layers="every1", window=None, null_kv=False, eos_loss=True),  # steps: --steps
     "paper_same_token": dict(data="substitution", layers="last", window=1, null_kv=False, eos_loss=True),
     "replay_same_token": dict(data="substitution_replay", layers="last", window=1, null_kv=True, eos_loss=False),
     "kv_mix_same_token": dict(data="kv_mix", layers="last", window=1, null_kv=True, eos_loss=True),
+    # m_A's middle blocks into m_B's early blocks, full causal attention: at a key's last character m_A may
+    # hold the key's value, and m_B (anchor_mix="broad") has a route from a name to a number there.
+    "input_mid": dict(data="substitution", layers="2:1,3:2", window=None, null_kv=False, eos_loss=True),
+    "input_wide": dict(data="substitution", layers="1:0,2:1,3:2,4:3", window=None, null_kv=False, eos_loss=True),
+    "input_deep": dict(data="substitution", layers="3:1,4:2,5:3", window=None, null_kv=False, eos_loss=True),
+    # the same, stopped early: trained to a loss near 0 by step ~900, they had overwritten m_B's own `=` task
+    "input_mid_short": dict(data="substitution", layers="2:1,3:2", window=None, null_kv=False, eos_loss=True, steps=300),
+    "input_wide_short": dict(data="substitution", layers="1:0,2:1,3:2,4:3", window=None, null_kv=False, eos_loss=True,
+                             steps=300),
 }
 PAPER = {"m_A": {"kv_substitution": 98.1, "numeric_arithmetic": 4.2, "kv_arithmetic": 0.7},
          "m_B": {"kv_substitution": 0.0, "numeric_arithmetic": 73.7, "kv_arithmetic": 0.0},
          "calm": {"kv_substitution": 92.9, "numeric_arithmetic": 72.0, "kv_arithmetic": 84.3}}
 DEFAULT_STEPS = {"m_A": 2400, "m_B": 7800, "calm": 2500}
+# Named settings of everything else; options given on the command line win.
+PRESETS = {
+    # The paper's protocol with a broadly trained anchor: direct answers, m_B (8 x 384) on numbers, copies and
+    # names bound to numbers; compositions of m_A's middle blocks into m_B's early blocks, chosen on
+    # validation keys.
+    "input_side": dict(protocol="direct", ops="+-", n_keys=500, anchor_mix="broad", anchor_operands="2,4",
+                       val_key_frac=0.2, select=True, augment_markers=">", fixed_width=False, reread_letters=0.0,
+                       reread_copy=0.0, m_a="n_layer=6,n_head=8,n_embd=256", m_b="n_layer=8,n_head=8,n_embd=384",
+                       steps="m_A=3000,m_B=16000,calm=1500", batch_size=256, workers=12, seed=0,
+                       compositions="input_mid_short,input_wide_short,input_mid,input_wide"),
+    # The sixth attempt's world (docs/kv_arithmetic_history.md): scratchpad answers, m_B trained on letter
+    # prompts it cannot read; the departures rows of the table.
+    "same_token": dict(protocol="scratchpad", n_keys=300, reread_letters=1.0, augment_markers=">=", fixed_width=True,
+                       reread_copy=0.5, steps="m_A=2400,m_B=7800,calm=2500", batch_size=1024, workers=6, seed=1,
+                       compositions="paper,paper_same_token,replay_same_token,kv_mix_same_token"),
+}
 
 
 def protocol_of(variant: str) -> str:
@@ -69,6 +98,11 @@ def departures(kv: KVConfig, variant: str) -> list[str]:
         out.append("m_B trained on copies with a prompt it cannot read (copy_reread)")
     if kv.fixed_width:
         out.append("numbers written to one width with leading zeros")
+    if kv.anchor_mix == "broad":
+        out.append("m_B trained on a broad mix: numbers after unused bindings, copies, and names bound to numbers "
+                   f"in the prompt ({kv.anchor_operands or (kv.min_operands, kv.max_operands)} operands)")
+    if kv.val_key_frac:
+        out.append(f"the composition trains on {1 - kv.val_key_frac:.0%} of its 20% of keys; the rest validate")
     if v["data"] != "substitution":
         out.append(f"composition data {compose_tasks(v['data'], kv)} (paper: KV-substitution only)")
     if v["window"] is not None:
@@ -78,6 +112,13 @@ def departures(kv: KVConfig, variant: str) -> list[str]:
     if not v["eos_loss"]:
         out.append("no loss on the EOS of substitution answers")
     return out
+
+
+def model_arg(text: str) -> dict[str, int]:
+    try:
+        return {k: int(v) for k, v in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a model is n_layer=N,n_head=N,n_embd=N, not {text!r}") from None
 
 
 def steps_arg(text: str) -> dict[str, int]:
@@ -94,6 +135,8 @@ def steps_arg(text: str) -> dict[str, int]:
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", choices=list(PRESETS), default="input_side",
+                    help="named defaults of the options below (PRESETS); an option given here wins")
     ap.add_argument("--out", required=True, help="models, new parameters and config go here")
     ap.add_argument("--json", required=True, help="where the tables go")
     ap.add_argument("--smoke", action="store_true", help="tiny models and data, a few steps, CPU")
@@ -117,19 +160,46 @@ def main(argv=None) -> dict:
                     help="write the numbers of an expression with leading zeros to one width (010+022; data.py)")
     ap.add_argument("--reread-copy", type=float, default=0.5,
                     help="share of m_B's copy items given with a prompt it cannot read (copy_reread, data.py)")
+    ap.add_argument("--ops", help="operators of every expression (default per --protocol: data.PROTOCOL_DEFAULTS)")
+    ap.add_argument("--anchor-mix", choices=ANCHOR_MIXES, default="narrow", help="m_B's tasks (train_base.py)")
+    ap.add_argument("--anchor-operands", help="MIN,MAX operands of m_B's own expressions (default: the eval's)")
+    ap.add_argument("--val-key-frac", type=float, default=0.0,
+                    help="share of the composition's keys kept to validate it; with --select, the composition "
+                         "with the best KV-arithmetic there is the table's")
+    ap.add_argument("--select", action=argparse.BooleanOptionalAction, default=False,
+                    help="choose one of --compositions on the validation keys")
+    ap.add_argument("--m-a", type=model_arg, help="m_A's size, e.g. n_layer=6,n_head=8,n_embd=256")
+    ap.add_argument("--m-b", type=model_arg, help="m_B's size, e.g. n_layer=8,n_head=8,n_embd=384")
+    preset, _ = ap.parse_known_args(argv)
+    defaults = dict(PRESETS[preset.preset])
+    for key, parse in (("steps", steps_arg), ("m_a", model_arg), ("m_b", model_arg)):
+        if key in defaults:
+            defaults[key] = parse(defaults[key])
+    ap.set_defaults(**defaults)
     args = ap.parse_args(argv)
     started = time.perf_counter()
+    if args.select and not args.val_key_frac:
+        ap.error("--select chooses on validation keys: give --val-key-frac")
 
+    extra = {"ops": args.ops} if args.ops else {}
+    if args.anchor_operands:
+        extra["anchor_operands"] = tuple(int(n) for n in args.anchor_operands.split(","))
     kv, models = protocol_config(args.protocol, seed=args.seed, n_keys=args.n_keys, reread_letters=args.reread_letters,
                                  augment_markers=args.augment_markers, fixed_width=args.fixed_width,
-                                 reread_copy=args.reread_copy), dict(MODELS)
+                                 reread_copy=args.reread_copy, anchor_mix=args.anchor_mix,
+                                 val_key_frac=args.val_key_frac, **extra), dict(MODELS)
+    for name, size in (("m_A", args.m_a), ("m_B", args.m_b)):
+        if size:
+            models[name] = replace(models[name], **size)
     if args.base:  # the data and models those base models were trained with
         saved = json.loads((Path(args.base) / "config.json").read_text())
+        saved["data"]["anchor_operands"] = saved["data"].get("anchor_operands") and tuple(saved["data"]["anchor_operands"])
         kv, models = KVConfig(**saved["data"]), {k: GPTConfig(**v) for k, v in saved["models"].items()}
     calms = args.compositions.split(",")
     if set(calms) - set(VARIANTS):
         ap.error(f"--compositions: unknown {sorted(set(calms) - set(VARIANTS))}; known: {list(VARIANTS)}")
-    steps = {"m_A": args.steps["m_A"], "m_B": args.steps["m_B"], **dict.fromkeys(calms, args.steps["calm"])}
+    steps = {"m_A": args.steps["m_A"], "m_B": args.steps["m_B"],
+             **{n: VARIANTS[n].get("steps", args.steps["calm"]) for n in calms}}
     if args.smoke:
         if not args.base:
             kv, models = smoke_config(kv, models)
@@ -142,13 +212,17 @@ def main(argv=None) -> dict:
                   num_workers=args.workers)
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
 
-    rows, full, details, runs, base = {}, {}, {}, {}, {}
+    rows, full, details, runs, base, val = {}, {}, {}, {}, {}, {}
+
+    def chosen() -> str | None:  # the best KV-arithmetic on the validation keys so far (then KV-substitution)
+        return max(val, key=lambda n: (val[n]["kv_arithmetic"], val[n]["kv_substitution"])) if val else None
 
     def report() -> dict:  # written after every run, so a run cut short still leaves its rows
         tables = [{"protocol": protocol_of(n), "composition": n, "m_A": rows["m_A"], "m_B": rows["m_B"],
-                   "calm": rows[n], "variant": VARIANTS[n], "departures": departures(kv, n)}
+                   "calm": rows[n], "variant": VARIANTS[n], "departures": departures(kv, n),
+                   **({"validation": val[n], "selected": n == chosen()} if n in val else {})}
                   for n in calms if n in rows]
-        paper = next((t for t in tables if t["protocol"] == "paper"), None)
+        paper = next((t for t in tables if t["protocol"] == "paper" and t.get("selected", True)), None)
         out = {**({"m_A": paper["m_A"], "m_B": paper["m_B"], "calm": paper["calm"], "protocol": "paper"}
                   if paper else {}),
                "chain_baseline": {"kv_arithmetic": rows["chain"]["kv_arithmetic"]} if "chain" in rows else None,
@@ -162,7 +236,7 @@ def main(argv=None) -> dict:
                "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                "batch_size": args.batch_size, "lr": args.lr, "runs": runs,
                "models": {k: asdict(v) for k, v in models.items()}, "data": asdict(kv),
-               "torch": torch.__version__, "paper": PAPER, "details": details}
+               "torch": torch.__version__, "versions": _versions(), "paper": PAPER, "details": details}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(dump_json(out) + "\n")
         return out
@@ -187,14 +261,26 @@ def main(argv=None) -> dict:
         save_composition(composed, out, name)
         runs[name]["kv_substitution_own_keys"] = compose_key_accuracy(composed, world, device,
                                                                       n=20 if args.smoke else 500)
+        if args.select:
+            val[name] = val_accuracy(composed, world, device, n=20 if args.smoke else 500)
+            print(f"{name}: validation keys {val[name]}", flush=True)
         rows[name], full[name], details[name] = _score(name, composed, world, device, runs[name])
         report()
 
     final = report()
     print(format_table({k: rows[k] for k in ("m_A", "m_B", *calms)}))
     print(f"chain (m_A -> m_B, no training): {rows['chain']['kv_arithmetic']:.1f}% on kv_arithmetic")
+    if val:
+        print(f"chosen on the validation keys: {chosen()} ({val})")
     print(f"wrote {args.json} ({final['seconds']:.0f} s in all)")
     return final
+
+
+def _versions() -> dict[str, str]:
+    import accelerate
+    import pydantic
+    return {"torch": torch.__version__, "accelerate": accelerate.__version__, "pydantic": pydantic.VERSION,
+            "python": sys.version.split()[0]}
 
 
 def dump_json(obj, depth: int = 3, indent: int = 0) -> str:
