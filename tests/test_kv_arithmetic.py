@@ -121,6 +121,8 @@ def test_m_B_never_sees_a_key_and_learns_only_what_it_cannot_read_from_the_promp
     assert seen == {"numeric_arithmetic", "numeric_reread", "numeric_copy", "copy_reread"}
     with pytest.raises(ValueError, match="reread_copy is a share of items, between 0 and 1; got 2.0"):
         KVWorld(replace(pad_world.cfg, reread_copy=2.0))
+    with pytest.raises(ValueError, match="only in the scratchpad protocol"):
+        KVWorld(replace(pad_world.cfg, protocol="direct"))
 
 
 def test_broad_anchor_mix_binds_names_that_are_no_keys_and_answers_right():

@@ -11,8 +11,6 @@ Both base models stay frozen. The composition trains on `--data`:
     substitution   KV-substitution over the 20% of keys in `world.compose_keys` (the paper's protocol)
     kv_mix         KV-substitution and KV-arithmetic, half each, over the same 20% of keys (a fallback that
                    departs from the paper: the composition sees the `=` task on keys, never the other 80%)
-    kv_pad         KV-substitution, and KV-arithmetic prompts with the loss on the scratchpad and its `;` only
-                   (a smaller departure: the composition learns that a `=` answer goes on, never a result)
     *_replay       half the same, half m_B's own task mix (`compose_tasks`): no key in it
 
 Writes `calm_<data>.safetensors` (the new parameters only), `calm_<data>_spec.json` and
@@ -41,7 +39,6 @@ from examples.kv_arithmetic.train_base import load_base, task_mix, train_steps
 COMPOSE_DATA = {
     "substitution": {"kv_substitution": 1.0},
     "kv_mix": {"kv_substitution": 0.5, "kv_arithmetic": 0.5},
-    "kv_pad": {"kv_substitution": 0.5, "kv_scratchpad": 0.5},
 }
 DATA_CHOICES = [*COMPOSE_DATA, *(f"{d}_replay" for d in COMPOSE_DATA)]
 

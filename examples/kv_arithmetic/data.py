@@ -35,7 +35,6 @@ Two protocols (`KVConfig.protocol`):
 
     numeric_reread       "31-7+60="     ->  "10+22-24;8"    loss on ";8" only (scratchpad only)
     copy_reread          "31-7+60>"     ->  "10+22-24"      loss on the EOS only (scratchpad only)
-    kv_scratchpad        "ab+cde-fg="   ->  "10+22-24;8"    loss on "10+22-24;" only: no result on keys
 
 numeric_reread teaches m_B that the result is a function of its scratchpad, not of the prompt: the
 prompt shows another expression and the copy part is given (teacher-forced, no loss), so the result can
@@ -77,8 +76,8 @@ PAD_ID, EOS_ID = 0, 1
 VOCAB_SIZE = len(CHARS) + 2
 STOI = {ch: i + 2 for i, ch in enumerate(CHARS)}
 
-TASKS = ("kv_substitution", "numeric_arithmetic", "kv_arithmetic", "numeric_copy", "numeric_reread", "kv_scratchpad",
-         "copy_reread", "bound_arithmetic", "bound_copy")
+TASKS = ("kv_substitution", "numeric_arithmetic", "kv_arithmetic", "numeric_copy", "numeric_reread", "copy_reread",
+         "bound_arithmetic", "bound_copy")
 PROTOCOLS = ("direct", "scratchpad")
 ANCHOR_MIXES = ("narrow", "broad")
 SEP = ";"  # ends the scratchpad, before the result
@@ -97,8 +96,6 @@ class KVConfig:
     protocol: str = "direct"    # or "scratchpad": `=` answers "<expression with numbers>;<result>"
     reread_letters: float = 0.0  # share of numeric_reread prompts written in letters that are no key
     augment_markers: str = ">"  # m_A's substitution prompts end in one of these at random (">=": either)
-    augment_eos: bool = True    # m_A's loss covers the EOS after its values (False: m_A never learns the end)
-    close_copy: bool = False    # scratchpad: `>` answers end with the separator too ("10+22-24;")
     fixed_width: bool = False   # numbers in expressions written with leading zeros to one width ("010+022")
     reread_copy: float = 0.0    # share of m_B's copy items that are copy_reread (scratchpad only)
     anchor_mix: str = "narrow"  # m_B's tasks: "narrow" (numbers only) or "broad" (+ bound names; train_base.py)
@@ -155,6 +152,8 @@ class KVWorld:
     def __init__(self, cfg: KVConfig = KVConfig()):
         if cfg.protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {cfg.protocol!r}; known: {PROTOCOLS}")
+        if cfg.reread_copy and cfg.protocol != "scratchpad":
+            raise ValueError("reread_copy (copy_reread items) exists only in the scratchpad protocol; set it to 0")
         if cfg.anchor_mix not in ANCHOR_MIXES:
             raise ValueError(f"unknown anchor_mix {cfg.anchor_mix!r}; known: {ANCHOR_MIXES}")
         for name in ("reread_letters", "reread_copy", "val_key_frac"):
@@ -276,7 +275,6 @@ class KVWorld:
         copy = nums_text
         if self.cfg.protocol == "scratchpad":
             result = nums_text + SEP + result
-            copy += SEP if self.cfg.close_copy else ""
         elif task in ("numeric_reread", "copy_reread"):
             raise ValueError(f"{task} exists only in the scratchpad protocol")
         if task in ("numeric_reread", "copy_reread"):
@@ -288,7 +286,6 @@ class KVWorld:
             "kv_substitution": (keys_text + ">", copy),
             "numeric_arithmetic": (nums_text + "=", result),
             "kv_arithmetic": (keys_text + "=", result),
-            "kv_scratchpad": (keys_text + "=", result),  # the loss stops at the separator (KVDataset)
             "numeric_copy": (nums_text + ">", copy),
         }[task]
 
@@ -381,20 +378,9 @@ class KVDataset(Dataset):
             return self.world.tensors(prompt, answer, loss_from=answer.index(SEP) if task == "numeric_reread"
                                       else len(answer))
         prompt, answer = self.world.example(expr, task)
-        if task == "kv_scratchpad":  # the scratchpad and its `;` only: no result on keys is ever shown
-            if SEP not in answer:
-                raise ValueError("kv_scratchpad exists only in the scratchpad protocol")
-            item = self.world.tensors(prompt, answer)
-            item["label_mask"][len(prompt) + answer.index(SEP) + 1:] = False
-            return item
-        if task != "kv_substitution" or self.split != "train":
-            return self.world.tensors(prompt, answer)
-        if cfg.augment_markers != ">":  # m_A's own data
+        if task == "kv_substitution" and self.split == "train" and cfg.augment_markers != ">":  # m_A's own data
             prompt = prompt[:-1] + random.Random(f"kv-marker/{cfg.seed}/{i}").choice(cfg.augment_markers)
-        item = self.world.tensors(prompt, answer)
-        if not cfg.augment_eos:
-            item["label_mask"][len(prompt) + len(answer)] = False
-        return item
+        return self.world.tensors(prompt, answer)
 
 
 def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -96,7 +96,7 @@ def compose_key_accuracy(model, world: KVWorld, device, n: int = 500) -> float:
 
 def final_result(answer: str) -> str:
     """What follows the answer's last `;` (all of it if it has none; a `;` that ends it is dropped first)."""
-    return answer.removesuffix(SEP).rsplit(SEP, 1)[-1]  # a closed copy ("10+22;") is all result
+    return answer.removesuffix(SEP).rsplit(SEP, 1)[-1]  # a trailing separator ends nothing: dropped
 
 
 def hit(reference: str, answer: str, part: str = "final") -> bool:
