@@ -139,8 +139,13 @@ def report(result: dict) -> str:
 
 
 def _load_models(spec_path: str, factory: str | None, trust_code: bool = False) -> dict:
-    from ._internals import ModelError, load_models
+    from ._internals import ModelError, load_models, load_spec
     if not factory:  # specs whose models name their `source:`; `python:` ones run only with --trust-code
+        from ..errors import SpecError
+        from ..sources import untrusted_sources
+        problems = [] if trust_code else untrusted_sources(load_spec(spec_path), flag="--trust-code")
+        if problems:
+            raise SpecError(problems, header="the spec runs code from its sources")
         return load_models(spec_path, trust_code=trust_code)
     import importlib
     module, _, attr = factory.partition(":")
