@@ -57,3 +57,10 @@ class CheckpointError(CalmGraphError, ValueError):
 
 class WriteError(CalmGraphError, ValueError):
     """A file calmgraph was asked to write is in the way (exists, is a symlink) or named twice in one call."""
+
+
+class ConfigError(SpecError):
+    """A TrainConfig is invalid. `problems` lists every problem found, each with its field."""
+
+    def __init__(self, problems: list[Problem]):
+        super().__init__(problems, header="invalid TrainConfig")

@@ -512,3 +512,9 @@ def test_a_folder_that_cannot_be_made_is_a_write_error_not_a_crash(tmp_path, cap
     err = capsys.readouterr().err
     assert "calmgraph: error: could not write" in err and "Not a directory" in err
     assert (tmp_path / "file.txt").read_text() == "in the way"
+
+
+@pytest.mark.parametrize("models", [[MODELS["base"], MODELS["aug"]], MODELS["base"], {1: MODELS["base"]}])
+def test_models_given_as_anything_but_a_dict_of_names_is_a_model_error(models):
+    with pytest.raises(cg.ModelError, match=r"models= is a \w+; pass a dict of the spec's model names"):
+        cg.compile(PLAIN, models=models)
