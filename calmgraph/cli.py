@@ -141,7 +141,10 @@ def _compile_cmd(args) -> int:
 
 def _demo(args) -> int:
     from .demo.run import run_demo
+    from .export import bundle_files
+    from .files import check_targets
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="calmgraph-demo-"))
+    check_targets(bundle_files(out), overwrite=args.overwrite, flag=OVERWRITE_FLAG)  # before the demo runs
     same = run_demo(seed=args.seed, print_code=args.code, out=out, progress=progress, overwrite=args.overwrite)
     return EXIT_OK if same else EXIT_INPUT
 

@@ -33,6 +33,8 @@ def _bounded(le: int, ge: int | None = None):
 
 Heads, DimHead, Window, EveryK = _bounded(MAX_HEADS), _bounded(MAX_DIM_HEAD), _bounded(MAX_WINDOW), _bounded(MAX_EVERY)
 Seed = _bounded(2**63 - 1, ge=0)
+Name = Annotated[str, Field(max_length=100)]    # names and class names: errors echo them
+Text = Annotated[str, Field(max_length=1000)]   # paths, module paths, qualified block names
 
 
 
@@ -117,15 +119,15 @@ Layers = Annotated[
 class HfSource(_Spec):
     """A transformers model saved with `save_pretrained`, loaded offline (no hub access)."""
 
-    hf: str                                    # directory; relative paths start at the spec file's folder
-    auto_class: str | None = None              # default: AutoModelForCausalLM, AutoModel for prompt augments
+    hf: Text                                   # directory; relative paths start at the spec file's folder
+    auto_class: Name | None = None             # default: AutoModelForCausalLM, AutoModel for prompt augments
 
 
 class HfConfigSource(_Spec):
     """A transformers model with random weights, built from a config (tests, examples, dry runs)."""
 
     hf_config: dict[str, Any]                  # AutoConfig.for_model(**hf_config); needs `model_type`
-    auto_class: str | None = None
+    auto_class: Name | None = None
     seed: Seed | None = None                   # seed of the random weights (global RNG left as it was)
 
     @model_validator(mode="after")
@@ -138,7 +140,7 @@ class HfConfigSource(_Spec):
 class PythonSource(_Spec):
     """Any factory returning an nn.Module: `package.module:factory` or `path/to/file.py:factory`."""
 
-    python: str
+    python: Text
     kwargs: dict[str, Any] = {}
     seed: Seed | None = None
 
@@ -171,7 +173,7 @@ Source = Annotated[
 class ModelSpec(_Spec):
     name: str = Field(pattern=NAME_PATTERN, max_length=NAME_MAX)
     source: Source | None = None               # where the model comes from; models passed to compile win
-    blocks: str | None = None                  # qualified name of the ModuleList of blocks; auto if omitted
+    blocks: Text | None = None                 # qualified name of the ModuleList of blocks; auto if omitted
     tap: Literal["output", "input"] = "output"  # read/modify each block's output or its input
 
 
@@ -185,8 +187,8 @@ class AugmentSpec(ModelSpec):
 
 
 class EdgeSpec(_Spec):
-    source: str
-    target: str
+    source: Name
+    target: Name
     layers: Layers
     cross_attention: CrossAttentionOverride | None = None
 

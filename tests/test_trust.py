@@ -518,3 +518,20 @@ def test_a_folder_that_cannot_be_made_is_a_write_error_not_a_crash(tmp_path, cap
 def test_models_given_as_anything_but_a_dict_of_names_is_a_model_error(models):
     with pytest.raises(cg.ModelError, match=r"models= is a \w+; pass a dict of the spec's model names"):
         cg.compile(PLAIN, models=models)
+
+
+def test_long_strings_are_refused_and_never_echoed_whole():
+    data = {**PLAIN, "anchor": {"name": "base", "source": {"python": "m" * 100_000 + ":f"}},
+            "edges": [{"source": "aug" * 50_000, "target": "base", "layers": [[0, "layers." + "9" * 100_000]]}]}
+    problems = located(data)
+    assert set(problems) == {"anchor.source.python", "edges[0].source", "edges[0].layers[0][1]"}
+    assert all(len(msg) < 300 for msg in problems.values())
+
+
+def test_the_demo_into_a_used_folder_is_refused_before_it_runs(tmp_path, capsys):
+    from calmgraph.cli import main
+    (tmp_path / "spec.json").write_text("mine")
+    assert main(["demo", "--out", str(tmp_path)]) == 1
+    out = capsys.readouterr()
+    assert "spec.json' already exists; pass --overwrite" in out.err and "identity at init" not in out.out
+    assert [p.name for p in tmp_path.iterdir()] == ["spec.json"] and (tmp_path / "spec.json").read_text() == "mine"
