@@ -5,6 +5,9 @@
     calmgraph compile SPEC.yaml --out DIR         composed.pt2, composed.py, spec.json, picture, summary
     calmgraph demo [--out DIR]
 
+A spec's `python:` sources run only with --trust-code (calmgraph's own factories need none); an existing
+file is replaced only with --overwrite.
+
 Exit codes: 0 success, 1 a problem with the input (spec, models, checkpoint), 2 bad command-line usage,
 3 an internal error (a calmgraph bug: please report it with --verbose output). Progress goes to stderr.
 """
