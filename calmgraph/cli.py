@@ -6,6 +6,9 @@
     calmgraph demo [--out DIR]
     calmgraph bench SPEC.yaml [--device cuda] [--quick] [--json FILE]
 
+A spec's `python:` sources run only with --trust-code (calmgraph's own factories need none); an existing
+file is replaced only with --overwrite.
+
 Exit codes: 0 success, 1 a problem with the input (spec, models, checkpoint), 2 bad command-line usage,
 3 an internal error (a calmgraph bug: please report it with --verbose output). Progress goes to stderr.
 """
@@ -142,7 +145,10 @@ def _compile_cmd(args) -> int:
 
 def _demo(args) -> int:
     from .demo.run import run_demo
+    from .export import bundle_files
+    from .files import check_targets
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="calmgraph-demo-"))
+    check_targets(bundle_files(out), overwrite=args.overwrite, flag=OVERWRITE_FLAG)  # before the demo runs
     same = run_demo(seed=args.seed, print_code=args.code, out=out, progress=progress, overwrite=args.overwrite)
     return EXIT_OK if same else EXIT_INPUT
 

@@ -65,3 +65,10 @@ class WriteError(CalmGraphError, ValueError):
 
 class ParallelError(CalmGraphError, ValueError):
     """A composition cannot be sharded or checkpointed as asked (no process group, not block-granular)."""
+
+
+class ConfigError(SpecError):
+    """A TrainConfig is invalid. `problems` lists every problem found, each with its field."""
+
+    def __init__(self, problems: list[Problem]):
+        super().__init__(problems, header="invalid TrainConfig")

@@ -56,17 +56,28 @@ def write_with(path: str | Path, write: Callable[[Path], object], *, overwrite: 
                flag: str = "overwrite=True") -> Path:
     """`write(tmp)` writes the file at a temporary path (same folder, same suffix); it then takes `path`'s place."""
     (path,) = check_targets([path], overwrite=overwrite, flag=flag)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{TMP_PREFIX}{secrets.token_hex(4)}-{path.name}")
-    try:
-        write(tmp)
-        fsync(tmp)
-        place(tmp, path, overwrite=overwrite, flag=flag)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    fsync(path.parent)
+    with _os_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            write(tmp)
+            fsync(tmp)
+            place(tmp, path, overwrite=overwrite, flag=flag)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        fsync(path.parent)
     return path
+
+
+@contextlib.contextmanager
+def _os_errors(path: Path):
+    """The operating system's refusal (no permission, disk full, not a folder) as one calmgraph error line."""
+    try:
+        yield
+    except OSError as e:
+        raise WriteError(f"could not write {str(path)!r}: {e.strerror or e}"
+                         + (f" ({e.filename})" if e.filename and str(e.filename) != str(path) else "")) from e
 
 
 def place(tmp: Path, path: Path, *, overwrite: bool, flag: str = "overwrite=True") -> None:
@@ -89,10 +100,11 @@ def write_folder(files: dict[str, Callable[[Path], object]], folder: str | Path,
     For writers that name companion files after the file they write (ONNX external data)."""
     folder = Path(folder)
     targets = check_targets([folder / name for name in files], overwrite=overwrite, flag=flag)
-    folder.mkdir(parents=True, exist_ok=True)
-    staging = folder / f"{TMP_PREFIX}{secrets.token_hex(4)}"
-    staging.mkdir()
-    try:
+    with _os_errors(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = folder / f"{TMP_PREFIX}{secrets.token_hex(4)}"
+        staging.mkdir()
+    with _os_errors(folder), _cleaned(staging):
         for name, write in files.items():
             write(staging / name)
         produced = sorted(p for p in staging.iterdir() if p.is_file())
@@ -101,10 +113,16 @@ def write_folder(files: dict[str, Callable[[Path], object]], folder: str | Path,
             fsync(p)
         for p in produced:
             place(p, folder / p.name, overwrite=overwrite, flag=flag)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     fsync(folder)
     return [*targets, *extra]
+
+
+@contextlib.contextmanager
+def _cleaned(staging: Path):
+    try:
+        yield
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def fsync(path: Path) -> None:

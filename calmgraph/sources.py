@@ -20,6 +20,7 @@ import hashlib
 import importlib
 import importlib.util
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -41,7 +42,7 @@ def load_models(spec: CompositionSpec | str | Path | dict, models: dict[str, nn.
     if base_dir is None and isinstance(spec, (str, Path)):
         base_dir = Path(spec).parent
     spec = load_spec(spec)
-    given = dict(models or {})
+    given = _given(models)
     missing = [m.name for m in spec.models if m.name not in given and m.source is None]
     if missing:
         raise ModelError(f"no model given for {missing}: give each a `source:` in the spec or pass "
@@ -53,6 +54,17 @@ def load_models(spec: CompositionSpec | str | Path | dict, models: dict[str, nn.
     out = {m.name: given[m.name] if m.name in given else load_model(m, base_dir, trust_code=trust_code)
            for m in spec.models}
     return {**out, **{k: v for k, v in given.items() if k not in out}}
+
+
+def _given(models) -> dict[str, nn.Module]:
+    """`models=` as a dict of name -> model; anything else (a list, a single model) said plainly."""
+    if models is None:
+        return {}
+    if not isinstance(models, Mapping) or not all(isinstance(k, str) for k in models):
+        kind = type(models).__name__
+        raise ModelError(f"models= is a {kind}; pass a dict of the spec's model names to their nn.Modules, "
+                         "e.g. models={'base': anchor, 'kv': augment}")
+    return dict(models)
 
 
 def untrusted_sources(spec: CompositionSpec, skip=(), flag: str = TRUST_FLAG) -> list[Problem]:

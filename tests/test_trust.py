@@ -2,6 +2,7 @@
 specs (bombs, odd keys, odd numbers, reserved names) are refused with a clear, located error."""
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -237,7 +238,7 @@ def test_a_failed_write_leaves_the_old_file_whole_and_no_temporary(composed, tmp
         Path(filename).write_bytes(b"half a file")
         raise OSError("disk full")
     monkeypatch.setattr(checkpoint, "save_file", half_then_crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(cg.WriteError, match=r"could not write '.*c\.safetensors': disk full"):
         composed.save_new(file, overwrite=True)
     assert contents(tmp_path) == before
 
@@ -332,3 +333,205 @@ def test_a_checkpoint_with_deep_spec_metadata_is_refused_and_changes_nothing(com
     with pytest.raises(cg.CheckpointError, match="its spec metadata is not valid JSON"):
         cg.load_new(composed, tmp_path / "deep.safetensors")
     assert all(torch.equal(p, before[n]) for n, p in composed.named_new_parameters())
+
+
+# -- 4. odd keys, numbers and names: located spec errors, never a crash --------------------------------------
+def located(data):
+    with pytest.raises(cg.SpecError) as e:
+        cg.load_spec(data)
+    assert len(str(e.value)) < 2000
+    return {p.loc: p.msg for p in e.value.problems}
+
+
+def test_a_key_that_is_not_a_string_is_located():
+    assert "key 1 is a int; every key of a spec is a string" in located({1: 2, **PLAIN})[""]
+    data = {**PLAIN, "anchor": {"name": "base", "source": {"hf_config": {"model_type": "llama", None: 3}}}}
+    assert "key None is a NoneType" in located(data)["anchor.source.hf_config"]
+    assert "key 1 is a int" in located_yaml("1: 2\n" + VALID)[""]
+
+
+def located_yaml(text):
+    with pytest.raises(cg.SpecError) as e:
+        cg.CompositionSpec.from_yaml(text)
+    return {p.loc: p.msg for p in e.value.problems}
+
+
+def test_huge_integers_are_refused_in_yaml_json_and_python():
+    digits = "9" * 5000
+    for text in (VALID.replace("[[-1, 0]]", f"{{every: {digits}}}"), VALID.replace("[[-1, 0]]", f"[[{'9' * 4000}, 0]]")):
+        assert len(located_yaml(text)) == 1
+    with pytest.raises(cg.SpecError, match="not a valid spec"):
+        cg.CompositionSpec.from_json('{"anchor": {"name": "base", "seed": ' + digits + '}}')
+    problems = located({**PLAIN, "edges": [{"source": "aug", "target": "base", "layers": [[10**5000, 0]]}]})
+    assert "a number of about 5,001 digits" in problems["edges[0].layers[0][0]"]
+
+
+@pytest.mark.parametrize("edge, loc, message", [
+    ({"layers": {"every": True}}, "edges[0].layers.every", "valid integer"),
+    ({"layers": {"every": 2.0}}, "edges[0].layers.every", "valid integer"),
+    ({"layers": [[-1, 0]], "cross_attention": {"heads": 1e20}}, "edges[0].cross_attention.heads", "valid integer"),
+    ({"layers": [[-1, 0]], "cross_attention": {"dim_head": 1e9}}, "edges[0].cross_attention.dim_head", "valid integer"),
+    ({"layers": [[-1, 0]], "cross_attention": {"dim_head": 10**9}}, "edges[0].cross_attention.dim_head", "less than or equal to 1024"),
+    ({"layers": [[-1, 0]], "cross_attention": {"heads": 512, "dim_head": 512}}, "edges[0].cross_attention", "heads * dim_head is 262,144"),
+    ({"layers": [[-1, 0]], "cross_attention": {"window": True}}, "edges[0].cross_attention.window", "valid integer"),
+    ({"layers": [[True, 0]]}, "edges[0].layers[0][0]", "a layer is a block index"),
+    ({"layers": [[-1, "x" * 600]]}, "edges[0].layers[0][1]", "1 to 500 characters"),
+])
+def test_numbers_are_strict_ints_within_sane_bounds(edge, loc, message):
+    problems = located({**PLAIN, "edges": [{"source": "aug", "target": "base", **edge}]})
+    assert message in problems[loc], problems
+
+
+def test_the_spec_wide_default_and_an_edges_override_are_bounded_together():
+    data = {**PLAIN, "cross_attention": {"dim_head": 1024},
+            "edges": [{"source": "aug", "target": "base", "layers": [[-1, 0]], "cross_attention": {"heads": 128}}]}
+    assert "heads * dim_head is 131,072" in located(data)["edges[0].cross_attention"]
+
+
+def named(anchor="base", augment="aug", prompt=False):
+    return {"anchor": {"name": anchor}, "augments": [{"name": augment, **({"input": "prompt"} if prompt else {})}],
+            "edges": [{"source": augment, "target": anchor, "layers": [[-1, 0]]}]}
+
+
+def test_every_reserved_name_is_refused_at_validation():
+    import keyword
+    from calmgraph.graph import reserved_names
+    names = reserved_names()
+    assert {"class", "def", "None", "lambda", "forward", "training", "to", "graph", "spec", "links", "meta", "xattn",
+            "loss", "generate", "export", "summary", "code", "state_dict", "type"} <= names
+    for name in sorted(names):
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
+            continue
+        expected = "Python keyword" if keyword.iskeyword(name) else "attribute or method of the composed model"
+        assert expected in located(named(augment=name))["augments[0].name"]
+        assert expected in located(named(anchor=name))["anchor.name"]
+
+
+def check_names_compile(anchor, augment):
+    torch.manual_seed(0)
+    base, aug = TinyLM(vocab=32, dim=16, depth=2, heads=2), TinyLM(vocab=32, dim=8, depth=1, heads=2)
+    composed = cg.compile(named(anchor, augment, prompt=True), models={anchor: base, augment: aug})
+    with torch.no_grad():
+        for p in composed.new_parameters():
+            p.normal_(0, 0.3)
+    ids, prompt = torch.randint(0, 32, (2, 5)), torch.randint(0, 32, (2, 3))
+    with torch.no_grad():
+        fused = composed(ids, **{f"{augment}_input_ids": prompt})
+        assert torch.equal(fused, composed(ids, prompt))
+        assert not torch.allclose(fused, base(ids))  # the augment is read, through its own name
+    return composed
+
+
+ALLOWED = ["torch", "self", "getattr", "operator", "input_ids", "input", "mask", "match", "case", "print", "x",
+           "Module", "Tensor", "root", "kwargs", "docs_input_ids", "model", "typing", "math", "inf"]
+
+
+@pytest.mark.parametrize("anchor, augment", list(zip(ALLOWED[::2], ALLOWED[1::2])))
+def test_a_sample_of_allowed_names_compiles_and_runs(anchor, augment):
+    check_names_compile(anchor, augment)
+
+
+def test_every_public_name_of_a_compiled_composition_is_reserved():
+    from calmgraph.graph import reserved_names
+    composed = check_names_compile("anchor", "docs")
+    public = {n for n in dir(composed) if not n.startswith("_")} - {"anchor", "docs"}
+    assert public <= reserved_names(), sorted(public - reserved_names())
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+IDENTIFIERS = st.from_regex(r"[A-Za-z][A-Za-z0-9_]{0,11}", fullmatch=True)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(anchor=IDENTIFIERS, augment=IDENTIFIERS)
+def test_any_name_the_rule_allows_compiles(anchor, augment):
+    from calmgraph.graph import name_problem
+    if anchor == augment or name_problem(anchor) or name_problem(augment):
+        return
+    check_names_compile(anchor, augment)
+
+
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
+                    st.text(max_size=12), st.sampled_from(["base", "aug", "prompt", "shared", "every", "class", "forward"]))
+KEYS = st.one_of(st.sampled_from(["anchor", "augments", "edges", "name", "source", "target", "layers", "every",
+                                  "cross_attention", "heads", "dim_head", "hf_config", "python", "input"]),
+                 st.text(max_size=6), st.integers(), st.none(), st.booleans())
+DATA = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                      st.dictionaries(KEYS, inner, max_size=4)), max_leaves=30)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=DATA)
+def test_any_data_is_a_spec_or_a_spec_error(data):
+    try:
+        cg.load_spec(data) if isinstance(data, dict) else cg.CompositionSpec.from_dict(data)
+    except cg.SpecError as e:
+        assert all(isinstance(p.loc, str) for p in e.problems) and len(str(e)) < 20_000
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=DATA)
+def test_the_cli_never_exits_3_on_a_spec_file(data, tmp_path_factory, capsys):
+    import yaml
+    from calmgraph.cli import main
+    path = tmp_path_factory.mktemp("fuzz") / "spec.yaml"
+    try:
+        path.write_text(yaml.safe_dump(data))
+    except yaml.YAMLError:
+        return
+    assert main(["validate", str(path)]) in (0, 1)
+    assert "internal error" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, args", [
+    ("anchor: {name: class}\naugments: [{name: forward}]\nedges: [{source: forward, target: class, layers: [[0, 0]]}]", []),
+    ("1: 2\n" + VALID, []),
+    (BOMB + VALID, []),
+    (VALID.replace("[[-1, 0]]", "{every: true}"), []),
+    ("\udcff", []),
+    ("anchor: " + "[" * 2000, []),
+])
+def test_the_cli_exits_1_with_one_located_error_on_hostile_specs(tmp_path, capsys, text, args):
+    from calmgraph.cli import main
+    path = tmp_path / "spec.yaml"
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))
+    assert main(["validate", str(path), *args]) == 1
+    out = capsys.readouterr()
+    assert "internal error" not in out.err and "Traceback" not in out.out + out.err and len(out.out) < 2000
+
+
+def test_a_folder_that_cannot_be_made_is_a_write_error_not_a_crash(tmp_path, capsys):
+    from calmgraph.cli import main
+    (tmp_path / "file.txt").write_text("in the way")
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(VALID.replace("{name: base}", "{name: base, source: %s}" % json.dumps(TINY))
+                         .replace("{name: aug}", "{name: aug, source: %s}" % json.dumps(TINY)))
+    assert main(["compile", str(spec_path), "--out", str(tmp_path / "file.txt" / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "calmgraph: error: could not write" in err and "Not a directory" in err
+    assert (tmp_path / "file.txt").read_text() == "in the way"
+
+
+@pytest.mark.parametrize("models", [[MODELS["base"], MODELS["aug"]], MODELS["base"], {1: MODELS["base"]}])
+def test_models_given_as_anything_but_a_dict_of_names_is_a_model_error(models):
+    with pytest.raises(cg.ModelError, match=r"models= is a \w+; pass a dict of the spec's model names"):
+        cg.compile(PLAIN, models=models)
+
+
+def test_long_strings_are_refused_and_never_echoed_whole():
+    data = {**PLAIN, "anchor": {"name": "base", "source": {"python": "m" * 100_000 + ":f"}},
+            "edges": [{"source": "aug" * 50_000, "target": "base", "layers": [[0, "layers." + "9" * 100_000]]}]}
+    problems = located(data)
+    assert set(problems) == {"anchor.source.python", "edges[0].source", "edges[0].layers[0][1]"}
+    assert all(len(msg) < 300 for msg in problems.values())
+
+
+def test_the_demo_into_a_used_folder_is_refused_before_it_runs(tmp_path, capsys):
+    from calmgraph.cli import main
+    (tmp_path / "spec.json").write_text("mine")
+    assert main(["demo", "--out", str(tmp_path)]) == 1
+    out = capsys.readouterr()
+    assert "spec.json' already exists; pass --overwrite" in out.err and "identity at init" not in out.out
+    assert [p.name for p in tmp_path.iterdir()] == ["spec.json"] and (tmp_path / "spec.json").read_text() == "mine"
