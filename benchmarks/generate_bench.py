@@ -9,7 +9,7 @@ either x-transformers models (CALM-pytorch's own kind) or transformers Llamas (g
 their block lists, and wrapped to return logits). CALM.generate feeds the prompt to the augment and the
 anchor, samples with a top-p 0.9 filter at temperature 1, and re-runs the whole anchor for every token;
 calmgraph generates with the same settings (and greedily, for reference). calmgraph caches a Llama
-anchor's keys and values (`passes/decode.py`); an x-transformers anchor it recomputes, like CALM-pytorch.
+anchor's keys and values (`calmgraph/generation/decode.py`); an x-transformers anchor it recomputes, like CALM-pytorch.
 Each run is timed after a warm-up (the first call also builds calmgraph's decode graph, a one-off cost
 reported as `first_call_s`), the implementations alternating; the median and the best run are reported
 (like nanoGPT's bench.py: warm up, then time).
@@ -131,7 +131,7 @@ def bench(cfg, repeats, device="cpu", compile_step=False):
             sync()
             times[name].append(time.perf_counter() - started)
     tokens = cfg["batch"] * cfg["new"]
-    from calmgraph.generate import can_cache
+    from calmgraph.generation.generate import can_cache
     result = {"config": {**cfg, "layer_pairs_1_based": pairs}, "new_tokens_per_run": tokens,
               "calmgraph_kv_cache": can_cache(composed), "first_call_s": round(build_s, 2), "warm_up_s": first}
     for name, ts in times.items():

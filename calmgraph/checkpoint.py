@@ -1,7 +1,11 @@
 """Checkpoints of the new parameters only: the cross-attention blocks, as safetensors, plus the spec.
 
-    composed.save_new("ckpt/")        # ckpt/new_params.safetensors + ckpt/spec.json
-    cg.load_new(composed, "ckpt/")    # bit for bit; refuses a checkpoint of another composition
+    composed.save_new("ckpt/")                  # ckpt/new_params.safetensors + ckpt/spec.json
+    composed.save_new("ckpt/step_100.safetensors")   # + ckpt/step_100.spec.json: files never shared
+    cg.load_new(composed, "ckpt/")              # bit for bit; refuses a checkpoint of another composition
+
+An existing file is replaced only with `overwrite=True`, and each file is written whole or not at all.
+FineTuner's step folders hold the same two files (plus the optimizer's), so `load_new` reads them too.
 
 The frozen models are not saved: they are the user's (or their `source:`). The spec travels inside the
 safetensors metadata too, so the file alone says what it belongs to. Nothing is ever unpickled.
@@ -18,6 +22,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError, SpecError
+from .files import check_targets, write_text, write_with
+from .limits import load_json
 from .spec import CompositionSpec
 
 
@@ -30,17 +36,31 @@ def _file(path: str | Path) -> Path:
     return path if path.suffix == ".safetensors" else path / FILE
 
 
-def save_new(composed: "ComposedModel", path: str | Path) -> Path:
-    """Write the new parameters to `path` (a folder, or a `.safetensors` file) and spec.json beside them."""
-    file = _file(path)
-    file.parent.mkdir(parents=True, exist_ok=True)
+def spec_file(file: Path) -> Path:
+    """The spec's file beside a checkpoint: `spec.json` in a checkpoint's own folder, else `<stem>.spec.json`."""
+    return file.with_name("spec.json") if file.name == FILE else file.with_name(f"{file.stem}.spec.json")
+
+
+def save_new(composed, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write the new parameters to `path` (a folder, or a `.safetensors` file) and the spec beside them."""
     tensors = {name: p.detach().cpu().contiguous() for name, p in composed.named_new_parameters()}
-    save_file(tensors, str(file), metadata={SPEC_KEY: composed.spec.to_json(indent=None)})
-    (file.parent / "spec.json").write_text(composed.spec.to_json() + "\n")
+    return write_new(tensors, _file(path), composed.spec, overwrite=overwrite)
+
+
+def write_new(tensors: dict[str, torch.Tensor], file: Path, spec: CompositionSpec | None, *,
+              overwrite: bool = False) -> Path:
+    """The one writer of new parameters (`save_new`, FineTuner): safetensors with the spec in its metadata,
+    and the spec as JSON beside it. Both files are checked before either is written."""
+    files = [file] + ([spec_file(file)] if spec is not None else [])
+    check_targets(files, overwrite=overwrite)
+    metadata = {SPEC_KEY: spec.to_json(indent=None)} if spec is not None else None
+    write_with(file, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), overwrite=overwrite)
+    if spec is not None:
+        write_text(files[1], spec.to_json() + "\n", overwrite=overwrite)
     return file
 
 
-def load_new(composed: "ComposedModel", path: str | Path) -> "ComposedModel":
+def load_new(composed, path: str | Path):
     """Copy a checkpoint of new parameters into `composed` (in place; returned for chaining)."""
     file = _file(path)
     if not file.is_file():
@@ -76,13 +96,13 @@ def load_new(composed: "ComposedModel", path: str | Path) -> "ComposedModel":
     return composed
 
 
-def _spec_problems(saved: str | None, composed: "ComposedModel") -> list[str]:
+def _spec_problems(saved: str | None, composed) -> list[str]:
     if saved is None:  # e.g. written by another tool: names and shapes are still checked
         return []
     try:
-        theirs = json.loads(saved)
-    except json.JSONDecodeError:
-        return ["its spec metadata is not valid JSON"]
+        theirs = load_json(saved)  # bounded: a crafted file's metadata may be deep or huge
+    except SpecError:
+        return ["its spec metadata is not valid JSON (or beyond what a spec may be)"]
     try:
         theirs = CompositionSpec.from_dict(theirs).model_dump(mode="json")  # with defaults, like ours
     except SpecError:

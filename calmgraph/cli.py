@@ -6,6 +6,9 @@
     calmgraph demo [--out DIR]
     calmgraph bench SPEC.yaml [--device cuda] [--quick] [--json FILE]
 
+A spec's `python:` sources run only with --trust-code (calmgraph's own factories need none); an existing
+file is replaced only with --overwrite.
+
 Exit codes: 0 success, 1 a problem with the input (spec, models, checkpoint), 2 bad command-line usage,
 3 an internal error (a calmgraph bug: please report it with --verbose output). Progress goes to stderr.
 """
@@ -23,6 +26,7 @@ from pathlib import Path
 from .errors import CalmGraphError, InternalError, Problem, SpecError
 
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+TRUST_FLAG, OVERWRITE_FLAG = "--trust-code", "--overwrite"
 
 
 _open_line = [False]  # a progress line on stderr still waits for its " done"
@@ -88,21 +92,23 @@ def _shown_logs_and_warnings(verbose: bool):
             logger.setLevel(level)
 
 
-def _models(spec, spec_path: Path, *, meta: bool):
+def _models(spec, spec_path: Path, *, meta: bool, trust_code: bool):
     """The spec's models from their sources; on the meta device (no weights) when only structure is needed."""
     import torch
 
-    from .sources import load_models
+    from .sources import load_models, untrusted_sources
+    if not trust_code and untrusted_sources(spec):  # refused before anything is imported
+        raise SpecError(untrusted_sources(spec, flag=TRUST_FLAG), header="the spec runs code from its sources")
     with progress(f"building {len(spec.models)} models from their sources" + (" (meta device, no weights)" if meta else "")):
         with torch.device("meta") if meta else contextlib.nullcontext():
-            return load_models(spec, base_dir=spec_path.parent)
+            return load_models(spec, base_dir=spec_path.parent, trust_code=trust_code)
 
 
-def _compile(spec_path: Path, *, meta: bool, prune: bool = True):
+def _compile(spec_path: Path, *, meta: bool, trust_code: bool, prune: bool = True):
     from .compiler import compile
     from .spec import load_spec
     spec = load_spec(spec_path)
-    models = _models(spec, spec_path, meta=meta)
+    models = _models(spec, spec_path, meta=meta, trust_code=trust_code)
     with progress("compiling"):
         return compile(spec, models=models, prune=prune)
 
@@ -110,7 +116,8 @@ def _compile(spec_path: Path, *, meta: bool, prune: bool = True):
 # -- commands ------------------------------------------------------------------------------------------
 def _validate(args) -> int:
     from .validate import check
-    problems, spec, n_pairs = check(args.spec, models=not args.no_models, progress=progress)
+    problems, spec, n_pairs = check(args.spec, models=not args.no_models, progress=progress,
+                                    trust_code=args.trust_code, flag=TRUST_FLAG)
     if problems:
         return _print_problems(args.spec, problems)
     if n_pairs is None:
@@ -131,28 +138,34 @@ def _print_problems(spec_path, problems: list[Problem]) -> int:
 
 
 def _inspect(args) -> int:
+    from .files import check_targets
     from .inspect import draw, mermaid, report
-    composed = _compile(Path(args.spec), meta=True)
+    if args.draw:  # refused before the models are built
+        check_targets([args.draw], overwrite=args.overwrite, flag=OVERWRITE_FLAG)
+    composed = _compile(Path(args.spec), meta=True, trust_code=args.trust_code)
     print(report(composed))
     if args.mermaid:
         print()
         print(mermaid(composed))
     if args.draw:
+        from .files import write_with
         with progress(f"drawing {args.draw}"):
-            draw(composed, args.draw)
+            write_with(args.draw, lambda tmp: draw(composed, tmp), overwrite=args.overwrite, flag=OVERWRITE_FLAG)
     return EXIT_OK
 
 
 def _compile_cmd(args) -> int:
     from .checkpoint import load_new
-    from .export import require_onnx, write_bundle
+    from .export import bundle_files, require_onnx, write_bundle
+    from .files import check_targets
     if args.format == "onnx":
         require_onnx()  # before the long compile, not after it
-    composed = _compile(Path(args.spec), meta=False, prune=not args.no_prune)
+    check_targets(bundle_files(args.out, args.format), overwrite=args.overwrite, flag=OVERWRITE_FLAG)  # before compiling
+    composed = _compile(Path(args.spec), meta=False, trust_code=args.trust_code, prune=not args.no_prune)
     if args.new_params:
         with progress(f"loading new parameters from {args.new_params}"):
             load_new(composed, args.new_params)
-    written = write_bundle(composed, args.out, args.format, progress)
+    written = write_bundle(composed, args.out, args.format, progress, overwrite=args.overwrite, flag=OVERWRITE_FLAG)
     print(composed.summary())
     print(f"\nwrote {', '.join(str(p) for p in written)}")
     return EXIT_OK
@@ -160,8 +173,12 @@ def _compile_cmd(args) -> int:
 
 def _demo(args) -> int:
     from .demo.run import run_demo
+    from .export import bundle_files
+    from .files import check_targets
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="calmgraph-demo-"))
-    return EXIT_OK if run_demo(seed=args.seed, print_code=args.code, out=out, progress=progress) else EXIT_INPUT
+    check_targets(bundle_files(out), overwrite=args.overwrite, flag=OVERWRITE_FLAG)  # before the demo runs
+    same = run_demo(seed=args.seed, print_code=args.code, out=out, progress=progress, overwrite=args.overwrite)
+    return EXIT_OK if same else EXIT_INPUT
 
 
 def _bench(args) -> int:
@@ -174,12 +191,19 @@ def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="on an error, show the full details and traceback")
+    trust = argparse.ArgumentParser(add_help=False)
+    trust.add_argument("--trust-code", action="store_true",
+                       help="let the spec's `python:` sources import and run their code (only for a spec you "
+                            "trust; calmgraph's own factories need no consent)")
+    replace = argparse.ArgumentParser(add_help=False)
+    replace.add_argument("--overwrite", action="store_true",
+                         help="replace files that already exist (by default an existing file is never replaced)")
     p = argparse.ArgumentParser(prog="calmgraph", parents=[common],
                                 description="Compose language models CALM-style into one torch.fx graph.",
                                 epilog="Exit codes: 0 ok, 1 problem with the input, 2 usage, 3 internal error.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    validate = sub.add_parser("validate", parents=[common], help="check a spec file and report every problem in it",
+    validate = sub.add_parser("validate", parents=[common, trust], help="check a spec file and report every problem in it",
                               description="Check a spec: its shape and composition graph, then (when every model has "
                                           "a source) its layer references against the models' structure. Every problem "
                                           "is listed with its location. Exit 1 if there is any.")
@@ -187,7 +211,7 @@ def parser() -> argparse.ArgumentParser:
     validate.add_argument("--no-models", action="store_true", help="check the file only, without building the models")
     validate.set_defaults(run=_validate)
 
-    inspect = sub.add_parser("inspect", parents=[common], help="list each model's blocks and the layer pairs of every edge",
+    inspect = sub.add_parser("inspect", parents=[common, trust, replace], help="list each model's blocks and the layer pairs of every edge",
                              description="Compile a spec on the meta device (no weights) and list each model's blocks "
                                          "(index, qualified name, hidden size) and the resolved layer pairs of every edge.")
     inspect.add_argument("spec", help="spec file (.yaml, .yml or .json)")
@@ -195,7 +219,7 @@ def parser() -> argparse.ArgumentParser:
     inspect.add_argument("--mermaid", action="store_true", help="also print a Mermaid block for Markdown")
     inspect.set_defaults(run=_inspect)
 
-    comp = sub.add_parser("compile", parents=[common], help="compile a spec and export the fused model",
+    comp = sub.add_parser("compile", parents=[common, trust, replace], help="compile a spec and export the fused model",
                           description="Build the models from their sources, compile, and write into DIR: composed.pt2 "
                                       "(or .onnx), composed.py (the fused graph's code), spec.json, composition.png/.svg "
                                       "and summary.txt.")
@@ -206,7 +230,7 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("--no-prune", action="store_true", help="keep augment blocks and heads no edge reads")
     comp.set_defaults(run=_compile_cmd)
 
-    demo = sub.add_parser("demo", parents=[common], help="compile the bundled demo composition and check it against its anchor",
+    demo = sub.add_parser("demo", parents=[common, replace], help="compile the bundled demo composition and check it against its anchor",
                           description="Compile the bundled demo (an anchor LM, a second LM over the same tokens, an "
                                       "encoder over a prompt), check it computes exactly the anchor at initialisation, "
                                       "and write the compile artifacts.")

@@ -13,6 +13,7 @@ from .errors import LayerRefError, Problem
 from .passes.base import CompileState, TapPoint
 from .passes.gather import Gather
 from .passes.merge import Merge
+from .passes.outline import Outline
 from .passes.prune import Prune
 from .passes.resolve import Resolve
 from .passes.splice import Splice
@@ -29,19 +30,21 @@ PIPELINE = (
     Merge(),     # one graph, namespaced per model; the input signature         passes/merge.py
     Splice(),    # a cross-attention node per link                              passes/splice.py
     Prune(),     # what no edge reads goes; the links that survive              passes/prune.py
+    Outline(),   # each block one submodule, called once (FSDP, checkpointing)  passes/outline.py
     Verify(),    # lint + a shape check on fake tensors at other sizes          passes/verify.py
 )
 
 
 def compile(spec: CompositionSpec | str | Path | dict, models: dict[str, nn.Module] | None = None, *,
-            prune: bool = True, leaf_modules: Iterable[type | str] = ()) -> ComposedModel:
+            prune: bool = True, trust_code: bool = False, leaf_modules: Iterable[type | str] = ()) -> ComposedModel:
     """Compile a composition. The models are not modified; see the README for what this means for
     `requires_grad`. Every problem with the spec or the models is raised before anything is built.
+    `trust_code=True` lets the spec's `python:` sources run (calmgraph's own factories need no consent).
     `leaf_modules`: module classes (or class or qualified names) the fx front end keeps whole."""
     started = time.perf_counter()
     base_dir = Path(spec).parent if isinstance(spec, (str, Path)) else None
     spec = load_spec(spec)
-    models = load_models(spec, models, base_dir=base_dir)            # given, or built from `source:`
+    models = load_models(spec, models, base_dir=base_dir, trust_code=trust_code)  # given, or from `source:`
     state = CompileState(spec, models, prune=prune, leaf_modules=tuple(leaf_modules))
     with unchanged(models):                                         # a forward that writes a weight: refused
         for p in PIPELINE:

@@ -24,7 +24,7 @@ class ComposedModel(fx.GraphModule):
     def __init__(self, root: nn.Module, graph: fx.Graph, *, spec: CompositionSpec, links: list[Link],
                  pruned: PruneReport, frontends: dict[str, str], signature: InputSignature,
                  taps: dict[str, list[TapPoint]], anchor_model: nn.Module | None = None,
-                 compile_seconds: float | None = None):
+                 compile_seconds: float | None = None, compile_log: list[dict] | None = None):
         super().__init__(root, graph, class_name="ComposedModel")
         self.spec = spec
         self.links = links                         # the cross-attention blocks that survived pruning
@@ -33,6 +33,7 @@ class ComposedModel(fx.GraphModule):
         self.signature = signature                 # the inputs, in order (signature.py)
         self.taps = taps                           # per model: its TapPoints (index, block name, hidden size)
         self.compile_seconds = compile_seconds
+        self.compile_log = list(compile_log or [])  # per pass: its name, whether it changed the graph, seconds
         # The anchor as a module (the frozen alias of the user's), which generation traces again with a KV
         # cache (`generation/decode.py`). Held in a tuple so nn.Module does not adopt it: no weight counted twice.
         self._anchor_model: tuple[nn.Module | None] = (anchor_model,)
@@ -43,7 +44,8 @@ class ComposedModel(fx.GraphModule):
         return cls(state.module, state.module.graph, spec=state.spec, links=state.links, pruned=state.pruned,
                    frontends={n: t.frontend for n, t in state.traced.items()}, signature=state.signature,
                    taps={n: t.tap_points() for n, t in state.traced.items()},
-                   anchor_model=state.traced[state.spec.anchor.name].module, compile_seconds=compile_seconds)
+                   anchor_model=state.traced[state.spec.anchor.name].module, compile_seconds=compile_seconds,
+                   compile_log=state.log)
 
     @property
     def input_names(self) -> list[str]:
@@ -81,7 +83,8 @@ class ComposedModel(fx.GraphModule):
         # the anchor module is shared: the decode graph takes the copy's own weights (`generation/decode.py`)
         return ComposedModel(copied, copied.graph, spec=self.spec, links=self.links, pruned=self.pruned,
                              frontends=self.frontends, signature=self.signature, taps=self.taps,
-                             anchor_model=self.anchor_model, compile_seconds=self.compile_seconds)
+                             anchor_model=self.anchor_model, compile_seconds=self.compile_seconds,
+                             compile_log=self.compile_log)
 
     # -- conveniences: each calls a module that does not import this one ------------------------------
     def loss(self, input_ids, label_mask=None, ignore_index: int = -100, **inputs):
@@ -94,15 +97,17 @@ class ComposedModel(fx.GraphModule):
         from .generation.generate import generate
         return generate(self, input_ids, max_new_tokens, **kwargs)
 
-    def export(self, path, format: str = "pt2"):
-        """Write a torch.export `.pt2` (or `format="onnx"`) with `<stem>.py` and `spec.json` beside it."""
+    def export(self, path, format: str = "pt2", *, overwrite: bool = False):
+        """Write a torch.export `.pt2` (or `format="onnx"`) with `<stem>.py` and `<stem>.spec.json` beside it;
+        an existing file is replaced only with `overwrite=True`."""
         from .export import export
-        return export(self, path, format)
+        return export(self, path, format, overwrite=overwrite)
 
-    def save_new(self, path):
-        """Save only the new parameters (safetensors) and the spec; load them with `cg.load_new`."""
+    def save_new(self, path, *, overwrite: bool = False):
+        """Save only the new parameters (safetensors) and the spec; load them with `cg.load_new`. An
+        existing file is replaced only with `overwrite=True`."""
         from .checkpoint import save_new
-        return save_new(self, path)
+        return save_new(self, path, overwrite=overwrite)
 
     def summary(self) -> str:
         from .report import summary

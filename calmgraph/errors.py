@@ -61,3 +61,18 @@ class InternalError(CalmGraphError):
 
 class DependencyError(CalmGraphError, ImportError):
     """An optional dependency is not installed; the message names the extra that installs it."""
+
+
+class WriteError(CalmGraphError, ValueError):
+    """A file calmgraph was asked to write is in the way (exists, is a symlink) or named twice in one call."""
+
+
+class ParallelError(CalmGraphError, ValueError):
+    """A composition cannot be sharded or checkpointed as asked (no process group, not block-granular)."""
+
+
+class ConfigError(SpecError):
+    """A TrainConfig is invalid. `problems` lists every problem found, each with its field."""
+
+    def __init__(self, problems: list[Problem]):
+        super().__init__(problems, header="invalid TrainConfig")

@@ -3,7 +3,9 @@
     composed.export("out/composed.pt2")                  # torch.export program
     composed.export("out/composed.onnx", format="onnx")  # torch.onnx.export(..., dynamo=True)
 
-Beside the artifact go `composed.py` (the fused graph's code, for reading) and `spec.json` (the spec).
+Beside the artifact go `composed.py` (the fused graph's code, for reading) and `composed.spec.json` (the
+spec): each named after the artifact, so artifacts in one folder never share a file. An existing file is
+replaced only with `overwrite=True`; each file is written whole or not at all (`files.py`).
 Batch and sequence lengths are dynamic. The artifact takes every input positionally, in the order of
 `composed.input_names`: `input_ids`, then each prompt augment's `<name>_input_ids`, then each one's
 `<name>_mask`. In the artifact the masks are required (pass `torch.ones_like(ids)` for no padding):
@@ -22,6 +24,7 @@ import torch
 from torch.export import Dim
 
 from .errors import ExportError
+from .files import check_targets, write_folder, write_text, write_with
 from .tracing.entry import model_device
 
 
@@ -38,31 +41,42 @@ def dynamic_shapes(composed) -> tuple[dict, ...]:
     return composed.signature.dynamic_shapes(Dim.AUTO(min=1))
 
 
-def export_program(composed: "ComposedModel") -> torch.export.ExportedProgram:
+def export_program(composed) -> torch.export.ExportedProgram:
     _check_weights(composed)
     return torch.export.export(composed, example_inputs(composed), strict=False,
                                dynamic_shapes=dynamic_shapes(composed))
 
 
-def export(composed: "ComposedModel", path: str | Path, format: str = "pt2") -> Path:
-    """Write the artifact to `path`, and `<stem>.py` and `spec.json` beside it. Returns `path`."""
+def export(composed, path: str | Path, format: str = "pt2", *, overwrite: bool = False) -> Path:
+    """Write the artifact to `path`, and `<stem>.py` (its code) and `<stem>.spec.json` beside it. Returns `path`.
+    Refuses, before writing anything, to replace an existing file unless `overwrite=True`."""
+    path = Path(path)
+    return _export(composed, path, format, path.with_name(f"{path.stem}.spec.json"), overwrite)
+
+
+def _export(composed, path: Path, format: str, spec_path: Path, overwrite: bool,
+            flag: str = "overwrite=True") -> Path:
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    code_path = path.with_suffix(".py")
+    if code_path == path or path == spec_path:
+        raise ExportError(f"{str(path)!r} would be overwritten by its own code listing or spec; name the artifact "
+                          f"with its format's suffix (e.g. {path.with_suffix('.' + format).name!r})")
+    check_targets([path, code_path, spec_path], overwrite=overwrite, flag=flag)  # before the slow part
     training = composed.training
     composed.eval()  # the artifact is for inference
     try:
         if format == "pt2":
-            torch.export.save(export_program(composed), str(path))
+            program = export_program(composed)
+            write_with(path, lambda tmp: torch.export.save(program, str(tmp)), overwrite=overwrite, flag=flag)
         else:
-            _export_onnx(composed, path)
+            write_folder({path.name: lambda tmp: _export_onnx(composed, tmp)}, path.parent, overwrite=overwrite, flag=flag)
     finally:
         composed.train(training)
-    path.with_suffix(".py").write_text(
-        f"# The fused graph of a calmgraph composition (spec: spec.json), as torch.fx wrote it.\n"
-        f"# For reading; the runnable artifact is {path.name}.\n\n{composed.code.lstrip()}")
-    (path.parent / "spec.json").write_text(composed.spec.to_json() + "\n")
+    write_text(code_path, f"# The fused graph of a calmgraph composition (spec: {spec_path.name}), as torch.fx wrote it.\n"
+                          f"# For reading; the runnable artifact is {path.name}.\n\n{composed.code.lstrip()}",
+               overwrite=overwrite, flag=flag)
+    write_text(spec_path, composed.spec.to_json() + "\n", overwrite=overwrite, flag=flag)
     return path
 
 
@@ -75,7 +89,7 @@ def require_onnx() -> None:
     require("onnx", "ONNX export", ExportError, ONNX_NEEDS)
 
 
-def _export_onnx(composed: "ComposedModel", path: Path) -> None:
+def _export_onnx(composed, path: Path) -> None:
     require_onnx()
     _check_weights(composed)
     n_bytes = sum(t.numel() * t.element_size() for t in composed.state_dict().values())
@@ -91,7 +105,7 @@ def _export_onnx(composed: "ComposedModel", path: Path) -> None:
     _name_dims(composed, path)
 
 
-def _name_dims(composed: "ComposedModel", path: Path) -> None:
+def _name_dims(composed, path: Path) -> None:
     """Give the dynamic dims readable names (batch, seq, <augment>_seq) instead of export's s24, s70."""
     import onnx
     model = onnx.load(str(path), load_external_data=False)
@@ -109,24 +123,34 @@ def _name_dims(composed: "ComposedModel", path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def _check_weights(composed: "ComposedModel") -> None:
+def _check_weights(composed) -> None:
     meta = [n for n, t in (*composed.named_parameters(), *composed.named_buffers()) if t.is_meta]
     if meta:
         raise ExportError(f"{len(meta)} weights are on the meta device (e.g. {meta[0]!r}): an artifact holds real "
                           "weights; load them (e.g. model.to_empty(device=...) and a state dict) before exporting")
 
 
-def write_bundle(composed: "ComposedModel", out: str | Path, format: str = "pt2", progress=None) -> list[Path]:
-    """Everything `calmgraph compile` writes into `out`: the artifact (`composed.pt2` or `.onnx`), its code
-    (`composed.py`), `spec.json`, the picture (`composition.png`, `.svg`) and `summary.txt`."""
-    from .inspect import draw, mermaid, report
+def bundle_files(out: str | Path, format: str = "pt2") -> list[Path]:
+    """The files `write_bundle` writes, in its order."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    return [out / f"composed.{format}", out / "composed.py", out / "spec.json", out / "composition.png",
+            out / "composition.svg", out / "summary.txt"]
+
+
+def write_bundle(composed, out: str | Path, format: str = "pt2", progress=None, *,
+                 overwrite: bool = False, flag: str = "overwrite=True") -> list[Path]:
+    """Everything `calmgraph compile` writes into `out`: the artifact (`composed.pt2` or `.onnx`), its code
+    (`composed.py`), `spec.json`, the picture (`composition.png`, `.svg`) and `summary.txt`. Refuses, before
+    writing anything, to replace any of them unless `overwrite`."""
+    from .inspect import draw, mermaid, report
+    files = check_targets(bundle_files(out, format), overwrite=overwrite, flag=flag)
+    artifact = files[0]
     progress = progress or (lambda message: contextlib.nullcontext())
-    with progress(f"exporting {out / f'composed.{format}'}"):
-        artifact = export(composed, out / f"composed.{format}", format)
+    with progress(f"exporting {artifact}"):
+        _export(composed, artifact, format, files[2], overwrite, flag)
     with progress("drawing the composition"):
-        pictures = [draw(composed, out / "composition.png"), draw(composed, out / "composition.svg")]
-    summary = out / "summary.txt"
-    summary.write_text(f"{composed.summary()}\n\n{report(composed)}\n\n{mermaid(composed)}\n")
-    return [artifact, artifact.with_suffix(".py"), out / "spec.json", *pictures, summary]
+        for picture in files[3:5]:
+            write_with(picture, lambda tmp: draw(composed, tmp), overwrite=overwrite, flag=flag)
+    write_text(files[5], f"{composed.summary()}\n\n{report(composed)}\n\n{mermaid(composed)}\n",
+               overwrite=overwrite, flag=flag)
+    return files

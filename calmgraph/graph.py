@@ -5,15 +5,48 @@ augment reaching the anchor, no way for the future of the shared sequence to lea
 """
 from __future__ import annotations
 
+import keyword
+
 import networkx as nx
+import torch.fx as fx
+import torch.nn as nn
 
 from .errors import Problem
 
-# The functions take a `CompositionSpec`; spec.py imports this module to check itself, so the type is
-# named here only in annotations (a string), never imported.
+# The functions take a `CompositionSpec` (`spec`); spec.py imports this module to check itself, so this
+# module does not import it back.
 
 
-def composition_graph(spec: "CompositionSpec") -> nx.DiGraph:
+# A model's name becomes an attribute of the composed model (a torch.fx GraphModule: `composed.kv`) and a
+# prefix of its graph's names. These are ComposedModel's own names beyond a GraphModule's (composed.py,
+# splice.ROOT); a test checks that every public name of a compiled composition is reserved.
+COMPOSED_NAMES = ("spec", "links", "pruned", "frontends", "input_names", "signature", "taps", "compile_seconds",
+                  "compile_log", "from_state", "print_trainable_parameters", "anchor_model",
+                  "new_parameters", "named_new_parameters", "loss", "generate", "export", "save_new", "summary", "xattn")
+# Added to nn.Module itself by a library once it builds a model (transformers: `smart_apply`): reserved
+# even before that happens in this process.
+PATCHED_NAMES = ("smart_apply",)
+
+
+def reserved_names() -> frozenset[str]:
+    """Names no model may have: Python's keywords and every public name of a GraphModule instance
+    (nn.Module's methods, `graph`, `code`, `meta`, `training`, ...) or of a ComposedModel. Computed at each
+    call: libraries add names to nn.Module at run time."""
+    module = fx.GraphModule(nn.Module(), fx.Graph())
+    return (frozenset(n for n in dir(module) if not n.startswith("_")) | frozenset(COMPOSED_NAMES)
+            | frozenset(PATCHED_NAMES) | frozenset(keyword.kwlist))
+
+
+def name_problem(name: str) -> str | None:
+    if keyword.iskeyword(name):
+        return f"{name!r} is a Python keyword; a model's name becomes an attribute of the composed model"
+    if name in reserved_names():
+        return (f"{name!r} is the name of an attribute or method of the composed model (a torch.fx GraphModule); "
+                "choose another name")
+    return None
+
+
+def composition_graph(spec) -> nx.DiGraph:
     """Node attributes: `role` (anchor | augment), `input` (shared | prompt). Edge attribute: `index` list."""
     g = nx.DiGraph()
     g.add_node(spec.anchor.name, role="anchor", input="shared")
@@ -27,15 +60,19 @@ def composition_graph(spec: "CompositionSpec") -> nx.DiGraph:
     return g
 
 
-def build_order(spec: "CompositionSpec") -> list[str]:
+def build_order(spec) -> list[str]:
     """Models in an order where every model comes after all it reads; the anchor last."""
     return list(nx.lexicographical_topological_sort(composition_graph(spec)))
 
 
-def graph_problems(spec: "CompositionSpec") -> list[Problem]:
+def graph_problems(spec) -> list[Problem]:
     problems: list[Problem] = []
     anchor = spec.anchor.name
     names = {anchor: "anchor.name"}
+    for loc, model in [("anchor", spec.anchor), *((f"augments[{i}]", a) for i, a in enumerate(spec.augments))]:
+        problem = name_problem(model.name)
+        if problem:
+            problems.append(Problem(f"{loc}.name", problem))
     for i, aug in enumerate(spec.augments):
         if aug.name == anchor:
             problems.append(Problem(f"augments[{i}].name", f"{aug.name!r} is the anchor; a model cannot be both anchor and augment"))

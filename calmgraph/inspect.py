@@ -16,12 +16,12 @@ from .graph import composition_graph
 from .report import role as _role, table
 
 
-def blocks_run(composed: "ComposedModel", name: str) -> int:
+def blocks_run(composed, name: str) -> int:
     kept = composed.pruned.blocks_kept.get(name)
     return len(composed.taps[name]) if kept is None or not composed.pruned.nodes_removed else kept
 
 
-def edge_pairs(composed: "ComposedModel") -> dict[int, list[tuple[int, int]]]:
+def edge_pairs(composed) -> dict[int, list[tuple[int, int]]]:
     pairs = defaultdict(list)
     for link in composed.links:
         pairs[link.edge].append((link.source_layer, link.target_layer))
@@ -29,7 +29,7 @@ def edge_pairs(composed: "ComposedModel") -> dict[int, list[tuple[int, int]]]:
 
 
 # -- text ----------------------------------------------------------------------------------------------
-def report(composed: "ComposedModel") -> str:
+def report(composed) -> str:
     """Per model, its blocks (index, qualified name, hidden size) and what each is wired to; then the edges."""
     wired = defaultdict(list)  # (model, block) -> ["-> base[2]", "<- arith[1]"]
     for link in composed.links:
@@ -54,7 +54,7 @@ def _layers(layers) -> str:
 
 
 # -- Mermaid -------------------------------------------------------------------------------------------
-def mermaid(composed: "ComposedModel") -> str:
+def mermaid(composed) -> str:
     """A ```mermaid block: models as nodes (the anchor stands out), edges labelled with their layer pairs."""
     lines = ["```mermaid", "flowchart LR"]
     for m in composed.spec.models:
@@ -92,7 +92,7 @@ def _kind(composed, name) -> str:
     return "anchor" if name == composed.spec.anchor.name else composed.spec.model(name).input
 
 
-def _layout(composed: "ComposedModel") -> dict[str, tuple[float, float]]:
+def _layout(composed) -> dict[str, tuple[float, float]]:
     """(x, y of the bottom block) per model: the anchor in the right column, each augment one column further
     left per edge between it and the anchor; the models of a column stacked, the column centred."""
     g = composition_graph(composed.spec)
@@ -124,7 +124,7 @@ def _on_arc(start, end, rad: float, t: float) -> tuple[float, float]:
             (1 - t) ** 2 * y1 + 2 * t * (1 - t) * cy + t ** 2 * y2)
 
 
-def draw(composed: "ComposedModel", path: str | Path, title: str | None = None) -> Path:
+def draw(composed, path: str | Path, title: str | None = None) -> Path:
     """Draw the composition to `path` (.svg, .png or .pdf): each model a stack of its blocks (block 0 at the
     bottom), every cross-attention pair an arrow from the source block to the target block."""
     import matplotlib

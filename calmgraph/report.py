@@ -16,19 +16,19 @@ def table(rows: list[list], header: list[str]) -> str:
     return "\n".join([line(cells[0]), line(["-" * w for w in widths]), *map(line, cells[1:])])
 
 
-def parameter_counts(composed: "ComposedModel") -> tuple[int, int]:
+def parameter_counts(composed) -> tuple[int, int]:
     """(new, total): the new cross-attention parameters and all parameters, each tensor counted once."""
     new = sum(p.numel() for p in composed.new_parameters())
     return new, sum(p.numel() for p in composed.parameters())
 
 
-def trainable_parameters(composed: "ComposedModel") -> str:
+def trainable_parameters(composed) -> str:
     """The line PEFT's `print_trainable_parameters` prints: new over total (frozen models included)."""
     new, total = parameter_counts(composed)
     return f"trainable params: {new:,} || all params: {total:,} || trainable%: {100 * new / max(1, total):.4f}"
 
 
-def summary(composed: "ComposedModel") -> str:
+def summary(composed) -> str:
     spec, pruned = composed.spec, composed.pruned
     frozen = defaultdict(int)
     for name, p in composed.named_parameters():

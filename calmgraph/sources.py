@@ -7,6 +7,11 @@
 
 Relative paths start at `base_dir` (the CLI passes the spec file's folder). transformers is imported only
 when a spec asks for it.
+
+A `python:` source runs code (the module's import and the factory), so it is built only with the caller's
+consent: `trust_code=True` (CLI: `--trust-code`), as transformers asks `trust_remote_code=True`. Without it,
+nothing is imported and the source is a located `SpecError`. calmgraph's own model factories
+(`calmgraph.demo.models:TinyLM`, ...) need no consent; `hf` and `hf_config` sources never run code.
 """
 from __future__ import annotations
 
@@ -15,33 +20,79 @@ import hashlib
 import importlib
 import importlib.util
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .errors import ModelError
+from .errors import ModelError, Problem, SpecError
 from .spec import CompositionSpec, HfConfigSource, HfSource, ModelSpec, PythonSource, load_spec
 
 
+OWN_FACTORIES = "calmgraph.demo.models"  # calmgraph's model factories: built without `trust_code`
+TRUST_FLAG = "trust_code=True"  # how the consent is given; the command line says --trust-code
+
+
 def load_models(spec: CompositionSpec | str | Path | dict, models: dict[str, nn.Module] | None = None, *,
-                base_dir: str | Path | None = None) -> dict[str, nn.Module]:
+                base_dir: str | Path | None = None, trust_code: bool = False) -> dict[str, nn.Module]:
     """Every model of the spec: the one passed in `models` if any (it wins), else built from its source.
-    Models passed that the spec does not name are returned as they are, for `compile` to report."""
+    Models passed that the spec does not name are returned as they are, for `compile` to report.
+    `trust_code=True` allows `python:` sources to run (see the module docstring)."""
     if base_dir is None and isinstance(spec, (str, Path)):
         base_dir = Path(spec).parent
     spec = load_spec(spec)
-    given = dict(models or {})
+    given = _given(models)
     missing = [m.name for m in spec.models if m.name not in given and m.source is None]
     if missing:
         raise ModelError(f"no model given for {missing}: give each a `source:` in the spec or pass "
                          f"models={{name: nn.Module}} to compile")
-    out = {m.name: given[m.name] if m.name in given else load_model(m, base_dir) for m in spec.models}
+    if not trust_code:  # every source that would run code, refused before any is built
+        problems = untrusted_sources(spec, skip=given)
+        if problems:
+            raise SpecError(problems, header="the spec runs code from its sources")
+    out = {m.name: given[m.name] if m.name in given else load_model(m, base_dir, trust_code=trust_code)
+           for m in spec.models}
     return {**out, **{k: v for k, v in given.items() if k not in out}}
 
 
-def load_model(model: ModelSpec, base_dir: str | Path | None = None) -> nn.Module:
+def _given(models) -> dict[str, nn.Module]:
+    """`models=` as a dict of name -> model; anything else (a list, a single model) said plainly."""
+    if models is None:
+        return {}
+    if not isinstance(models, Mapping) or not all(isinstance(k, str) for k in models):
+        kind = type(models).__name__
+        raise ModelError(f"models= is a {kind}; pass a dict of the spec's model names to their nn.Modules, "
+                         "e.g. models={'base': anchor, 'kv': augment}")
+    return dict(models)
+
+
+def untrusted_sources(spec: CompositionSpec, skip=(), flag: str = TRUST_FLAG) -> list[Problem]:
+    """A located problem for each source that would run code not calmgraph's own (models in `skip` aside)."""
+    locs = {spec.anchor.name: "anchor", **{a.name: f"augments[{i}]" for i, a in enumerate(spec.augments)}}
+    return [Problem(f"{locs[m.name]}.source.python", _untrusted(m.source, flag)) for m in spec.models
+            if m.name not in skip and isinstance(m.source, PythonSource) and not is_own_factory(m.source.python)]
+
+
+def is_own_factory(python: str) -> bool:
+    """Whether `module:factory` names one of calmgraph's own model factories (no consent needed). Only a
+    name defined in OWN_FACTORIES counts: `calmgraph.bench:subprocess.run` reaches another module's code."""
+    module_name, _, attr = python.partition(":")
+    if module_name != OWN_FACTORIES or not attr.isidentifier() or attr.startswith("_"):
+        return False
+    factory = getattr(importlib.import_module(module_name), attr, None)  # calmgraph's own module: safe to import
+    return callable(factory) and getattr(factory, "__module__", None) == module_name
+
+
+def _untrusted(source: PythonSource, flag: str = TRUST_FLAG) -> str:
+    return f"{source.python!r} would import and run Python code; pass {flag} only for a spec you trust"
+
+
+def load_model(model: ModelSpec, base_dir: str | Path | None = None, *, trust_code: bool = False) -> nn.Module:
+    """One model from its source; a `python:` source not calmgraph's own needs `trust_code=True`."""
     source = model.source
+    if isinstance(source, PythonSource) and not trust_code and not is_own_factory(source.python):
+        raise SpecError([Problem("source.python", _untrusted(source))], header=f"model {model.name!r} runs code")
     where = f"model {model.name!r} (source {describe(source)})"
     prompt = getattr(model, "input", "shared") == "prompt"
     with _seeded(getattr(source, "seed", None)):
@@ -87,7 +138,8 @@ def _from_pretrained(source: HfSource, path: Path, prompt: bool, where: str) -> 
         raise ModelError(f"{where}: no directory at {str(path)!r}; expected a folder written by save_pretrained")
     cls = _auto_class(_transformers(where), source.auto_class, prompt, where)
     try:
-        return cls.from_pretrained(str(path), local_files_only=True)  # offline: never touches a hub
+        return cls.from_pretrained(str(path), local_files_only=True,  # offline: never touches a hub
+                                    trust_remote_code=False)    # and never runs a folder's code
     except Exception as e:  # noqa: BLE001 - transformers raises many types; the user needs the reason
         raise ModelError(f"{where}: could not load it: {_reason(e)}") from e
 
@@ -98,7 +150,7 @@ def _from_config(source: HfConfigSource, prompt: bool, where: str) -> nn.Module:
     fields = dict(source.hf_config)
     try:
         config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
-        return cls.from_config(config)
+        return cls.from_config(config, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"{where}: could not build it from the config: {_reason(e)}") from e
 

@@ -13,14 +13,31 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Optional, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PlainSerializer, PlainValidator, PositiveInt, Tag,
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PlainSerializer, PlainValidator, Strict, Tag,
                       ValidationError, create_model, field_validator, model_validator)
 
 from .errors import Problem, SpecError
 from .graph import graph_problems
+from .limits import MAX_TEXT, check_data, load_json, load_yaml, short
 
 CHECK_GRAPH = ContextVar("CHECK_GRAPH", default=True)  # off: the shape alone (`validate.py`)
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]*$"  # becomes part of attribute and argument names in the graph
+NAME_MAX = 64
+
+# Numbers are strict ints (`true` is not 1, `1e20` is not an int) with bounds no real composition reaches:
+# a typo of a few digits is an error here, not a 128 GB allocation in `compile`.
+MAX_HEADS, MAX_DIM_HEAD, MAX_INNER = 1024, 1024, 65536   # MAX_INNER: heads * dim_head, when both are given
+MAX_EVERY, MAX_LAYER, MAX_WINDOW = 100_000, 100_000, 2**31 - 1
+
+
+def _bounded(le: int, ge: int | None = None):
+    return Annotated[int, Strict(), Field(gt=0, le=le) if ge is None else Field(ge=ge, le=le)]
+
+
+Heads, DimHead, Window, EveryK = _bounded(MAX_HEADS), _bounded(MAX_DIM_HEAD), _bounded(MAX_WINDOW), _bounded(MAX_EVERY)
+Seed = _bounded(2**63 - 1, ge=0)
+Name = Annotated[str, Field(max_length=100)]    # names and class names: errors echo them
+Text = Annotated[str, Field(max_length=1000)]   # paths, module paths, qualified block names
 
 
 
@@ -28,6 +45,10 @@ def _layer_ref(value: Any) -> int | str:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ValueError("a layer is a block index (an int, negative counts from the end) or a block's "
                          "qualified name (a str)")
+    if isinstance(value, int) and abs(value) > MAX_LAYER:
+        raise ValueError(f"a block index is between -{MAX_LAYER:,} and {MAX_LAYER:,}")
+    if isinstance(value, str) and not 0 < len(value) <= 500:
+        raise ValueError("a block's qualified name has 1 to 500 characters")
     return value
 
 
@@ -41,26 +62,44 @@ class _Spec(BaseModel):
 class CrossAttentionSpec(_Spec):
     """How each cross-attention block is built. `None` means: derive it from the models."""
 
-    heads: PositiveInt | None = None          # default: the target's head count if known, else dim // 64
-    dim_head: PositiveInt | None = None       # default: dim // heads
+    heads: Heads | None = None                # default: the target's head count if known, else dim // 64
+    dim_head: DimHead | None = None           # default: dim // heads
     norm: Literal["rms", "layer", "none"] = "rms"   # pre-norm of the target's hidden states
     gate: Literal["zero", "tanh"] = "zero"    # zero: output projection starts at 0; tanh: gate starts at 0
     project_context: bool = True              # f_proj: linear map from source dim to target dim
     positions: Literal["none", "rotary"] = "none"  # rotary: RoPE on Q and K (shared-input augments only)
-    window: PositiveInt | None = None         # shared augments: position t reads source positions t-window+1..t
+    window: Window | None = None              # shared augments: position t reads source positions t-window+1..t
     null_kv: bool = False                     # a learned key/value every query may attend to (read nothing)
 
+    @model_validator(mode="after")
+    def _inner_bounded(self):
+        _check_inner(self.heads, self.dim_head)
+        return self
 
-# Per-edge override: the same fields, each optional; only the fields given replace the spec-wide defaults.
+
+class _Override(_Spec):
+    @model_validator(mode="after")
+    def _inner_bounded(self):
+        _check_inner(self.heads, self.dim_head)
+        return self
+
+
+# Per-edge override: CrossAttentionSpec's fields (bounds included), each optional; only those given replace
+# the spec-wide defaults.
 CrossAttentionOverride = create_model(
-    "CrossAttentionOverride", __base__=_Spec, __doc__="Per-edge override of `CrossAttentionSpec`: only the fields given apply.",
-    **{name: (Optional[field.annotation], None) for name, field in CrossAttentionSpec.model_fields.items()})
+    "CrossAttentionOverride", __base__=_Override, __doc__="Per-edge override of `CrossAttentionSpec`: only the fields given apply.",
+    **{name: (Optional[field.rebuild_annotation()], None) for name, field in CrossAttentionSpec.model_fields.items()})
+
+
+def _check_inner(heads: int | None, dim_head: int | None) -> None:
+    if heads is not None and dim_head is not None and heads * dim_head > MAX_INNER:
+        raise ValueError(f"heads * dim_head is {heads * dim_head:,}; at most {MAX_INNER:,}")
 
 
 class Every(_Spec):
     """The paper's layer choice: source layers k-1, 2k-1, ... paired with target layers spread uniformly."""
 
-    every: PositiveInt
+    every: EveryK
 
 
 LayerPair = tuple[LayerRef, LayerRef]  # (source layer, target layer)
@@ -79,16 +118,16 @@ Layers = Annotated[
 class HfSource(_Spec):
     """A transformers model saved with `save_pretrained`, loaded offline (no hub access)."""
 
-    hf: str                                    # directory; relative paths start at the spec file's folder
-    auto_class: str | None = None              # default: AutoModelForCausalLM, AutoModel for prompt augments
+    hf: Text                                   # directory; relative paths start at the spec file's folder
+    auto_class: Name | None = None             # default: AutoModelForCausalLM, AutoModel for prompt augments
 
 
 class HfConfigSource(_Spec):
     """A transformers model with random weights, built from a config (tests, examples, dry runs)."""
 
     hf_config: dict[str, Any]                  # AutoConfig.for_model(**hf_config); needs `model_type`
-    auto_class: str | None = None
-    seed: int | None = None                    # seed of the random weights (global RNG left as it was)
+    auto_class: Name | None = None
+    seed: Seed | None = None                   # seed of the random weights (global RNG left as it was)
 
     @model_validator(mode="after")
     def _has_model_type(self) -> "HfConfigSource":
@@ -100,9 +139,9 @@ class HfConfigSource(_Spec):
 class PythonSource(_Spec):
     """Any factory returning an nn.Module: `package.module:factory` or `path/to/file.py:factory`."""
 
-    python: str
+    python: Text
     kwargs: dict[str, Any] = {}
-    seed: int | None = None
+    seed: Seed | None = None
 
     @field_validator("python")
     @classmethod
@@ -150,7 +189,7 @@ Blocks = Annotated[Any, PlainValidator(_blocks), PlainSerializer(_blocks_out)]
 
 
 class ModelSpec(_Spec):
-    name: str = Field(pattern=NAME_PATTERN)
+    name: str = Field(pattern=NAME_PATTERN, max_length=NAME_MAX)
     source: Source | None = None               # where the model comes from; models passed to compile win
     blocks: Blocks = None                      # the ModuleList of blocks, or each block; auto if omitted
     tap: Literal["output", "input"] = "output"  # read/modify each block's output or its input
@@ -181,8 +220,8 @@ class AugmentSpec(ModelSpec):
 
 
 class EdgeSpec(_Spec):
-    source: str
-    target: str
+    source: Name
+    target: Name
     layers: Layers
     cross_attention: CrossAttentionOverride | None = None
 
@@ -196,6 +235,7 @@ class CompositionSpec(_Spec):
     cross_attention: CrossAttentionSpec = CrossAttentionSpec()
 
     def __init__(self, **data: Any):  # every problem, located, as one calmgraph error
+        check_data(data)  # bounded first: an alias bomb or deep nesting never reaches pydantic
         try:
             super().__init__(**data)
         except ValidationError as e:
@@ -203,12 +243,22 @@ class CompositionSpec(_Spec):
 
     @model_validator(mode="after")
     def _check_graph(self) -> "CompositionSpec":
-        if not CHECK_GRAPH.get():  # `validate.py` checks the graph itself, after a repair
-            return self
-        problems = graph_problems(self)
+        # `validate.py` checks the graph itself, after a repair (CHECK_GRAPH off)
+        problems = (graph_problems(self) if CHECK_GRAPH.get() else []) + self._inner_problems()
         if problems:
             raise SpecError(problems)
         return self
+
+    def _inner_problems(self) -> list[Problem]:
+        """An edge's heads and dim_head may each be in bounds and their product, with the defaults, not."""
+        problems = []
+        for i, edge in enumerate(self.edges):
+            xattn = self.cross_attention_for(edge)
+            try:
+                _check_inner(xattn.heads, xattn.dim_head)
+            except ValueError as e:
+                problems.append(Problem(f"edges[{i}].cross_attention", str(e)))
+        return problems
 
     # -- views --------------------------------------------------------------------------------------
     @property
@@ -245,23 +295,16 @@ class CompositionSpec(_Spec):
     def from_dict(cls, data: Any) -> "CompositionSpec":
         if not isinstance(data, dict):
             raise SpecError([Problem("", f"a spec is a mapping with keys anchor, augments, edges; got {type(data).__name__}")])
+        check_data(data)  # also its keys: `**data` needs strings
         return cls(**data)
 
     @classmethod
     def from_yaml(cls, text: str) -> "CompositionSpec":
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise SpecError([Problem("", f"not valid YAML: {e}")]) from None
-        return cls.from_dict(data)
+        return cls.from_dict(load_yaml(text))  # bounded: see limits.py
 
     @classmethod
     def from_json(cls, text: str) -> "CompositionSpec":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SpecError([Problem("", f"not valid JSON: {e}")]) from None
-        return cls.from_dict(data)
+        return cls.from_dict(load_json(text))
 
 
 def load_spec(source: str | Path | dict | CompositionSpec) -> CompositionSpec:
@@ -273,7 +316,15 @@ def load_spec(source: str | Path | dict | CompositionSpec) -> CompositionSpec:
     path = Path(source)
     if not path.is_file():
         raise SpecError([Problem("", f"no spec file at {str(path)!r}")])
-    text = path.read_text()
+    if path.stat().st_size > 4 * MAX_TEXT:  # not read at all: a spec is at most MAX_TEXT characters
+        raise SpecError([Problem("", f"{str(path)!r} is {path.stat().st_size:,} bytes; a spec has at most "
+                                     f"{MAX_TEXT:,} characters")])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError([Problem("", f"{str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start})")]) from None
+    except OSError as e:
+        raise SpecError([Problem("", f"cannot read {str(path)!r}: {e.strerror or e}")]) from None
     if path.suffix.lower() == ".json":
         return CompositionSpec.from_json(text)
     return CompositionSpec.from_yaml(text)
@@ -315,6 +366,6 @@ def spec_error_from(e: ValidationError) -> SpecError:
         elif err["type"] == "missing":
             msg = "required but missing"
         if "input" in err and err["type"] not in ("missing",):
-            msg += f" (got {err['input']!r})"
+            msg += f" (got {short(err['input'])})"  # never the whole input: it may be huge
         problems.append(Problem(_loc(err["loc"]), msg))
     return SpecError(problems)

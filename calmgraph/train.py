@@ -22,18 +22,22 @@ import re
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Annotated, Any, Iterable, Iterator, Literal
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from calmgraph.errors import DependencyError, InputError
+from calmgraph.checkpoint import FILE as NEW_PARAMS, write_new
+from calmgraph.errors import CheckpointError, ConfigError, DependencyError, InputError
+from calmgraph.files import write_text
+from calmgraph.limits import short
+from calmgraph.spec import CompositionSpec, spec_error_from
 
 _CKPT_RE = re.compile(r"^step-(\d{8})$")
 
@@ -73,26 +77,53 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: fl
 # config
 
 
-@dataclass
-class TrainConfig:
-    max_steps: int                      # optimizer steps; the cosine schedule ends here
-    batch_size: int = 8                 # sequences per micro-batch, per process
-    grad_accum_steps: int = 1           # micro-batches per optimizer step
-    lr: float = 1e-3                    # peak learning rate
-    min_lr_ratio: float = 0.1           # the cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 0
-    weight_decay: float = 0.0           # applied to matrices only, not to biases or norms
-    betas: tuple[float, float] = (0.9, 0.95)
-    max_grad_norm: float | None = 1.0   # None: no clipping
-    mixed_precision: str = "auto"       # "auto": bf16 on GPUs that support it, else fp32; or "no" / "bf16" / "fp16"
-    shuffle: bool = True                # reshuffle each epoch with a seed derived from (seed, epoch)
-    seed: int = 0
+Count = Annotated[int, Strict(), Field(ge=0)]        # strict: `True` is not 1, 2.0 is not 2
+Positive = Annotated[int, Strict(), Field(gt=0)]
+Rate = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class TrainConfig(BaseModel):
+    """How FineTuner trains. Validated like the spec: unknown keys, wrong types and values out of range
+    (`keep_last=0`, `grad_accum_steps=0`, `lr=nan`) are a `ConfigError` naming each, at construction and
+    at assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    max_steps: Count                    # optimizer steps; the cosine schedule ends here
+    batch_size: Positive = 8            # sequences per micro-batch, per process
+    grad_accum_steps: Positive = 1      # micro-batches per optimizer step
+    lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e-3   # peak learning rate
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1         # the cosine decays to lr * min_lr_ratio
+    warmup_steps: Count = 0
+    weight_decay: Rate = 0.0            # applied to matrices only, not to biases or norms
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
+    max_grad_norm: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = 1.0   # None: no clipping
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # "auto": bf16 on GPUs that support it, else fp32
+    shuffle: Annotated[bool, Strict()] = True   # reshuffle each epoch with a seed derived from (seed, epoch)
+    seed: Annotated[int, Strict(), Field(ge=0, le=2**63 - 1)] = 0
     output_dir: str | None = None       # checkpoints and train_log.jsonl go here
-    save_every: int = 0                 # checkpoint every N optimizer steps (0: never)
-    keep_last: int = 3                  # checkpoints kept; older ones are deleted
-    num_workers: int = 0
-    progress: bool = True               # tqdm bar on the main process
-    cpu: bool = False                   # force the CPU even where a GPU is present
+    save_every: Count = 0               # checkpoint every N optimizer steps (0: never)
+    keep_last: Positive = 3             # checkpoints kept (at least the latest); older ones are deleted
+    num_workers: Count = 0
+    progress: Annotated[bool, Strict()] = True  # tqdm bar on the main process
+    cpu: Annotated[bool, Strict()] = False      # force the CPU even where a GPU is present
+
+    @field_validator("output_dir", mode="before")
+    @classmethod
+    def _path(cls, v):
+        return os.fspath(v) if isinstance(v, os.PathLike) else v
+
+    def __init__(self, **data: Any):
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise ConfigError(spec_error_from(e).problems) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as e:
+            raise ConfigError(spec_error_from(e).problems) from None
 
 
 class EpochSampler(Sampler[int]):
@@ -246,6 +277,8 @@ class FineTuner:
             self.load_checkpoint(resume_from)
         if c.output_dir and acc.is_main_process:
             Path(c.output_dir).mkdir(parents=True, exist_ok=True)
+            _clean_leftovers(Path(c.output_dir))
+            _trim_log(Path(c.output_dir) / "train_log.jsonl", self.step)
         self.model.train()
         batches = self._batches()
         bar = tqdm(total=c.max_steps, initial=self.step, disable=not (c.progress and acc.is_main_process),
@@ -315,11 +348,12 @@ class FineTuner:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         torch.save(_rng_state(), tmp / f"rng_rank{acc.process_index}.pt")  # each process has its own
-        if acc.is_main_process:
-            save_file(self.trainable_state(), str(tmp / "new_params.safetensors"))
+        if acc.is_main_process:  # the new parameters and the spec, as composed.save_new writes them
+            spec = getattr(acc.unwrap_model(self.model), "spec", None)
+            write_new(self.trainable_state(), tmp / NEW_PARAMS, spec if isinstance(spec, CompositionSpec) else None)
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-            cfg = {k: v for k, v in asdict(self.config).items()}
+            cfg = self.config.model_dump(mode="json")
             (tmp / "state.json").write_text(json.dumps({"step": self.step, "num_processes": acc.num_processes,
                                                         "param_names": self.param_names, "config": cfg}, indent=1))
         acc.wait_for_everyone()
@@ -337,20 +371,103 @@ class FineTuner:
         return final
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Restore parameters, optimizer, scheduler, step and this process's RNG state."""
+        """Restore parameters, optimizer, scheduler, step and this process's RNG state. Every file is read
+        and checked first (names, shapes, dtypes, the spec, the optimizer's state; nothing unpickled but
+        tensors and plain data): a checkpoint that does not fit is a `CheckpointError` and changes nothing."""
         acc, path = self.accelerator, Path(path)
-        state = json.loads((path / "state.json").read_text())
-        if state["num_processes"] != acc.num_processes:
-            raise ValueError(f"{path} was written by {state['num_processes']} processes, this run has "
-                             f"{acc.num_processes}: the data order would differ, so it cannot resume exactly")
+        problems: list[str] = []
+        state = _read(path / "state.json", lambda f: json.loads(f.read_text()), problems)
+        if isinstance(state, dict):
+            if state.get("num_processes") != acc.num_processes:
+                problems.append(f"written by {state.get('num_processes')} processes, this run has {acc.num_processes}: "
+                                "the data order would differ, so it cannot resume exactly")
+            if not isinstance(state.get("step"), int) or isinstance(state.get("step"), bool) or state["step"] < 0:
+                problems.append(f"state.json: step {short(state.get('step'))} is not a step count")
+        elif state is not None:
+            problems.append("state.json: not a JSON object")
+        tensors = _read(path / NEW_PARAMS, lambda f: load_file(str(f)), problems)
         named = dict(acc.unwrap_model(self.model).named_parameters())
+        if tensors is not None:
+            problems += _tensor_problems(tensors, {n: named[n] for n in self.param_names})
+            problems += _spec_mismatch(path / NEW_PARAMS, acc.unwrap_model(self.model))
+        load = lambda f: torch.load(f, map_location="cpu", weights_only=True)  # noqa: E731 - tensors and plain data only
+        optimizer = _read(path / "optimizer.pt", load, problems)
+        if optimizer is not None:
+            problems += _optimizer_problems(optimizer, self.optimizer)
+        scheduler = _read(path / "scheduler.pt", load, problems)
+        rng = _read(path / f"rng_rank{acc.process_index}.pt", load, problems)
+        if rng is not None and not (isinstance(rng, dict) and {"python", "numpy", "torch"} <= set(rng)):
+            problems.append(f"rng_rank{acc.process_index}.pt: not an RNG state written by FineTuner")
+        if problems:
+            lines = "\n".join(f"  - {p}" for p in problems)
+            raise CheckpointError(f"checkpoint {str(path)!r} cannot be resumed; nothing was loaded:\n{lines}")
+
         with torch.no_grad():
-            for name, t in load_file(str(path / "new_params.safetensors")).items():
-                named[name].copy_(t)
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device))
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt"))
-        _set_rng_state(torch.load(path / f"rng_rank{acc.process_index}.pt"))
+            for name in self.param_names:
+                named[name].copy_(tensors[name])
+        self.optimizer.load_state_dict(optimizer)  # moves the state to the parameters' device
+        self.scheduler.load_state_dict(scheduler)
+        _set_rng_state(rng)
         self.step = state["step"]
+
+
+def _read(file: Path, read, problems: list[str]):
+    """`read(file)`, or None with the reason appended to `problems`."""
+    if not file.is_file():
+        problems.append(f"{file.name}: missing")
+        return None
+    try:
+        return read(file)
+    except Exception as e:  # noqa: BLE001 - a damaged file raises whatever its reader raises
+        problems.append(f"{file.name}: unreadable ({type(e).__name__}: {str(e).strip()[:200]})")
+        return None
+
+
+def _tensor_problems(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> list[str]:
+    problems = []
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:4])}")
+    if extra:
+        problems.append(f"{len(extra)} tensor(s) the model does not train: {', '.join(extra[:4])}")
+    for name in sorted(set(expected) & set(tensors)):
+        want, got = expected[name], tensors[name]
+        if tuple(got.shape) != tuple(want.shape):
+            problems.append(f"{name}: shape {tuple(got.shape)} in the checkpoint, {tuple(want.shape)} in the model")
+        elif got.is_floating_point() != want.is_floating_point():
+            problems.append(f"{name}: dtype {got.dtype} in the checkpoint, {want.dtype} in the model")
+    return problems
+
+
+def _spec_mismatch(file: Path, model: nn.Module) -> list[str]:
+    """A composition's checkpoint carries its spec (older ones do not): it must be this model's."""
+    from safetensors import safe_open
+
+    from calmgraph.checkpoint import SPEC_KEY, _spec_problems
+    if not isinstance(getattr(model, "spec", None), CompositionSpec):
+        return []
+    with safe_open(str(file), framework="pt") as f:
+        return _spec_problems((f.metadata() or {}).get(SPEC_KEY), model)
+
+
+def _optimizer_problems(saved: Any, optimizer: torch.optim.Optimizer) -> list[str]:
+    """What `optimizer.load_state_dict` would refuse halfway, or accept wrongly (a state of another shape)."""
+    if not (isinstance(saved, dict) and isinstance(saved.get("param_groups"), list) and isinstance(saved.get("state"), dict)):
+        return ["optimizer.pt: not an optimizer state"]
+    ours = [p for g in optimizer.param_groups for p in g["params"]]
+    sizes = [len(g.get("params", ())) if isinstance(g, dict) else -1 for g in saved["param_groups"]]
+    if sizes != [len(g["params"]) for g in optimizer.param_groups]:
+        return [f"optimizer.pt: parameter groups of sizes {sizes}, the optimizer has "
+                f"{[len(g['params']) for g in optimizer.param_groups]}"]
+    problems = []
+    for index, entry in saved["state"].items():
+        if not isinstance(index, int) or not 0 <= index < len(ours) or not isinstance(entry, dict):
+            return [f"optimizer.pt: a state for parameter {short(index)}, which the optimizer does not have"]
+        for key, value in entry.items():
+            if torch.is_tensor(value) and value.dim() > 0 and tuple(value.shape) != tuple(ours[index].shape):
+                problems.append(f"optimizer.pt: {key} of parameter {index} has shape {tuple(value.shape)}, "
+                                f"the parameter {tuple(ours[index].shape)}")
+    return problems
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
@@ -402,6 +519,31 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _clean_leftovers(root: Path) -> None:
+    """Folders a kill left mid-rotation (`.trash-*`) or mid-write (`.tmp-*`): never a complete checkpoint."""
+    for p in root.iterdir():
+        if p.is_dir() and not p.is_symlink() and re.match(r"^\.(trash|tmp)-step-\d{8}$", p.name):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _trim_log(log: Path, step: int) -> None:
+    """Keep the log's records up to `step`, where this run continues: the steps after it (run before a
+    crash, and about to run again) would otherwise be listed twice. A half-written last line goes too."""
+    if not log.is_file():
+        return
+    kept, dropped = [], 0
+    for line in log.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            keep = isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step
+        except json.JSONDecodeError:
+            keep = False
+        kept += [line] if keep else []
+        dropped += not keep
+    if dropped:
+        write_text(log, "".join(f"{line}\n" for line in kept), overwrite=True)
 
 
 def _remove_dir(path: Path) -> None:

@@ -27,12 +27,14 @@ EDGE_REQUIRED = {"source", "target", "layers"}
 UNREACHED = "through no edge"  # graph_problems' words for an augment that feeds nothing
 
 
-def check(path: str | Path, *, models: bool = True, progress: Callable | None = None
-          ) -> tuple[list[Problem], CompositionSpec | None, int | None]:
-    """(problems, the spec if it is valid, the number of layer pairs if the models were checked)."""
+def check(path: str | Path, *, models: bool = True, progress: Callable | None = None, trust_code: bool = False,
+          flag: str = "trust_code=True") -> tuple[list[Problem], CompositionSpec | None, int | None]:
+    """(problems, the spec if it is valid, the number of layer pairs if the models were checked). A `python:`
+    source is built only with `trust_code`; without it, it is a problem naming `flag` (nothing is imported)."""
     path = Path(path)
+    trust = (trust_code, flag)
     try:
-        return _check_valid(load_spec(path), path, models, progress)
+        return _check_valid(load_spec(path), path, models, progress, trust)
     except SpecError as e:
         first = e.problems
     try:
@@ -55,15 +57,16 @@ def check(path: str | Path, *, models: bool = True, progress: Callable | None = 
     later = [_at_edge(p, edges) for p in graph_problems(spec) if not _follows(p, spec, dropped, unsure)]
     bad_edges = {int(m.group(1)) for p in later if (m := re.match(r"edges\[(\d+)\]", p.loc))}
     if models and all(m.source is not None for m in spec.models):
-        later += _layer_problems(spec, path, edges, bad_edges, progress)
+        later += _layer_problems(spec, path, edges, bad_edges, progress, trust)
     return first + later, None, None
 
 
-def _check_valid(spec: CompositionSpec, path: Path, models: bool, progress) -> tuple[list[Problem], CompositionSpec, int | None]:
+def _check_valid(spec: CompositionSpec, path: Path, models: bool, progress, trust: tuple[bool, str]
+                 ) -> tuple[list[Problem], CompositionSpec, int | None]:
     """A valid spec: compile it on the meta device, which checks the layer references and the models."""
     if not models or any(m.source is None for m in spec.models):
         return [], spec, None
-    built, problems = _build(spec, path, progress)
+    built, problems = _build(spec, path, progress, trust)
     if problems:
         return problems, spec, None
     from .compiler import compile
@@ -159,10 +162,11 @@ def _at_edge(p: Problem, edges: list[int]) -> Problem:
 
 
 # -- layer references, without compiling (the spec has problems, so there is nothing to compile) ------
-def _layer_problems(spec: CompositionSpec, path: Path, edges: list[int], bad_edges: set[int], progress) -> list[Problem]:
+def _layer_problems(spec: CompositionSpec, path: Path, edges: list[int], bad_edges: set[int], progress,
+                    trust: tuple[bool, str]) -> list[Problem]:
     from .blocks import BlockListError, find_blocks
     from .passes.resolve import _resolve_ref
-    built, problems = _build(spec, path, progress)
+    built, problems = _build(spec, path, progress, trust)
     blocks, locs = {}, _model_locs(spec)
     for name, model in built.items():
         try:
@@ -189,19 +193,24 @@ def _model_locs(spec: CompositionSpec) -> dict[str, str]:
     return {spec.anchor.name: "anchor", **{a.name: f"augments[{i}]" for i, a in enumerate(spec.augments)}}
 
 
-def _build(spec: CompositionSpec, path: Path, progress) -> tuple[dict, list[Problem]]:
-    """Each model's structure from its source, on the meta device (no weights); a model that fails is a problem."""
+def _build(spec: CompositionSpec, path: Path, progress, trust: tuple[bool, str]) -> tuple[dict, list[Problem]]:
+    """Each model's structure from its source, on the meta device (no weights); a model that fails is a problem,
+    and so is a `python:` source without consent (`trust`: trust_code and the flag that gives it)."""
     import torch
 
-    from .sources import load_model
-    built, problems, locs = {}, [], _model_locs(spec)
+    from .sources import load_model, untrusted_sources
+    trust_code, flag = trust
+    built, locs = {}, _model_locs(spec)
+    problems = [] if trust_code else untrusted_sources(spec, flag=flag)  # said before any model is built
+    if problems:
+        return built, problems
     with _step(progress, f"building {len(spec.models)} models from their sources (meta device, no weights)"):
         for m in spec.models:
             if m.name in built:
                 continue  # a duplicate name: reported by the graph stage
             try:
                 with torch.device("meta"):
-                    built[m.name] = load_model(m, path.parent)
+                    built[m.name] = load_model(m, path.parent, trust_code=trust_code)
             except CalmGraphError as e:
                 problems.append(Problem(f"{locs[m.name]}.source", str(e)))
     return built, problems

@@ -15,12 +15,12 @@ PACKAGE = Path(calmgraph.__file__).parent
 
 # Lower layers first. A module may import (at module level) from its own layer or a lower one.
 LAYERS = [
-    {"errors", "families", "graph", "device", "extras"},
+    {"errors", "families", "graph", "device", "extras", "files", "limits"},
     {"spec", "blocks", "cross_attention", "signature"},
     {"plan", "sources", "tracing"},
     {"passes"},
     {"composed"},
-    {"compiler", "checkpoint", "export", "inspect", "report", "generation", "train", "validate"},
+    {"compiler", "checkpoint", "export", "inspect", "report", "generation", "train", "parallel", "validate"},
     {"bench", "demo", "cli", "__init__"},
 ]
 # The convenience methods of ComposedModel (loss, generate, export, save_new, summary) import these

@@ -70,7 +70,8 @@ def test_the_file_holds_only_the_new_parameters_and_the_spec(saved):
 def test_a_safetensors_file_path_works_too(tmp_path):
     trained = compose(seed=2)
     file = trained.save_new(tmp_path / "step_100.safetensors")
-    assert file == tmp_path / "step_100.safetensors" and (tmp_path / "spec.json").is_file()
+    assert file == tmp_path / "step_100.safetensors" and (tmp_path / "step_100.spec.json").is_file()
+    assert not (tmp_path / "spec.json").exists()  # a folder's spec.json may belong to another checkpoint
     fresh = cg.load_new(compose(), file)
     assert all(torch.equal(p, q) for p, q in zip(trained.new_parameters(), fresh.new_parameters()))
 

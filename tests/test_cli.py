@@ -126,13 +126,13 @@ def test_compile_writes_every_artifact(tmp_path):
 def test_an_error_is_one_line_and_verbose_shows_the_traceback(tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text(write_spec(tmp_path).read_text().replace("calmgraph.demo.models:TinyLM", "no_such_pkg:Model", 1))
-    run = calmgraph("compile", spec, "--out", tmp_path / "out")
+    run = calmgraph("compile", spec, "--out", tmp_path / "out", "--trust-code")
     assert run.returncode == 1
     errors = [line for line in run.stderr.splitlines() if line.startswith("calmgraph: error")]
     assert errors == ["calmgraph: error: model 'base' (source python: no_such_pkg:Model): cannot import "
                       "'no_such_pkg': ModuleNotFoundError: No module named 'no_such_pkg'"]
     assert "Traceback" not in run.stderr and not (tmp_path / "out").exists()
-    verbose = calmgraph("compile", spec, "--out", tmp_path / "out", "--verbose")
+    verbose = calmgraph("compile", spec, "--out", tmp_path / "out", "--verbose", "--trust-code")
     assert verbose.returncode != 0 and "Traceback" in verbose.stderr and "ModelError" in verbose.stderr
 
 

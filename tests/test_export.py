@@ -104,9 +104,9 @@ def test_pt2_runs_in_a_fresh_process_without_calmgraph_or_model_libraries(compos
 
 def test_export_writes_code_and_spec_beside_the_artifact(composed, exported):
     folder = exported.parent
-    assert sorted(p.name for p in folder.iterdir()) == ["composed.pt2", "composed.py", "spec.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["composed.pt2", "composed.py", "composed.spec.json"]
     assert "def forward(self, input_ids, notes_input_ids, notes_mask" in (folder / "composed.py").read_text()
-    assert cg.CompositionSpec.from_json((folder / "spec.json").read_text()) == composed.spec
+    assert cg.CompositionSpec.from_json((folder / "composed.spec.json").read_text()) == composed.spec
     program = torch.export.load(exported)
     user_inputs = [s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     assert user_inputs == ["input_ids", "notes_input_ids", "notes_mask"]  # the mask is required in the artifact

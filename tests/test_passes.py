@@ -15,6 +15,7 @@ from calmgraph.errors import InternalError
 from calmgraph.passes.base import CompileState
 from calmgraph.passes.gather import Gather
 from calmgraph.passes.merge import Merge
+from calmgraph.passes.outline import Outline
 from calmgraph.passes.prune import Prune
 from calmgraph.passes.resolve import Resolve
 from calmgraph.passes.splice import Splice
@@ -119,15 +120,15 @@ def test_prune_off_keeps_everything():
 
 
 def test_verify_accepts_the_fused_graph_and_refuses_a_wrong_output():
-    state = run(state_for([[0, 0]]), Gather(), Trace(), Resolve(), Merge(), Splice(), Prune(), Verify())
+    state = run(state_for([[0, 0]]), Gather(), Trace(), Resolve(), Merge(), Splice(), Prune(), Outline(), Verify())
     assert state.verified and [r["pass"] for r in state.log] == ["gather", "trace", "resolve", "merge", "splice",
-                                                                 "prune", "verify"]
+                                                                 "prune", "outline", "verify"]
     with pytest.raises(InternalError, match="returns shape"):   # the anchor's logits have 11 entries, not 3
         verify(state.module, state.signature, torch.device("cpu"), torch.Size([2, 7, 3]))
 
 
 def test_compiled_graph_equals_the_pipeline_state():
-    state = run(state_for([[0, 0]]), Gather(), Trace(), Resolve(), Merge(), Splice(), Prune(), Verify())
+    state = run(state_for([[0, 0]]), Gather(), Trace(), Resolve(), Merge(), Splice(), Prune(), Outline(), Verify())
     composed = cg.compile(state.spec, models=state.models)
     assert composed.code == state.module.code
     assert composed.links == state.links and composed.signature == state.signature

@@ -62,7 +62,7 @@ def test_python_factory_from_module_and_from_file(tmp_path):
             return TinyLM(vocab=64, dim=width, depth=2, heads=2)
     """))
     models = cg.load_models(spec(TINY, {"python": "factories.py:small", "kwargs": {"width": 16}, "seed": 0}),
-                            base_dir=tmp_path)
+                            base_dir=tmp_path, trust_code=True)
     assert isinstance(models["base"], TinyLM) and models["base"].tok.embedding_dim == 24
     assert isinstance(models["aug"], TinyLM) and models["aug"].tok.embedding_dim == 16
     torch.manual_seed(0)
@@ -116,7 +116,7 @@ NOT_CALLABLE = 3
 ])
 def test_bad_source_raises_model_error_naming_model_and_source(source, message):
     with pytest.raises(cg.ModelError) as e:
-        cg.load_models(spec(TINY, source))
+        cg.load_models(spec(TINY, source), trust_code=True)
     text = str(e.value)
     assert text.startswith("model 'aug' (source ") and message in text, text
 

@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip torch.compile (its first call takes minutes on a CPU)")
     p.add_argument("--json", metavar="FILE", type=_writable,
                    help="also write the whole result here (times, memory, notes, machine, versions, command)")
+    p.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
+    p.add_argument("--trust-code", action="store_true", help="let the spec's `python:` sources run their code")
 
 
 def _positive(text: str) -> int:
@@ -85,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     print(settings(args, spec, device, dtype, budget, variants), flush=True)
     with progress.step(f"building {len(spec.models)} models"):
-        models = _load_models(args.spec, args.models)
+        models = _load_models(args.spec, args.models, args.trust_code)
         models = {n: m.to(device).eval() for n, m in models.items()}  # weights as given, compute under autocast
     with progress.step("compiling the composition"):
         composed = compile_composition(spec, models=models)
@@ -99,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
               "spec": spec.to_dict(), "device": device, "dtype": dtype or "as given", **result}
     print(report(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+        from ..files import write_text
+        write_text(args.json, json.dumps(result, indent=2, default=str), overwrite=args.overwrite, flag="--overwrite")
         print(f"wrote {args.json}")
     return 0
 
@@ -135,10 +138,15 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _load_models(spec_path: str, factory: str | None) -> dict:
-    from ._internals import ModelError, load_models
-    if not factory:
-        return load_models(spec_path)  # specs whose models name their `source:`
+def _load_models(spec_path: str, factory: str | None, trust_code: bool = False) -> dict:
+    from ._internals import ModelError, load_models, load_spec
+    if not factory:  # specs whose models name their `source:`; `python:` ones run only with --trust-code
+        from ..errors import SpecError
+        from ..sources import untrusted_sources
+        problems = [] if trust_code else untrusted_sources(load_spec(spec_path), flag="--trust-code")
+        if problems:
+            raise SpecError(problems, header="the spec runs code from its sources")
+        return load_models(spec_path, trust_code=trust_code)
     import importlib
     module, _, attr = factory.partition(":")
     try:

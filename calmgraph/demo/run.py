@@ -15,7 +15,7 @@ def demo_spec_path():
     return importlib.resources.files("calmgraph.demo").joinpath("demo.yaml")
 
 
-def run_demo(seed: int = 0, print_code: bool = False, out=None, progress=None) -> bool:
+def run_demo(seed: int = 0, print_code: bool = False, out=None, progress=None, overwrite: bool = False) -> bool:
     """Returns whether the composition computes exactly the anchor at initialisation. With `out`, also
     writes what `calmgraph compile` writes (composed.pt2, composed.py, spec.json, picture, summary) there."""
     with importlib.resources.as_file(demo_spec_path()) as path:
@@ -43,6 +43,6 @@ def run_demo(seed: int = 0, print_code: bool = False, out=None, progress=None) -
         print(composed.code)
     if out is not None:
         from ..export import write_bundle
-        written = write_bundle(composed, out, progress=progress)
+        written = write_bundle(composed, out, progress=progress, overwrite=overwrite, flag="--overwrite")
         print(f"\nwrote {', '.join(str(p) for p in written)}")
     return same

@@ -96,6 +96,7 @@ class CompileState:
     merged: Merged | None = None                       # merge
     module: fx.GraphModule | None = None               # splice: the fused graph, as a module
     pruned: PruneReport | None = None                  # prune
+    outlined: Any = None                               # outline: its OutlineReport (block paths, what stayed flat)
     verified: bool = False                             # verify
     log: list[dict[str, Any]] = field(default_factory=list)  # per pass: name, modified, seconds
 

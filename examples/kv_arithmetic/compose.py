@@ -1,7 +1,7 @@
 """Compose the trained base models with calmgraph and train only the cross-attention (CALM §4.1).
 
     python -m examples.kv_arithmetic.compose --base runs/kv                   # after train_base; one GPU
-    python -m examples.kv_arithmetic.compose --base /tmp/kv --smoke           # CPU, seconds
+    python -m examples.kv_arithmetic.compose --base runs/kv --smoke            # CPU, seconds
 
 The anchor m_B reads the augment m_A through causal cross-attention: both read the same tokens, and
 by default every m_A block feeds one m_B block (the paper taps every 4th layer of much deeper models; m_A
@@ -11,8 +11,6 @@ Both base models stay frozen. The composition trains on `--data`:
     substitution   KV-substitution over the 20% of keys in `world.compose_keys` (the paper's protocol)
     kv_mix         KV-substitution and KV-arithmetic, half each, over the same 20% of keys (a fallback that
                    departs from the paper: the composition sees the `=` task on keys, never the other 80%)
-    kv_pad         KV-substitution, and KV-arithmetic prompts with the loss on the scratchpad and its `;` only
-                   (a smaller departure: the composition learns that a `=` answer goes on, never a result)
     *_replay       half the same, half m_B's own task mix (`compose_tasks`): no key in it
 
 Writes `calm_<data>.safetensors` (the new parameters only), `calm_<data>_spec.json` and
@@ -30,10 +28,9 @@ from safetensors.torch import save_file
 import calmgraph as cg
 from calmgraph.train import FineTuner, TrainConfig
 from examples.handwritten_gpt.gpt import GPT
-from examples.kv_arithmetic.budget import train_within
-from examples.kv_arithmetic.data import KVConfig, KVDataset, KVWorld
+from examples.kv_arithmetic.data import KVConfig, KVDataset, KVWorld, collate
 from examples.kv_arithmetic.evaluate import accuracy_row, compose_key_accuracy, format_table
-from examples.kv_arithmetic.train_base import load_base, task_mix
+from examples.kv_arithmetic.train_base import load_base, task_mix, train_steps
 
 # All over the composition's 20% of keys. "<data>_replay" is half <data>, half the anchor's own task mix
 # (expressions over the values of those keys, or prompts of letters that are no key): nothing new, but the
@@ -42,7 +39,6 @@ from examples.kv_arithmetic.train_base import load_base, task_mix
 COMPOSE_DATA = {
     "substitution": {"kv_substitution": 1.0},
     "kv_mix": {"kv_substitution": 0.5, "kv_arithmetic": 0.5},
-    "kv_pad": {"kv_substitution": 0.5, "kv_scratchpad": 0.5},
 }
 DATA_CHOICES = [*COMPOSE_DATA, *(f"{d}_replay" for d in COMPOSE_DATA)]
 
@@ -90,7 +86,7 @@ def compose(m_A: GPT, m_B: GPT, layers: str = "every1", positions: str = "none",
 
 def train_composition(composed: cg.ComposedModel, world: KVWorld, data: str, *, steps: int, batch_size: int,
                       lr: float, seed: int = 0, cpu: bool = False, progress: bool = True,
-                      seconds: float | None = None, num_workers: int = 0, eos_loss: bool = True
+                      num_workers: int = 0, eos_loss: bool = True
                       ) -> tuple[cg.ComposedModel, FineTuner, dict]:
     """Train the composition's new parameters on `compose_tasks(data)` over the composition's keys (with
     `eos_loss=False`, without the loss on the EOS that ends a KV-substitution answer)."""
@@ -99,8 +95,8 @@ def train_composition(composed: cg.ComposedModel, world: KVWorld, data: str, *, 
     cfg = TrainConfig(max_steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(100, steps // 10),
                       weight_decay=0.01, shuffle=False, seed=seed, cpu=cpu, progress=progress,
                       num_workers=num_workers)
-    tuner = FineTuner(composed, dataset, cfg)  # new_parameters(): the cross-attention only
-    run = train_within(tuner, seconds)
+    tuner = FineTuner(composed, dataset, cfg, collate_fn=collate)  # new_parameters(): the cross-attention only
+    run = train_steps(tuner)
     # Without the autocast wrapper Accelerate put on forward: compiled again or scored in fp32 after this.
     return tuner.accelerator.unwrap_model(tuner.model, keep_fp32_wrapper=False), tuner, run
 

@@ -35,7 +35,6 @@ Two protocols (`KVConfig.protocol`):
 
     numeric_reread       "31-7+60="     ->  "10+22-24;8"    loss on ";8" only (scratchpad only)
     copy_reread          "31-7+60>"     ->  "10+22-24"      loss on the EOS only (scratchpad only)
-    kv_scratchpad        "ab+cde-fg="   ->  "10+22-24;8"    loss on "10+22-24;" only: no result on keys
 
 numeric_reread teaches m_B that the result is a function of its scratchpad, not of the prompt: the
 prompt shows another expression and the copy part is given (teacher-forced, no loss), so the result can
@@ -50,6 +49,15 @@ the only signal it needs: a composition need not be told where a substitution en
 With `augment_markers=">="` m_A's substitution prompts end in either marker (it substitutes either way):
 m_A then reads a KV-arithmetic prompt as it reads its own data. Trained on `>` alone it has never read `=`
 and garbles what follows it (`niydb+uij+nxxqq=` -> `====;;;;;74+74+...`). It still knows nothing of arithmetic.
+
+With `anchor_mix="broad"` m_B learns, instead of the mixes above, numbers and copies after bindings it does
+not use, and expressions of names bound to numbers earlier in the prompt (`KVWorld.bound`):
+
+    bound_arithmetic     "qz:127;wp:30;qz+15-wp="  ->  "112"        names: random, never a key
+    bound_copy           "qz:127;wp:30;qz+15-wp>"  ->  "127+15-30"
+
+`val_key_frac` keeps that share of the composition's keys out of its training data (split "compose"), to
+choose its hyperparameters on (split "val": expressions over the composition's keys with at least one of them).
 """
 from __future__ import annotations
 
@@ -58,18 +66,20 @@ import string
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 # Character tokenizer shared by both models: 0 pads, 1 ends the answer.
-CHARS = string.digits + string.ascii_lowercase + "+-*=>;"
+CHARS = string.digits + string.ascii_lowercase + "+-*=>;:"  # ":" binds a name to a number (bound_*)
 PAD_ID, EOS_ID = 0, 1
 VOCAB_SIZE = len(CHARS) + 2
 STOI = {ch: i + 2 for i, ch in enumerate(CHARS)}
 
-TASKS = ("kv_substitution", "numeric_arithmetic", "kv_arithmetic", "numeric_copy", "numeric_reread", "kv_scratchpad",
-         "copy_reread")
+TASKS = ("kv_substitution", "numeric_arithmetic", "kv_arithmetic", "numeric_copy", "numeric_reread", "copy_reread",
+         "bound_arithmetic", "bound_copy")
 PROTOCOLS = ("direct", "scratchpad")
+ANCHOR_MIXES = ("narrow", "broad")
 SEP = ";"  # ends the scratchpad, before the result
 Expr = tuple[tuple[int, ...], tuple[str, ...]]  # (key indices, operators between them)
 
@@ -86,10 +96,11 @@ class KVConfig:
     protocol: str = "direct"    # or "scratchpad": `=` answers "<expression with numbers>;<result>"
     reread_letters: float = 0.0  # share of numeric_reread prompts written in letters that are no key
     augment_markers: str = ">"  # m_A's substitution prompts end in one of these at random (">=": either)
-    augment_eos: bool = True    # m_A's loss covers the EOS after its values (False: m_A never learns the end)
-    close_copy: bool = False    # scratchpad: `>` answers end with the separator too ("10+22-24;")
     fixed_width: bool = False   # numbers in expressions written with leading zeros to one width ("010+022")
     reread_copy: float = 0.0    # share of m_B's copy items that are copy_reread (scratchpad only)
+    anchor_mix: str = "narrow"  # m_B's tasks: "narrow" (numbers only) or "broad" (+ bound names; train_base.py)
+    anchor_operands: tuple[int, int] | None = None  # operands of m_B's own expressions (None: as the eval's)
+    val_key_frac: float = 0.0   # this share of the composition's keys validates it instead of training it
 
 
 # What each protocol changes beyond the answer format. The scratchpad run drops * (the first attempt's m_B
@@ -141,7 +152,11 @@ class KVWorld:
     def __init__(self, cfg: KVConfig = KVConfig()):
         if cfg.protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {cfg.protocol!r}; known: {PROTOCOLS}")
-        for name in ("reread_letters", "reread_copy"):
+        if cfg.reread_copy and cfg.protocol != "scratchpad":
+            raise ValueError("reread_copy (copy_reread items) exists only in the scratchpad protocol; set it to 0")
+        if cfg.anchor_mix not in ANCHOR_MIXES:
+            raise ValueError(f"unknown anchor_mix {cfg.anchor_mix!r}; known: {ANCHOR_MIXES}")
+        for name in ("reread_letters", "reread_copy", "val_key_frac"):
             if not 0.0 <= getattr(cfg, name) <= 1.0:
                 raise ValueError(f"{name} is a share of items, between 0 and 1; got {getattr(cfg, name)}")
         self.cfg = cfg
@@ -150,9 +165,14 @@ class KVWorld:
         while len(keys) < cfg.n_keys:
             keys["".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 6)))] = None
         self.keys = list(keys)
+        self._key_set = set(keys)
         self.values = rng.sample(range(1, cfg.n_keys + 1), cfg.n_keys)  # unique, in [1, n_keys]
         n_compose = max(1, round(cfg.compose_key_frac * cfg.n_keys))
         self.compose_keys = sorted(rng.sample(range(cfg.n_keys), n_compose))
+        # A stream of its own, so that worlds without a validation split stay as they were.
+        val_rng = random.Random(f"kv-val/{cfg.seed}")
+        self.val_keys = sorted(val_rng.sample(self.compose_keys, round(cfg.val_key_frac * n_compose)))
+        self.fit_keys = sorted(set(self.compose_keys) - set(self.val_keys))  # what the composition trains on
 
         eval_rng = random.Random(f"kv-eval/{cfg.seed}")
         held_out: dict[Expr, None] = {}
@@ -166,8 +186,17 @@ class KVWorld:
         prompt = 6 * k + (k - 1) + 1
         expression, result = digits * k + (k - 1), 1 + len(str(cfg.n_keys ** k))
         answer = expression + 1 + result if cfg.protocol == "scratchpad" else max(expression, result)  # + 1: the ;
-        self.max_len = prompt + answer + 1
         self.max_answer_len = answer + 1
+        self.max_len = prompt + answer + 1
+        if cfg.anchor_mix == "broad":  # bound_* items: up to k + 1 bindings "name:value;" before the expression
+            k = max(k, self.anchor_operands[1])
+            expression, result = digits * k + (k - 1), 1 + len(str(cfg.n_keys ** k))
+            answer = expression + 1 + result if cfg.protocol == "scratchpad" else max(expression, result)
+            self.max_len = max(self.max_len, (k + 1) * (6 + 1 + digits + 1) + 6 * k + (k - 1) + 1 + answer + 1)
+
+    @property
+    def anchor_operands(self) -> tuple[int, int]:
+        return tuple(self.cfg.anchor_operands or (self.cfg.min_operands, self.cfg.max_operands))
 
     def sample(self, rng: random.Random, key_pool: Sequence[int], n: int | None = None) -> Expr:
         n = rng.randint(self.cfg.min_operands, self.cfg.max_operands) if n is None else n
@@ -182,6 +211,50 @@ class KVWorld:
     def _nums(self, expr: Expr) -> str:
         width = len(str(self.cfg.n_keys)) if self.cfg.fixed_width else 0
         return self._join([str(self.values[i]).zfill(width) for i in expr[0]], expr[1])
+
+    def name(self, rng: random.Random) -> str:
+        """A random name of 2-6 letters that is no key (a key's length distribution)."""
+        while True:
+            word = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 6)))
+            if word not in self._key_set:
+                return word
+
+    def bound(self, rng: random.Random, task: str) -> tuple[str, str]:
+        """(prompt, answer) of a bound_* item: numbers bound to random names that are no keys, then an
+        expression of names and numbers (`qz:127;wp:30;qz+15-wp=` -> `112`; `>`: `127+15-30`). m_B learns to
+        read a name's number from elsewhere in its context: a route from a name to a number that a composition
+        can feed for a key. Never a key, never a held-out expression (those hold keys)."""
+        n = rng.randint(*self.anchor_operands)
+        top = self.cfg.n_keys
+        names: list[str] = []
+        while len(names) < n:
+            word = self.name(rng)
+            if word not in names:
+                names.append(word)
+        is_name = [rng.random() < 0.6 for _ in range(n)]
+        if not any(is_name):
+            is_name[rng.randrange(n)] = True
+        values = [rng.randint(1, top) for _ in range(n)]
+        ops = [rng.choice(self.cfg.ops) for _ in range(n - 1)]
+        bindings = [(w, v) for w, v, b in zip(names, values, is_name) if b]
+        if rng.random() < 0.5:  # a binding the expression does not use
+            bindings.append((self.name(rng), rng.randint(1, top)))
+        rng.shuffle(bindings)
+        prefix = "".join(f"{w}:{self._num(v)};" for w, v in bindings)
+        shown = self._join([w if b else self._num(v) for w, v, b in zip(names, values, is_name)], ops)
+        nums = self._join([self._num(v) for v in values], ops)
+        if task == "bound_copy":
+            return prefix + shown + ">", nums
+        result = str(solve(values, ops))
+        return prefix + shown + "=", (nums + SEP + result if self.cfg.protocol == "scratchpad" else result)
+
+    def distractor_bindings(self, rng: random.Random) -> str:
+        """0-2 bindings of names the expression after them does not use: its numbers start at varied positions."""
+        return "".join(f"{self.name(rng)}:{self._num(rng.randint(1, self.cfg.n_keys))};"
+                       for _ in range(rng.randint(0, 2)))
+
+    def _num(self, v: int) -> str:
+        return str(v).zfill(len(str(self.cfg.n_keys)) if self.cfg.fixed_width else 0)
 
     def letters(self, rng: random.Random, n: int | None = None) -> str:
         """An expression of letter strings that are not keys (`n` of them): a prompt m_B cannot read."""
@@ -202,7 +275,6 @@ class KVWorld:
         copy = nums_text
         if self.cfg.protocol == "scratchpad":
             result = nums_text + SEP + result
-            copy += SEP if self.cfg.close_copy else ""
         elif task in ("numeric_reread", "copy_reread"):
             raise ValueError(f"{task} exists only in the scratchpad protocol")
         if task in ("numeric_reread", "copy_reread"):
@@ -214,7 +286,6 @@ class KVWorld:
             "kv_substitution": (keys_text + ">", copy),
             "numeric_arithmetic": (nums_text + "=", result),
             "kv_arithmetic": (keys_text + "=", result),
-            "kv_scratchpad": (keys_text + "=", result),  # the loss stops at the separator (KVDataset)
             "numeric_copy": (nums_text + ">", copy),
         }[task]
 
@@ -223,7 +294,9 @@ class KVWorld:
         ids = encode(prompt) + encode(answer) + [EOS_ID]
         pad = self.max_len - len(ids)
         mask = [False] * (len(prompt) + loss_from) + [True] * (len(answer) - loss_from + 1) + [False] * pad
-        return {"input_ids": torch.tensor(ids + [PAD_ID] * pad), "label_mask": torch.tensor(mask)}
+        # numpy first: torch.tensor on a list is slow, and data loading bounds these small models' steps
+        return {"input_ids": torch.from_numpy(np.array(ids + [PAD_ID] * pad, dtype=np.int64)),
+                "label_mask": torch.from_numpy(np.array(mask, dtype=np.bool_))}
 
 
 class KVDataset(Dataset):
@@ -242,7 +315,7 @@ class KVDataset(Dataset):
         self.world, self.split, self.eos_loss = world, split, eos_loss
         self.tasks = {tasks: 1.0} if isinstance(tasks, str) else dict(tasks)
         unknown = set(self.tasks) - set(TASKS)
-        if unknown or split not in ("train", "compose", "eval"):
+        if unknown or split not in ("train", "compose", "val", "eval"):
             raise ValueError(f"unknown task(s) {sorted(unknown)} or split {split!r}; tasks: {TASKS}")
         if split == "eval":
             if len(self.tasks) != 1:
@@ -252,7 +325,9 @@ class KVDataset(Dataset):
             if size is None:
                 raise ValueError("a training split needs a size (items are generated, not stored)")
             self.size = size
-        self.pool = world.compose_keys if split == "compose" else range(world.cfg.n_keys)
+        self.pool = {"compose": world.fit_keys, "val": world.compose_keys}.get(split, range(world.cfg.n_keys))
+        if split == "val" and not world.val_keys:
+            raise ValueError("a val split needs validation keys: set KVConfig.val_key_frac > 0")
 
     def __len__(self) -> int:
         return self.size
@@ -263,9 +338,13 @@ class KVDataset(Dataset):
             return self.world.eval_exprs[i], next(iter(self.tasks))
         rng = random.Random(f"kv-{self.split}/{self.world.cfg.seed}/{i}")
         task = rng.choices(list(self.tasks), weights=list(self.tasks.values()))[0]
+        n = None  # the eval's operand count, or m_B's own (anchor_operands) for its numeric tasks
+        if self.world.cfg.anchor_operands and task.startswith(("numeric_", "copy_")) and self.split == "train":
+            n = rng.randint(*self.world.anchor_operands)
+        val = set(self.world.val_keys)
         while True:
-            expr = self.world.sample(rng, self.pool)
-            if not self.world.is_held_out(expr):
+            expr = self.world.sample(rng, self.pool, n)
+            if not self.world.is_held_out(expr) and (self.split != "val" or val & set(expr[0])):
                 return expr, task
 
     def distractor(self, i: int, n: int | None = None) -> Expr | str:
@@ -286,24 +365,27 @@ class KVDataset(Dataset):
         return item
 
     def _item(self, i: int, expr: Expr, task: str) -> dict[str, torch.Tensor]:
+        cfg = self.world.cfg
+        if task.startswith("bound_"):
+            return self.world.tensors(*self.world.bound(random.Random(f"kv-bound/{cfg.seed}/{self.split}/{i}"), task))
+        if task in ("numeric_arithmetic", "numeric_copy") and cfg.anchor_mix == "broad" and self.split == "train":
+            prompt, answer = self.world.example(expr, task)  # after 0-2 bindings it does not use
+            prefix = self.world.distractor_bindings(random.Random(f"kv-prefix/{cfg.seed}/{i}"))
+            return self.world.tensors(prefix + prompt, answer)
         if task in ("numeric_reread", "copy_reread"):  # the copy is given, not learned here
             n = len(expr[0]) if task == "copy_reread" else None
             prompt, answer = self.world.example(expr, task, self.distractor(i, n))
             return self.world.tensors(prompt, answer, loss_from=answer.index(SEP) if task == "numeric_reread"
                                       else len(answer))
         prompt, answer = self.world.example(expr, task)
-        cfg = self.world.cfg
-        if task == "kv_scratchpad":  # the scratchpad and its `;` only: no result on keys is ever shown
-            if SEP not in answer:
-                raise ValueError("kv_scratchpad exists only in the scratchpad protocol")
-            item = self.world.tensors(prompt, answer)
-            item["label_mask"][len(prompt) + answer.index(SEP) + 1:] = False
-            return item
-        if task != "kv_substitution" or self.split != "train":
-            return self.world.tensors(prompt, answer)
-        if cfg.augment_markers != ">":  # m_A's own data
+        if task == "kv_substitution" and self.split == "train" and cfg.augment_markers != ">":  # m_A's own data
             prompt = prompt[:-1] + random.Random(f"kv-marker/{cfg.seed}/{i}").choice(cfg.augment_markers)
-        item = self.world.tensors(prompt, answer)
-        if not cfg.augment_eos:
-            item["label_mask"][len(prompt) + len(answer)] = False
-        return item
+        return self.world.tensors(prompt, answer)
+
+
+def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack a batch and cut the padding columns every item has (positions are absolute from 0, so the
+    right padding carries nothing)."""
+    batch = {k: torch.stack([item[k] for item in items]) for k in items[0]}
+    width = int((batch["input_ids"] != PAD_ID).any(0).nonzero().max()) + 1
+    return {k: v[:, :width] for k, v in batch.items()}

@@ -51,6 +51,17 @@ def answers(model, world: KVWorld, task: str, device, batch_size: int = 1000) ->
     return [(p, ref, a) for (p, ref), a in zip(pairs, got)]
 
 
+def chain_answers(m_A, m_B, world: KVWorld, device) -> list[tuple[str, str, str]]:
+    """(prompt, reference, answer) for every held-out KV-arithmetic expression, answered by the chain
+    baseline: m_A substitutes the prompt's keys (its own `>` task), and m_B is asked to compute what m_A wrote
+    (`<m_A's answer>=`). No trained parameters beyond the two base models."""
+    pairs = [world.example(e, "kv_arithmetic") for e in world.eval_exprs]
+    copies = greedy_complete(m_A, [p[:-1] + ">" for p, _ in pairs], world.max_answer_len, device)
+    longest = world.max_len - world.max_answer_len - 1  # m_B's prompt and answer must fit its positions
+    got = greedy_complete(m_B, [c.removesuffix(SEP)[:longest] + "=" for c in copies], world.max_answer_len, device)
+    return [(p, ref, a) for (p, ref), a in zip(pairs, got)]
+
+
 def result_given_scratchpad(model, world: KVWorld, task: str, device) -> float:
     """% of held-out `task` results right when the right scratchpad and its separator are given (teacher-forced):
     the anchor's arithmetic on values it reads from its own context, whatever wrote them."""
@@ -58,6 +69,19 @@ def result_given_scratchpad(model, world: KVWorld, task: str, device) -> float:
     forced = [p + ref[:ref.index(SEP) + 1] for p, ref in pairs]
     got = greedy_complete(model, forced, world.max_len - max(map(len, forced)), device)  # room for the result
     return 100.0 * sum(a == final_result(ref) for (_, ref), a in zip(pairs, got)) / len(pairs)
+
+
+def val_accuracy(model, world: KVWorld, device, n: int = 500) -> dict[str, float]:
+    """Exact match on `n` expressions of the validation split (the composition's keys, each expression with at
+    least one validation key, none held out) for KV-substitution and KV-arithmetic: what hyperparameters are
+    chosen by, never the held-out expressions."""
+    row = {}
+    for task in ("kv_substitution", "kv_arithmetic"):
+        ds = KVDataset(world, task, "val", size=n)
+        pairs = [world.example(ds.expr_and_task(i)[0], task) for i in range(n)]
+        got = greedy_complete(model, [p for p, _ in pairs], world.max_answer_len, device)
+        row[task] = 100.0 * sum(hit(ref, a) for (_, ref), a in zip(pairs, got)) / n
+    return row
 
 
 def compose_key_accuracy(model, world: KVWorld, device, n: int = 500) -> float:
@@ -72,7 +96,7 @@ def compose_key_accuracy(model, world: KVWorld, device, n: int = 500) -> float:
 
 def final_result(answer: str) -> str:
     """What follows the answer's last `;` (all of it if it has none; a `;` that ends it is dropped first)."""
-    return answer.removesuffix(SEP).rsplit(SEP, 1)[-1]  # a closed copy ("10+22;") is all result
+    return answer.removesuffix(SEP).rsplit(SEP, 1)[-1]  # a trailing separator ends nothing: dropped
 
 
 def hit(reference: str, answer: str, part: str = "final") -> bool:

@@ -1,21 +1,21 @@
-"""The whole experiment in one command: both base models, the compositions, the 3x3 table, the JSON.
+"""The whole experiment in one command: both base models, the compositions, the chain baseline, the JSON.
 
-    python -m examples.kv_arithmetic.run_all --out runs/kv --budget-s 400          # one GPU, ~5 minutes
-    python -m examples.kv_arithmetic.run_all --protocol direct --out runs/kv_direct --budget-s 330  # first attempt
-    accelerate launch --multi_gpu --num_processes 2 -m examples.kv_arithmetic.run_all --out runs/kv2 \\
-        --budget-s 60 --json runs/kv2/kv_arithmetic.json                          # data parallel, short
-    python -m examples.kv_arithmetic.run_all --out /tmp/kv --smoke --json /tmp/kv/kv.json   # CPU smoke run
-    python -m examples.kv_arithmetic.run_all --base runs/kv --out runs/kv_last --layers last \
-        --compositions calm,calm_replay --budget-s 120 --json runs/kv_last/kv.json  # other compositions, same bases
+    python -m examples.kv_arithmetic.run_all --out runs/kv --json runs/kv/kv_arithmetic.json   # one GPU
+    python -m examples.kv_arithmetic.run_all --preset same_token --out runs/kv1 --json runs/kv1/kv.json
+    python -m examples.kv_arithmetic.run_all --out runs/kv_smoke --smoke --json runs/kv_smoke/kv.json  # CPU
+    python -m examples.kv_arithmetic.run_all --base runs/kv --out runs/kv_more --compositions input_deep \
+        --json runs/kv_more/kv.json        # other compositions of the same base models
 
-`--budget-s` is the training time of all runs together: BASE_SHARE of it for the base models, the rest
-shared equally by the compositions; each run times its first steps and fits its length to its share
-(budget.py), up to its step cap. Rows of the table: m_A, m_B, and one per composition (COMPOSE_DATA_OF):
-calm is trained on KV-substitution over 20% of keys (the paper's protocol), calm_kv_mix on KV-substitution
-and KV-arithmetic over the same 20% (the fallback), the *_replay rows mix in m_B's own tasks. All are
-scored by greedy exact match of the final result (after the last `;`) on the same 1000 held-out
-expressions; the JSON's `full_answer` scores whole answers. `--protocol` picks the answer format (data.py):
-scratchpad (default; one composition, `calm`) or direct (the first attempt; `calm` and `calm_kv_mix`).
+`--preset` names the world, the base models and the compositions (PRESETS; options given win). Every run
+has a fixed number of optimizer steps, so a rerun repeats it step for step. Each composition is a named
+variant (VARIANTS): its training data, layer pairs and cross-attention. Its table's `protocol` is "paper"
+where the composition trains on KV-substitution over the composition's keys and nothing else (the paper's
+D_C), otherwise the variant's name; `departures` lists what differs from the paper. With `--select` the
+table's composition is the one with the best exact match on expressions over the validation keys (a share
+of the composition's keys it does not train on), never on the held-out set. `chain` is the baseline with
+no trained parameters: m_A's greedy substitution of the prompt's keys, fed to m_B as a numeric prompt. All
+rows are scored by greedy exact match of the final result (after the last `;`, the whole answer where there
+is none) on the same 1000 held-out expressions; `full_answer` scores whole answers.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import os
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -33,84 +33,173 @@ import torch
 from safetensors.torch import save_model
 
 from examples.handwritten_gpt.gpt import GPTConfig
-from examples.kv_arithmetic.compose import (LAYERS, compose, compose_tasks, layer_choice, layers_arg, save_composition,
-                                           train_composition)
-from examples.kv_arithmetic.data import PROTOCOLS, SEP, KVConfig, KVWorld, protocol_config
-from examples.kv_arithmetic.evaluate import (EVAL_TASKS, answers, compose_key_accuracy, format_table, hit,
-                                             result_given_scratchpad)
+from examples.kv_arithmetic.compose import compose, compose_tasks, layer_choice, save_composition, train_composition
+from examples.kv_arithmetic.data import ANCHOR_MIXES, PROTOCOLS, SEP, KVConfig, KVWorld, protocol_config
+from examples.kv_arithmetic.evaluate import (EVAL_TASKS, answers, chain_answers, compose_key_accuracy, format_table,
+                                             hit, result_given_scratchpad, val_accuracy)
 from examples.kv_arithmetic.train_base import MODELS, load_base, smoke_config, train_base, write_config
 
-# Of the budget; the compositions share the rest equally. The scratchpad run trains one composition, so m_B
-# (whose skill the composition reuses) gets more.
-BASE_SHARE = {"direct": {"m_A": 0.15, "m_B": 0.40}, "scratchpad": {"m_A": 0.15, "m_B": 0.45}}
-DEFAULT_COMPOSITIONS = {"direct": "calm,calm_kv_mix", "scratchpad": "calm"}
-COMPOSE_DATA_OF = {"calm": "substitution", "calm_kv_mix": "kv_mix", "calm_kv_pad": "kv_pad", "calm_replay": "substitution_replay",
-                   "calm_kv_mix_replay": "kv_mix_replay"}
+# Composition variants: training data (compose.COMPOSE_DATA), layer pairs (compose.LAYERS or "S:T,..."),
+# cross-attention window and null key, and whether the loss covers the EOS of a substitution answer.
+VARIANTS = {
+    "paper": dict(data="substitution", layers="every1", window=None, null_kv=False, eos_loss=True),  # steps: --steps
+    "paper_same_token": dict(data="substitution", layers="last", window=1, null_kv=False, eos_loss=True),
+    "replay_same_token": dict(data="substitution_replay", layers="last", window=1, null_kv=True, eos_loss=False),
+    "kv_mix_same_token": dict(data="kv_mix", layers="last", window=1, null_kv=True, eos_loss=True),
+    # m_A's middle blocks into m_B's early blocks, full causal attention: at a key's last character m_A may
+    # hold the key's value, and m_B (anchor_mix="broad") has a route from a name to a number there.
+    "input_mid": dict(data="substitution", layers="2:1,3:2", window=None, null_kv=False, eos_loss=True),
+    "input_wide": dict(data="substitution", layers="1:0,2:1,3:2,4:3", window=None, null_kv=False, eos_loss=True),
+    "input_deep": dict(data="substitution", layers="3:1,4:2,5:3", window=None, null_kv=False, eos_loss=True),
+    # the same, stopped early: trained to a loss near 0 by step ~900, they had overwritten m_B's own `=` task
+    "input_mid_short": dict(data="substitution", layers="2:1,3:2", window=None, null_kv=False, eos_loss=True, steps=300),
+    "input_wide_short": dict(data="substitution", layers="1:0,2:1,3:2,4:3", window=None, null_kv=False, eos_loss=True,
+                             steps=300),
+}
 PAPER = {"m_A": {"kv_substitution": 98.1, "numeric_arithmetic": 4.2, "kv_arithmetic": 0.7},
          "m_B": {"kv_substitution": 0.0, "numeric_arithmetic": 73.7, "kv_arithmetic": 0.0},
          "calm": {"kv_substitution": 92.9, "numeric_arithmetic": 72.0, "kv_arithmetic": 84.3}}
+DEFAULT_STEPS = {"m_A": 2400, "m_B": 7800, "calm": 2500}
+# Named settings of everything else; options given on the command line win.
+PRESETS = {
+    # The paper's protocol with a broadly trained anchor: direct answers, m_B (8 x 384) on numbers, copies and
+    # names bound to numbers; compositions of m_A's middle blocks into m_B's early blocks, chosen on
+    # validation keys.
+    "input_side": dict(protocol="direct", ops="+-", n_keys=500, anchor_mix="broad", anchor_operands="2,4",
+                       val_key_frac=0.2, select=True, augment_markers=">", fixed_width=False, reread_letters=0.0,
+                       reread_copy=0.0, m_a="n_layer=6,n_head=8,n_embd=256", m_b="n_layer=8,n_head=8,n_embd=384",
+                       steps="m_A=3000,m_B=16000,calm=1500", batch_size=256, workers=12, seed=0,
+                       compositions="input_mid_short,input_wide_short,input_mid,input_wide"),
+    # The sixth attempt's world (docs/kv_arithmetic_history.md): scratchpad answers, m_B trained on letter
+    # prompts it cannot read; the departures rows of the table.
+    "same_token": dict(protocol="scratchpad", n_keys=300, reread_letters=1.0, augment_markers=">=", fixed_width=True,
+                       reread_copy=0.5, steps="m_A=2400,m_B=7800,calm=2500", batch_size=1024, workers=6, seed=1,
+                       compositions="paper,paper_same_token,replay_same_token,kv_mix_same_token"),
+}
+
+
+def protocol_of(variant: str) -> str:
+    return "paper" if VARIANTS[variant]["data"] == "substitution" else variant
+
+
+def departures(kv: KVConfig, variant: str) -> list[str]:
+    """What differs from the paper's Table 1 setup, read off the data config and the variant."""
+    v, out = VARIANTS[variant], ["base models of a few layers trained from scratch (paper: PaLM2-XXS and -XS)",
+                                 f"{kv.n_keys} keys (paper: 25K)"]
+    out.append(f"{kv.min_operands}-{kv.max_operands} operands" if kv.min_operands != kv.max_operands
+               else f"{kv.min_operands} operands")
+    if set(kv.ops) != set("+-*"):
+        out.append(" and ".join(kv.ops) + " only")
+    if kv.protocol == "scratchpad":
+        out.append("scratchpad answers: values;result (paper: the result alone)")
+    if kv.reread_letters:
+        out.append(f"m_B trained on rereads whose prompt is letters that are no key ({kv.reread_letters:.0%} of them)")
+    if kv.reread_copy:
+        out.append("m_B trained on copies with a prompt it cannot read (copy_reread)")
+    if kv.fixed_width:
+        out.append("numbers written to one width with leading zeros")
+    if kv.anchor_mix == "broad":
+        out.append("m_B trained on a broad mix: numbers after unused bindings, copies, and names bound to numbers "
+                   f"in the prompt ({kv.anchor_operands or (kv.min_operands, kv.max_operands)} operands)")
+    if kv.val_key_frac:
+        out.append(f"the composition trains on {1 - kv.val_key_frac:.0%} of its 20% of keys; the rest validate")
+    if v["data"] != "substitution":
+        out.append(f"composition data {compose_tasks(v['data'], kv)} (paper: KV-substitution only)")
+    if v["window"] is not None:
+        out.append(f"cross-attention reads m_A's last {v['window']} token(s) only (window: {v['window']})")
+    if v["null_kv"]:
+        out.append("a learned null key/value in the cross-attention")
+    if not v["eos_loss"]:
+        out.append("no loss on the EOS of substitution answers")
+    return out
+
+
+def model_arg(text: str) -> dict[str, int]:
+    try:
+        return {k: int(v) for k, v in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a model is n_layer=N,n_head=N,n_embd=N, not {text!r}") from None
+
+
+def steps_arg(text: str) -> dict[str, int]:
+    try:
+        got = {k: int(v) for k, v in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--steps takes m_A=N,m_B=N,calm=N, not {text!r}") from None
+    if set(got) - set(DEFAULT_STEPS):
+        raise argparse.ArgumentTypeError(f"--steps: unknown {sorted(set(got) - set(DEFAULT_STEPS))}; "
+                                         f"known: {list(DEFAULT_STEPS)}")
+    return {**DEFAULT_STEPS, **got}
 
 
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True, help="models, new parameters and logs go here")
-    ap.add_argument("--json", default="benchmarks/results/kv_arithmetic.json", help="where the table goes")
+    ap.add_argument("--preset", choices=list(PRESETS), default="input_side",
+                    help="named defaults of the options below (PRESETS); an option given here wins")
+    ap.add_argument("--out", required=True, help="models, new parameters and config go here")
+    ap.add_argument("--json", required=True, help="where the tables go")
     ap.add_argument("--smoke", action="store_true", help="tiny models and data, a few steps, CPU")
-    ap.add_argument("--budget-s", type=float, default=None, help="training seconds for all runs together")
-    ap.add_argument("--base-steps", type=int, default=6000, help="step cap of each base model")
-    ap.add_argument("--calm-steps", type=int, default=3000, help="step cap of each composition")
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--steps", type=steps_arg, default=dict(DEFAULT_STEPS),
+                    help=f"optimizer steps per run, e.g. m_A=2400,m_B=7800,calm=2500 (default {DEFAULT_STEPS}; "
+                         "calm: each composition)")
+    ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--workers", type=int, default=4, help="data loader processes (0 on the CPU)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--protocol", choices=PROTOCOLS, default="scratchpad",
-                    help="answer format (data.py): scratchpad (default) or direct (the first attempt)")
-    ap.add_argument("--compositions", help=f"rows to train, of {list(COMPOSE_DATA_OF)} "
-                                           f"(default per protocol: {DEFAULT_COMPOSITIONS})")
-    ap.add_argument("--layers", default="every1", type=layers_arg, help=f"which blocks are connected: {list(LAYERS)} "
-                                                                    "or pairs S:T,... (m_A block S -> m_B block T)")
-    ap.add_argument("--positions", choices=["none", "rotary"], default="none",
-                    help="cross-attention positions (rotary: RoPE on queries and keys; the paper's have none)")
-    ap.add_argument("--window", type=int, help="each anchor token reads m_A's last WINDOW tokens (default: all)")
+    ap.add_argument("--workers", type=int, default=6, help="data loader processes (0 on the CPU)")
+    ap.add_argument("--seed", type=int, default=1, help="the world: keys, values, splits, held-out expressions")
+    ap.add_argument("--protocol", choices=PROTOCOLS, default="scratchpad", help="answer format (data.py)")
+    ap.add_argument("--compositions", default="paper,paper_same_token,replay_same_token",
+                    help=f"variants to train, of {list(VARIANTS)}")
     ap.add_argument("--base", help="reuse the base models of an earlier --out instead of training them")
-    ap.add_argument("--n-keys", type=int, help="number of keys N_KV (values: a permutation of 1..N_KV); "
-                                               "default 100 (data.KVConfig)")
-    ap.add_argument("--reread-letters", type=float, default=0.0,
+    ap.add_argument("--n-keys", type=int, default=300, help="number of keys N_KV (values: a permutation of 1..N_KV)")
+    ap.add_argument("--reread-letters", type=float, default=1.0,
                     help="share of m_B's numeric_reread prompts written in letters that are no key (data.py)")
-    ap.add_argument("--augment-markers", default=">",
+    ap.add_argument("--augment-markers", default=">=",
                     help="the markers m_A's substitution prompts end in, at random ('>=': either; data.py)")
-    ap.add_argument("--augment-no-eos", action="store_true",
-                    help="m_A's loss leaves out the EOS after its values: it never learns where an answer ends")
-    ap.add_argument("--close-copy", action="store_true",
-                    help="`>` answers (copy, substitution) end with ';' too, as the scratchpad does (data.py)")
-    ap.add_argument("--fixed-width", action="store_true",
+    ap.add_argument("--fixed-width", action=argparse.BooleanOptionalAction, default=True,
                     help="write the numbers of an expression with leading zeros to one width (010+022; data.py)")
-    ap.add_argument("--compose-no-eos", action="store_true",
-                    help="the compositions' loss leaves out the EOS after KV-substitution answers: where they end "
-                         "is left to the anchor")
-    ap.add_argument("--null-kv", action="store_true",
-                    help="cross-attention with a learned null key/value: a head may read nothing (README)")
-    ap.add_argument("--reread-copy", type=float, default=0.0,
-                    help="share of m_B's copy items given with a prompt it cannot read, the loss on the end only "
-                         "(copy_reread, data.py)")
-    ap.add_argument("--shares", help="budget shares of the base models, e.g. m_A=0.3,m_B=0.4 (default per "
-                                     f"protocol: {BASE_SHARE}); the compositions share the rest")
+    ap.add_argument("--reread-copy", type=float, default=0.5,
+                    help="share of m_B's copy items given with a prompt it cannot read (copy_reread, data.py)")
+    ap.add_argument("--ops", help="operators of every expression (default per --protocol: data.PROTOCOL_DEFAULTS)")
+    ap.add_argument("--anchor-mix", choices=ANCHOR_MIXES, default="narrow", help="m_B's tasks (train_base.py)")
+    ap.add_argument("--anchor-operands", help="MIN,MAX operands of m_B's own expressions (default: the eval's)")
+    ap.add_argument("--val-key-frac", type=float, default=0.0,
+                    help="share of the composition's keys kept to validate it; with --select, the composition "
+                         "with the best KV-arithmetic there is the table's")
+    ap.add_argument("--select", action=argparse.BooleanOptionalAction, default=False,
+                    help="choose one of --compositions on the validation keys")
+    ap.add_argument("--m-a", type=model_arg, help="m_A's size, e.g. n_layer=6,n_head=8,n_embd=256")
+    ap.add_argument("--m-b", type=model_arg, help="m_B's size, e.g. n_layer=8,n_head=8,n_embd=384")
+    preset, _ = ap.parse_known_args(argv)
+    defaults = dict(PRESETS[preset.preset])
+    for key, parse in (("steps", steps_arg), ("m_a", model_arg), ("m_b", model_arg)):
+        if key in defaults:
+            defaults[key] = parse(defaults[key])
+    ap.set_defaults(**defaults)
     args = ap.parse_args(argv)
     started = time.perf_counter()
+    if args.select and not args.val_key_frac:
+        ap.error("--select chooses on validation keys: give --val-key-frac")
 
-    keys = {} if args.n_keys is None else {"n_keys": args.n_keys}
-    kv, models = protocol_config(args.protocol, seed=args.seed, reread_letters=args.reread_letters,
-                                 augment_markers=args.augment_markers, augment_eos=not args.augment_no_eos,
-                                 close_copy=args.close_copy, fixed_width=args.fixed_width,
-                                 reread_copy=args.reread_copy, **keys), dict(MODELS)
-    if args.base:  # the data (protocol included) and models those base models were trained with
+    extra = {"ops": args.ops} if args.ops else {}
+    if args.anchor_operands:
+        extra["anchor_operands"] = tuple(int(n) for n in args.anchor_operands.split(","))
+    kv, models = protocol_config(args.protocol, seed=args.seed, n_keys=args.n_keys, reread_letters=args.reread_letters,
+                                 augment_markers=args.augment_markers, fixed_width=args.fixed_width,
+                                 reread_copy=args.reread_copy, anchor_mix=args.anchor_mix,
+                                 val_key_frac=args.val_key_frac, **extra), dict(MODELS)
+    for name, size in (("m_A", args.m_a), ("m_B", args.m_b)):
+        if size:
+            models[name] = replace(models[name], **size)
+    if args.base:  # the data and models those base models were trained with
         saved = json.loads((Path(args.base) / "config.json").read_text())
+        saved["data"]["anchor_operands"] = saved["data"].get("anchor_operands") and tuple(saved["data"]["anchor_operands"])
         kv, models = KVConfig(**saved["data"]), {k: GPTConfig(**v) for k, v in saved["models"].items()}
-    calms = (args.compositions or DEFAULT_COMPOSITIONS[kv.protocol]).split(",")
-    if set(calms) - set(COMPOSE_DATA_OF):
-        ap.error(f"--compositions: unknown {sorted(set(calms) - set(COMPOSE_DATA_OF))}; known: {list(COMPOSE_DATA_OF)}")
-    steps = {"m_A": args.base_steps, "m_B": args.base_steps, **dict.fromkeys(calms, args.calm_steps)}
+    calms = args.compositions.split(",")
+    if set(calms) - set(VARIANTS):
+        ap.error(f"--compositions: unknown {sorted(set(calms) - set(VARIANTS))}; known: {list(VARIANTS)}")
+    steps = {"m_A": args.steps["m_A"], "m_B": args.steps["m_B"],
+             **{n: VARIANTS[n].get("steps", args.steps["calm"]) for n in calms}}
     if args.smoke:
         if not args.base:
             kv, models = smoke_config(kv, models)
@@ -118,78 +207,100 @@ def main(argv=None) -> dict:
         args.batch_size, args.workers = 8, 0
     world = KVWorld(kv)
     out = Path(args.out)
-    models = write_config(out, world, models, write=int(os.environ.get("RANK", "0")) == 0)  # before Accelerate starts
-    base_share = dict(BASE_SHARE[kv.protocol])
-    if args.shares:
-        base_share = {k: float(v) for k, v in (item.split("=") for item in args.shares.split(","))}
-        if set(base_share) != {"m_A", "m_B"} or sum(base_share.values()) >= 1:
-            ap.error("--shares: give m_A=<x>,m_B=<y> with x + y < 1")
-    share = {} if args.base else base_share
-    share |= dict.fromkeys(calms, (1 - sum(share.values())) / len(calms))
-    budget = {k: None if args.budget_s is None else s * args.budget_s for k, s in share.items()}
+    models = write_config(out, world, models, write=int(os.environ.get("RANK", "0")) == 0)
     common = dict(batch_size=args.batch_size, lr=args.lr, seed=args.seed, cpu=args.smoke, progress=False,
                   num_workers=args.workers)
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
 
-    rows, full, details, runs, base = {}, {}, {}, {}, {}
+    rows, full, details, runs, base, val = {}, {}, {}, {}, {}, {}
+
+    def chosen() -> str | None:  # the best KV-arithmetic on the validation keys so far (then KV-substitution)
+        return max(val, key=lambda n: (val[n]["kv_arithmetic"], val[n]["kv_substitution"])) if val else None
 
     def report() -> dict:  # written after every run, so a run cut short still leaves its rows
-        acc = tuner.accelerator
-        device = torch.cuda.get_device_name() if acc.device.type == "cuda" else "cpu"
-        launch = (f"accelerate launch --multi_gpu --num_processes {acc.num_processes} -m" if acc.num_processes > 1
-                  else "python -m")
-        out = {**rows,
+        tables = [{"protocol": protocol_of(n), "composition": n, "m_A": rows["m_A"], "m_B": rows["m_B"],
+                   "calm": rows[n], "variant": VARIANTS[n], "departures": departures(kv, n),
+                   **({"validation": val[n], "selected": n == chosen()} if n in val else {})}
+                  for n in calms if n in rows]
+        paper = next((t for t in tables if t["protocol"] == "paper" and t.get("selected", True)), None)
+        out = {**({"m_A": paper["m_A"], "m_B": paper["m_B"], "calm": paper["calm"], "protocol": "paper"}
+                  if paper else {}),
+               "chain_baseline": {"kv_arithmetic": rows["chain"]["kv_arithmetic"]} if "chain" in rows else None,
+               "tables": tables,
                "scored_on": f"exact match of the final result (after the last '{SEP}'; the whole answer where "
                             "there is none), % of the held-out expressions",
-               "full_answer": full, "protocol": kv.protocol,
-               "device": f"{acc.num_processes} x {device}" if acc.num_processes > 1 else device,
-               "command": f"{launch} examples.kv_arithmetic.run_all " + " ".join(argv),
+               "full_answer": full, "answer_format": kv.protocol,
+               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+               "command": "python -m examples.kv_arithmetic.run_all " + " ".join(argv),
                "seconds": round(time.perf_counter() - started, 1),
                "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-               "processes": acc.num_processes, "batch_size_per_process": args.batch_size, "runs": runs,
+               "batch_size": args.batch_size, "lr": args.lr, "runs": runs,
                "models": {k: asdict(v) for k, v in models.items()}, "data": asdict(kv),
-               "compose_data": {n: compose_tasks(COMPOSE_DATA_OF[n], kv) for n in calms}, "layers": layer_choice(args.layers),
-               "positions": args.positions, "window": args.window,
-               "null_kv": args.null_kv, "compose_eos_loss": not args.compose_no_eos, "torch": torch.__version__, "paper": PAPER, "details": details}
+               "torch": torch.__version__, "versions": _versions(), "paper": PAPER, "details": details}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        Path(args.json).write_text(dump_json(out) + "\n")
         return out
 
     for name in ("m_A", "m_B"):
         if args.base:  # trained earlier: load, score again (cheap), go on
-            base[name] = load_base(args.base, name, "cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+            base[name] = load_base(args.base, name, device)
             runs[name] = {"loaded_from": args.base}
-            rows[name], full[name], details[name] = _score(name, base[name], world,
-                                                           next(base[name].parameters()).device, runs[name])
-            continue
-        print(f"== {name}: {models[name]}", flush=True)
-        base[name], tuner, runs[name] = train_base(name, models[name], world, steps=steps[name],
-                                                   seconds=budget[name], **common)
-        if tuner.accelerator.is_main_process:
+        else:
+            print(f"== {name}: {models[name]}, {steps[name]} steps", flush=True)
+            base[name], _, runs[name] = train_base(name, models[name], world, steps=steps[name], **common)
             save_model(base[name], str(out / f"{name}.safetensors"))
-            rows[name], full[name], details[name] = _score(name, base[name], world, tuner.device, runs[name])
-            report()
-        tuner.accelerator.wait_for_everyone()
+        rows[name], full[name], details[name] = _score(name, base[name], world, device, runs[name])
+    rows["chain"], full["chain"], details["chain"] = _score_chain(base["m_A"], base["m_B"], world, device)
+    report()
     for name in calms:
-        data = COMPOSE_DATA_OF[name]
-        print(f"== {name}: composition trained on {data}, layers {args.layers}, positions {args.positions}, window {args.window}", flush=True)
-        composed = compose(base["m_A"], base["m_B"], args.layers, args.positions, args.window, args.null_kv)
-        composed, tuner, runs[name] = train_composition(composed, world, data, steps=steps[name],
-                                                        seconds=budget[name], eos_loss=not args.compose_no_eos, **common)
-        if tuner.accelerator.is_main_process:
-            print(composed.summary(), flush=True)
-            save_composition(composed, out, name)
-            runs[name]["kv_substitution_own_keys"] = compose_key_accuracy(composed, world, tuner.device,
-                                                                          n=20 if args.smoke else 500)
-            rows[name], full[name], details[name] = _score(name, composed, world, tuner.device, runs[name])
-            report()
-        tuner.accelerator.wait_for_everyone()
+        v = VARIANTS[name]
+        print(f"== {name}: {v}, {steps[name]} steps", flush=True)
+        composed = compose(base["m_A"], base["m_B"], v["layers"], "none", v["window"], v["null_kv"])
+        composed, _, runs[name] = train_composition(composed, world, v["data"], steps=steps[name],
+                                                    eos_loss=v["eos_loss"], **common)
+        save_composition(composed, out, name)
+        runs[name]["kv_substitution_own_keys"] = compose_key_accuracy(composed, world, device,
+                                                                      n=20 if args.smoke else 500)
+        if args.select:
+            val[name] = val_accuracy(composed, world, device, n=20 if args.smoke else 500)
+            print(f"{name}: validation keys {val[name]}", flush=True)
+        rows[name], full[name], details[name] = _score(name, composed, world, device, runs[name])
+        report()
 
-    if not tuner.accelerator.is_main_process:
-        return {}
     final = report()
-    print(format_table(rows))
+    print(format_table({k: rows[k] for k in ("m_A", "m_B", *calms)}))
+    print(f"chain (m_A -> m_B, no training): {rows['chain']['kv_arithmetic']:.1f}% on kv_arithmetic")
+    if val:
+        print(f"chosen on the validation keys: {chosen()} ({val})")
     print(f"wrote {args.json} ({final['seconds']:.0f} s in all)")
     return final
+
+
+def _versions() -> dict[str, str]:
+    import accelerate
+    import pydantic
+    return {"torch": torch.__version__, "accelerate": accelerate.__version__, "pydantic": pydantic.VERSION,
+            "python": sys.version.split()[0]}
+
+
+def dump_json(obj, depth: int = 3, indent: int = 0) -> str:
+    """JSON with the first `depth` levels one entry a line and deeper values on one line: short to read
+    and to keep in the tree."""
+    pad = " " * (indent + 1)
+    if depth and isinstance(obj, dict) and obj:
+        items = (f"{pad}{json.dumps(k)}: {dump_json(v, depth - 1, indent + 1)}" for k, v in obj.items())
+        return "{\n" + ",\n".join(items) + "\n" + " " * indent + "}"
+    if depth and isinstance(obj, list) and any(isinstance(v, (dict, list)) for v in obj):
+        return "[\n" + ",\n".join(pad + dump_json(v, depth - 1, indent + 1) for v in obj) + "\n" + " " * indent + "]"
+    return json.dumps(obj)
+
+
+def _score_chain(m_A, m_B, world, device) -> tuple[dict, dict, dict]:
+    """The chain baseline on KV-arithmetic (it has no other row): final result and whole answer."""
+    scored = chain_answers(m_A, m_B, world, device)
+    pct = lambda part: 100.0 * sum(hit(ref, a, part) for _, ref, a in scored) / len(scored)
+    return ({"kv_arithmetic": pct("final")}, {"kv_arithmetic": pct("full")},
+            {"kv_arithmetic": {"samples": [list(s) for s in scored[:4]]}})
 
 
 def _score(name, model, world, device, run) -> tuple[dict[str, float], dict[str, float], dict]:
@@ -209,8 +320,6 @@ def _score(name, model, world, device, run) -> tuple[dict[str, float], dict[str,
         if SEP in scored[0][1]:
             pad_ok = [a.split(SEP)[0] == ref.split(SEP)[0] for _, ref, a in scored]
             detail[task]["pct_scratchpad_right"] = round(100.0 * sum(pad_ok) / len(pad_ok), 1)
-            detail[task]["pct_result_right_given_scratchpad_right"] = (
-                round(100.0 * sum(h for h, ok in zip(hits, pad_ok) if ok) / sum(pad_ok), 1) if any(pad_ok) else None)
             detail[task]["pct_result_right_given_scratchpad_forced"] = round(
                 result_given_scratchpad(model, world, task, device), 1)
         if task.startswith("kv_"):

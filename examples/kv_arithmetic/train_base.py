@@ -1,7 +1,7 @@
 """Train the two base models of the key-value experiment, then score them on the held-out expressions.
 
     python -m examples.kv_arithmetic.train_base --out runs/kv            # one GPU, a few minutes
-    python -m examples.kv_arithmetic.train_base --out /tmp/kv --smoke    # CPU, seconds
+    python -m examples.kv_arithmetic.train_base --out runs/kv --smoke     # CPU, seconds
 
 m_A (the augment) learns KV-substitution over all keys; m_B (the anchor) learns numeric arithmetic (and
 copying numeric expressions, see data.py). Both are the hand-written GPT, trained in full with calmgraph's
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -21,8 +22,7 @@ from safetensors.torch import load_model, save_model
 
 from calmgraph.train import FineTuner, TrainConfig
 from examples.handwritten_gpt.gpt import GPT, GPTConfig
-from examples.kv_arithmetic.budget import train_within
-from examples.kv_arithmetic.data import PROTOCOLS, VOCAB_SIZE, KVConfig, KVDataset, KVWorld, protocol_config
+from examples.kv_arithmetic.data import PROTOCOLS, VOCAB_SIZE, KVConfig, KVDataset, KVWorld, collate, protocol_config
 from examples.kv_arithmetic.evaluate import accuracy_row, format_table
 
 # The augment is the smaller model, as in the paper (PaLM2-XXS augmenting PaLM2-XS).
@@ -30,7 +30,7 @@ MODELS = {
     "m_A": GPTConfig(vocab_size=VOCAB_SIZE, n_layer=4, n_head=4, n_embd=128),
     "m_B": GPTConfig(vocab_size=VOCAB_SIZE, n_layer=6, n_head=8, n_embd=256),
 }
-SMOKE_MODEL = dict(n_layer=2, n_head=2, n_embd=32)
+SMOKE_MODEL = dict(n_head=2, n_embd=32)  # the blocks stay, so every layer pair exists
 # What each base model learns (task -> sampling weight), per protocol (data.py).
 TASK_MIXES = {
     "direct": {"m_A": {"kv_substitution": 1.0},
@@ -40,9 +40,15 @@ TASK_MIXES = {
 }
 
 
+# m_B's broad mix (`anchor_mix="broad"`): numbers (after bindings it does not use, at varied positions),
+# copies, and expressions whose names are bound to numbers earlier in the prompt (data.KVWorld.bound).
+BROAD_MIX = {"numeric_arithmetic": 0.3, "numeric_copy": 0.15, "bound_arithmetic": 0.35, "bound_copy": 0.2}
+
+
 def task_mix(cfg: KVConfig, name: str) -> dict[str, float]:
-    """TASK_MIXES[protocol][name], with `cfg.reread_copy` of m_B's copy items turned into copy_reread."""
-    mix = dict(TASK_MIXES[cfg.protocol][name])
+    """TASK_MIXES[protocol][name] (m_B's broad mix where `cfg.anchor_mix` says so), with `cfg.reread_copy` of
+    m_B's copy items turned into copy_reread."""
+    mix = dict(BROAD_MIX if name == "m_B" and cfg.anchor_mix == "broad" else TASK_MIXES[cfg.protocol][name])
     if cfg.reread_copy and "numeric_copy" in mix:
         mix["copy_reread"] = mix["numeric_copy"] * cfg.reread_copy
         mix["numeric_copy"] *= 1 - cfg.reread_copy
@@ -68,9 +74,9 @@ def load_base(out_dir: str | Path, name: str, device="cpu") -> GPT:
 
 
 def train_base(name: str, model_cfg: GPTConfig, world: KVWorld, *, steps: int, batch_size: int, lr: float,
-               seed: int = 0, cpu: bool = False, progress: bool = True, seconds: float | None = None,
+               seed: int = 0, cpu: bool = False, progress: bool = True,
                num_workers: int = 0) -> tuple[GPT, FineTuner, dict]:
-    """Train base model `name` from scratch on its task mix; `seconds` caps the run (see budget.py).
+    """Train base model `name` from scratch on its task mix for `steps` optimizer steps.
 
     Returns the trained model (unwrapped, on the training device), its FineTuner and a record of the run.
     """
@@ -81,10 +87,20 @@ def train_base(name: str, model_cfg: GPTConfig, world: KVWorld, *, steps: int, b
     cfg = TrainConfig(max_steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(200, steps // 10),
                       weight_decay=0.1, shuffle=False, seed=seed, cpu=cpu, progress=progress,
                       num_workers=num_workers)
-    tuner = FineTuner(model, data, cfg, params=model.parameters())  # a base model trains in full
-    run = train_within(tuner, seconds)
+    tuner = FineTuner(model, data, cfg, params=model.parameters(), collate_fn=collate)  # trains in full
+    run = train_steps(tuner)
     # Without the autocast wrapper Accelerate put on forward: compiled again or scored in fp32 after this.
     return tuner.accelerator.unwrap_model(tuner.model, keep_fp32_wrapper=False), tuner, run
+
+
+def train_steps(tuner: FineTuner) -> dict:
+    """Train to `config.max_steps`; the run's record: steps, seconds, final loss, the loss at 10 points."""
+    started = time.perf_counter()
+    hist = tuner.train()
+    marks = sorted({max(1, round(k * len(hist) / 10)) for k in range(1, 11)})
+    return {"steps": tuner.config.max_steps, "seconds": round(time.perf_counter() - started, 1),
+            "final_loss": round(hist[-1]["loss"], 4),
+            "loss_at_step": {hist[m - 1]["step"]: round(hist[m - 1]["loss"], 4) for m in marks}}
 
 
 def main(argv=None) -> dict:
