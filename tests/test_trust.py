@@ -535,3 +535,31 @@ def test_the_demo_into_a_used_folder_is_refused_before_it_runs(tmp_path, capsys)
     out = capsys.readouterr()
     assert "spec.json' already exists; pass --overwrite" in out.err and "identity at init" not in out.out
     assert [p.name for p in tmp_path.iterdir()] == ["spec.json"] and (tmp_path / "spec.json").read_text() == "mine"
+
+
+MODULE_PATHS = st.one_of(st.sampled_from(["os", "subprocess", "calmgraph", "calmgraph.bench", "calmgraph.cli",
+                                          "calmgraph.demo.models", "calmgraph.demo", "json", "m.py", "../x.py"]),
+                         st.from_regex(r"[A-Za-z_][A-Za-z0-9_.]{0,15}", fullmatch=True))
+ATTRS = st.one_of(st.sampled_from(["system", "getoutput", "main", "TinyLM", "torch.nn.Linear", "nn.Module",
+                                   "_private", "demo_models", "Layer"]),
+                  st.from_regex(r"[A-Za-z_][A-Za-z0-9_.]{0,12}", fullmatch=True))
+
+
+@settings(max_examples=60, deadline=None)
+@given(module=MODULE_PATHS, attr=ATTRS)
+def test_without_consent_no_source_imports_anything_but_calmgraphs_own_factories(module, attr):
+    from calmgraph.sources import is_own_factory
+    python = f"{module}:{attr}"
+    before = set(sys.modules)
+    try:
+        cg.load_models(spec({"python": python}, anchor_source={"python": python}))
+    except cg.SpecError as e:
+        if {p.loc for p in e.problems} == {"anchor.source.python", "augments[0].source.python"}:
+            assert "trust_code=True" in str(e) and not is_own_factory(python)
+            assert set(sys.modules) <= before, sorted(set(sys.modules) - before)
+            return
+        assert "expected 'package.module:factory'" in str(e)  # malformed: refused by the spec itself
+        return
+    except cg.ModelError:
+        pass  # an own factory that is not a model (demo_models returns a dict) or got no kwargs it needs
+    assert is_own_factory(python) and module == "calmgraph.demo.models" and "." not in attr
