@@ -44,7 +44,8 @@ def spec_file(file: Path) -> Path:
 def save_new(composed, path: str | Path, *, overwrite: bool = False) -> Path:
     """Write the new parameters to `path` (a folder, or a `.safetensors` file) and the spec beside them."""
     tensors = {name: p.detach().cpu().contiguous() for name, p in composed.named_new_parameters()}
-    return write_new(tensors, _file(path), composed.spec, overwrite=overwrite)
+    spec = composed.recorded_spec() if hasattr(composed, "recorded_spec") else composed.spec
+    return write_new(tensors, _file(path), spec, overwrite=overwrite)
 
 
 def write_new(tensors: dict[str, torch.Tensor], file: Path, spec: CompositionSpec | None, *,

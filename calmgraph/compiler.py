@@ -49,7 +49,8 @@ def compile(spec: CompositionSpec | str | Path | dict, models: dict[str, nn.Modu
     with unchanged(models):                                         # a forward that writes a weight: refused
         for p in PIPELINE:
             state = p(state).state
-    return ComposedModel.from_state(state, compile_seconds=time.perf_counter() - started)
+    composed = ComposedModel.from_state(state, compile_seconds=time.perf_counter() - started)
+    return composed._with_source_dir((base_dir or Path.cwd()).resolve())  # relative sources start here
 
 
 def tap_points(model: nn.Module, blocks: str | None = None, *, tap: str = "output",

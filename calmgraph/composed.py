@@ -84,7 +84,18 @@ class ComposedModel(fx.GraphModule):
         return ComposedModel(copied, copied.graph, spec=self.spec, links=self.links, pruned=self.pruned,
                              frontends=self.frontends, signature=self.signature, taps=self.taps,
                              anchor_model=self.anchor_model, compile_seconds=self.compile_seconds,
-                             compile_log=self.compile_log)
+                             compile_log=self.compile_log)._with_source_dir(getattr(self, "source_dir", None))
+
+    def _with_source_dir(self, source_dir) -> "ComposedModel":
+        self.source_dir = source_dir  # where the spec's relative source paths start (`compile` sets it)
+        return self
+
+    def recorded_spec(self) -> CompositionSpec:
+        """The spec with its relative source paths made absolute (where `compile` read them from): what
+        `save_new`, FineTuner and `export` write, so that `cg.load` finds the models from any directory."""
+        from .load import absolute_sources
+        source_dir = getattr(self, "source_dir", None)
+        return self.spec if source_dir is None else absolute_sources(self.spec, source_dir)
 
     # -- conveniences: each calls a module that does not import this one ------------------------------
     def loss(self, input_ids, label_mask=None, ignore_index: int = -100, **inputs):

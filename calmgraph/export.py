@@ -76,7 +76,7 @@ def _export(composed, path: Path, format: str, spec_path: Path, overwrite: bool,
     write_text(code_path, f"# The fused graph of a calmgraph composition (spec: {spec_path.name}), as torch.fx wrote it.\n"
                           f"# For reading; the runnable artifact is {path.name}.\n\n{composed.code.lstrip()}",
                overwrite=overwrite, flag=flag)
-    write_text(spec_path, composed.spec.to_json() + "\n", overwrite=overwrite, flag=flag)
+    write_text(spec_path, composed.recorded_spec().to_json() + "\n", overwrite=overwrite, flag=flag)
     return path
 
 

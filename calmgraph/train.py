@@ -349,7 +349,8 @@ class FineTuner:
         acc.wait_for_everyone()
         torch.save(_rng_state(), tmp / f"rng_rank{acc.process_index}.pt")  # each process has its own
         if acc.is_main_process:  # the new parameters and the spec, as composed.save_new writes them
-            spec = getattr(acc.unwrap_model(self.model), "spec", None)
+            unwrapped = acc.unwrap_model(self.model)
+            spec = unwrapped.recorded_spec() if hasattr(unwrapped, "recorded_spec") else getattr(unwrapped, "spec", None)
             write_new(self.trainable_state(), tmp / NEW_PARAMS, spec if isinstance(spec, CompositionSpec) else None)
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
