@@ -6,13 +6,15 @@
 Beside the artifact go `composed.py` (the fused graph's code, for reading) and `composed.spec.json` (the
 spec): each named after the artifact, so artifacts in one folder never share a file. An existing file is
 replaced only with `overwrite=True`; each file is written whole or not at all (`files.py`).
-Batch and sequence lengths are dynamic. The artifact takes every input positionally, in the order of
-`composed.input_names`: `input_ids`, then each prompt augment's `<name>_input_ids`, then each one's
-`<name>_mask`. In the artifact the masks are required (pass `torch.ones_like(ids)` for no padding):
-an exported program has a fixed signature, so the optional-mask default of `composed` cannot come along.
+Batch and sequence lengths are dynamic. The `.pt2` takes its inputs by name, those of
+`composed.input_names`: `input_ids`, then each prompt augment's `<name>_input_ids` (or
+`<name>_pixel_values`), then each one's `<name>_mask`, in any order. An exported program fixes whether
+each input comes by position or by name (torch refuses the other way), and names are what the ONNX
+file's inputs carry too. In the artifact the masks are required (pass `torch.ones_like(ids)` for no
+padding): its signature is fixed, so the optional-mask default of `composed` cannot come along.
 
     program = torch.export.load("out/composed.pt2").module()
-    logits = program(input_ids, notes_input_ids, notes_mask)
+    logits = program(input_ids=ids, notes_input_ids=notes, notes_mask=torch.ones_like(notes))
 """
 from __future__ import annotations
 
@@ -42,9 +44,11 @@ def dynamic_shapes(composed) -> tuple[dict, ...]:
 
 
 def export_program(composed) -> torch.export.ExportedProgram:
+    """The composition as a torch.export program whose inputs are keywords named by its signature."""
     _check_weights(composed)
-    return torch.export.export(composed, example_inputs(composed), strict=False,
-                               dynamic_shapes=dynamic_shapes(composed))
+    names = composed.signature.names
+    return torch.export.export(composed, (), dict(zip(names, example_inputs(composed))), strict=False,
+                               dynamic_shapes=dict(zip(names, dynamic_shapes(composed))))
 
 
 def export(composed, path: str | Path, format: str = "pt2", *, overwrite: bool = False) -> Path:

@@ -37,8 +37,10 @@ program = torch.export.load(sys.argv[1]).module()
 inputs = load_file(sys.argv[2])
 outputs = {}
 for shape in sorted({k.split("/")[0] for k in inputs}):
-    args = [inputs[f"{shape}/{i}"] for i in range(len([k for k in inputs if k.startswith(shape + "/")]))]
-    outputs[shape] = program(*args).contiguous()
+    named = {k.split("/")[1]: v for k, v in inputs.items() if k.startswith(shape + "/")}
+    outputs[shape] = program(**named).contiguous()
+    again = program(**dict(reversed(list(named.items()))))  # keywords in any order
+    assert torch.equal(again, outputs[shape])
 save_file(outputs, sys.argv[3])
 print("imported:", sorted({m.split(".")[0] for m in sys.modules} & set(BLOCKED)))
 """
@@ -84,7 +86,8 @@ SHAPES = {"a": (3, 11, 4), "b": (1, 5, 7)}  # neither is the shape export traced
 def test_pt2_runs_in_a_fresh_process_without_calmgraph_or_model_libraries(composed, exported, tmp_path):
     path = exported
     inputs = {k: inputs_at(*shape, seed=i) for i, (k, shape) in enumerate(SHAPES.items())}
-    save_file({f"{k}/{i}": t for k, args in inputs.items() for i, t in enumerate(args)}, tmp_path / "in.safetensors")
+    save_file({f"{k}/{name}": t for k, args in inputs.items() for name, t in zip(composed.input_names, args)},
+              tmp_path / "in.safetensors")
     (tmp_path / "loader.py").write_text(LOADER)
     run = subprocess.run([sys.executable, "-I", "loader.py", str(path), "in.safetensors", "out.safetensors"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -163,4 +166,4 @@ def test_windowed_rotary_blocks_export_and_run_at_other_shapes(tmp_path, null_kv
     for shape in [(2, 11), (3, 17), (1, 1)]:
         ids = torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(shape[1]))
         with torch.no_grad():
-            torch.testing.assert_close(program(ids), composed(ids), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(program(input_ids=ids), composed(ids), rtol=1e-5, atol=1e-5)

@@ -288,7 +288,7 @@ def test_vit_image_prompt_export_and_generate(ids, tmp_path):
     ids3 = torch.randint(0, 96, (3, 5), generator=torch.Generator().manual_seed(5))
     program = torch.export.load(str(composed.export(tmp_path / "vit.pt2"))).module()
     with torch.no_grad():
-        torch.testing.assert_close(program(ids3, images), composed(ids3, docs_pixel_values=images), atol=1e-5, rtol=0)
+        torch.testing.assert_close(program(input_ids=ids3, docs_pixel_values=images), composed(ids3, docs_pixel_values=images), atol=1e-5, rtol=0)
         out = composed.generate(ids3, 4, temperature=0, docs_pixel_values=images)
         expected = ids3
         for _ in range(4):

@@ -218,7 +218,7 @@ def test_outlined_graph_exports_and_compiles_without_graph_breaks(ids, tmp_path)
     with torch.no_grad():
         want = composed(ids)
         path = composed.export(tmp_path / "composed.pt2")
-        got = torch.export.load(str(path)).module()(ids)
+        got = torch.export.load(str(path)).module()(input_ids=ids)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
     explained = torch._dynamo.explain(composed)(ids)
     assert explained.graph_break_count == 0 and explained.graph_count == 1
