@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from calmgraph.checkpoint import FILE as NEW_PARAMS, write_new
-from calmgraph.errors import CheckpointError, ConfigError, DependencyError, InputError
+from calmgraph.errors import CheckpointError, ConfigError, DependencyError, InputError, Problem
 from calmgraph.files import write_text
 from calmgraph.limits import short
 from calmgraph.spec import CompositionSpec, spec_error_from
@@ -107,6 +107,9 @@ class TrainConfig(BaseModel):
     num_workers: Count = 0
     progress: Annotated[bool, Strict()] = True  # tqdm bar on the main process
     cpu: Annotated[bool, Strict()] = False      # force the CPU even where a GPU is present
+    eval_every: Count = 0               # eval loss on the eval dataset every N optimizer steps (0: at the end only)
+    parallel: Literal["ddp", "fsdp"] = "ddp"    # several processes: replicate (DDP) or shard each block (FSDP2)
+    activation_checkpointing: Annotated[bool, Strict()] = False  # recompute each block in backward
 
     @field_validator("output_dir", mode="before")
     @classmethod
@@ -164,17 +167,16 @@ class FineTuner:
     """
 
     def __init__(self, model: nn.Module, dataset: Dataset, config: TrainConfig,
-                 params: Iterable[nn.Parameter] | None = None, collate_fn=None):
+                 params: Iterable[nn.Parameter] | None = None, collate_fn=None, *,
+                 eval_dataset: Dataset | None = None, accelerator=None):
         from .extras import require
         require("train", "FineTuner", DependencyError)  # calmgraph itself does not need accelerate
-        from accelerate import Accelerator
 
         self.config = c = config
-        mp = c.mixed_precision
-        if mp == "auto":
-            mp = "bf16" if torch.cuda.is_available() and not c.cpu and torch.cuda.is_bf16_supported() else "no"
-        self.accelerator = acc = Accelerator(cpu=c.cpu, mixed_precision=mp)
+        self.accelerator = acc = _accelerator(c, accelerator)
         self.device = acc.device
+        if c.eval_every and eval_dataset is None:
+            raise _problem("eval_every", f"eval_every={c.eval_every} needs an eval_dataset= to evaluate on")
 
         # Freeze everything but the trainable set; name each trainable parameter for the checkpoint.
         params = list(model.new_parameters() if params is None else params)
@@ -187,6 +189,10 @@ class FineTuner:
         for p in model.parameters():
             p.requires_grad_(id(p) in wanted)
         self.input_names, self.required_inputs, self.open_inputs = _forward_inputs(model)
+        self.sharded = self._scale(model)  # activation checkpointing, FSDP2: before the optimizer sees the parameters
+        if self.sharded:
+            named = dict(model.named_parameters())  # sharding replaced them by DTensors
+            params = [named[n] for n in self.param_names]
 
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
@@ -203,12 +209,58 @@ class FineTuner:
         self.loader_rng = torch.Generator()
         loader = DataLoader(dataset, batch_size=c.batch_size, sampler=self.sampler, drop_last=True,
                             num_workers=c.num_workers, collate_fn=collate_fn, generator=self.loader_rng)
-        self.model, self.optimizer, self.loader, self.scheduler = acc.prepare(model, optimizer, loader, scheduler)
+        if self.sharded:  # already distributed: Accelerate must not wrap it in DDP as well
+            self.model = model
+            self.optimizer, self.loader, self.scheduler = acc.prepare(optimizer, loader, scheduler)
+        else:
+            self.model, self.optimizer, self.loader, self.scheduler = acc.prepare(model, optimizer, loader, scheduler)
+        self.eval_loader = None if eval_dataset is None else acc.prepare(DataLoader(
+            eval_dataset, batch_size=c.batch_size, shuffle=False, num_workers=c.num_workers, collate_fn=collate_fn))
         if len(self.loader) == 0:
             raise ValueError(f"the dataset ({len(dataset)} items) is smaller than one batch per process "
                              f"({c.batch_size} x {n_proc} processes)")
         self.step = 0  # optimizer steps done
         self.history: list[dict[str, float]] = []
+
+    def _scale(self, model: nn.Module) -> bool:
+        """Apply `activation_checkpointing` and `parallel="fsdp"` (calmgraph.parallel); whether it sharded."""
+        from .parallel import checkpoint_blocks, shard
+        c, acc = self.config, self.accelerator
+        if c.activation_checkpointing:
+            checkpoint_blocks(model)
+        if c.parallel != "fsdp" or acc.num_processes == 1:  # one process: nothing to shard over
+            return False
+        model.to(acc.device)
+        shard(model)
+        return True
+
+    # -- evaluation ----------------------------------------------------------------------------------
+
+    def evaluate(self) -> float:
+        """Mean next-token loss over the target tokens of the whole eval dataset (every process's part;
+        the samples Accelerate repeats to even out the last batch are counted once). Every process calls it."""
+        if self.eval_loader is None:
+            raise _problem("eval_dataset", "evaluate needs the FineTuner built with eval_dataset=")
+        acc = self.accelerator
+        sums, counts = [], []
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for batch in self.eval_loader:
+                    ids, mask, extra = self._split(batch)
+                    with acc.autocast():
+                        out = self.model(ids, **extra)
+                    logits = out.logits if hasattr(out, "logits") else out
+                    per_token = next_token_loss(logits, ids, mask, reduction="none").view(ids.size(0), -1)
+                    n = (mask[:, 1:].bool() if mask is not None else torch.ones_like(ids[:, 1:], dtype=torch.bool))
+                    loss, count = acc.gather_for_metrics((per_token.sum(1), n.sum(1).float()))
+                    sums.append(loss.float().cpu())
+                    counts.append(count.cpu())
+        finally:
+            if self.sharded:  # FSDP keeps the root's weights gathered after a forward that has no backward
+                self.model.reshard()
+            self.model.train()
+        return float(torch.cat(sums).sum() / torch.cat(counts).sum().clamp(min=1))
 
     # -- batches -------------------------------------------------------------------------------------
 
@@ -291,7 +343,11 @@ class FineTuner:
             tokens += sum(ids.numel() for ids, _, _ in window) * acc.num_processes
             self.step += 1
             rec = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm}
+            if self.eval_loader is not None and (self.step == c.max_steps
+                                                 or (c.eval_every and self.step % c.eval_every == 0)):
+                rec["eval_loss"] = self.evaluate()
             self.history.append(rec)
+            acc.log({k: v for k, v in rec.items() if k != "step"}, step=self.step)  # the Accelerator's trackers
             if acc.is_main_process and c.output_dir:
                 with open(Path(c.output_dir) / "train_log.jsonl", "a") as f:
                     f.write(json.dumps(rec) + "\n")
@@ -314,14 +370,16 @@ class FineTuner:
         for i, (ids, mask, extra) in enumerate(window):
             # Only the last micro-batch all-reduces gradients.
             with acc.no_sync(self.model) if i < len(window) - 1 else nullcontext():
-                out = self.model(ids, **extra)
+                with acc.autocast() if self.sharded else nullcontext():  # a prepared model autocasts itself
+                    out = self.model(ids, **extra)
                 logits = out.logits if hasattr(out, "logits") else out
                 loss_sum = next_token_loss(logits, ids, mask, reduction="sum")
                 acc.backward(loss_sum * scale)
             total += loss_sum.detach()
         grad_norm = float("nan")
         if self.config.max_grad_norm is not None:
-            grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm))
+            norm = acc.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+            grad_norm = float(_full(norm))  # sharded: a DTensor
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -330,9 +388,19 @@ class FineTuner:
     # -- checkpoints ---------------------------------------------------------------------------------
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """The trained parameters by name (what a checkpoint and a release hold), on the CPU."""
+        """The trained parameters by name (what a checkpoint and a release hold), whole, on the CPU. Sharded
+        (`parallel="fsdp"`), each is gathered from every process: all processes call it."""
         named = dict(self.accelerator.unwrap_model(self.model).named_parameters())
-        return {n: named[n].detach().float().cpu().contiguous() for n in self.param_names}
+        return {n: _full(named[n].detach()).float().cpu().contiguous() for n in self.param_names}
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """The optimizer's state dict with every sharded tensor gathered whole (all processes call it): the
+        file a sharded run writes is the one a single process would, and loads in one process."""
+        state = self.optimizer.state_dict()
+        if not self.sharded:
+            return state
+        return {**state, "state": {i: {k: _full(v).cpu() if torch.is_tensor(v) else v for k, v in entry.items()}
+                                   for i, entry in state["state"].items()}}
 
     def save_checkpoint(self) -> Path:
         """Write `output_dir/step-<8-digit step>` atomically: build it under a temporary name, then rename.
@@ -348,11 +416,12 @@ class FineTuner:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         torch.save(_rng_state(), tmp / f"rng_rank{acc.process_index}.pt")  # each process has its own
+        trained, optimizer = self.trainable_state(), self.optimizer_state()  # every process: shards are gathered
         if acc.is_main_process:  # the new parameters and the spec, as composed.save_new writes them
             unwrapped = acc.unwrap_model(self.model)
             spec = unwrapped.recorded_spec() if hasattr(unwrapped, "recorded_spec") else getattr(unwrapped, "spec", None)
-            write_new(self.trainable_state(), tmp / NEW_PARAMS, spec if isinstance(spec, CompositionSpec) else None)
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            write_new(trained, tmp / NEW_PARAMS, spec if isinstance(spec, CompositionSpec) else None)
+            torch.save(optimizer, tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             cfg = self.config.model_dump(mode="json")
             (tmp / "state.json").write_text(json.dumps({"step": self.step, "num_processes": acc.num_processes,
@@ -405,7 +474,11 @@ class FineTuner:
 
         with torch.no_grad():
             for name in self.param_names:
-                named[name].copy_(tensors[name])
+                named[name].copy_(_like(tensors[name].to(named[name].dtype), named[name]))
+        if self.sharded:  # each process keeps its shard of the whole state the file holds
+            ours = [p for g in self.optimizer.param_groups for p in g["params"]]
+            optimizer = {**optimizer, "state": {i: {k: _like(v, ours[i]) if torch.is_tensor(v) and v.dim() else v
+                                                    for k, v in entry.items()} for i, entry in optimizer["state"].items()}}
         self.optimizer.load_state_dict(optimizer)  # moves the state to the parameters' device
         self.scheduler.load_state_dict(scheduler)
         _set_rng_state(rng)
@@ -494,6 +567,45 @@ def _forward_inputs(model: nn.Module) -> tuple[list[str], list[str], bool]:
     names = ["input_ids"] + [p.name for p in named[1:]]
     required = ["input_ids"] + [p.name for p in named[1:] if p.default is p.empty]
     return names, required, bool(varargs)  # forward(*args / **kwargs): names cannot be checked
+
+
+def _accelerator(c: TrainConfig, given):
+    """The user's Accelerator (its plugins, mixed precision and trackers), or one built from the config;
+    a config setting that contradicts the given Accelerator is refused rather than silently ignored."""
+    from accelerate import Accelerator
+    if given is None:
+        mp = c.mixed_precision
+        if mp == "auto":
+            mp = "bf16" if torch.cuda.is_available() and not c.cpu and torch.cuda.is_bf16_supported() else "no"
+        return Accelerator(cpu=c.cpu, mixed_precision=mp)
+    if not isinstance(given, Accelerator):
+        raise _problem("accelerator", f"accelerator= takes an accelerate.Accelerator, got {type(given).__name__}")
+    if c.mixed_precision != "auto" and c.mixed_precision != str(given.mixed_precision):
+        raise _problem("mixed_precision", f"TrainConfig(mixed_precision={c.mixed_precision!r}) contradicts the Accelerator's "
+                          f"{str(given.mixed_precision)!r}; leave it 'auto' and set it on the Accelerator")
+    if c.cpu and given.device.type != "cpu":
+        raise _problem("cpu", f"TrainConfig(cpu=True) contradicts the Accelerator on {given.device}; "
+                          "pass Accelerator(cpu=True) instead")
+    if given.log_with and not given.trackers:  # trackers asked for but not started: start them with the config
+        given.init_trackers("calmgraph", config=c.model_dump(mode="json"))
+    return given
+
+
+def _problem(field: str, message: str) -> ConfigError:
+    return ConfigError([Problem(field, message)])
+
+
+def _full(t):
+    """A sharded tensor (DTensor) gathered whole on every process (a collective); others as they are."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _like(whole: torch.Tensor, ref):
+    """`whole` laid out as `ref`: this process's shard where `ref` is a DTensor, else `whole` itself."""
+    if not hasattr(ref, "device_mesh"):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(whole.to(ref.device), ref.device_mesh, ref.placements)
 
 
 def _rng_state() -> dict[str, Any]:
