@@ -1,6 +1,7 @@
 """Model sources: build the models a spec names from their `source:`, so a spec file alone is enough.
 
     source: {hf: path/to/dir}                                a transformers `save_pretrained` folder (offline)
+    source: {hf: path/to/dir, dtype: bfloat16}               ... its weights in bfloat16 (or float16, float32)
     source: {hf_config: {model_type: llama, ...}}            a transformers model with random weights
     source: {python: "pkg.module:factory", kwargs: {...}}    any factory returning an nn.Module
     source: {python: "models.py:factory"}                    ... or one defined in a file
@@ -139,7 +140,8 @@ def _from_pretrained(source: HfSource, path: Path, prompt: bool, where: str) -> 
     cls = _auto_class(_transformers(where), source.auto_class, prompt, where)
     try:
         return cls.from_pretrained(str(path), local_files_only=True,  # offline: never touches a hub
-                                    trust_remote_code=False)    # and never runs a folder's code
+                                    trust_remote_code=False,    # and never runs a folder's code
+                                    **_dtype(source))
     except Exception as e:  # noqa: BLE001 - transformers raises many types; the user needs the reason
         raise ModelError(f"{where}: could not load it: {_reason(e)}") from e
 
@@ -150,9 +152,14 @@ def _from_config(source: HfConfigSource, prompt: bool, where: str) -> nn.Module:
     fields = dict(source.hf_config)
     try:
         config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
-        return cls.from_config(config, trust_remote_code=False)
+        return cls.from_config(config, trust_remote_code=False, **_dtype(source))
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"{where}: could not build it from the config: {_reason(e)}") from e
+
+
+def _dtype(source: HfSource | HfConfigSource) -> dict:
+    """transformers' keyword for the weights' dtype, where the spec names one."""
+    return {} if source.dtype is None else {"dtype": getattr(torch, source.dtype)}
 
 
 # -- Python factories --------------------------------------------------------------------------------

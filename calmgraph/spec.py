@@ -115,11 +115,15 @@ Layers = Annotated[
 ]
 
 
+Dtype = Literal["float32", "bfloat16", "float16"]  # of a transformers source's weights
+
+
 class HfSource(_Spec):
     """A transformers model saved with `save_pretrained`, loaded offline (no hub access)."""
 
     hf: Text                                   # directory; relative paths start at the spec file's folder
     auto_class: Name | None = None             # default: AutoModelForCausalLM, AutoModel for prompt augments
+    dtype: Dtype | None = None                 # the weights' dtype; default: transformers' (the checkpoint's)
 
 
 class HfConfigSource(_Spec):
@@ -127,6 +131,7 @@ class HfConfigSource(_Spec):
 
     hf_config: dict[str, Any]                  # AutoConfig.for_model(**hf_config); needs `model_type`
     auto_class: Name | None = None
+    dtype: Dtype | None = None                 # the weights' dtype; default float32
     seed: Seed | None = None                   # seed of the random weights (global RNG left as it was)
 
     @model_validator(mode="after")

@@ -141,3 +141,33 @@ def test_no_source_and_no_model_says_how_to_give_one():
 def test_spec_with_sources_round_trips_through_yaml_and_json():
     s = cg.load_spec(spec({"hf_config": LLAMA, "seed": 1}, {**TINY, "seed": 2}))
     assert cg.CompositionSpec.from_yaml(s.to_yaml()) == s == cg.CompositionSpec.from_json(s.to_json())
+
+
+# -- dtype ---------------------------------------------------------------------------------------------
+def test_hf_dtype_loads_the_saved_weights_in_that_dtype(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    saved = cg.load_models(spec({"hf_config": LLAMA, "seed": 1}, TINY))["base"].float()
+    saved.save_pretrained(tmp_path / "llama")  # float32 on disk
+    for dtype in ("bfloat16", "float16", "float32"):
+        loaded = cg.load_models(spec({"hf": str(tmp_path / "llama"), "dtype": dtype}, TINY))["base"]
+        want = {k: v.to(getattr(torch, dtype)) for k, v in saved.state_dict().items()}
+        got = loaded.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), dtype
+
+
+def test_hf_config_dtype_builds_the_weights_in_that_dtype_and_compiles():
+    composed = cg.compile(spec({"hf_config": LLAMA, "seed": 5, "dtype": "bfloat16"}, TINY))
+    anchor = cg.load_models(spec({"hf_config": LLAMA, "seed": 5, "dtype": "bfloat16"}, TINY))["base"]
+    assert {p.dtype for p in anchor.parameters()} == {torch.bfloat16}
+    assert {p.dtype for n, p in composed.named_parameters() if n.startswith("base.")} == {torch.bfloat16}
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # identity at init, in the anchor's own dtype
+        assert torch.equal(composed(ids), anchor(ids, use_cache=False).logits)
+
+
+@pytest.mark.parametrize("source", [{"hf": "x", "dtype": "int8"}, {"hf_config": LLAMA, "dtype": "fp16"}])
+def test_an_unknown_dtype_is_a_located_spec_problem(source):
+    with pytest.raises(cg.SpecError) as e:
+        cg.load_spec(spec(source, TINY))
+    assert [p.loc for p in e.value.problems] == ["anchor.source.dtype"]
+    assert "float32" in e.value.problems[0].msg and "bfloat16" in e.value.problems[0].msg
