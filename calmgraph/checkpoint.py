@@ -3,6 +3,7 @@
     composed.save_new("ckpt/")                  # ckpt/new_params.safetensors + ckpt/spec.json
     composed.save_new("ckpt/step_100.safetensors")   # + ckpt/step_100.spec.json: files never shared
     cg.load_new(composed, "ckpt/")              # bit for bit; refuses a checkpoint of another composition
+    cg.load("ckpt/")                            # the whole composition rebuilt from the folder (load.py)
 
 An existing file is replaced only with `overwrite=True`, and each file is written whole or not at all.
 FineTuner's step folders hold the same two files (plus the optimizer's), so `load_new` reads them too.

@@ -41,6 +41,11 @@ for shape in sorted({k.split("/")[0] for k in inputs}):
     outputs[shape] = program(**named).contiguous()
     again = program(**dict(reversed(list(named.items()))))  # keywords in any order
     assert torch.equal(again, outputs[shape])
+    try:  # the README says torch refuses positional inputs to a program exported with keywords
+        program(*named.values())
+        raise AssertionError("positional inputs were accepted")
+    except ValueError as e:
+        assert "keyword" in str(e)
 save_file(outputs, sys.argv[3])
 print("imported:", sorted({m.split(".")[0] for m in sys.modules} & set(BLOCKED)))
 """
