@@ -590,6 +590,9 @@ def _accelerator(c: TrainConfig, given):
     if c.cpu and given.device.type != "cpu":
         raise _problem("cpu", f"TrainConfig(cpu=True) contradicts the Accelerator on {given.device}; "
                           "pass Accelerator(cpu=True) instead")
+    if given.distributed_type == "DEEPSPEED":  # trained on 2 CPU processes, its first loss was not one process's
+        raise _problem("accelerator", "FineTuner does not drive DeepSpeed yet; use TrainConfig(parallel='fsdp'), "
+                       "or deepspeed.initialize on the composed model and your own loop")
     if given.log_with and not given.trackers:  # trackers asked for but not started: start them with the config
         given.init_trackers("calmgraph", config=c.model_dump(mode="json"))
     return given

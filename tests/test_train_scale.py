@@ -197,3 +197,17 @@ def test_fsdp_shards_the_frozen_weights_and_its_checkpoint_loads_in_one_process(
     tuner = FineTuner(composition(), Tokens(), config(out / "fsdp", max_steps=STEPS + 1, eval_every=0))
     with pytest.raises(cg.CheckpointError, match="written by 2 processes"):
         tuner.load_checkpoint(step)  # the data order would differ: refused, as for DDP
+
+
+# -- DeepSpeed ZeRO-3 through the user's Accelerator ------------------------------------------------------
+
+
+def test_a_deepspeed_accelerator_is_refused_with_what_to_use(tmp_path):
+    from accelerate import Accelerator
+    accelerator = Accelerator(cpu=True)
+    accelerator.state.distributed_type = "DEEPSPEED"  # as a DeepSpeed plugin sets it, without deepspeed
+    try:
+        with pytest.raises(cg.ConfigError, match="does not drive DeepSpeed yet; use TrainConfig\\(parallel='fsdp'\\)"):
+            FineTuner(composition(), Tokens(), config(tmp_path, eval_every=0), accelerator=accelerator)
+    finally:
+        accelerator.state.distributed_type = "NO"
