@@ -24,7 +24,7 @@ class ComposedModel(fx.GraphModule):
     def __init__(self, root: nn.Module, graph: fx.Graph, *, spec: CompositionSpec, links: list[Link],
                  pruned: PruneReport, frontends: dict[str, str], signature: InputSignature,
                  taps: dict[str, list[TapPoint]], anchor_model: nn.Module | None = None,
-                 compile_seconds: float | None = None):
+                 compile_seconds: float | None = None, sources: dict[str, nn.Module] | None = None):
         super().__init__(root, graph, class_name="ComposedModel")
         self.spec = spec
         self.links = links                         # the cross-attention blocks that survived pruning
@@ -36,6 +36,7 @@ class ComposedModel(fx.GraphModule):
         # The anchor as a module (the frozen alias of the user's), which generation traces again with a KV
         # cache (`generation/decode.py`). Held in a tuple so nn.Module does not adopt it: no weight counted twice.
         self._anchor_model: tuple[nn.Module | None] = (anchor_model,)
+        self._sources: tuple[dict[str, nn.Module]] = (sources or {},)  # every model so: shared augments cache too
 
     @classmethod
     def from_state(cls, state: CompileState, compile_seconds: float | None = None) -> "ComposedModel":
@@ -43,7 +44,8 @@ class ComposedModel(fx.GraphModule):
         return cls(state.module, state.module.graph, spec=state.spec, links=state.links, pruned=state.pruned,
                    frontends={n: t.frontend for n, t in state.traced.items()}, signature=state.signature,
                    taps={n: t.tap_points() for n, t in state.traced.items()},
-                   anchor_model=state.traced[state.spec.anchor.name].module, compile_seconds=compile_seconds)
+                   anchor_model=state.traced[state.spec.anchor.name].module, compile_seconds=compile_seconds,
+                   sources={n: t.module for n, t in state.traced.items()})
 
     @property
     def input_names(self) -> list[str]:
@@ -81,7 +83,8 @@ class ComposedModel(fx.GraphModule):
         # the anchor module is shared: the decode graph takes the copy's own weights (`generation/decode.py`)
         return ComposedModel(copied, copied.graph, spec=self.spec, links=self.links, pruned=self.pruned,
                              frontends=self.frontends, signature=self.signature, taps=self.taps,
-                             anchor_model=self.anchor_model, compile_seconds=self.compile_seconds)
+                             anchor_model=self.anchor_model, compile_seconds=self.compile_seconds,
+                             sources=self._sources[0])
 
     # -- conveniences: each calls a module that does not import this one ------------------------------
     def loss(self, input_ids, label_mask=None, ignore_index: int = -100, **inputs):

@@ -1,10 +1,12 @@
 """Text generation with a composed model: batched, padded prompts, greedy or sampled (temperature, top-k, top-p).
 
-The prompt augments run once per call, in the augment stage (`stage.py`). With a transformers
-anchor, the anchor then reads the prompt once and each new token once, through its decode graph with a
-static KV cache (`decode.py`); the shared augments, which the paper refreshes as the sequence
-grows, run over the sequence so far at each step. Any other anchor (`cache=False`, or one transformers
-does not cache) recomputes the anchor stage over the whole sequence at each step.
+The prompt augments run once per call, in the augment stage (`stage.py`). With a transformers anchor,
+the anchor then reads the prompt once and each new token once, through its decode graph with a static KV
+cache (`decode.py`); so does every shared augment that is a transformers causal LM, and each link from
+one keeps its keys and values: a step costs one token through every model. A shared augment without such
+a cache makes the shared augments run over the sequence so far at each step instead (only the anchor is
+cached). Any other anchor (`cache=False`, or one transformers does not cache) recomputes the anchor stage
+over the whole sequence at each step.
 
 Padding. Prompts may come padded (left padding, as tokenizers give them for generation, with an
 `attention_mask`). Rather than thread a mask and position ids into every model (custom models take
@@ -24,7 +26,7 @@ import torch
 
 from ..errors import CalmGraphError, InputError
 from ..passes.merge import check_token_ids
-from .decode import Decoder, build_decoder, cache_kwarg
+from .decode import Decoder, build_decoder, cache_kwarg, decoded_models
 from .stage import Contexts, Stages, context_stage, split_stages
 
 _STAGES: WeakKeyDictionary = WeakKeyDictionary()  # composed -> (what it was split from, its stages, ...)
@@ -53,19 +55,22 @@ def stages_of(composed) -> Stages:
 def contexts_of(composed) -> Contexts:
     entry = _entry(composed)
     if "contexts" not in entry:
-        entry["contexts"] = context_stage(stages_of(composed).anchor, composed.spec.anchor.name)
+        entry["models"] = decoded_models(composed)
+        entry["contexts"] = context_stage(stages_of(composed).anchor, set(entry["models"]))
     return entry["contexts"]
 
 
 def decoder_for(composed, batch: int, length: int) -> Decoder:
-    """The anchor's KV-cache decode graph for `batch` rows and at least `length` positions (built once per
-    batch size, cache length, device and dtype; the last few are kept)."""
+    """The KV-cache decode graph for `batch` rows and at least `length` positions (built once per batch
+    size, cache length, device and dtype; the last few are kept)."""
     weight = next(composed.parameters())
     max_len = -(-length // CACHE_ROUND) * CACHE_ROUND
     key = (batch, max_len, weight.device, weight.dtype)
-    decoders = _entry(composed)["decoders"]
+    entry = _entry(composed)
+    decoders = entry["decoders"]
     if key not in decoders:
-        decoders[key] = build_decoder(composed, stages_of(composed).anchor, contexts_of(composed), batch, max_len)
+        contexts = contexts_of(composed)
+        decoders[key] = build_decoder(composed, stages_of(composed).anchor, contexts, batch, max_len, entry["models"])
         while len(decoders) > KEEP_DECODERS:
             decoders.pop(next(iter(decoders)))
     return decoders[key]
