@@ -92,7 +92,7 @@ class ComposedModel(fx.GraphModule):
         from .train import next_token_loss
         return next_token_loss(self(input_ids, **inputs), input_ids, label_mask, ignore_index)
 
-    def generate(self, input_ids, max_new_tokens: int, **kwargs):
+    def generate(self, input_ids, max_new_tokens: int | None = None, **kwargs):
         """Prompt followed by up to `max_new_tokens` new tokens; see `calmgraph.generation.generate.generate`."""
         from .generation.generate import generate
         return generate(self, input_ids, max_new_tokens, **kwargs)

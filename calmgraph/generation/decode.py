@@ -161,6 +161,12 @@ class Decoder:
             self._compiled = (dict(options), torch.compile(self.module, **options))
         return self._compiled[1]
 
+    def with_own_caches(self) -> "Decoder":
+        """The same decode graph with caches of its own (the weights shared): for rows decoded beside
+        this decoder's, so that nothing is traced twice."""
+        memo = {id(p): p for p in self.module.parameters()}
+        return Decoder(copy.deepcopy(self.module, memo), self.batch, self.max_len, self.precomputed, self.models)
+
     def project(self, contexts: tuple) -> list[torch.Tensor]:
         """The keys and values of the prompt links, in the order the decoder takes them."""
         return [t for path, i in self.precomputed
