@@ -140,7 +140,8 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     generation stops early once every row is finished. `cache`: None uses the KV caches when the anchor has
     one (a transformers causal LM), True requires it, False recomputes the sequence at every step.
     `compile_step`: run the cached decode step through `torch.compile` (`STEP_COMPILE`: CUDA graphs on a
-    GPU, where small models are bound by kernel launches); the first call compiles.
+    GPU, where small models are bound by kernel launches). Its caches are sized to a bucket of
+    `CACHE_ROUND` positions, so it compiles once per batch size and bucket (the first such call).
     """
     check_token_ids(input_ids, "input_ids")
     o = resolve(generation_config, dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
