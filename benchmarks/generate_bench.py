@@ -100,17 +100,17 @@ def bench(cfg, repeats, device="cpu", compile_step=False):
     cache = True if cfg["models"] == "llama" else None  # a Llama must use its cache (an error, not a fallback)
     runs = {
         "calm_pytorch": lambda: calm.generate(prompt=prompt, seq_len=total),  # default: top-p 0.9, temperature 1
-        "calmgraph_top_p": lambda: composed.generate(prompt, cfg["new"], temperature=1.0, top_p=0.9,
+        "calmgraph_top_p": lambda: composed.generate(prompt, cfg["new"], do_sample=True, top_k=0, top_p=0.9,
                                                      augment_input_ids=prompt, cache=cache),
-        "calmgraph_greedy": lambda: composed.generate(prompt, cfg["new"], temperature=0, augment_input_ids=prompt,
-                                                      cache=cache),
+        "calmgraph_greedy": lambda: composed.generate(prompt, cfg["new"], augment_input_ids=prompt, cache=cache),
     }
     if cfg["models"] == "llama":  # what the KV cache is worth: the same calls recomputing the sequence
-        runs["calmgraph_top_p_no_cache"] = lambda: composed.generate(prompt, cfg["new"], temperature=1.0, top_p=0.9,
-                                                                     augment_input_ids=prompt, cache=False)
+        runs["calmgraph_top_p_no_cache"] = lambda: composed.generate(prompt, cfg["new"], do_sample=True, top_k=0,
+                                                                     top_p=0.9, augment_input_ids=prompt, cache=False)
     if cfg["models"] == "llama" and compile_step:  # the decode step under torch.compile (CUDA graphs on a GPU)
-        runs["calmgraph_top_p_compiled"] = lambda: composed.generate(prompt, cfg["new"], temperature=1.0, top_p=0.9,
-                                                                     augment_input_ids=prompt, compile_step=True)
+        runs["calmgraph_top_p_compiled"] = lambda: composed.generate(prompt, cfg["new"], do_sample=True, top_k=0,
+                                                                     top_p=0.9, augment_input_ids=prompt,
+                                                                     compile_step=True)
     out = calm.generate(prompt=prompt, seq_len=total)  # per row: prompt + new tokens (its pad-mask returns both)
     assert [len(row) for row in out] == [total] * cfg["batch"], "CALM generated a different number of tokens"
     started = time.perf_counter()  # the first call also splits the stages and builds the decode graph

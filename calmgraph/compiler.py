@@ -45,12 +45,12 @@ def compile(spec: CompositionSpec | str | Path | dict, models: dict[str, nn.Modu
     base_dir = Path(spec).parent if isinstance(spec, (str, Path)) else None
     spec = load_spec(spec)
     models = load_models(spec, models, base_dir=base_dir, trust_code=trust_code)  # given, or from `source:`
-    state = CompileState(spec, models, prune=prune, leaf_modules=tuple(leaf_modules))
+    state = CompileState(spec, models, prune=prune, leaf_modules=tuple(leaf_modules),
+                         source_dir=(base_dir or Path.cwd()).resolve())  # relative sources start here
     with unchanged(models):                                         # a forward that writes a weight: refused
         for p in PIPELINE:
             state = p(state).state
-    composed = ComposedModel.from_state(state, compile_seconds=time.perf_counter() - started)
-    return composed._with_source_dir((base_dir or Path.cwd()).resolve())  # relative sources start here
+    return ComposedModel.from_state(state, compile_seconds=time.perf_counter() - started)
 
 
 def tap_points(model: nn.Module, blocks: str | None = None, *, tap: str = "output",

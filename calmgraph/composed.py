@@ -1,6 +1,7 @@
 """The compiled composition: one torch.fx.GraphModule, plus what it was built from."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterator
 
 import torch.fx as fx
@@ -10,6 +11,7 @@ from .device import retarget_module
 from .passes.base import CompileState, PruneReport, TapPoint
 from .plan import ROOT, Link
 from .signature import InputSignature
+from .sources import absolute_sources
 from .spec import CompositionSpec
 
 
@@ -23,8 +25,9 @@ class ComposedModel(fx.GraphModule):
 
     def __init__(self, root: nn.Module, graph: fx.Graph, *, spec: CompositionSpec, links: list[Link],
                  pruned: PruneReport, frontends: dict[str, str], signature: InputSignature,
-                 taps: dict[str, list[TapPoint]], anchor_model: nn.Module | None = None,
-                 compile_seconds: float | None = None, compile_log: list[dict] | None = None):
+                 taps: dict[str, list[TapPoint]], models: dict[str, nn.Module] | None = None,
+                 compile_seconds: float | None = None, compile_log: list[dict] | None = None,
+                 source_dir: Path | None = None):
         super().__init__(root, graph, class_name="ComposedModel")
         self.spec = spec
         self.links = links                         # the cross-attention blocks that survived pruning
@@ -34,9 +37,10 @@ class ComposedModel(fx.GraphModule):
         self.taps = taps                           # per model: its TapPoints (index, block name, hidden size)
         self.compile_seconds = compile_seconds
         self.compile_log = list(compile_log or [])  # per pass: its name, whether it changed the graph, seconds
-        # The anchor as a module (the frozen alias of the user's), which generation traces again with a KV
-        # cache (`generation/decode.py`). Held in a tuple so nn.Module does not adopt it: no weight counted twice.
-        self._anchor_model: tuple[nn.Module | None] = (anchor_model,)
+        self.source_dir = source_dir               # where the spec's relative source paths start
+        # Each model as a module (the frozen alias of the user's), which generation traces again with a KV
+        # cache (`generation/decode.py`). Held in a tuple so nn.Module does not adopt them: no weight counted twice.
+        self._models: tuple[dict[str, nn.Module]] = (dict(models or {}),)
 
     @classmethod
     def from_state(cls, state: CompileState, compile_seconds: float | None = None) -> "ComposedModel":
@@ -44,8 +48,8 @@ class ComposedModel(fx.GraphModule):
         return cls(state.module, state.module.graph, spec=state.spec, links=state.links, pruned=state.pruned,
                    frontends={n: t.frontend for n, t in state.traced.items()}, signature=state.signature,
                    taps={n: t.tap_points() for n, t in state.traced.items()},
-                   anchor_model=state.traced[state.spec.anchor.name].module, compile_seconds=compile_seconds,
-                   compile_log=state.log)
+                   models={n: t.module for n, t in state.traced.items()}, compile_seconds=compile_seconds,
+                   compile_log=state.log, source_dir=state.source_dir)
 
     @property
     def input_names(self) -> list[str]:
@@ -53,7 +57,12 @@ class ComposedModel(fx.GraphModule):
 
     @property
     def anchor_model(self) -> nn.Module | None:
-        return self._anchor_model[0]
+        return self.traced_model(self.spec.anchor.name)
+
+    def traced_model(self, name: str) -> nn.Module | None:
+        """Model `name` as a module: the frozen alias of the user's that was traced (generation's decode
+        graph traces it again with a KV cache)."""
+        return self._models[0].get(name)
 
     def _apply(self, fn, recurse=True):
         """`.to()`, `.cuda()`, `.cpu()`...: the graph's device constants follow the parameters (`device.py`)."""
@@ -80,22 +89,16 @@ class ComposedModel(fx.GraphModule):
 
     def __deepcopy__(self, memo) -> "ComposedModel":
         copied = super().__deepcopy__(memo)  # a plain GraphModule: restore what makes it a composition
-        # the anchor module is shared: the decode graph takes the copy's own weights (`generation/decode.py`)
+        # the traced models are shared: the decode graph takes the copy's own weights (`generation/decode.py`)
         return ComposedModel(copied, copied.graph, spec=self.spec, links=self.links, pruned=self.pruned,
                              frontends=self.frontends, signature=self.signature, taps=self.taps,
-                             anchor_model=self.anchor_model, compile_seconds=self.compile_seconds,
-                             compile_log=self.compile_log)._with_source_dir(getattr(self, "source_dir", None))
-
-    def _with_source_dir(self, source_dir) -> "ComposedModel":
-        self.source_dir = source_dir  # where the spec's relative source paths start (`compile` sets it)
-        return self
+                             models=self._models[0], compile_seconds=self.compile_seconds,
+                             compile_log=self.compile_log, source_dir=self.source_dir)
 
     def recorded_spec(self) -> CompositionSpec:
         """The spec with its relative source paths made absolute (where `compile` read them from): what
         `save_new`, FineTuner and `export` write, so that `cg.load` finds the models from any directory."""
-        from .load import absolute_sources
-        source_dir = getattr(self, "source_dir", None)
-        return self.spec if source_dir is None else absolute_sources(self.spec, source_dir)
+        return self.spec if self.source_dir is None else absolute_sources(self.spec, self.source_dir)
 
     # -- conveniences: each calls a module that does not import this one ------------------------------
     def loss(self, input_ids, label_mask=None, ignore_index: int = -100, **inputs):
@@ -103,7 +106,7 @@ class ComposedModel(fx.GraphModule):
         from .train import next_token_loss
         return next_token_loss(self(input_ids, **inputs), input_ids, label_mask, ignore_index)
 
-    def generate(self, input_ids, max_new_tokens: int, **kwargs):
+    def generate(self, input_ids, max_new_tokens: int | None = None, **kwargs):
         """Prompt followed by up to `max_new_tokens` new tokens; see `calmgraph.generation.generate.generate`."""
         from .generation.generate import generate
         return generate(self, input_ids, max_new_tokens, **kwargs)

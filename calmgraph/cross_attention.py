@@ -79,9 +79,27 @@ class CrossAttention(nn.Module):
             mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
             if self.window is not None:  # ... and no further back than window - 1 positions
                 mask = mask.triu(s - t - self.window + 1)
+        return self._read(q, k, v, mask, square)
+
+    def attend_at(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        """A cached decode step: x (B, T, dim) at source positions `positions` (T,); k, v (B, heads, S, dim_head)
+        of source positions 0..S-1, rotated by them with rotary. A query reads no key after its own position
+        (those are not written yet) and, with a window, none before the window."""
+        q = rearrange(self.to_q(self.norm(x)), "b t (h d) -> b h t d", h=self.heads)
+        if self.rotary:
+            q = rotate(q, positions)
+        key = torch.arange(k.shape[-2], device=q.device)
+        mask = key <= positions[:, None]                                          # (T, S)
+        if self.window is not None:
+            mask = mask & (key > positions[:, None] - self.window)
+        return self._read(q, k, v, mask)
+
+    def _read(self, q, k, v, mask, square: bool = False):
+        """Attention of q over k, v (mask: True = read; square: plain causal), null key first, then W_O."""
         if self.null_kv is not None:  # one more key, first, that every query may read
             if square:
-                mask, square = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(), False
+                mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+                square = False
             null_k, null_v = (n.to(k.dtype).expand(k.shape[0], -1, -1, -1) for n in self.null_kv)
             k, v = torch.cat((null_k, k), dim=-2), torch.cat((null_v, v), dim=-2)
             if mask is not None:

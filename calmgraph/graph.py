@@ -21,7 +21,8 @@ from .errors import Problem
 # prefix of its graph's names. These are ComposedModel's own names beyond a GraphModule's (composed.py,
 # splice.ROOT); a test checks that every public name of a compiled composition is reserved.
 COMPOSED_NAMES = ("spec", "links", "pruned", "frontends", "input_names", "signature", "taps", "compile_seconds",
-                  "compile_log", "from_state", "print_trainable_parameters", "anchor_model",
+                  "compile_log", "from_state", "print_trainable_parameters", "anchor_model", "traced_model",
+                  "source_dir", "recorded_spec",
                   "new_parameters", "named_new_parameters", "loss", "generate", "export", "save_new", "summary", "xattn")
 # Added to nn.Module itself by a library once it builds a model (transformers: `smart_apply`): reserved
 # even before that happens in this process.

@@ -223,3 +223,31 @@ def _seeded(seed: int | None):
 def _reason(e: Exception) -> str:
     text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+# -- recorded paths ----------------------------------------------------------------------------------
+def absolute_sources(spec: CompositionSpec, base_dir: str | Path) -> CompositionSpec:
+    """`spec` with each relative source path (an `hf:` folder, a `python:` file) made absolute under `base_dir`."""
+    base = Path(base_dir).expanduser().resolve()
+    models = {"anchor": spec.anchor, **{i: a for i, a in enumerate(spec.augments)}}
+    changed = {}
+    for key, model in models.items():
+        source = _absolute(model.source, base)
+        if source is not model.source:
+            changed[key] = model.model_copy(update={"source": source})
+    if not changed:
+        return spec
+    augments = [changed.get(i, a) for i, a in enumerate(spec.augments)]
+    return spec.model_copy(update={"anchor": changed.get("anchor", spec.anchor), "augments": augments})
+
+
+def _absolute(source, base: Path):
+    if isinstance(source, HfSource):
+        path = Path(source.hf).expanduser()
+        return source if path.is_absolute() else source.model_copy(update={"hf": str(base / path)})
+    if isinstance(source, PythonSource):
+        module, _, attr = source.python.partition(":")
+        path = Path(module).expanduser()
+        if module.endswith(".py") and not path.is_absolute():
+            return source.model_copy(update={"python": f"{base / path}:{attr}"})
+    return source

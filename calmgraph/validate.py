@@ -11,7 +11,6 @@ remains. Problems that only follow from such a repair are not reported.
 from __future__ import annotations
 
 import copy
-import json
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,6 +20,7 @@ import yaml
 
 from .errors import CalmGraphError, LayerRefError, Problem, SpecError
 from .graph import graph_problems
+from .limits import check_data, load_json, load_yaml
 from .spec import CHECK_GRAPH, CompositionSpec, Every, load_spec
 
 EDGE_REQUIRED = {"source", "target", "layers"}
@@ -82,8 +82,12 @@ def _check_valid(spec: CompositionSpec, path: Path, models: bool, progress, trus
 
 # -- repair: what a later stage needs, without what was wrong ------------------------------------------
 def _read(path: Path) -> Any:
-    text = path.read_text()
-    return json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    """The file's data through the same bounds as `load_spec` (size, depth, alias expansion): a SpecError
+    (a ValueError) where the first stage already said what is wrong."""
+    text = path.read_text(encoding="utf-8")
+    data = load_json(text) if path.suffix.lower() == ".json" else load_yaml(text)
+    check_data(data)
+    return data
 
 
 def _parts(loc: str) -> list[str | int]:

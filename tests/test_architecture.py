@@ -20,7 +20,7 @@ LAYERS = [
     {"plan", "sources", "tracing"},
     {"passes"},
     {"composed"},
-    {"compiler", "checkpoint", "export", "inspect", "report", "generation", "train", "parallel", "validate"},
+    {"compiler", "checkpoint", "export", "inspect", "report", "generation", "train", "parallel", "validate", "load"},
     {"bench", "demo", "cli", "__init__"},
 ]
 # The convenience methods of ComposedModel (loss, generate, export, save_new, summary) import these

@@ -204,13 +204,13 @@ def test_right_padding_also_reads_each_row_at_its_own_end(small):
 
 # -- the anchor's KV cache ----------------------------------------------------------------------------
 def test_cached_decode_logits_equal_full_forwards(hf_composition):
-    """Prefill then one token at a time through the decode graph (KV cache, the shared GPT-2 refreshed
-    each step, the BERT prompt read once) gives the logits of the anchor stage over the whole sequence."""
+    """Prefill then one token at a time through the decode graph (KV caches, the shared GPT-2 decoded a
+    token at a time too, the BERT prompt read once) gives the logits of the anchor stage over the whole sequence."""
     from calmgraph.generation.generate import contexts_of, decoder_for, stages_of
     composed, _, name = hf_composition
     ids, prompts = tokens((3, 14), 40), prompt(name)
     stages, contexts = stages_of(composed), contexts_of(composed)
-    assert contexts.reads_sequence                       # GPT-2 reads the sequence: refreshed each step
+    assert not contexts.reads_sequence                   # GPT-2 has its own cache: not rerun over the sequence
     decoder = decoder_for(composed, 3, 14)
     with torch.inference_mode():                         # as generate runs it (its cache is an inference tensor)
         full = composed(ids, **prompts)
@@ -336,7 +336,7 @@ def test_top_k_top_p_keep_exactly_the_allowed_tokens(seed, vocab, temperature, t
 def test_sampled_generation_only_picks_from_the_top_k_of_its_logits(small):
     composed, _, name = small
     ids, prompts = tokens((3, 6), 4), prompt(name)
-    out = composed.generate(ids, 10, temperature=1.5, top_k=3, generator=torch.Generator().manual_seed(0), **prompts)
+    out = composed.generate(ids, 10, do_sample=True, temperature=1.5, top_k=3, generator=torch.Generator().manual_seed(0), **prompts)
     with torch.no_grad():
         logits = composed(out, **prompts)
     for t in range(6, 16):
@@ -347,7 +347,7 @@ def test_sampled_generation_only_picks_from_the_top_k_of_its_logits(small):
 def test_seeded_sampling_is_reproducible(small):
     composed, _, name = small
     ids, prompts = tokens((3, 6), 5), prompt(name)
-    run = lambda seed: composed.generate(ids, 12, top_p=0.95, generator=torch.Generator().manual_seed(seed), **prompts)  # noqa: E731
+    run = lambda seed: composed.generate(ids, 12, do_sample=True, top_p=0.95, generator=torch.Generator().manual_seed(seed), **prompts)  # noqa: E731
     assert torch.equal(run(1), run(1))
     assert not torch.equal(run(1), run(2))
 
@@ -386,14 +386,15 @@ def test_zero_new_tokens_returns_the_prompt(small):
 # -- bad input ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, message", [
     ({"temperature": -1}, "temperature must be >= 0"),
-    ({"top_k": 0}, "top_k must be a positive int"),
+    ({"top_k": -1}, "top_k must be a non-negative int"),
     ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
     ({"max_new_tokens": -2}, "max_new_tokens must be a non-negative int"),
     ({"attention_mask": torch.ones(2, 3)}, r"attention_mask must have the shape of input_ids \(2, 4\); got \(2, 3\)"),
     ({"attention_mask": torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]])}, r"rows \[1\] of attention_mask have no real token"),
     ({"notes_input_ids": None}, r"missing inputs \['notes_input_ids'\]"),
-    ({"nots_input_ids": torch.zeros(2, 3, dtype=torch.long)}, r"unknown inputs \['nots_input_ids'\]; this composition "
-                                                              "takes input_ids, notes_input_ids, notes_mask"),
+    ({"nots_input_ids": torch.zeros(2, 3, dtype=torch.long)}, r"unknown keywords \['nots_input_ids'\]: generate takes "
+                                                              r".*the inputs of this composition: input_ids, "
+                                                              "notes_input_ids, notes_mask"),
     ({"notes_input_ids": torch.zeros(3, 3, dtype=torch.long)}, "notes_input_ids has batch size 3 but input_ids has 2"),
     ({"input_ids": torch.zeros(2, 4)}, "input_ids must be a \\(batch, seq\\) tensor of integer token ids"),
 ])

@@ -1,19 +1,25 @@
-"""Decode graph: the anchor with a static KV cache and its cross-attention spliced in, for generation.
+"""Decode graph: the anchor and its shared augments, each with a static KV cache, their cross-attention
+spliced in, for generation.
 
-The fused graph recomputes the whole sequence at every step. For a transformers anchor, generation
-instead runs a second graph, traced with torch.export from the anchor wrapped around a `StaticCache`
-(the cache tensors are buffers the graph updates in place): the prompt is read once (prefill), then each
-step reads one new token. Its block outputs are found as in the fused graph, and the anchor's links are
-spliced at them with the composed model's own cross-attention modules (shared, not copied):
+The fused graph recomputes the whole sequence at every step. For transformers causal LMs, generation
+instead runs a second graph, in which each decoded model is traced again with torch.export around a
+`StaticCache` (its cache tensors are buffers the graph updates in place): the prompt is read once
+(prefill), then each step reads one new token through every model. Block outputs are found as in the
+fused graph, and the links are spliced at them with the composed model's own cross-attention modules
+(shared, not copied):
 
-    ctx = contexts.module(input_ids, *states)              # what the anchor's cross-attention reads
+    ctx = contexts.module(input_ids, *states)              # what the links read from outside the graph
     kv = decoder.project(ctx)                              # prompt links' keys and values: once
     logits = decoder.module(new_ids, cache_position, *ctx, *kv)        # (B, new, vocab)
 
-`contexts` (`stage.context_stage`) is the anchor stage less the anchor: the prompt states passed through, and the shared augments
-run over the sequence so far (a shared augment is recomputed each step; only the anchor is cached). A
-link from a prompt reads keys and values projected once (`CrossAttention.context_kv`), through an
-`Attend` module sharing its block's weights. A decoder is built for one batch size and cache length.
+A link from a shared augment decoded in the graph (`LinkCache`) keeps its source's projected keys and
+values for every position so far, writes the new positions' at each step, and attends over them by
+position (causal, `window`, `null_kv` and rotary as in the full sequence). A link from a prompt reads
+keys and values projected once (`CrossAttention.context_kv`), through an `Attend` module sharing its
+block's weights. The shared augments are decoded so only when every one of them is a transformers causal
+LM (`decoded_models`); otherwise only the anchor is, and `contexts` (`stage.context_stage`) runs the
+shared augments over the whole sequence at each step. A decoder is built for one batch size and cache
+length, and its shapes do not change from step to step.
 """
 from __future__ import annotations
 
@@ -26,15 +32,18 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..blocks import find_blocks
+from ..cross_attention import rotate
 from ..errors import TraceError
 from ..families import CACHE_KWARGS, is_transformers
+from ..graph import build_order
 from ..passes.base import Merged
 from ..passes.merge import inline
 from ..passes.splice import splice
 from ..plan import LINK_KEY, ROOT
 from ..tracing.entry import ENTRY
 from ..tracing.taps import block_inputs, block_outputs
-from .stage import Contexts, anchor_links
+from .stage import Contexts, links_into
+
 
 def cache_kwarg(model: nn.Module) -> str | None:
     """The name under which a transformers causal LM takes a KV cache, or None if it is not one."""
@@ -112,20 +121,51 @@ class Attend(nn.Module):
         return self.block.attend(x, k, v, context_mask)
 
 
+class LinkCache(nn.Module):
+    """A link from a decoded shared augment: its source's keys and values, one slot per position.
+
+    forward(x, context, cache_position): x and context hold the same new positions; their keys and values
+    (rotated by their positions, with rotary) are written at `cache_position`, then x attends to every
+    position written so far (the slots after it hold stale or zero values and are masked)."""
+
+    def __init__(self, block: nn.Module, batch: int, max_len: int):
+        super().__init__()
+        self.block = block
+        weight = block.to_kv.weight
+        shape = (batch, block.heads, max_len, weight.shape[0] // 2 // block.heads)
+        self.register_buffer("keys", torch.zeros(shape, dtype=weight.dtype, device=weight.device), persistent=False)
+        self.register_buffer("values", torch.zeros(shape, dtype=weight.dtype, device=weight.device), persistent=False)
+
+    def forward(self, x, context, cache_position):
+        k, v = self.block.context_kv(context)
+        if self.block.rotary:
+            k = rotate(k, cache_position)
+        self.keys.index_copy_(2, cache_position, k)
+        self.values.index_copy_(2, cache_position, v)
+        return self.block.attend_at(x, self.keys, self.values, cache_position)
+
+
 @dataclass
 class Decoder:
     module: fx.GraphModule   # forward(input_ids, cache_position, *contexts, *kv) -> logits
     batch: int
     max_len: int
     precomputed: list[tuple[str, int]]  # per prompt link: its Attend module's path, the index of its context
+    models: tuple[str, ...]             # the models it decodes with a cache: the anchor last
     _compiled: tuple | None = field(default=None, repr=False)           # (options, compiled module)
 
     def compiled(self, options: dict):
-        """`torch.compile(self.module, **options)`, made once (the decode step: fixed shapes but for a shared
-        augment's growing context, which recompiles)."""
+        """`torch.compile(self.module, **options)`, made once per decoder: its step's shapes are fixed (but
+        for a shared augment recomputed over the growing sequence, which recompiles)."""
         if self._compiled is None or self._compiled[0] != options:
             self._compiled = (dict(options), torch.compile(self.module, **options))
         return self._compiled[1]
+
+    def with_own_caches(self) -> "Decoder":
+        """The same decode graph with caches of its own (the weights shared): for rows decoded beside
+        this decoder's, so that nothing is traced twice."""
+        memo = {id(p): p for p in self.module.parameters()}
+        return Decoder(copy.deepcopy(self.module, memo), self.batch, self.max_len, self.precomputed, self.models)
 
     def project(self, contexts: tuple) -> list[torch.Tensor]:
         """The keys and values of the prompt links, in the order the decoder takes them."""
@@ -133,56 +173,127 @@ class Decoder:
                 for t in self.module.get_submodule(path).block.context_kv(contexts[i])]
 
 
-def build_decoder(composed, anchor_stage: fx.GraphModule, contexts: Contexts, batch: int, max_len: int) -> Decoder:
-    """The anchor's decode graph for `batch` rows and `max_len` positions; it takes the values `contexts`
-    returns (the anchor stage's nodes it names), then the prompt links' keys and values."""
-    spec = composed.spec
-    anchor = spec.anchor.name
-    source = composed.anchor_model
+def source_model(composed, name: str) -> nn.Module | None:
+    """The frozen alias of model `name` the composition was traced from (None if it does not keep it)."""
+    return composed.traced_model(name)
+
+
+def decoded_models(composed) -> tuple[str, ...]:
+    """The models a decoder runs with a KV cache, in build order: the anchor, and the shared augments when
+    every one of them is a transformers causal LM (a model without a cache would be recomputed over the
+    whole sequence at each step, and would need every model it reads recomputed with it)."""
+    anchor, order = composed.spec.anchor.name, build_order(composed.spec)
+    shared = [a.name for a in composed.spec.augments if not a.is_prompt]
+    if shared and all(cache_kwarg(source_model(composed, m)) is not None for m in shared):
+        return tuple(m for m in order if m in shared or m == anchor)
+    return (anchor,)
+
+
+def _traced(composed, name: str, batch: int, max_len: int) -> tuple[fx.GraphModule, list[fx.Node]]:
+    """Model `name` traced around a static cache, with its taps (the nodes of its block outputs or inputs)."""
+    source, model_spec = source_model(composed, name), composed.spec.model(name)
     if source is None or cache_kwarg(source) is None:
-        raise TraceError(f"anchor {anchor!r} ({type(source).__name__}) is not a transformers causal LM, so it "
+        raise TraceError(f"model {name!r} ({type(source).__name__}) is not a transformers causal LM, so it "
                          "has no KV cache to generate with; generate(..., cache=False) recomputes instead")
-    model = alias_on(source, composed, anchor)
-    blocks = find_blocks(model, spec.anchor.blocks)
-    entry = CachedEntry(model, batch, max_len)
+    model = alias_on(source, composed, name)
+    blocks = find_blocks(model, model_spec.blocks)
     try:
-        gm = trace_cached(entry)
+        gm = trace_cached(CachedEntry(model, batch, max_len))
     except Exception as e:  # noqa: BLE001 - the model's own reason, in one line
-        raise TraceError(f"could not trace anchor {anchor!r} with a static KV cache: {type(e).__name__}: "
+        raise TraceError(f"could not trace {name!r} with a static KV cache: {type(e).__name__}: "
                          f"{(str(e).strip().splitlines() or [''])[0][:300]}; generate(..., cache=False) "
                          "recomputes instead") from None
     outputs = block_outputs(gm.graph, blocks)
-    taps = outputs if spec.anchor.tap == "output" else block_inputs(gm.graph, blocks, outputs)
+    return gm, outputs if model_spec.tap == "output" else block_inputs(gm.graph, blocks, outputs)
 
+
+def build_decoder(composed, anchor_stage: fx.GraphModule, contexts: Contexts, batch: int, max_len: int,
+                  models: tuple[str, ...] | None = None) -> Decoder:
+    """The decode graph of `models` (default: the anchor alone) for `batch` rows and `max_len` positions;
+    it takes the values `contexts` returns (the anchor stage's nodes it names), then the prompt links' keys
+    and values."""
+    anchor = composed.spec.anchor.name
+    models = models or (anchor,)
     graph, root = fx.Graph(), nn.Module()
-    root.add_module(anchor, gm)
     root.add_module(ROOT, composed.get_submodule(ROOT))
     ids, position = graph.placeholder("input_ids"), graph.placeholder("cache_position")
     inputs = {name: graph.placeholder(name) for name in contexts.names}
-    stage_links = anchor_links(anchor_stage.graph, anchor)
+    stage_links = links_into(anchor_stage.graph, set(models))
     reads = dict(zip(contexts.names, contexts.reads))
-    fixed = [n for n in stage_links if not reads[n.args[1].name]]          # links from a prompt
+    fixed = [n for n in stage_links if n.args[1].name in reads and not reads[n.args[1].name]]  # from a prompt
     kv = {n.target: (graph.placeholder(f"k_{i}"), graph.placeholder(f"v_{i}")) for i, n in enumerate(fixed)}
-    env, out = inline(graph, gm.graph, anchor, (ids, position))
-    graph.output(out)
+    taps = {}
+    for name in models:  # build order: a model's sources are in the graph before it
+        gm, model_taps = _traced(composed, name, batch, max_len)
+        root.add_module(name, gm)
+        env, out = inline(graph, gm.graph, name, (ids, position))
+        taps[name] = [env[t] for t in model_taps]
+    graph.output(out)  # the anchor's, last
 
-    # the anchor's links read what they read in the anchor stage, now the decoder's inputs
-    sources = {}
+    # a link from outside the decoded models reads what it read in the anchor stage, now a decoder input
     for node in stage_links:
         link = node.meta[LINK_KEY]
-        sources.setdefault(link.source, {})[link.source_layer] = inputs[node.args[1].name]
-    merged = Merged(graph, root, {anchor: [env[t] for t in taps], **sources}, {},
+        if link.source not in models:
+            taps.setdefault(link.source, {})[link.source_layer] = inputs[node.args[1].name]
+    merged = Merged(graph, root, taps, {},
                     masks={n.meta[LINK_KEY].source: inputs[n.args[2].name] for n in stage_links if len(n.args) > 2})
-    splice(merged, [n.meta[LINK_KEY] for n in stage_links], [anchor], blocks=root.get_submodule(ROOT))
+    splice(merged, [n.meta[LINK_KEY] for n in stage_links], list(models), blocks=root.get_submodule(ROOT))
+    attend = _reroute(graph, root, kv, models, batch, max_len)
+    keep_live(graph)
+    graph.lint()
+    module = fx.GraphModule(root, graph, class_name="Decoder")
+    names = {name: i for i, name in enumerate(contexts.names)}
+    return Decoder(module, batch, max_len, [(attend[n.target], names[n.args[1].name]) for n in fixed], tuple(models))
+
+
+def _writes(node: fx.Node) -> fx.Node | None:
+    """The buffer (a get_attr node) an in-place op writes, if `node` is one."""
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None or not schema.arguments or not node.args:
+        return None
+    alias = schema.arguments[0].alias_info
+    first = node.args[0]
+    return first if alias is not None and alias.is_write and isinstance(first, fx.Node) and first.op == "get_attr" else None
+
+
+def keep_live(graph: fx.Graph) -> None:
+    """Dead-code elimination that sees the caches: a node stays if the output needs it, and a cache write
+    stays while something that stays reads that cache. So an augment's head goes, and so do the layers
+    after its last tapped block, cache writes included."""
+    writers: dict[fx.Node, list[fx.Node]] = {}
+    for node in graph.nodes:
+        if (buffer := _writes(node)) is not None:
+            writers.setdefault(buffer, []).append(node)
+    live, todo = set(), [next(n for n in graph.nodes if n.op == "output")]
+    while todo:
+        node = todo.pop()
+        if node not in live:
+            live.add(node)
+            todo.extend(node.all_input_nodes)
+            todo.extend(writers.get(node, ()))
+    for node in reversed(graph.nodes):
+        if node not in live and node.op != "placeholder":
+            graph.erase_node(node)
+
+
+def _reroute(graph: fx.Graph, root: nn.Module, kv: dict, models, batch: int, max_len: int) -> dict[str, str]:
+    """Prompt links attend to their keys and values (tap, context, mask -> tap, k, v, mask); links from a
+    decoded model read their `LinkCache` (tap, context -> tap, context, cache_position). Returns the
+    prompt links' Attend paths."""
+    position = next(n for n in graph.nodes if n.op == "placeholder" and n.target == "cache_position")
     root.add_module("attend", nn.Module())
+    root.add_module("link_cache", nn.Module())
     attend = {}
-    for node in graph.nodes:  # a prompt link attends to its keys and values (tap, context, mask -> tap, k, v, mask)
-        if node.op == "call_module" and node.target in kv:
-            name = node.target.removeprefix(ROOT + ".").replace(".", "_")
-            root.attend.add_module(name, Attend(root.get_submodule(node.target)))
+    for node in list(graph.nodes):
+        if node.op != "call_module" or LINK_KEY not in node.meta:
+            continue
+        name = node.target.removeprefix(ROOT + ".").replace(".", "_")
+        block = root.get_submodule(node.target)
+        if node.target in kv:
+            root.attend.add_module(name, Attend(block))
             attend[node.target] = f"attend.{name}"
             node.target, node.args = attend[node.target], (node.args[0], *kv[node.target], *node.args[2:])
-    graph.lint()
-    module = fx.GraphModule(root, graph, class_name="AnchorDecoder")
-    names = {name: i for i, name in enumerate(contexts.names)}
-    return Decoder(module, batch, max_len, [(attend[n.target], names[n.args[1].name]) for n in fixed])
+        elif node.meta[LINK_KEY].source in models:
+            root.link_cache.add_module(name, LinkCache(block, batch, max_len))
+            node.target, node.args = f"link_cache.{name}", (*node.args[:2], position)
+    return attend

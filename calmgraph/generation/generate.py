@@ -1,18 +1,20 @@
-"""Text generation with a composed model: batched, padded prompts, greedy or sampled (temperature, top-k, top-p).
+"""Text generation with a composed model: batched, padded prompts; greedy, or sampled as transformers samples.
 
-The prompt augments run once per call, in the augment stage (`stage.py`). With a transformers
-anchor, the anchor then reads the prompt once and each new token once, through its decode graph with a
-static KV cache (`decode.py`); the shared augments, which the paper refreshes as the sequence
-grows, run over the sequence so far at each step. Any other anchor (`cache=False`, or one transformers
-does not cache) recomputes the anchor stage over the whole sequence at each step.
+The prompt augments run once per call, in the augment stage (`stage.py`). With a transformers anchor,
+the anchor then reads the prompt once and each new token once, through its decode graph with a static KV
+cache (`decode.py`); so does every shared augment that is a transformers causal LM, and each link from
+one keeps its keys and values: a step costs one token through every model. A shared augment without such
+a cache makes the shared augments run over the sequence so far at each step instead (only the anchor is
+cached). Any other anchor (`cache=False`, or one transformers does not cache) recomputes the anchor stage
+over the whole sequence at each step.
 
 Padding. Prompts may come padded (left padding, as tokenizers give them for generation, with an
 `attention_mask`). Rather than thread a mask and position ids into every model (custom models take
 neither), each row's real tokens are moved to the front of a working buffer and what follows them is
 filler. The anchor and shared augments are causal language models, so a position never sees what comes
 after it: a row's logits are those of its unpadded prompt, and its next token is read at its own last
-position. The cached path runs the rows of each prompt length together (one cache position for all).
-The returned ids keep the caller's layout: `torch.cat([input_ids, new_tokens], dim=1)`.
+position. The cached path runs the rows of each prompt length together (one cache position for all), all
+lengths in step. The returned ids keep the caller's layout: `torch.cat([input_ids, new_tokens], dim=1)`.
 """
 from __future__ import annotations
 
@@ -24,12 +26,14 @@ import torch
 
 from ..errors import CalmGraphError, InputError
 from ..passes.merge import check_token_ids
-from .decode import Decoder, build_decoder, cache_kwarg
+from .decode import Decoder, build_decoder, cache_kwarg, decoded_models
+from .options import DEFAULTS, Options, resolve
+from .sampling import Chooser, filter_logits, next_token  # noqa: F401 - filter_logits, next_token: public helpers
 from .stage import Contexts, Stages, context_stage, split_stages
 
 _STAGES: WeakKeyDictionary = WeakKeyDictionary()  # composed -> (what it was split from, its stages, ...)
 CACHE_ROUND = 32    # cache lengths are rounded up to a multiple of this, so that similar calls share a decoder
-KEEP_DECODERS = 4   # decoders (each holds its KV cache) kept per composed model
+KEEP_DECODERS = 8   # decoders (each holds its KV caches) kept per composed model
 STEP_COMPILE = {"mode": "reduce-overhead"}  # torch.compile options of a decode step (generate's compile_step)
 
 
@@ -53,40 +57,35 @@ def stages_of(composed) -> Stages:
 def contexts_of(composed) -> Contexts:
     entry = _entry(composed)
     if "contexts" not in entry:
-        entry["contexts"] = context_stage(stages_of(composed).anchor, composed.spec.anchor.name)
+        entry["models"] = decoded_models(composed)
+        entry["contexts"] = context_stage(stages_of(composed).anchor, set(entry["models"]))
     return entry["contexts"]
 
 
-def decoder_for(composed, batch: int, length: int) -> Decoder:
-    """The anchor's KV-cache decode graph for `batch` rows and at least `length` positions (built once per
-    batch size, cache length, device and dtype; the last few are kept)."""
+def decoder_for(composed, batch: int, length: int, slot: int = 0) -> Decoder:
+    """The KV-cache decode graph for `batch` rows and at least `length` positions (built once per batch
+    size, cache length, device and dtype; the last few are kept). Groups of rows decoded side by side with
+    the same batch size and cache length take slots 1, 2...: copies with caches of their own."""
     weight = next(composed.parameters())
     max_len = -(-length // CACHE_ROUND) * CACHE_ROUND
     key = (batch, max_len, weight.device, weight.dtype)
-    decoders = _entry(composed)["decoders"]
-    if key not in decoders:
-        decoders[key] = build_decoder(composed, stages_of(composed).anchor, contexts_of(composed), batch, max_len)
+    entry = _entry(composed)
+    decoders = entry["decoders"]
+    if (*key, slot) not in decoders:
+        if slot:
+            decoders[(*key, slot)] = decoder_for(composed, batch, length).with_own_caches()
+        else:
+            contexts = contexts_of(composed)
+            decoders[(*key, 0)] = build_decoder(composed, stages_of(composed).anchor, contexts, batch, max_len,
+                                                entry["models"])
         while len(decoders) > KEEP_DECODERS:
             decoders.pop(next(iter(decoders)))
-    return decoders[key]
+    return decoders[(*key, slot)]
 
 
 def can_cache(composed) -> bool:
     """Whether generation can use the anchor's KV cache: a transformers causal LM as the anchor."""
     return composed.anchor_model is not None and cache_kwarg(composed.anchor_model) is not None
-
-
-def _check_options(max_new_tokens, temperature, top_k, top_p, cache) -> None:
-    if cache not in (None, True, False):
-        raise InputError(f"cache must be None (use the anchor's KV cache when it has one), True or False; got {cache!r}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise InputError(f"max_new_tokens must be a non-negative int; got {max_new_tokens!r}")
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise InputError(f"temperature must be >= 0 (0 means greedy); got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise InputError(f"top_k must be a positive int or None; got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-        raise InputError(f"top_p must be in (0, 1] or None; got {top_p!r}")
 
 
 def _check_mask(attention_mask, input_ids: torch.Tensor) -> torch.Tensor:
@@ -102,7 +101,16 @@ def _check_mask(attention_mask, input_ids: torch.Tensor) -> torch.Tensor:
     return keep
 
 
+OPTIONS = (*DEFAULTS, "attention_mask", "generation_config", "stopping_criteria", "streamer", "generator", "cache",
+           "compile_step")
+
+
 def _prompt_inputs(composed, inputs: dict, batch: int) -> dict:
+    unknown = [k for k in inputs if k not in composed.signature.names]
+    if unknown:
+        takes = ", ".join(f"{i.name}{'' if i.required else ' (optional)'}" for i in composed.signature.inputs)
+        raise InputError(f"unknown keywords {unknown}: generate takes {', '.join(OPTIONS)}, and the inputs of this "
+                         f"composition: {takes}")
     composed.signature.check_keywords(inputs)
     for name, value in inputs.items():
         if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] != batch:
@@ -111,52 +119,42 @@ def _prompt_inputs(composed, inputs: dict, batch: int) -> dict:
     return inputs
 
 
-def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """logits (B, V) -> scaled logits with every token outside top-k / the top-p nucleus at -inf."""
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]                      # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1:
-        ordered, index = logits.sort(dim=-1, descending=True)
-        probs = ordered.softmax(-1)
-        before = probs.cumsum(-1) - probs   # mass of the more likely tokens: keep while it is below top_p
-        ordered = ordered.masked_fill(before >= top_p, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, index, ordered)
-    return logits
-
-
-def next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-               top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) -> one token id per row (B,): argmax at temperature 0, else a sample."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
 @torch.inference_mode()
-def generate(composed, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = None, temperature: float | None = None,
              top_k: int | None = None, top_p: float | None = None,
              eos_token_id: int | Sequence[int] | None = None, attention_mask: torch.Tensor | None = None,
              pad_token_id: int | None = None, generator: torch.Generator | None = None,
-             cache: bool | None = None, compile_step: bool = False, **prompt_inputs) -> torch.Tensor:
+             cache: bool | None = None, compile_step: bool = False, *, do_sample: bool | None = None,
+             min_new_tokens: int | None = None, repetition_penalty: float | None = None,
+             generation_config=None, stopping_criteria=None, streamer=None, **prompt_inputs) -> torch.Tensor:
     """input_ids (B, T) -> (B, T + n): the prompts followed by n <= max_new_tokens new tokens.
+
+    As transformers' `generate`: greedy unless `do_sample=True` (then `temperature`, `top_k`, `top_p`);
+    `min_new_tokens`, `repetition_penalty` (transformers' logits processors); `generation_config` (a
+    GenerationConfig or a dict; the keywords given win); `stopping_criteria` (called with the ids so far and
+    the scores; a row it stops is finished); `streamer` (`put` the prompt, then each step's tokens, then `end`).
+    `temperature=0` is greedy too. `generator` seeds the samples.
 
     `<augment>_input_ids` / `<augment>_mask` feed the prompt augments (read once). A row that emits an
     `eos_token_id` is finished: its later tokens are `pad_token_id` (default: the first eos id);
-    generation stops early once every row is finished. `cache`: None uses the anchor's KV cache when it
-    has one (a transformers causal LM), True requires it, False recomputes the sequence at every step.
+    generation stops early once every row is finished. `cache`: None uses the KV caches when the anchor has
+    one (a transformers causal LM), True requires it, False recomputes the sequence at every step.
     `compile_step`: run the cached decode step through `torch.compile` (`STEP_COMPILE`: CUDA graphs on a
-    GPU, where small models are bound by kernel launches); the first call compiles.
+    GPU, where small models are bound by kernel launches). Its caches are sized to a bucket of
+    `CACHE_ROUND` positions, so it compiles once per batch size and bucket (the first such call).
     """
     check_token_ids(input_ids, "input_ids")
-    _check_options(max_new_tokens, temperature, top_k, top_p, cache)
+    o = resolve(generation_config, dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                                        repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
+                                        pad_token_id=pad_token_id))
+    if cache not in (None, True, False):
+        raise InputError(f"cache must be None (use the anchor's KV cache when it has one), True or False; got {cache!r}")
     keep = _check_mask(attention_mask, input_ids)
     prompts = _prompt_inputs(composed, prompt_inputs, input_ids.shape[0])
-    eos = None if eos_token_id is None else torch.tensor(
-        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=input_ids.device)
-    pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos is not None else 0)
+    eos = None if o.eos_token_id is None else torch.tensor(
+        [o.eos_token_id] if isinstance(o.eos_token_id, int) else list(o.eos_token_id), device=input_ids.device)
+    pad = o.pad_token_id if o.pad_token_id is not None else (int(eos[0]) if eos is not None else 0)
     if cache and not can_cache(composed):
         raise InputError(f"cache=True, but the anchor {composed.spec.anchor.name!r} "
                          f"({type(composed.anchor_model).__name__}) is not a transformers causal LM, which is what "
@@ -164,6 +162,8 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int, temperature
     if compile_step and (cache is False or not can_cache(composed)):
         raise InputError("compile_step compiles the KV-cache decode step, which this call does not use (cache=False, "
                          "or an anchor transformers does not cache); leave compile_step off")
+    choose = Chooser(o, input_ids, attention_mask, eos, generator)
+    criteria = _criteria(stopping_criteria)
 
     lengths = keep.sum(1)                                                     # (B,) real tokens per row
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)         # real tokens first, in order
@@ -171,72 +171,130 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int, temperature
     packed = input_ids.gather(1, order)[:, :width].masked_fill(~keep.gather(1, order)[:, :width], 0)
     states = stages_of(composed).augment(**prompts)                           # prompt augments: once
 
-    def pick(logits):
-        return next_token(logits, temperature, top_k, top_p, generator)
-
-    new = None
-    if cache is not False and can_cache(composed) and max_new_tokens > 0:
+    steps = None
+    if cache is not False and can_cache(composed) and o.max_new_tokens > 0:
         try:
-            new = _generate_cached(composed, packed, lengths, states, max_new_tokens, pick, eos, pad, compile_step)
+            steps = CachedSteps(composed, packed, lengths, states, o.max_new_tokens, compile_step)
         except CalmGraphError as e:  # TraceError included: the cache could not be traced
             if cache:
                 raise
             warnings.warn(f"generating without the anchor's KV cache: {e}", stacklevel=3)
-    if new is None:
-        new = _generate_recomputing(composed, packed, lengths, states, max_new_tokens, pick, eos, pad)
+    if steps is None:
+        steps = RecomputedSteps(composed, packed, lengths, states, o.max_new_tokens)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    new = _decode(steps, input_ids, o, choose, eos, pad, criteria, streamer)
+    if streamer is not None:
+        streamer.end()
     return torch.cat([input_ids, new], dim=1)
 
 
-def _finish(token, finished, eos, pad):
-    """The tokens to return for one step (a finished row gets pad); updates `finished`."""
-    out = token.masked_fill(finished, pad)
-    if eos is not None:
-        finished |= torch.isin(token, eos)
+def _criteria(stopping_criteria):
+    """A callable (ids, scores) -> (B,) bools from transformers' StoppingCriteriaList, one criterion or a list."""
+    if stopping_criteria is None:
+        return None
+    if callable(stopping_criteria):
+        return stopping_criteria
+    if isinstance(stopping_criteria, (list, tuple)) and all(map(callable, stopping_criteria)):
+        return lambda ids, scores: [c(ids, scores) for c in stopping_criteria]
+    raise InputError("stopping_criteria must be a transformers StoppingCriteriaList, a callable (ids, scores) -> "
+                     f"bools, or a list of them; got {type(stopping_criteria).__name__}")
+
+
+def _stopped(verdicts, batch: int, device) -> torch.Tensor:
+    """A criterion's verdict (a bool or (B,) bools; a list of them: any) as (B,) bools."""
+    verdicts = verdicts if isinstance(verdicts, list) else [verdicts]
+    out = torch.zeros(batch, dtype=torch.bool, device=device)
+    for v in verdicts:
+        out |= torch.as_tensor(v, device=device).bool().expand(batch)
     return out
 
 
-def _generate_recomputing(composed, packed, lengths, states, max_new_tokens, pick, eos, pad) -> torch.Tensor:
+def _decode(steps, input_ids, o: Options, choose: Chooser, eos, pad, criteria, streamer) -> torch.Tensor:
+    """The loop: logits -> a token per row -> the next logits, until max_new_tokens or every row is finished."""
+    B = input_ids.shape[0]
+    seen, new = input_ids, []
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    logits = steps.first() if o.max_new_tokens else None
+    for step in range(o.max_new_tokens):
+        scores, token = choose(logits, seen)
+        out = token.masked_fill(finished, pad)
+        new.append(out)
+        if choose.reads_seen or criteria is not None:
+            seen = torch.cat([seen, out[:, None]], dim=1)
+        if streamer is not None:
+            streamer.put(out.cpu())
+        if eos is not None:
+            finished |= torch.isin(token, eos)
+        if criteria is not None:
+            finished |= _stopped(criteria(seen, scores), B, finished.device)
+        if step + 1 == o.max_new_tokens or ((eos is not None or criteria is not None) and bool(finished.all())):
+            break  # finished is checked only with an eos or criteria: it waits for the device
+        logits = steps.next(token, step)
+    return torch.stack(new, 1) if new else input_ids.new_zeros(B, 0)
+
+
+class RecomputedSteps:
     """Each step runs the anchor stage over the whole sequence; rows are read at their own last position."""
-    B, width = packed.shape
-    rows = torch.arange(B, device=packed.device)
-    buf = torch.zeros(B, width + max_new_tokens, dtype=packed.dtype, device=packed.device)
-    buf[:, :width] = packed
-    anchor = stages_of(composed).anchor
-    new, finished = [], torch.zeros(B, dtype=torch.bool, device=packed.device)
-    for step in range(max_new_tokens):
-        logits = anchor(buf[:, :width + step], *states)                     # (B, width + step, vocab)
-        token = pick(logits[rows, lengths + step - 1])
-        buf[rows, lengths + step] = token
-        new.append(_finish(token, finished, eos, pad))
-        if eos is not None and bool(finished.all()):  # checked only with an eos: it waits for the device
-            break
-    return torch.stack(new, 1) if new else packed.new_zeros(B, 0)
+
+    def __init__(self, composed, packed, lengths, states, max_new_tokens):
+        B, width = packed.shape
+        self.rows, self.lengths, self.width, self.states = torch.arange(B, device=packed.device), lengths, width, states
+        self.buf = torch.zeros(B, width + max_new_tokens, dtype=packed.dtype, device=packed.device)
+        self.buf[:, :width] = packed
+        self.anchor = stages_of(composed).anchor
+
+    def first(self):
+        return self.anchor(self.buf[:, :self.width], *self.states)[self.rows, self.lengths - 1]
+
+    def next(self, token, step):
+        self.buf[self.rows, self.lengths + step] = token
+        logits = self.anchor(self.buf[:, :self.width + step + 1], *self.states)    # (B, width + step + 1, vocab)
+        return logits[self.rows, self.lengths + step]
 
 
-def _generate_cached(composed, packed, lengths, states, max_new_tokens, pick, eos, pad, compile_step=False):
-    """The anchor reads each prompt once and each new token once (its KV cache), a prompt length at a time."""
-    B = packed.shape[0]
-    contexts = contexts_of(composed)
-    out = packed.new_full((B, max_new_tokens), pad)
-    used = 0
-    for length in lengths.unique().tolist():
-        rows = (lengths == length).nonzero().flatten()
-        group = tuple(s[rows] if isinstance(s, torch.Tensor) and s.ndim and s.shape[0] == B else s for s in states)
-        decoder = decoder_for(composed, len(rows), length + max_new_tokens)
-        step_fn = decoder.compiled(STEP_COMPILE) if compile_step else decoder.module
-        seq = packed[rows, :length]
-        ctx = contexts.module(seq, *group)
-        kv = decoder.project(ctx)                                           # prompt links: once
-        logits = decoder.module(seq, torch.arange(length, device=seq.device), *ctx, *kv)  # prefill
-        finished = torch.zeros(len(rows), dtype=torch.bool, device=seq.device)
-        for step in range(max_new_tokens):
-            token = pick(logits[:, -1])
-            out[rows, step] = _finish(token, finished, eos, pad)
-            used = max(used, step + 1)
-            if step + 1 == max_new_tokens or (eos is not None and bool(finished.all())):
-                break
-            if contexts.reads_sequence:                                     # shared augments: refreshed
-                seq = torch.cat([seq, token[:, None]], dim=1)
-                ctx = contexts.module(seq, *group)
-            logits = step_fn(token[:, None], torch.tensor([length + step], device=seq.device), *ctx, *kv)
-    return out[:, :used]
+class CachedSteps:
+    """The decode graphs read each prompt once and each new token once, a decoder per prompt length, all
+    lengths in step (so a step's logits, hence its samples, processors and streamer, cover every row)."""
+
+    def __init__(self, composed, packed, lengths, states, max_new_tokens, compile_step=False):
+        B = packed.shape[0]
+        self.contexts = contexts_of(composed)
+        self.groups, slots = [], {}
+        for length in lengths.unique().tolist():
+            rows = (lengths == length).nonzero().flatten()
+            group = tuple(s[rows] if isinstance(s, torch.Tensor) and s.ndim and s.shape[0] == B else s for s in states)
+            size = (len(rows), -(-(length + max_new_tokens) // CACHE_ROUND))
+            slots[size] = slots.get(size, -1) + 1                            # side by side: caches of its own
+            decoder = decoder_for(composed, len(rows), length + max_new_tokens, slots[size])
+            seq = packed[rows, :length]
+            ctx = self.contexts.module(seq, *group)
+            self.groups.append({"rows": rows, "length": length, "decoder": decoder, "states": group, "seq": seq,
+                                "ctx": ctx, "kv": decoder.project(ctx),            # prompt links: once
+                                "step": decoder.compiled(STEP_COMPILE) if compile_step else decoder.module})
+        self.batch = B
+
+    def _gather(self, parts):
+        """(B, vocab) from each group's (rows, vocab), copied as each comes (a CUDA graph's output lives
+        only until the next replay)."""
+        logits = None
+        for g in self.groups:
+            part = parts(g)
+            if logits is None:
+                logits = part.new_empty(self.batch, part.shape[-1])
+            logits[g["rows"]] = part
+        return logits
+
+    def first(self):
+        return self._gather(lambda g: g["decoder"].module(g["seq"], torch.arange(g["length"], device=g["seq"].device),
+                                                          *g["ctx"], *g["kv"])[:, -1])                # prefill
+
+    def next(self, token, step):
+        def advance(g):
+            new = token[g["rows"], None]
+            if self.contexts.reads_sequence:      # a shared augment without a cache: rerun over the sequence
+                g["seq"] = torch.cat([g["seq"], new], dim=1)
+                g["ctx"] = self.contexts.module(g["seq"], *g["states"])
+            position = torch.tensor([g["length"] + step], device=new.device)
+            return g["step"](new, position, *g["ctx"], *g["kv"])[:, -1]
+        return self._gather(advance)

@@ -92,12 +92,22 @@ def split_stages(composed: fx.GraphModule, prompts: list[str]) -> Stages:
 
 def anchor_links(graph: fx.Graph, anchor: str) -> list[fx.Node]:
     """The cross-attention nodes into the anchor, in graph order."""
-    return [n for n in graph.nodes if n.op == "call_module" and getattr(n.meta.get(LINK_KEY), "target", None) == anchor]
+    return links_into(graph, {anchor})
+
+
+def links_into(graph: fx.Graph, targets: set[str]) -> list[fx.Node]:
+    """The cross-attention nodes into any of `targets`, in graph order."""
+    return [n for n in graph.nodes if n.op == "call_module" and getattr(n.meta.get(LINK_KEY), "target", None) in targets]
+
+
+def made_by(node: fx.Node, models: set[str]) -> bool:
+    """Whether `node` is computed by one of `models` (a node of it, or a link spliced into it)."""
+    return node.meta.get(MODEL_KEY) in models or getattr(node.meta.get(LINK_KEY), "target", None) in models
 
 
 @dataclass
 class Contexts:
-    module: fx.GraphModule   # forward(input_ids, *states) -> tuple: what the anchor's cross-attention reads
+    module: fx.GraphModule   # forward(input_ids, *states) -> tuple: what the decoded models' links read from outside
     names: list[str]         # the anchor stage's nodes it returns, in order
     reads: list[bool]        # per context: whether it reads the sequence (a shared augment's) or not (a prompt's)
 
@@ -107,11 +117,12 @@ class Contexts:
         return any(self.reads)
 
 
-def context_stage(anchor_stage: fx.GraphModule, anchor: str) -> Contexts:
-    """The anchor stage less the anchor: everything the anchor's links read (the prompt states, passed
-    through, and the shared augments, run over the sequence), with the anchor stage's own inputs."""
+def context_stage(anchor_stage: fx.GraphModule, decoded: set[str]) -> Contexts:
+    """What the links into the `decoded` models (the anchor, and the shared augments decoded with it) read
+    from outside them: the prompt states, passed through, and any other shared augment, run over the
+    sequence; with the anchor stage's own inputs."""
     graph = anchor_stage.graph
-    wanted = list(dict.fromkeys(a for n in anchor_links(graph, anchor) for a in n.args[1:]))
+    wanted = list(dict.fromkeys(a for n in links_into(graph, decoded) for a in n.args[1:] if not made_by(a, decoded)))
     ids = next(n for n in graph.nodes if n.op == "placeholder")
     reads, needed = [], set()
     for value in wanted:

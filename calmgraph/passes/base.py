@@ -10,6 +10,7 @@ what exists before there is a graph (models, block lists, links).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +89,7 @@ class CompileState:
     models: dict[str, nn.Module]                       # the user's, by spec name (never modified)
     prune: bool = True
     leaf_modules: tuple = ()                           # the user's extra fx leaves (`families.leaf_predicate`)
+    source_dir: Path | None = None                     # where the spec's relative source paths start
     blocks: dict[str, list[Block]] | None = None       # gather: each model's blocks
     traced: dict[str, TracedModel] | None = None       # trace
     links: list[Link] | None = None                    # resolve: the plan; prune: the links that survive

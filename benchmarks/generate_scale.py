@@ -1,0 +1,153 @@
+"""Generation at LLM scale: tokens/s per sequence of `composed.generate` beside transformers' `generate` of
+the anchor alone, in the same process, greedy, no early stop.
+
+    python benchmarks/generate_scale.py --device cuda --dtype bf16 --batch 1 8 --out benchmarks/results/generate_scale_gpu.json
+
+The default shapes: a TinyLlama-1.1B-shaped anchor (hidden 2048, 22 layers, 32 heads, 4 KV heads,
+intermediate 5632) and a 0.25B Llama-shaped augment (hidden 1024, 16 layers, 16 heads, 4 KV heads,
+intermediate 2816), random weights, every 4th augment block read, 128 new tokens after a 128-token prompt.
+Both modes: the augment reading the anchor's tokens (`shared`, the paper's) and reading a prompt of its own
+(`prompt`, here the same tokens). Variants: `cached` (the KV-cache decode graph, eager), `compiled`
+(`compile_step=True`), `recompute` (`cache=False`). Each variant's first call is reported (it traces the
+decode graph, and compiles), its time to the first token is timed warm, then the variants and transformers
+alternate for `--rounds` rounds and the median is reported. The JSON goes to stdout (and to `--out`);
+a line per result to stderr as it comes.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import calmgraph as cg
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="bf16")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--prompt", type=int, default=128, help="prompt tokens")
+    p.add_argument("--new", type=int, default=128, help="new tokens")
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--anchor", type=int, nargs=5, default=[2048, 22, 32, 4, 5632],
+                   metavar=("HIDDEN", "LAYERS", "HEADS", "KV_HEADS", "INTERMEDIATE"))
+    p.add_argument("--augment", type=int, nargs=5, default=[1024, 16, 16, 4, 2816],
+                   metavar=("HIDDEN", "LAYERS", "HEADS", "KV_HEADS", "INTERMEDIATE"))
+    p.add_argument("--every", type=int, default=4, help="read every n-th augment block")
+    p.add_argument("--modes", nargs="+", choices=["shared", "prompt"], default=["shared", "prompt"])
+    p.add_argument("--variants", nargs="+", choices=["cached", "compiled", "recompute"],
+                   default=["cached", "compiled", "recompute"])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    return p.parse_args(argv)
+
+
+def llama(shape, vocab, dtype, device, seed):
+    import transformers
+    hidden, layers, heads, kv_heads, intermediate = shape
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                                      num_key_value_heads=kv_heads, intermediate_size=intermediate,
+                                      vocab_size=vocab, max_position_embeddings=4096)
+    model = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+    model.generation_config.eos_token_id = None        # no early stop: every run makes `new` tokens
+    return model
+
+
+def compose(anchor, augment, mode, every):
+    spec = {"anchor": {"name": "anchor"}, "augments": [{"name": "augment", "input": mode}],
+            "edges": [{"source": "augment", "target": "anchor", "layers": {"every": every}}]}
+    composed = cg.compile(spec, models={"anchor": anchor, "augment": augment})
+    with torch.no_grad():  # like a trained composition: the blocks change the logits
+        for name, p in composed.named_new_parameters():
+            if name.endswith("to_out.weight") or name.endswith("gate"):
+                p.normal_(0, 0.02)
+    return composed
+
+
+def timed(fn, sync):
+    sync()
+    started = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - started, out
+
+
+def run(args) -> dict:
+    import transformers
+    device, dtype = args.device, DTYPES[args.dtype]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    anchor = llama(args.anchor, args.vocab, dtype, device, 0)
+    augment = llama(args.augment, args.vocab, dtype, device, 1)
+    weights_gb = sum(p.numel() * p.element_size() for m in (anchor, augment) for p in m.parameters()) / 1e9
+    results = []
+    for mode in args.modes:
+        started = time.perf_counter()
+        composed = compose(anchor, augment, mode, args.every)
+        compile_s = time.perf_counter() - started
+        for batch in args.batch:
+            ids = torch.randint(3, args.vocab, (batch, args.prompt), device=device,
+                                generator=torch.Generator(device).manual_seed(batch))
+            extra = {"augment_input_ids": ids} if mode == "prompt" else {}
+            calls = {"transformers_anchor_alone": lambda n: anchor.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0)}
+            for variant in args.variants:
+                options = {"cached": {"cache": True}, "compiled": {"cache": True, "compile_step": True},
+                           "recompute": {"cache": False}}[variant]
+                calls[variant] = (lambda o: lambda n: composed.generate(ids, n, **o, **extra))(options)
+            first = {}
+            for name, call in calls.items():  # the first call traces the decode graph (and compiles)
+                first_s, out = timed(lambda: call(args.new), sync)
+                call(1)  # one new token: its own (smaller) cache bucket, built here, off the clock
+                ttft_s, _ = timed(lambda: call(1), sync)
+                first[name] = {"first_call_s": round(first_s, 3), "time_to_first_token_s": round(ttft_s, 4),
+                               "tokens": int(out.shape[1] - args.prompt)}
+            seconds = {name: [] for name in calls}
+            for _ in range(args.rounds):
+                for name, call in calls.items():
+                    seconds[name].append(timed(lambda: call(args.new), sync)[0])
+            alone = args.new / statistics.median(seconds["transformers_anchor_alone"])
+            for name in calls:
+                tps = args.new / statistics.median(seconds[name])
+                results.append({"mode": mode, "batch": batch, "variant": name, "tokens_per_s_per_sequence": round(tps, 1),
+                                "vs_anchor_alone": round(tps / alone, 3), **first[name],
+                                "seconds": [round(s, 4) for s in seconds[name]], "compose_s": round(compile_s, 1)})
+                print(json.dumps(results[-1]), file=sys.stderr)
+    return {
+        "what": "tokens/s per sequence, greedy, no early stop; median of interleaved rounds",
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or "cpu",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+        "shapes": {"anchor": dict(zip(("hidden", "layers", "heads", "kv_heads", "intermediate"), args.anchor)),
+                   "augment": dict(zip(("hidden", "layers", "heads", "kv_heads", "intermediate"), args.augment)),
+                   "vocab": args.vocab, "every": args.every, "prompt": args.prompt, "new": args.new,
+                   "dtype": args.dtype, "weights_gb": round(weights_gb, 3)},  # read once a token: the bandwidth bound
+        "results": results,
+    }
+
+
+def main(argv=None):
+    args = parse(argv)
+    if args.out is not None and not args.out.parent.is_dir():
+        sys.exit(f"--out: no folder {args.out.parent}")
+    report = run(args)
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Shared augments decoded incrementally: every transformers causal LM of a composition keeps its own KV cache,
+and every link from a shared augment keeps its projected keys and values (`generation/decode.py`).
+
+References: the recomputing path (`cache=False`, the anchor stage over the whole sequence each step), and
+each row alone, extended by the argmax of a full forward of the fused graph, one token at a time. The
+cross-attention weights are random and nonzero, so every augment changes what the anchor predicts.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import calmgraph as cg
+from calmgraph.generation.generate import contexts_of, decoder_for, stages_of
+from tests import support
+
+warnings.filterwarnings("ignore", category=UserWarning)
+VOCAB = support.VOCAB
+
+
+def compose(anchor: str, augments: dict, edges: list, cross_attention: dict | None = None, seed: int = 0):
+    """anchor: a family of support.DECODERS; augments: {name: (family, dim, input)}; edges: (source, target, layers)."""
+    torch.manual_seed(seed)
+    models = {"anchor": support.DECODERS[anchor]().eval()}
+    for name, (family, dim, _) in augments.items():
+        models[name] = (support.bert(dim) if family == "bert" else support.DECODERS[family](dim=dim)).eval()
+    spec = {"anchor": {"name": "anchor"},
+            "augments": [{"name": n, "input": how} for n, (_, _, how) in augments.items()],
+            "edges": [{"source": s, "target": t, "layers": layers} for s, t, layers in edges]}
+    if cross_attention:
+        spec["cross_attention"] = cross_attention
+    composed = cg.compile(spec, models=models)
+    support.randomize_new_parameters(composed, seed=seed, std=0.3)
+    return composed
+
+
+COMPOSITIONS = {
+    # several shared augments of two families and a prompt augment, into a Llama anchor
+    "llama<-gpt2+qwen2+bert": lambda: compose(
+        "llama", {"g": ("gpt2", 32, "shared"), "q": ("qwen2", 32, "shared"), "p": ("bert", 32, "prompt")},
+        [("g", "anchor", {"every": 2}), ("q", "anchor", [[1, 0], [3, 3]]), ("p", "anchor", [[-1, 2]])]),
+    # a GPT-2 anchor, rotary windowed blocks with a null key
+    "gpt2<-llama rotary window null_kv": lambda: compose(
+        "gpt2", {"l": ("llama", 32, "shared")}, [("l", "anchor", {"every": 1})],
+        {"positions": "rotary", "window": 2, "null_kv": True}),
+    # augment -> augment -> anchor, Qwen2 anchor; the middle augment is both a target and a source at layer 1
+    "qwen2<-llama<-gpt2 chain": lambda: compose(
+        "qwen2", {"g": ("gpt2", 32, "shared"), "l": ("llama", 32, "shared")},
+        [("g", "l", [[1, 1], [2, 2]]), ("l", "anchor", [[1, 1], [3, 2]])], {"window": 3}),
+}
+
+
+@pytest.fixture(scope="module", params=list(COMPOSITIONS))
+def composition(request):
+    return request.param, COMPOSITIONS[request.param]()
+
+
+def tokens(shape, seed):
+    return torch.randint(3, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def prompts(composed, batch):
+    """The prompt augments' own tokens (the second row's shorter), if the composition has any."""
+    out = {}
+    for a in composed.spec.prompts:
+        ids, mask = tokens((batch, 6), 7), torch.ones(batch, 6, dtype=torch.long)
+        mask[1:2, 4:] = 0
+        out |= {f"{a.name}_input_ids": ids, f"{a.name}_mask": mask}
+    return out
+
+
+def argmax_by_full_forwards(composed, row, n, row_prompts):
+    """One unpadded row extended n times by the argmax at the last position of a full fused forward."""
+    with torch.no_grad():
+        for _ in range(n):
+            row = torch.cat([row, composed(row, **row_prompts)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return row
+
+
+def padded(rows, width, left=True):
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - row.shape[1], width) if left else slice(0, row.shape[1])
+        ids[i, span], mask[i, span] = row, 1
+    return ids, mask
+
+
+def test_every_shared_augment_is_decoded_with_its_own_cache(composition):
+    name, composed = composition
+    decoder = decoder_for(composed, 2, 12)
+    shared = {a.name for a in composed.spec.augments if not a.is_prompt}
+    assert set(decoder.models) == shared | {"anchor"} and decoder.models[-1] == "anchor"
+    assert not contexts_of(composed).reads_sequence       # nothing is recomputed over the sequence at a step
+    cached_links = {n.target for n in decoder.module.graph.nodes if n.op == "call_module" and "link_cache" in n.target}
+    assert len(cached_links) == sum(link.source in shared for link in composed.links)
+
+
+@pytest.mark.parametrize("left", [True, False], ids=["left_padding", "right_padding"])
+def test_cached_greedy_equals_recomputing_and_argmax_over_full_forwards(composition, left):
+    name, composed = composition
+    lengths, n = [5, 8, 6, 5], 7         # rows of one length together; groups of one size side by side
+    rows = [tokens((1, L), 10 + i) for i, L in enumerate(lengths)]
+    ids, mask = padded(rows, 8, left)
+    extra = prompts(composed, 4)
+    cached = composed.generate(ids, n, attention_mask=mask, cache=True, **extra)
+    assert torch.equal(cached, composed.generate(ids, n, attention_mask=mask, cache=False, **extra))
+    for i, row in enumerate(rows):
+        reference = argmax_by_full_forwards(composed, row, n, {k: v[i:i + 1] for k, v in extra.items()})
+        assert torch.equal(cached[i, 8:], reference[0, row.shape[1]:]), f"{name}: row {i}"
+
+
+def test_decode_steps_give_the_logits_of_full_forwards(composition):
+    """Prefill, then one token at a time through every model's cache and every link's cached keys and
+    values: the logits of the fused graph over the whole sequence, position by position."""
+    name, composed = composition
+    ids, extra = tokens((2, 11), 40), prompts(composed, 2)
+    decoder, contexts = decoder_for(composed, 2, 11), contexts_of(composed)
+    with torch.inference_mode():                           # as generate runs it (the caches are inference tensors)
+        full = composed(ids, **extra)
+        ctx = contexts.module(ids[:, :4], *stages_of(composed).augment(**extra))
+        kv = decoder.project(ctx)
+        got = [decoder.module(ids[:, :4], torch.arange(4), *ctx, *kv)]
+        for t in range(4, 11):
+            got.append(decoder.module(ids[:, t:t + 1], torch.tensor([t]), *ctx, *kv))
+    torch.testing.assert_close(torch.cat(got, 1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_a_second_call_reuses_the_caches_from_a_fresh_prefill(composition):
+    """The caches (models' and links') hold the previous call's positions: a new prompt must not read them."""
+    name, composed = composition
+    first, second = tokens((2, 6), 50), tokens((2, 6), 51)
+    extra = prompts(composed, 2)
+    composed.generate(first, 6, cache=True, **extra)
+    again = composed.generate(second, 6, cache=True, **extra)
+    assert torch.equal(again, composed.generate(second, 6, cache=False, **extra))
+
+
+def test_a_shared_augment_without_a_cache_is_recomputed_and_the_tokens_agree():
+    """A shared augment transformers does not cache (here the handwritten GPT) cannot be decoded a token
+    at a time: the anchor alone is, and the augments are run over the sequence at each step."""
+    torch.manual_seed(0)
+    models = {"anchor": support.llama().eval(), "h": support.gpt(32).eval(), "g": support.gpt2(32).eval()}
+    spec = {"anchor": {"name": "anchor"}, "augments": [{"name": "h"}, {"name": "g"}],
+            "edges": [{"source": "h", "target": "anchor", "layers": {"every": 2}},
+                      {"source": "g", "target": "anchor", "layers": [[1, 1]]}]}
+    composed = cg.compile(spec, models=models)
+    support.randomize_new_parameters(composed, std=0.3)
+    assert decoder_for(composed, 2, 8).models == ("anchor",)
+    assert contexts_of(composed).reads_sequence
+    ids = tokens((2, 5), 60)
+    cached = composed.generate(ids, 6, cache=True)
+    assert torch.equal(cached, composed.generate(ids, 6, cache=False))
+    for i in range(2):
+        assert torch.equal(cached[i], argmax_by_full_forwards(composed, ids[i:i + 1], 6, {})[0])

@@ -1,0 +1,72 @@
+"""compile_step: the decode step's shapes do not change with the length (every cache, the links' included,
+is sized to a bucket), so torch.compile compiles it once: not again at later steps, nor for a later call
+with the same batch size and bucket. Counted with dynamo's CompileCounter backend (eager: what calmgraph
+controls is the shapes it hands to the compiler, not inductor's kernels)."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounter
+
+import calmgraph as cg
+import calmgraph.generation.generate as generation
+from calmgraph.generation.generate import CACHE_ROUND, decoder_for
+from tests.test_generate import hf, prompt, tokens
+
+warnings.filterwarnings("ignore", category=UserWarning)
+
+
+@pytest.fixture(scope="module")
+def composed():
+    """Llama <- GPT-2 (shared, cached) + BERT (prompt)."""
+    return hf({"positions": "rotary", "window": 3})[0]
+
+
+@pytest.fixture
+def counter(monkeypatch):
+    """Counts dynamo's compiles of the step; a changed shape would recompile (no automatic dynamic shapes)."""
+    counter = CompileCounter()
+    monkeypatch.setattr(generation, "STEP_COMPILE", {"backend": counter})
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        yield counter
+
+
+def test_the_step_compiles_once_across_steps_and_calls(composed, counter):
+    prompts = prompt("bert", batch=2)
+    first, second = tokens((2, 5), 1), tokens((2, 9), 2)
+    assert -(-(5 + 12) // CACHE_ROUND) == -(-(9 + 14) // CACHE_ROUND)    # one bucket for both calls
+    out = composed.generate(first, 12, compile_step=True, **prompts)
+    compiled = counter.frame_count
+    assert compiled == 1 and out.shape == (2, 17)                        # one graph, and it ran 11 steps
+    assert decoder_for(composed, 2, 17).models == ("gpt2", "llama")      # the shared augment is in the step
+    again = composed.generate(second, 14, compile_step=True, **prompts)
+    assert counter.frame_count == compiled                               # 13 more steps, another length: none
+    assert torch.equal(out, composed.generate(first, 12, **prompts))     # and the same tokens as eager
+    assert torch.equal(again, composed.generate(second, 14, **prompts))
+
+
+def test_a_new_bucket_compiles_its_own_step(composed, counter):
+    composed.generate(tokens((2, 5), 3), 4, compile_step=True, **prompt("bert", batch=2))
+    once = counter.frame_count
+    composed.generate(tokens((2, 5), 3), CACHE_ROUND + 4, compile_step=True, **prompt("bert", batch=2))
+    assert counter.frame_count > once                                    # a longer cache: new shapes
+
+
+def test_a_shared_augment_without_a_cache_makes_the_step_grow():
+    """The counter does see a growing step: with a shared augment transformers does not cache (rerun over
+    the sequence), every step's context is longer, and each step compiles again."""
+    from tests import support
+    torch.manual_seed(0)
+    spec = {"anchor": {"name": "anchor"}, "augments": [{"name": "h"}],
+            "edges": [{"source": "h", "target": "anchor", "layers": {"every": 2}}]}
+    hybrid = cg.compile(spec, models={"anchor": support.llama().eval(), "h": support.gpt(32).eval()})
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False), \
+            pytest.MonkeyPatch.context() as patch:
+        patch.setattr(generation, "STEP_COMPILE", {"backend": counter})
+        hybrid.generate(tokens((2, 5), 5), 6, compile_step=True)
+    assert counter.frame_count == 5                                      # steps 1..5, each a new length

@@ -1,0 +1,204 @@
+"""generate as a transformers user expects it: greedy by default, `do_sample`, `generation_config`,
+`min_new_tokens`, `repetition_penalty`, `stopping_criteria`, `streamer`, and transformers' own warnings.
+
+The references are transformers' `generate` of the anchor (at init, with the output projections at zero,
+the composition computes the anchor exactly), argmax over full forwards, and properties that must hold.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import calmgraph as cg
+import calmgraph.generation.sampling as sampling
+from tests.test_generate import demo, hf, prompt, tokens
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def small():
+    return demo()
+
+
+@pytest.fixture(scope="module")
+def at_init():
+    """Llama <- GPT-2 (shared) + BERT (prompt) with every output projection at zero: the anchor exactly."""
+    composed, llama, name = hf()
+    with torch.no_grad():
+        for n, p in composed.named_new_parameters():
+            if n.endswith("to_out.weight"):
+                p.zero_()
+    return composed, llama, name
+
+
+def greedy_by_full_forwards(composed, ids, n, prompts):
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, composed(ids, **prompts)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+# -- defaults and warnings ---------------------------------------------------------------------------
+def test_the_default_is_greedy_without_a_warning(small):
+    composed, _, name = small
+    ids, prompts = tokens((3, 6), 1), prompt(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = composed.generate(ids, 8, **prompts)
+    assert torch.equal(out, greedy_by_full_forwards(composed, ids, 8, prompts))
+
+
+@pytest.mark.parametrize("flags", [{"temperature": 0.7}, {"top_k": 5}, {"top_p": 0.9}, {"temperature": 0.7, "top_k": 5}])
+def test_sampling_flags_without_do_sample_warn_as_transformers_does_and_stay_greedy(small, flags):
+    composed, _, name = small
+    ids, prompts = tokens((3, 6), 2), prompt(name)
+    with pytest.warns(UserWarning) as record:
+        out = composed.generate(ids, 6, **flags, **prompts)
+    assert torch.equal(out, composed.generate(ids, 6, **prompts))
+    with pytest.raises(ValueError) as theirs:          # transformers' own wording, flag by flag
+        transformers.GenerationConfig(**flags).validate(strict=True)
+    ours = [str(w.message) for w in record if "do_sample" in str(w.message)]
+    assert len(ours) == len(flags) and all(message in str(theirs.value) for message in ours)
+
+
+# -- the same tokens as transformers' generate ----------------------------------------------------------
+@pytest.mark.parametrize("kwargs", [
+    dict(do_sample=False, repetition_penalty=1.5, min_new_tokens=6),
+    dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.3, min_new_tokens=4),
+    dict(do_sample=True),
+], ids=["greedy_penalty_min", "sampled_all", "sampled_plain"])
+@pytest.mark.parametrize("padded", [False, True], ids=["", "left_padded"])
+def test_the_tokens_are_transformers_generate_of_the_anchor_at_init(at_init, kwargs, padded):
+    composed, llama, name = at_init
+    ids, mask = tokens((3, 9), 30), torch.ones(3, 9, dtype=torch.long)
+    if padded:
+        mask[0, :4] = mask[2, :2] = 0
+        ids = ids.masked_fill(mask == 0, 0)
+    eos = int(greedy_by_full_forwards(composed, ids[1:2], 1, prompt(name, batch=1))[0, -1])  # a token greedy emits
+    common = dict(attention_mask=mask, eos_token_id=eos, pad_token_id=0, max_new_tokens=10, **kwargs)
+    torch.manual_seed(5)
+    ours = composed.generate(ids, **common, **prompt(name))
+    torch.manual_seed(5)
+    theirs = llama.generate(ids, **common)
+    assert torch.equal(ours, theirs)
+
+
+def test_min_new_tokens_holds_back_the_eos(small):
+    composed, _, name = small
+    ids, prompts = tokens((1, 6), 6), prompt(name, batch=1)
+    eos = int(composed.generate(ids, 1, **prompts)[0, -1])         # what greedy emits first
+    assert composed.generate(ids, 5, eos_token_id=eos, **prompts).shape[1] == 7   # stops at once
+    out = composed.generate(ids, 5, eos_token_id=eos, min_new_tokens=3, **prompts)[0, 6:]
+    assert eos not in out[:3].tolist()
+
+
+# -- generation_config ------------------------------------------------------------------------------
+def test_generation_config_object_or_dict_gives_what_the_keywords_give(small):
+    composed, _, name = small
+    ids, prompts = tokens((3, 6), 3), prompt(name)
+    run = lambda **kw: composed.generate(ids, generator=torch.Generator().manual_seed(0), **kw, **prompts)  # noqa: E731
+    settings = dict(max_new_tokens=7, do_sample=True, temperature=1.3, top_k=4)
+    expected = run(**settings)
+    assert torch.equal(run(generation_config=transformers.GenerationConfig(**settings)), expected)
+    assert torch.equal(run(generation_config=settings), expected)
+    assert not torch.equal(expected, run(max_new_tokens=7))              # sampling did change the tokens
+    with pytest.warns(UserWarning, match="`do_sample` is not set to `True`"):         # keywords win
+        overridden = run(generation_config=settings, max_new_tokens=3, do_sample=False)
+    assert torch.equal(overridden, run(max_new_tokens=3))
+
+
+def test_a_models_own_generation_config_is_accepted(at_init):
+    composed, llama, name = at_init
+    ids = tokens((2, 5), 4)
+    out = composed.generate(ids, generation_config=llama.generation_config, max_new_tokens=4, **prompt(name, batch=2))
+    assert torch.equal(out, llama.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=llama.generation_config.eos_token_id))
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"max_new_tokens": 3, "num_beam": 2}, r"generation_config has unknown fields \['num_beam'\]; generate reads "
+                                           "max_new_tokens, min_new_tokens, do_sample"),
+    (lambda: transformers.GenerationConfig(num_beams=4), r"generation_config sets \{'num_beams': 4\}, which calmgraph"),
+    ("greedy", "generation_config must be a transformers GenerationConfig or a dict; got str"),
+])
+def test_bad_generation_config_is_named(small, config, message):
+    composed, _, name = small
+    with pytest.raises(cg.InputError, match=message):
+        composed.generate(tokens((2, 4), 9), 3, generation_config=config() if callable(config) else config,
+                          **prompt(name, batch=2))
+
+
+# -- stopping criteria and streamers ------------------------------------------------------------------
+def test_stopping_criteria_finish_rows_as_eos_does(small):
+    composed, _, name = small
+    ids, prompts = tokens((3, 6), 6), prompt(name)
+    free = composed.generate(ids, 10, **prompts)
+    eos = int(free[0, 8])
+    by_eos = composed.generate(ids, 10, eos_token_id=eos, pad_token_id=-7, **prompts)
+    last_is_eos = lambda seen, scores: seen[:, -1] == eos  # noqa: E731 - per row
+    by_criterion = composed.generate(ids, 10, pad_token_id=-7, stopping_criteria=[last_is_eos], **prompts)
+    assert torch.equal(by_criterion, by_eos)
+    stop_at = transformers.StoppingCriteriaList([transformers.MaxLengthCriteria(max_length=6 + 4)])
+    assert torch.equal(composed.generate(ids, 10, stopping_criteria=stop_at, **prompts), free[:, :10])
+
+
+class Recorder:
+    """transformers' streamer protocol: put(prompt), put(tokens of a step)..., end()."""
+
+    def __init__(self):
+        self.puts, self.ended = [], 0
+
+    def put(self, value):
+        assert not self.ended
+        self.puts.append(value.clone())
+
+    def end(self):
+        self.ended += 1
+
+
+def test_a_streamer_gets_the_prompt_then_each_step_then_end(at_init):
+    composed, llama, name = at_init
+    ids, mask = tokens((2, 7), 11), torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])   # two prompt lengths
+    ours, theirs = Recorder(), Recorder()
+    out = composed.generate(ids, 5, attention_mask=mask, streamer=ours, **prompt(name, batch=2))
+    llama.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, streamer=theirs, pad_token_id=0)
+    assert ours.ended == theirs.ended == 1 and len(ours.puts) == len(theirs.puts) == 6
+    assert all(torch.equal(a, b) for a, b in zip(ours.puts, theirs.puts))
+    assert torch.equal(torch.cat([ours.puts[0], *(p[:, None] for p in ours.puts[1:])], 1), out)
+
+
+# -- without transformers, and bad keywords -------------------------------------------------------------
+def test_greedy_and_basic_sampling_work_without_transformers(small, monkeypatch):
+    composed, _, name = small
+    ids, prompts = tokens((3, 6), 4), prompt(name)
+    with_it = composed.generate(ids, 6, **prompts)
+    monkeypatch.setattr(sampling, "logits_process", lambda: None)
+    assert torch.equal(composed.generate(ids, 6, **prompts), with_it)
+    out = composed.generate(ids, 8, do_sample=True, temperature=1.5, top_k=3,
+                            generator=torch.Generator().manual_seed(0), **prompts)
+    with torch.no_grad():
+        logits = composed(out, **prompts)
+    for t in range(6, 14):
+        assert (logits[:, t - 1].topk(3).indices == out[:, t:t + 1]).any(1).all(), f"position {t}"
+    with pytest.raises(cg.InputError, match="repetition_penalty use transformers' logits processors"):
+        composed.generate(ids, 3, repetition_penalty=1.2, **prompts)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"tempreature": 0.5}, r"unknown keywords \['tempreature'\]: generate takes max_new_tokens, min_new_tokens, "
+                           r"do_sample, temperature, .*stopping_criteria, streamer, .*and the inputs of this "
+                           r"composition: input_ids, notes_input_ids, notes_mask \(optional\)"),
+    ({"max_new_tokens": None}, "max_new_tokens is required: pass it, or set it in generation_config"),
+    ({"do_sample": "yes"}, "do_sample must be True or False"),
+    ({"repetition_penalty": 0}, "repetition_penalty must be a positive number"),
+    ({"min_new_tokens": -1}, "min_new_tokens must be a non-negative int"),
+    ({"stopping_criteria": 3}, "stopping_criteria must be a transformers StoppingCriteriaList"),
+    ({"eos_token_id": "</s>"}, "eos_token_id must be an int, a non-empty list of ints, or None"),
+])
+def test_bad_options_are_named(small, kwargs, message):
+    composed, _, name = small
+    args = {"max_new_tokens": 3, **prompt(name, batch=2), **kwargs}
+    with pytest.raises(cg.InputError, match=message):
+        composed.generate(tokens((2, 4), 9), **args)
