@@ -36,6 +36,7 @@ class TinyLM(nn.Module):
     def __init__(self, vocab: int = 96, dim: int = 64, depth: int = 4, heads: int = 4, max_len: int = 128,
                  causal: bool = True):
         super().__init__()
+        self.max_seq_len = max_len  # the positions it has, as x-transformers says it (calmgraph checks calls)
         self.tok = nn.Embedding(vocab, dim)
         self.pos = nn.Embedding(max_len, dim)
         self.layers = nn.ModuleList(Layer(dim, heads, causal) for _ in range(depth))
