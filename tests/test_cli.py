@@ -184,3 +184,30 @@ def test_known_noise_is_filtered_and_nothing_else():
             warnings.warn("'has_cuda' is deprecated, please use 'torch.backends.cuda.is_built()'", UserWarning)
             warnings.warn("something the user should see", UserWarning)
     assert [str(w.message) for w in seen] == ["something the user should see"]
+
+
+def test_validate_and_inspect_read_an_hf_folder_on_the_meta_device(tmp_path):
+    # Structure only: the folder's config builds the model on the meta device (transformers refuses
+    # from_pretrained there); compile still loads the saved weights.
+    import torch
+    import transformers
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(textwrap.dedent(f"""
+        anchor: {{name: base, source: {{hf: llama}}}}
+        augments:
+          - {{name: helper, {TINY % (24, 3, 1)}}}
+        edges:
+          - {{source: helper, target: base, layers: [[0, 0], [-1, 2]]}}
+    """))
+    run = calmgraph("validate", spec)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == f"{spec}: valid (2 models, 1 edge, 2 layer pairs)"
+    run = calmgraph("inspect", spec)
+    assert run.returncode == 0, run.stderr
+    assert "model.layers.2" in run.stdout
+    run = calmgraph("compile", spec, "--out", tmp_path / "out")
+    assert run.returncode == 0, run.stderr
