@@ -211,3 +211,14 @@ def test_validate_and_inspect_read_an_hf_folder_on_the_meta_device(tmp_path):
     assert "model.layers.2" in run.stdout
     run = calmgraph("compile", spec, "--out", tmp_path / "out")
     assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--seq", "129"], "--seq 129 is longer than the 128 positions of the models reading input_ids; use --seq 128"),
+    (["--seq", "8", "--prompt-len", "200"], "--prompt-len 200 is longer than the 128 positions"),
+])
+def test_bench_refuses_lengths_past_the_models_positions_before_running(option, message):
+    run = calmgraph("bench", ROOT / "examples" / "specs" / "demo.yaml", "--models", "calmgraph.demo.models:demo_models",
+                    "--quick", "--no-compile", "--batch", "1", *option)
+    assert run.returncode == 1 and f"calmgraph: error: {message}" in run.stderr
+    assert "timing" not in run.stderr and "building parts" not in run.stderr  # refused before any timing
