@@ -169,7 +169,7 @@ def test_warnings_are_shown_except_known_torch_noise(tmp_path):
     """))
     spec = write_spec(tmp_path)
     spec.write_text(spec.read_text().replace("calmgraph.demo.models:TinyLM", "warns.py:make", 1))
-    run = calmgraph("inspect", spec)
+    run = calmgraph("inspect", spec, "--trust-code")  # a python: file source runs only with consent
     assert run.returncode == 0, run.stderr
     assert "FutureWarning: this model's own FutureWarning" in run.stderr
 
