@@ -51,6 +51,13 @@ class ComposedModel(fx.GraphModule):
                    models={n: t.module for n, t in state.traced.items()}, compile_seconds=compile_seconds,
                    compile_log=state.log, source_dir=state.source_dir)
 
+    def __call__(self, *args, **kwargs):
+        # Inputs by name before the generated forward sees them: an unknown, missing or doubled one is an
+        # InputError naming what the composition takes (Python's TypeError would name only one). Plain Python
+        # on names: torch.compile traces through it, and export keeps it out of the program.
+        self.signature.check_call(args, kwargs)
+        return super().__call__(*args, **kwargs)
+
     @property
     def input_names(self) -> list[str]:
         return self.signature.names

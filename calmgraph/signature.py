@@ -30,6 +30,8 @@ class Input:
     required: bool = True
     image: tuple[int, int, int] | None = None    # (channels, height, width) of pixel values
     dtype: torch.dtype | None = None             # of pixel values: the image model's
+    vocab: int | None = None                     # of token ids: the smallest vocabulary of the models reading them
+    positions: int | None = None                 # of token ids: the fewest positions of those models, where known
 
     def example(self, batch: int, seq: int, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A tensor of the input's shape: `seq` is the anchor's length (a prompt's is longer)."""
@@ -50,16 +52,18 @@ class InputSignature:
     inputs: tuple[Input, ...]
 
     @classmethod
-    def of(cls, spec, images: dict[str, torch.Tensor] | None = None) -> "InputSignature":
-        """The fused graph's inputs for `spec`; `images`: an example image batch of each image prompt."""
-        images = images or {}
-        first = [Input("input_ids", "ids")]
+    def of(cls, spec, images: dict[str, torch.Tensor] | None = None,
+           limits: dict[str | None, tuple[int | None, int | None]] | None = None) -> "InputSignature":
+        """The fused graph's inputs for `spec`; `images`: an example image batch of each image prompt;
+        `limits`: (vocabulary, positions) of the ids each owner reads (None: the shared sequence)."""
+        images, limits = images or {}, limits or {}
+        first = [Input("input_ids", "ids", **_limits(limits, None))]
         for a in spec.prompts:
             if a.reads == "pixels":
                 image = images[a.name]
                 first.append(Input(f"{a.name}_pixel_values", "pixels", a.name, image=tuple(image.shape[1:]), dtype=image.dtype))
             else:
-                first.append(Input(f"{a.name}_input_ids", "ids", a.name))
+                first.append(Input(f"{a.name}_input_ids", "ids", a.name, **_limits(limits, a.name)))
         masks = [Input(f"{a.name}_mask", "mask", a.name, required=False) for a in spec.prompts if a.reads == "prompt"]
         return cls((*first, *masks))
 
@@ -73,6 +77,17 @@ class InputSignature:
         if reads == "prompt":
             return cls((Input("input_ids", "ids", "self"), Input("attention_mask", "mask", "self")))
         return cls((Input("input_ids", "ids"),))
+
+    def check_call(self, args: tuple, kwargs: dict) -> None:
+        """Refuse a call with too many positional inputs, one given twice, an unknown or a missing one."""
+        names = self.names
+        if len(args) > len(names):
+            raise InputError(f"{len(args)} positional inputs given; this composition takes at most {len(names)}: "
+                             f"{', '.join(names)}")
+        twice = [k for k in kwargs if k in names[:len(args)]]
+        if twice:
+            raise InputError(f"inputs {twice} given both by position and by keyword; give each once")
+        self.check_keywords([*names[:len(args)], *kwargs], skip=())
 
     @property
     def names(self) -> list[str]:
@@ -99,3 +114,8 @@ class InputSignature:
             parts = ([f"unknown inputs {unknown}"] if unknown else []) + ([f"missing inputs {missing}"] if missing else [])
             takes = ", ".join(f"{i.name}{'' if i.required else ' (optional)'}" for i in self.inputs)
             raise InputError(f"{'; '.join(parts)}; this composition takes {takes}")
+
+
+def _limits(limits: dict, owner: str | None) -> dict:
+    vocab, positions = limits.get(owner, (None, None))
+    return {"vocab": vocab, "positions": positions}

@@ -137,8 +137,14 @@ def _auto_class(transformers, name: str | None, prompt: bool, where: str):
 def _from_pretrained(source: HfSource, path: Path, prompt: bool, where: str) -> nn.Module:
     if not path.is_dir():
         raise ModelError(f"{where}: no directory at {str(path)!r}; expected a folder written by save_pretrained")
-    cls = _auto_class(_transformers(where), source.auto_class, prompt, where)
+    transformers = _transformers(where)
+    cls = _auto_class(transformers, source.auto_class, prompt, where)
     try:
+        if torch.get_default_device().type == "meta":
+            # Structure only (validate, inspect): the folder's config, built on the meta device, where
+            # transformers refuses from_pretrained. No weights are read.
+            config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+            return cls.from_config(config, trust_remote_code=False)
         return cls.from_pretrained(str(path), local_files_only=True,  # offline: never touches a hub
                                     trust_remote_code=False,    # and never runs a folder's code
                                     **_dtype(source))

@@ -156,6 +156,37 @@ class EpochSampler(Sampler[int]):
         return iter(torch.randperm(self.n, generator=g).tolist())
 
 
+class SeededItems(Dataset):
+    """`dataset`, each item fetched under torch (CPU), Python and NumPy RNGs seeded from (seed, epoch, index),
+    then the RNGs put back as they were.
+
+    A dataset that draws at random in `__getitem__` (a random mask) draws the same for the same item in a
+    resumed run, whatever the loader read ahead before the checkpoint or how many workers fetch; and data
+    loading leaves the global RNG, which the model's dropout draws from, untouched."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        item_seed = ((self.seed * 1_000_003 + self.epoch) * 1_000_003 + int(index)) % 2**63
+        state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(item_seed)
+            random.seed(item_seed)
+            np.random.seed(item_seed % 2**32)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(state[0])
+                np.random.set_state(state[1])
+
+
 # ----------------------------------------------------------------------------------------------------
 # the trainer
 
@@ -211,8 +242,8 @@ class FineTuner:
         # The loader's own generator: creating an iterator draws a worker seed from it, which would
         # otherwise come from the global RNG and shift dropout after a resume.
         self.loader_rng = torch.Generator()
-        loader = DataLoader(dataset, batch_size=c.batch_size, sampler=self.sampler, drop_last=True,
-                            num_workers=c.num_workers, collate_fn=collate_fn, generator=self.loader_rng)
+        loader = DataLoader(SeededItems(dataset, c.seed), batch_size=c.batch_size, sampler=self.sampler,
+                            drop_last=True, num_workers=c.num_workers, collate_fn=collate_fn, generator=self.loader_rng)
         if self.sharded:  # already distributed: Accelerate must not wrap it in DDP as well
             self.model = model
             self.optimizer, self.loader, self.scheduler = acc.prepare(optimizer, loader, scheduler)
@@ -312,6 +343,7 @@ class FineTuner:
         epoch, skip = divmod(done, len(self.loader))
         while True:
             self.loader.set_epoch(epoch)  # reaches EpochSampler through Accelerate's shard wrapper
+            self.loader.dataset.set_epoch(epoch)  # SeededItems: the items' RNG seeds
             self.loader_rng.manual_seed(self.config.seed * 1_000_003 + epoch)
             yield from (skip_first_batches(self.loader, skip) if skip else self.loader)
             epoch, skip = epoch + 1, 0

@@ -169,7 +169,7 @@ def test_warnings_are_shown_except_known_torch_noise(tmp_path):
     """))
     spec = write_spec(tmp_path)
     spec.write_text(spec.read_text().replace("calmgraph.demo.models:TinyLM", "warns.py:make", 1))
-    run = calmgraph("inspect", spec, "--trust-code")
+    run = calmgraph("inspect", spec, "--trust-code")  # a python: file source runs only with consent
     assert run.returncode == 0, run.stderr
     assert "FutureWarning: this model's own FutureWarning" in run.stderr
 
@@ -184,3 +184,41 @@ def test_known_noise_is_filtered_and_nothing_else():
             warnings.warn("'has_cuda' is deprecated, please use 'torch.backends.cuda.is_built()'", UserWarning)
             warnings.warn("something the user should see", UserWarning)
     assert [str(w.message) for w in seen] == ["something the user should see"]
+
+
+def test_validate_and_inspect_read_an_hf_folder_on_the_meta_device(tmp_path):
+    # Structure only: the folder's config builds the model on the meta device (transformers refuses
+    # from_pretrained there); compile still loads the saved weights.
+    import torch
+    import transformers
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(textwrap.dedent(f"""
+        anchor: {{name: base, source: {{hf: llama}}}}
+        augments:
+          - {{name: helper, {TINY % (24, 3, 1)}}}
+        edges:
+          - {{source: helper, target: base, layers: [[0, 0], [-1, 2]]}}
+    """))
+    run = calmgraph("validate", spec)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == f"{spec}: valid (2 models, 1 edge, 2 layer pairs)"
+    run = calmgraph("inspect", spec)
+    assert run.returncode == 0, run.stderr
+    assert "model.layers.2" in run.stdout
+    run = calmgraph("compile", spec, "--out", tmp_path / "out")
+    assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--seq", "129"], "--seq 129 is longer than the 128 positions of the models reading input_ids; use --seq 128"),
+    (["--seq", "8", "--prompt-len", "200"], "--prompt-len 200 is longer than the 128 positions"),
+])
+def test_bench_refuses_lengths_past_the_models_positions_before_running(option, message):
+    run = calmgraph("bench", ROOT / "examples" / "specs" / "demo.yaml", "--models", "calmgraph.demo.models:demo_models",
+                    "--quick", "--no-compile", "--batch", "1", *option)
+    assert run.returncode == 1 and f"calmgraph: error: {message}" in run.stderr
+    assert "timing" not in run.stderr and "building parts" not in run.stderr  # refused before any timing

@@ -563,3 +563,29 @@ def test_without_consent_no_source_imports_anything_but_calmgraphs_own_factories
     except cg.ModelError:
         pass  # an own factory that is not a model (demo_models returns a dict) or got no kwargs it needs
     assert is_own_factory(python) and module == "calmgraph.demo.models" and "." not in attr
+
+
+# -- calmgraph's own factories run without consent, so a spec's kwargs for them are bounded ------------------
+@pytest.mark.parametrize("kwargs, message", [
+    ({"dim": 10**9}, "dim must be a whole number from 1 to 16,384; got 1000000000"),
+    ({"dim": 1e3}, "dim must be a whole number"),
+    ({"depth": True}, "depth must be a whole number"),
+    ({"vocab": 0}, "vocab must be a whole number from 1"),
+    ({"max_len": -1}, "max_len must be a whole number"),
+    ({"dim": 30, "heads": 4}, "heads (4) must divide dim (30)"),
+    ({"vocab": 1_000_000, "dim": 16_384, "heads": 4}, "more than the 1,000,000,000"),
+    ({"dim": 16_384, "depth": 512, "heads": 4}, "more than the 1,000,000,000"),
+])
+@pytest.mark.parametrize("factory", ["TinyLM", "TinyEncoder"])
+def test_own_factory_sizes_are_bounded_before_anything_is_allocated(factory, kwargs, message):
+    source = {"python": f"calmgraph.demo.models:{factory}", "kwargs": {**TINY["kwargs"], **kwargs}}
+    with pytest.raises(cg.ModelError) as info:
+        cg.load_models(spec(source))
+    assert message in str(info.value) and "model 'aug'" in str(info.value)
+
+
+def test_own_factory_in_bounds_builds_the_model_asked_for():
+    source = {"python": "calmgraph.demo.models:TinyLM", "kwargs": {"vocab": 50, "dim": 32, "depth": 3, "heads": 4,
+                                                                   "max_len": 20}}
+    model = cg.load_models(spec(source))["aug"]
+    assert (model.tok.num_embeddings, model.tok.embedding_dim, len(model.layers), model.pos.num_embeddings) == (50, 32, 3, 20)

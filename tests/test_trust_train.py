@@ -1,6 +1,11 @@
 """FineTuner's checkpoints: one format with `save_new` (spec included), old ones still load, and a bad
 TrainConfig or checkpoint is refused before anything changes."""
 import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import calmgraph as cg
 from calmgraph.demo.models import TinyLM
+from calmgraph.checkpoint import FILE as NEW_PARAMS
 from calmgraph.train import FineTuner, TrainConfig, list_checkpoints
 
 PLAIN = {"anchor": {"name": "base"}, "augments": [{"name": "aug"}],
@@ -173,3 +179,66 @@ def test_after_a_crash_and_resume_the_log_lists_each_step_once(tmp_path):
     assert log == [1, 2, 3, 4, 5]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "step-00000003", "step-00000005",
                                                          "train_log.jsonl"]
+
+
+# -- resume is bit-exact when the dataset draws from the global RNG, across a real SIGKILL -----------------
+TRAIN_SCRIPT = '''
+import os, signal, sys
+import torch
+import calmgraph as cg
+from calmgraph.demo.models import TinyLM
+from calmgraph.train import FineTuner, TrainConfig
+
+torch.set_num_threads(1)
+out, kill_after = sys.argv[1], int(sys.argv[2])
+
+
+class RandomMasks(torch.utils.data.Dataset):
+    """Random tokens and a random label mask from the global RNG, as augmenting datasets do."""
+    seen = 0
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        RandomMasks.seen += 1
+        if RandomMasks.seen == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return {"input_ids": torch.randint(0, 64, (6,)), "label_mask": (torch.rand(6) < 0.7).long()}
+
+
+torch.manual_seed(0)
+models = {"base": TinyLM(vocab=64, dim=24, depth=2, heads=2), "aug": TinyLM(vocab=64, dim=16, depth=2, heads=2)}
+spec = {"anchor": {"name": "base"}, "augments": [{"name": "aug"}],
+        "edges": [{"source": "aug", "target": "base", "layers": [[-1, 0]]}]}
+composed = cg.compile(spec, models=models)
+for p in composed.new_parameters():  # away from the identity start, so every step's gradient is nonzero
+    torch.nn.init.normal_(p, std=0.05)
+config = TrainConfig(max_steps=7, batch_size=4, lr=1e-2, progress=False, shuffle=True, cpu=True, save_every=1,
+                     keep_last=2, output_dir=out)
+FineTuner(composed, RandomMasks(), config).train(resume_from="latest")
+'''
+
+
+def test_resume_after_sigkill_is_bit_exact_with_a_dataset_drawing_from_the_global_rng(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1])}
+
+    def run(out, kill_after):
+        return subprocess.run([sys.executable, str(script), str(out), str(kill_after)], env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    def finished(out):
+        log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+        return log, load_file(list_checkpoints(out)[-1] / NEW_PARAMS)
+
+    assert run(tmp_path / "whole", 0).returncode == 0
+    killed = run(tmp_path / "killed", 5 * 4 + 2)  # mid-epoch 2 (3 batches an epoch), as the loader reads ahead
+    saved = [p.name for p in list_checkpoints(tmp_path / "killed")]
+    assert killed.returncode == -signal.SIGKILL and saved[-1] in ("step-00000004", "step-00000005")
+    assert run(tmp_path / "killed", 0).returncode == 0
+    (want_log, want), (got_log, got) = finished(tmp_path / "whole"), finished(tmp_path / "killed")
+    assert [r["step"] for r in got_log] == list(range(1, 8))
+    assert [(r["loss"], r["grad_norm"]) for r in got_log] == [(r["loss"], r["grad_norm"]) for r in want_log]
+    assert want.keys() == got.keys() and all(torch.equal(want[n], got[n]) for n in want)

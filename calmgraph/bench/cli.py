@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import torch.nn as nn
 
+    from ..errors import InputError
     from ._internals import compile_composition, load_spec
     from .progress import Console
     from .report import environment
@@ -91,12 +92,16 @@ def run(args: argparse.Namespace) -> int:
         models = {n: m.to(device).eval() for n, m in models.items()}  # weights as given, compute under autocast
     with progress.step("compiling the composition"):
         composed = compile_composition(spec, models=models)
+    check_lengths(composed, args)
     torch.manual_seed(0)  # the zero-initialised output projections would make every delta 0: randomise them
     for p in composed.new_parameters():
         nn.init.normal_(p, std=0.02)
-    result = bench_composition(composed, models, batch=args.batch, seq=args.seq, prompt_len=args.prompt_len,
-                               budget=budget, variants=variants, progress=progress,
-                               autocast=getattr(torch, dtype) if dtype and dtype != "float32" else None)
+    try:
+        result = bench_composition(composed, models, batch=args.batch, seq=args.seq, prompt_len=args.prompt_len,
+                                   budget=budget, variants=variants, progress=progress,
+                                   autocast=getattr(torch, dtype) if dtype and dtype != "float32" else None)
+    except torch.OutOfMemoryError as e:  # the sizes asked for, not a bug: say which to lower
+        raise InputError(f"out of memory at --batch {args.batch} --seq {args.seq}; choose smaller ones") from e
     result = {**environment(["calmgraph", "bench", *sys.argv[2:]] if sys.argv[1:2] == ["bench"] else None),
               "spec": spec.to_dict(), "device": device, "dtype": dtype or "as given", **result}
     print(report(result))
@@ -105,6 +110,18 @@ def run(args: argparse.Namespace) -> int:
         write_text(args.json, json.dumps(result, indent=2, default=str), overwrite=args.overwrite, flag="--overwrite")
         print(f"wrote {args.json}")
     return 0
+
+
+def check_lengths(composed, args: argparse.Namespace) -> None:
+    """--seq and --prompt-len within the positions of the models reading them, before anything runs."""
+    from ..errors import InputError
+    for i in composed.signature.inputs:
+        if i.kind != "ids" or i.positions is None:
+            continue
+        flag, length = ("--seq", args.seq) if i.owner is None else ("--prompt-len", args.prompt_len or args.seq)
+        if length > i.positions:
+            raise InputError(f"{flag} {length} is longer than the {i.positions} positions of the models reading "
+                             f"{i.name}; use {flag} {i.positions} or less")
 
 
 def settings(args: argparse.Namespace, spec, device: str, dtype: str | None, budget, variants: tuple[str, ...]) -> str:

@@ -30,12 +30,37 @@ class Layer(nn.Module):
         return x + self.down(F.silu(gate) * up)
 
 
+# A spec builds these without consent (calmgraph's own code), so what its kwargs may ask for is bounded:
+# each size, and the whole model (a few GB at most in float32).
+BOUNDS = {"vocab": 1_000_000, "dim": 16_384, "depth": 512, "heads": 1024, "max_len": 1_048_576}
+MAX_PARAMETERS = 1_000_000_000
+
+
+def check_sizes(**sizes: int) -> None:
+    """Refuse sizes that are not whole numbers in bounds, heads that do not divide dim, or a model past
+    MAX_PARAMETERS, before anything is allocated."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= BOUNDS[name]:
+            raise ValueError(f"{name} must be a whole number from 1 to {BOUNDS[name]:,}; got {value!r}")
+    if sizes["dim"] % sizes["heads"]:
+        raise ValueError(f"heads ({sizes['heads']}) must divide dim ({sizes['dim']})")
+    dim = sizes["dim"]
+    total = (2 * sizes["vocab"] + sizes["max_len"]) * dim + sizes["depth"] * 10 * dim * dim
+    if total > MAX_PARAMETERS:
+        raise ValueError(f"these sizes make about {total:,} parameters, more than the {MAX_PARAMETERS:,} a demo "
+                         "model may have; choose smaller ones")
+
+
 class TinyLM(nn.Module):
     """forward(input_ids) -> logits (B, T, vocab)."""
 
     def __init__(self, vocab: int = 96, dim: int = 64, depth: int = 4, heads: int = 4, max_len: int = 128,
                  causal: bool = True):
+        check_sizes(vocab=vocab, dim=dim, depth=depth, heads=heads, max_len=max_len)
+        if not isinstance(causal, bool):
+            raise ValueError(f"causal must be true or false; got {causal!r}")
         super().__init__()
+        self.max_seq_len = max_len  # the positions it has, as x-transformers says it (calmgraph checks calls)
         self.tok = nn.Embedding(vocab, dim)
         self.pos = nn.Embedding(max_len, dim)
         self.layers = nn.ModuleList(Layer(dim, heads, causal) for _ in range(depth))
@@ -52,8 +77,8 @@ class TinyLM(nn.Module):
 class TinyEncoder(TinyLM):
     """Bidirectional: forward(input_ids, attention_mask) -> hidden states (B, S, dim); padding is ignored."""
 
-    def __init__(self, **kwargs):
-        super().__init__(causal=False, **kwargs)
+    def __init__(self, vocab: int = 96, dim: int = 64, depth: int = 4, heads: int = 4, max_len: int = 128):
+        super().__init__(vocab, dim, depth, heads, max_len, causal=False)
         del self.head
 
     def forward(self, input_ids, attention_mask):
