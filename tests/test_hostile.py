@@ -239,7 +239,15 @@ def test_unknown_keys():
     assert "edges[0].layer: unknown key" in msg and "edges[0].layers: required but missing" in msg
 
 
-@pytest.mark.parametrize("ref,loc", [(10**12, 0), (-10**12, 1), (3, 0), (-4, 0), (2, 1), (-3, 1)])
+@pytest.mark.parametrize("ref,loc", [(10**12, 0), (-10**12, 1)])
+def test_absurd_layer_index_is_refused_by_the_spec(ref, loc):
+    """Past any model's depth: refused when the spec is read, before any model is looked at."""
+    pair = [ref, 0] if loc == 0 else [0, ref]
+    with pytest.raises(cg.SpecError, match=rf"edges\[0\]\.layers\[0\]\[{loc}\]: a block index is between -100,000 and 100,000"):
+        cg.compile(spec(edges=[{"source": "kv", "target": "base", "layers": [pair]}]), models())
+
+
+@pytest.mark.parametrize("ref,loc", [(99_999, 0), (-99_999, 1), (3, 0), (-4, 0), (2, 1), (-3, 1)])
 def test_layer_index_out_of_range(ref, loc):
     pair = [ref, 0] if loc == 0 else [0, ref]
     n, model = (3, "kv") if loc == 0 else (2, "base")

@@ -58,7 +58,7 @@ def outline_blocks(gm: fx.GraphModule, blocks: dict[str, list[Block]]) -> Outlin
                 n.meta[BLOCK_KEY] = path
             paths.setdefault(model, []).append(path)
             continue
-        why = _cycle(span, region)
+        why = _cycle(span, region) or _data_dependent(region)
         if why:
             left_flat[path] = why
             continue
@@ -67,6 +67,15 @@ def outline_blocks(gm: fx.GraphModule, blocks: dict[str, list[Block]]) -> Outlin
     graph.lint()
     module = fx.GraphModule(_root(gm, graph, outlined), graph, class_name=type(gm).__name__)
     return OutlineReport(module, paths, left_flat, time.perf_counter() - started)
+
+
+def _data_dependent(region: list[fx.Node]) -> str | None:
+    """A block whose sizes depend on its data (a mixture of experts routing with `.tolist()`: jetmoe) makes
+    symbols inside it that its outputs do not carry; as a submodule, fake-tensor shape checks cannot follow
+    them out of it. Such a block stays in the root graph."""
+    if any(n.meta.get("unbacked_bindings") for n in region):
+        return "its sizes depend on its data (unbacked symbols), which a submodule's outputs cannot carry"
+    return None
 
 
 # -- which nodes a block is ---------------------------------------------------------------------------
