@@ -144,7 +144,10 @@ def test_exported_program_checks_ids_and_masks_with_torch_ops_only(composition, 
     program = torch.export.load(str(path))
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert "aten._assert_async.msg" in targets and not any("calmgraph" in t for t in targets)
-    run = program.module()
+    module = program.module()
+
+    def run(x, prompt, mask):  # the artifact takes its inputs by name
+        return module(input_ids=x, docs_input_ids=prompt, docs_mask=mask)
     x, mask = ids(), torch.ones_like(PROMPT)
     with torch.no_grad():
         assert torch.allclose(run(x, PROMPT, mask), composed(x, PROMPT, mask), atol=1e-5)

@@ -396,7 +396,7 @@ def test_zero_new_tokens_returns_the_prompt(small):
                                                               r".*the inputs of this composition: input_ids, "
                                                               "notes_input_ids, notes_mask"),
     ({"notes_input_ids": torch.zeros(3, 3, dtype=torch.long)}, "notes_input_ids has batch size 3 but input_ids has 2"),
-    ({"input_ids": torch.zeros(2, 4)}, "input_ids must be a \\(batch, seq\\) tensor of integer token ids"),
+    ({"input_ids": torch.zeros(2, 4)}, "input_ids must be a \\(batch, seq\\) tensor of int64 \\(or int32\\) token ids"),
 ])
 def test_bad_input_is_named(small, kwargs, message):
     composed, _, _ = small

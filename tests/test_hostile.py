@@ -363,14 +363,14 @@ def prompted():
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda c, i, p: c(i.float(), p), r"input_ids must be a \(batch, seq\) tensor of integer token ids; got a \(2, 7\) torch.float32 tensor"),
-    (lambda c, i, p: c(i[0], p), r"input_ids must be a \(batch, seq\) tensor of integer token ids; got a \(7,\) torch.int64 tensor"),
+    (lambda c, i, p: c(i.float(), p), r"input_ids must be a \(batch, seq\) tensor of int64 \(or int32\) token ids; got a \(2, 7\) torch.float32 tensor"),
+    (lambda c, i, p: c(i[0], p), r"input_ids must be a \(batch, seq\) tensor of int64 \(or int32\) token ids; got a \(7,\) torch.int64 tensor"),
     (lambda c, i, p: c(i[None], p), r"got a \(1, 2, 7\) torch.int64 tensor"),
-    (lambda c, i, p: c(i.tolist(), p), r"input_ids must be a \(batch, seq\) tensor of integer token ids; got list"),
-    (lambda c, i, p: c(i, p.float()), r"docs_input_ids must be a \(batch, seq\) tensor of integer token ids"),
+    (lambda c, i, p: c(i.tolist(), p), r"input_ids must be a \(batch, seq\) tensor of int64 \(or int32\) token ids; got list"),
+    (lambda c, i, p: c(i, p.float()), r"docs_input_ids must be a \(batch, seq\) tensor of int64 \(or int32\) token ids"),
     (lambda c, i, p: c(i, p[:1]), r"a prompt holds 1 sequences but input_ids 2; pass one prompt per sequence"),
-    (lambda c, i, p: c(i, p, torch.ones(2, 4)), r"docs_mask must have the shape of its input ids \(2, 5\); got \(2, 4\)"),
-    (lambda c, i, p: c(i, p, "all"), r"docs_mask must have the shape of its input ids \(2, 5\); got str"),
+    (lambda c, i, p: c(i, p, torch.ones(2, 4)), r"docs_mask must be a real tensor of the shape of its input ids \(2, 5\); got a \(2, 4\) torch.float32 tensor"),
+    (lambda c, i, p: c(i, p, "all"), r"docs_mask must be a real tensor of the shape of its input ids \(2, 5\); got str"),
 ])
 def test_wrong_inputs_at_call_time(prompted, call, match):
     ids, prompt = torch.randint(0, VOCAB, (2, 7)), torch.randint(0, VOCAB, (2, 5))

@@ -247,7 +247,7 @@ def test_untraceable_model_raises_trace_error():
 def test_call_time_input_errors():
     spec = cg.CompositionSpec.from_dict(base_dict())
     composed = cg.compile(spec, models=models())
-    with pytest.raises(cg.InputError, match=r"input_ids must be a \(batch, seq\) tensor of integer token ids; got a \(2, 3, 4\) torch.float32 tensor"):
+    with pytest.raises(cg.InputError, match=r"input_ids must be a \(batch, seq\) tensor of int64 \(or int32\) token ids; got a \(2, 3, 4\) torch.float32 tensor"):
         composed(torch.randn(2, 3, 4))
     with pytest.raises(cg.InputError, match="input_ids must be .* got a \\(5,\\) torch.int64 tensor"):
         composed(torch.zeros(5, dtype=torch.long))
