@@ -199,7 +199,7 @@ def test_two_exports_in_one_folder_share_no_file_and_overwrite_replaces_only_whe
     composed.export(a, overwrite=True)
     ids = torch.randint(0, 64, (2, 6))
     with torch.no_grad():
-        assert torch.allclose(torch.export.load(str(a)).module()(ids), composed(ids), atol=1e-6)
+        assert torch.allclose(torch.export.load(str(a)).module()(input_ids=ids), composed(ids), atol=1e-6)
     assert sorted(contents(tmp_path)) == sorted(before)  # no temporary file left over
 
 
