@@ -10,6 +10,7 @@ what exists before there is a graph (models, block lists, links).
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,7 +110,7 @@ class PassResult:
     modified: bool
 
 
-class Pass:
+class Pass(ABC):
     """A compile stage. Subclasses set `requires`/`ensures` (CompileState fields) and define `call`."""
 
     requires: tuple[str, ...] = ()
@@ -119,8 +120,9 @@ class Pass:
     def name(self) -> str:
         return type(self).__name__.lower()
 
+    @abstractmethod
     def call(self, state: CompileState) -> PassResult:
-        raise NotImplementedError
+        """The stage itself: read the fields in `requires`, set those in `ensures`."""
 
     def __call__(self, state: CompileState) -> PassResult:
         self._check(state, self.requires, "needs")
