@@ -13,6 +13,8 @@ import torch
 
 import calmgraph as cg
 import calmgraph.generation.sampling as sampling
+from tests import support
+from tests.support import VOCAB
 from tests.test_generate import demo, hf, prompt, tokens
 
 transformers = pytest.importorskip("transformers")
@@ -192,13 +194,75 @@ def test_greedy_and_basic_sampling_work_without_transformers(small, monkeypatch)
                            r"composition: input_ids, notes_input_ids, notes_mask \(optional\)"),
     ({"max_new_tokens": None}, "max_new_tokens is required: pass it, or set it in generation_config"),
     ({"do_sample": "yes"}, "do_sample must be True or False"),
-    ({"repetition_penalty": 0}, "repetition_penalty must be a positive number"),
+    ({"repetition_penalty": 0}, "repetition_penalty must be a finite positive number"),
     ({"min_new_tokens": -1}, "min_new_tokens must be a non-negative int"),
     ({"stopping_criteria": 3}, "stopping_criteria must be a transformers StoppingCriteriaList"),
     ({"eos_token_id": "</s>"}, "eos_token_id must be an int, a non-empty list of ints, or None"),
+    ({"eos_token_id": []}, "eos_token_id must be an int, a non-empty list of ints, or None"),
+    ({"max_new_tokens": True}, "max_new_tokens must be a non-negative int; got True"),
+    ({"do_sample": True, "temperature": float("nan")}, "temperature must be a finite number >= 0"),
+    ({"do_sample": True, "temperature": float("inf")}, "temperature must be a finite number >= 0"),
+    ({"do_sample": True, "top_k": True}, "top_k must be a non-negative int"),
+    ({"do_sample": True, "top_p": float("nan")}, r"top_p must be in \(0, 1\]"),
+    ({"repetition_penalty": float("nan")}, "repetition_penalty must be a finite positive number"),
+    ({"do_sample": True, "generator": 123}, r"generator must be a torch.Generator on the ids' device \(cpu\); got 123"),
 ])
 def test_bad_options_are_named(small, kwargs, message):
     composed, _, name = small
     args = {"max_new_tokens": 3, **prompt(name, batch=2), **kwargs}
     with pytest.raises(cg.InputError, match=message):
         composed.generate(tokens((2, 4), 9), **args)
+
+
+# -- what the models can read: vocabulary and positions ---------------------------------------------------
+def test_ids_outside_the_vocabulary_are_refused_before_any_model_runs(small):
+    composed, _, name = small
+    for bad in (VOCAB, -1):
+        ids = tokens((2, 4), 9)
+        ids[1, 2] = bad
+        with pytest.raises(cg.InputError, match=rf"input_ids holds token ids outside the vocabulary \[0, {VOCAB}\)"):
+            composed.generate(ids, 3, **prompt(name, batch=2))
+
+
+def test_max_new_tokens_past_the_positions_is_refused_before_anything_is_allocated(at_init):
+    composed, _, name = at_init                       # the shared sequence is read by models of 64 positions
+    ids = tokens((2, 10), 4)
+    with pytest.raises(cg.InputError, match="a prompt of 10 tokens and max_new_tokens=1000000000000 need "
+                                            "1000000000010 positions, .* have 64; lower max_new_tokens to at most 54"):
+        composed.generate(ids, 10**12, **prompt(name, batch=2))
+    assert composed.generate(ids, 54, **prompt(name, batch=2)).shape == (2, 64)
+
+
+def test_without_known_positions_the_recomputing_path_allocates_as_it_goes():
+    # A hand-written GPT does not say its positions, so nothing bounds max_new_tokens up front: the working
+    # buffer must grow with the tokens made, not hold the 10**12 that were allowed (8 TB: refused by torch).
+    torch.manual_seed(0)
+    composed = cg.compile({"anchor": {"name": "base"}, "augments": [{"name": "kv"}],
+                           "edges": [{"source": "kv", "target": "base", "layers": {"every": 2}}]},
+                          models={"base": support.gpt(dim=32, depth=2).eval(), "kv": support.gpt(dim=32, depth=2).eval()})
+    assert composed.signature["input_ids"].positions is None
+    ids = tokens((1, 5), 2)
+    out = composed.generate(ids, 10**12, stopping_criteria=lambda seen, scores: seen.shape[1] >= 9)
+    assert torch.equal(out, greedy_by_full_forwards(composed, ids, 4, {}))
+
+
+def test_only_ids_every_reader_can_embed_are_generated():
+    # The anchor's vocabulary (96) is larger than the shared augment's (80), and its head is pushed towards
+    # the ids past 80: greedy must pick the best of the ids the augment can read back, at every step.
+    torch.manual_seed(0)
+    anchor, kv = support.llama(dim=32, depth=2).eval(), support.gpt2(dim=32, depth=2).eval()
+    kv.resize_token_embeddings(80)
+    with torch.no_grad():
+        anchor.lm_head.weight[80:] *= 50
+    composed = cg.compile({"anchor": {"name": "base"}, "augments": [{"name": "kv"}],
+                           "edges": [{"source": "kv", "target": "base", "layers": {"every": 1}}]},
+                          models={"base": anchor, "kv": kv})
+    ids = torch.randint(0, 80, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (anchor(ids).logits[:, -1].argmax(-1) >= 80).any()       # unmasked, it would emit unreadable ids
+    expected = ids
+    with torch.no_grad():
+        for _ in range(6):
+            expected = torch.cat([expected, composed(expected)[:, -1, :80].argmax(-1, keepdim=True)], dim=1)
+    for cache in (True, False):
+        assert torch.equal(composed.generate(ids, 6, cache=cache), expected)

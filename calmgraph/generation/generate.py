@@ -135,6 +135,9 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     the scores; a row it stops is finished); `streamer` (`put` the prompt, then each step's tokens, then `end`).
     `temperature=0` is greedy too. `generator` seeds the samples.
 
+    The prompt and max_new_tokens must fit the positions of the models reading the sequence (refused
+    before anything is allocated otherwise), and only ids all of them can embed are generated.
+
     `<augment>_input_ids` / `<augment>_mask` feed the prompt augments (read once). A row that emits an
     `eos_token_id` is finished: its later tokens are `pad_token_id` (default: the first eos id);
     generation stops early once every row is finished. `cache`: None uses the KV caches when the anchor has
@@ -143,13 +146,18 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     GPU, where small models are bound by kernel launches). Its caches are sized to a bucket of
     `CACHE_ROUND` positions, so it compiles once per batch size and bucket (the first such call).
     """
-    check_token_ids(input_ids, "input_ids")
+    shared = composed.signature["input_ids"]  # the smallest vocabulary and fewest positions reading the sequence
+    check_token_ids(input_ids, "input_ids", shared.vocab)
     o = resolve(generation_config, dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                         do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                         repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
                                         pad_token_id=pad_token_id))
     if cache not in (None, True, False):
         raise InputError(f"cache must be None (use the anchor's KV cache when it has one), True or False; got {cache!r}")
+    if generator is not None and (not isinstance(generator, torch.Generator)
+                                  or generator.device.type != input_ids.device.type):
+        got = f"one on {generator.device}" if isinstance(generator, torch.Generator) else repr(generator)
+        raise InputError(f"generator must be a torch.Generator on the ids' device ({input_ids.device}); got {got}")
     keep = _check_mask(attention_mask, input_ids)
     prompts = _prompt_inputs(composed, prompt_inputs, input_ids.shape[0])
     eos = None if o.eos_token_id is None else torch.tensor(
@@ -168,6 +176,10 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     lengths = keep.sum(1)                                                     # (B,) real tokens per row
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)         # real tokens first, in order
     width = int(lengths.max())
+    if shared.positions is not None and width + o.max_new_tokens > shared.positions:
+        raise InputError(f"a prompt of {width} tokens and max_new_tokens={o.max_new_tokens} need "
+                         f"{width + o.max_new_tokens} positions, but the models reading the sequence have "
+                         f"{shared.positions}; lower max_new_tokens to at most {max(shared.positions - width, 0)}")
     packed = input_ids.gather(1, order)[:, :width].masked_fill(~keep.gather(1, order)[:, :width], 0)
     states = stages_of(composed).augment(**prompts)                           # prompt augments: once
 
@@ -183,7 +195,7 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
         steps = RecomputedSteps(composed, packed, lengths, states, o.max_new_tokens)
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    new = _decode(steps, input_ids, o, choose, eos, pad, criteria, streamer)
+    new = _decode(steps, input_ids, o, choose, eos, pad, criteria, streamer, shared.vocab)
     if streamer is not None:
         streamer.end()
     return torch.cat([input_ids, new], dim=1)
@@ -210,13 +222,17 @@ def _stopped(verdicts, batch: int, device) -> torch.Tensor:
     return out
 
 
-def _decode(steps, input_ids, o: Options, choose: Chooser, eos, pad, criteria, streamer) -> torch.Tensor:
-    """The loop: logits -> a token per row -> the next logits, until max_new_tokens or every row is finished."""
+def _decode(steps, input_ids, o: Options, choose: Chooser, eos, pad, criteria, streamer, vocab) -> torch.Tensor:
+    """The loop: logits -> a token per row -> the next logits, until max_new_tokens or every row is finished.
+    Only ids every model reading the sequence can embed are chosen: an anchor whose vocabulary is larger than
+    a shared augment's never emits the ids past the smaller one (it could not read them back)."""
     B = input_ids.shape[0]
     seen, new = input_ids, []
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     logits = steps.first() if o.max_new_tokens else None
     for step in range(o.max_new_tokens):
+        if vocab is not None and logits.shape[-1] > vocab:
+            logits = torch.cat([logits[:, :vocab], logits.new_full((B, logits.shape[-1] - vocab), float("-inf"))], 1)
         scores, token = choose(logits, seen)
         out = token.masked_fill(finished, pad)
         new.append(out)
@@ -240,14 +256,15 @@ class RecomputedSteps:
     def __init__(self, composed, packed, lengths, states, max_new_tokens):
         B, width = packed.shape
         self.rows, self.lengths, self.width, self.states = torch.arange(B, device=packed.device), lengths, width, states
-        self.buf = torch.zeros(B, width + max_new_tokens, dtype=packed.dtype, device=packed.device)
-        self.buf[:, :width] = packed
+        self.buf = packed  # grows as tokens come (doubling), not to max_new_tokens at once: a row may stop early
         self.anchor = stages_of(composed).anchor
 
     def first(self):
         return self.anchor(self.buf[:, :self.width], *self.states)[self.rows, self.lengths - 1]
 
     def next(self, token, step):
+        if self.width + step + 1 > self.buf.shape[1]:
+            self.buf = torch.cat([self.buf, torch.zeros_like(self.buf)], dim=1)
         self.buf[self.rows, self.lengths + step] = token
         logits = self.anchor(self.buf[:, :self.width + step + 1], *self.states)    # (B, width + step + 1, vocab)
         return logits[self.rows, self.lengths + step]

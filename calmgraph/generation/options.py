@@ -6,6 +6,7 @@ supplies defaults; keywords given to the call win over it.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -80,7 +81,8 @@ def _int(value) -> bool:
 
 
 def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float (nan and inf would poison every score they touch)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check(o: Options) -> None:
@@ -91,13 +93,13 @@ def check(o: Options) -> None:
     if not isinstance(o.do_sample, bool):
         raise InputError(f"do_sample must be True or False; got {o.do_sample!r}")
     if not _number(o.temperature) or o.temperature < 0:
-        raise InputError(f"temperature must be >= 0 (0 means greedy); got {o.temperature!r}")
+        raise InputError(f"temperature must be a finite number >= 0 (0 means greedy); got {o.temperature!r}")
     if o.top_k is not None and (not _int(o.top_k) or o.top_k < 0):
         raise InputError(f"top_k must be a non-negative int (0: no top-k) or None; got {o.top_k!r}")
     if o.top_p is not None and (not _number(o.top_p) or not 0 < o.top_p <= 1):
         raise InputError(f"top_p must be in (0, 1] or None; got {o.top_p!r}")
     if not _number(o.repetition_penalty) or o.repetition_penalty <= 0:
-        raise InputError(f"repetition_penalty must be a positive number (1.0: none); got {o.repetition_penalty!r}")
+        raise InputError(f"repetition_penalty must be a finite positive number (1.0: none); got {o.repetition_penalty!r}")
     eos = o.eos_token_id
     if eos is not None and not _int(eos) and not (isinstance(eos, Sequence) and eos and all(map(_int, eos))):
         raise InputError(f"eos_token_id must be an int, a non-empty list of ints, or None; got {eos!r}")
