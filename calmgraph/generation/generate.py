@@ -286,7 +286,11 @@ class CachedSteps:
             decoder = decoder_for(composed, len(rows), length + max_new_tokens, slots[size])
             seq = packed[rows, :length]
             ctx = self.contexts.module(seq, *group)
+            # each step's position is a view of this: made on the host every step, it would be a pageable
+            # copy, which waits for the device and so stops the host from running ahead of the GPU
+            positions = torch.arange(length, length + max_new_tokens, device=packed.device)
             self.groups.append({"rows": rows, "length": length, "decoder": decoder, "states": group, "seq": seq,
+                                "positions": positions,
                                 "ctx": ctx, "kv": decoder.project(ctx),            # prompt links: once
                                 "step": decoder.compiled(STEP_COMPILE) if compile_step else decoder.module})
         self.batch = B
@@ -312,6 +316,6 @@ class CachedSteps:
             if self.contexts.reads_sequence:      # a shared augment without a cache: rerun over the sequence
                 g["seq"] = torch.cat([g["seq"], new], dim=1)
                 g["ctx"] = self.contexts.module(g["seq"], *g["states"])
-            position = torch.tensor([g["length"] + step], device=new.device)
+            position = g["positions"][step:step + 1]
             return g["step"](new, position, *g["ctx"], *g["kv"])[:, -1]
         return self._gather(advance)
