@@ -266,3 +266,14 @@ def test_only_ids_every_reader_can_embed_are_generated():
             expected = torch.cat([expected, composed(expected)[:, -1, :80].argmax(-1, keepdim=True)], dim=1)
     for cache in (True, False):
         assert torch.equal(composed.generate(ids, 6, cache=cache), expected)
+
+
+def test_generate_under_autocast_warns_that_frozen_weights_are_cast_every_step(small):
+    composed, _, name = small
+    ids, prompts = tokens((2, 4), 9), prompt(name, batch=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.warns(UserWarning, match=r"casts the \d+ frozen float32 "
+                                                                   r"weights again at every step.*torch.bfloat16"):
+        under_autocast = composed.generate(ids, 3, **prompts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert composed.generate(ids, 3, **prompts).shape == under_autocast.shape     # no autocast: no warning

@@ -158,6 +158,7 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
                                   or generator.device.type != input_ids.device.type):
         got = f"one on {generator.device}" if isinstance(generator, torch.Generator) else repr(generator)
         raise InputError(f"generator must be a torch.Generator on the ids' device ({input_ids.device}); got {got}")
+    _warn_autocast(composed, input_ids.device)
     keep = _check_mask(attention_mask, input_ids)
     prompts = _prompt_inputs(composed, prompt_inputs, input_ids.shape[0])
     eos = None if o.eos_token_id is None else torch.tensor(
@@ -199,6 +200,18 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     if streamer is not None:
         streamer.end()
     return torch.cat([input_ids, new], dim=1)
+
+
+def _warn_autocast(composed, device: torch.device) -> None:
+    """Autocast caches its casts only of weights that require grad, so it casts every frozen weight again at
+    every op of every step: on a GPU, as many extra kernels as there are weights, each token."""
+    if not torch.is_autocast_enabled(device.type):
+        return
+    frozen = [p for p in composed.parameters() if not p.requires_grad and p.dtype == torch.float32]
+    if frozen:
+        warnings.warn(f"generate under autocast casts the {len(frozen)} frozen float32 weights again at every step "
+                      f"(autocast caches casts only of weights that require grad); cast the model instead, e.g. "
+                      f"composed.to({torch.get_autocast_dtype(device.type)})", UserWarning, stacklevel=5)
 
 
 def _criteria(stopping_criteria):
