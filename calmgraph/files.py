@@ -7,20 +7,57 @@ Every file calmgraph writes for a user (artifacts, checkpoints, pictures, summar
 - a symlink is never written through (nor replaced): it may point anywhere;
 - each file is written to a temporary name in its own folder, flushed to disk, then renamed into place,
   so a crash leaves the old file or the new one, never half of either. Without `overwrite`, the rename
-  is a hard link, which fails if a file appeared meanwhile.
+  is a hard link, which fails if a file appeared meanwhile. A temporary file a killed process left behind
+  is removed by the next write into its folder (`sweep`).
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 import shutil
+import socket
 from pathlib import Path
 from typing import Callable, Iterable
 
 from .errors import WriteError
 
-TMP_PREFIX = ".calmgraph-tmp-"  # temporary names; a leftover one (a kill mid-write) is safe to delete
+TMP_PREFIX = ".calmgraph-tmp-"  # temporary names: <prefix><host>.<pid>.<random>-<name>
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _tmp_name(name: str = "") -> str:
+    """A temporary name that says who wrote it: this host and process (so a later write can tell a kill's
+    leftover from another writer's file in progress)."""
+    return f"{TMP_PREFIX}{_HOST}.{os.getpid()}.{secrets.token_hex(4)}" + (f"-{name}" if name else "")
+
+
+def sweep(folder: Path) -> list[Path]:
+    """Remove the temporary files and folders a killed calmgraph process left in `folder` (written on this
+    host by a process that no longer runs); another live writer's, or another host's, are left alone."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in folder.iterdir():
+            if not entry.name.startswith(f"{TMP_PREFIX}{_HOST}."):
+                continue
+            pid = entry.name[len(TMP_PREFIX) + len(_HOST) + 1:].split(".", 1)[0]
+            if not pid.isdigit() or _alive(int(pid)) or entry.is_symlink():
+                continue
+            with contextlib.suppress(OSError):
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # it exists (another user's), or cannot be asked: leave its files alone
+    return True
 
 
 def check_targets(paths: Iterable[str | Path], *, overwrite: bool = False, flag: str = "overwrite=True") -> list[Path]:
@@ -56,9 +93,10 @@ def write_with(path: str | Path, write: Callable[[Path], object], *, overwrite: 
                flag: str = "overwrite=True") -> Path:
     """`write(tmp)` writes the file at a temporary path (same folder, same suffix); it then takes `path`'s place."""
     (path,) = check_targets([path], overwrite=overwrite, flag=flag)
-    tmp = path.with_name(f"{TMP_PREFIX}{secrets.token_hex(4)}-{path.name}")
+    tmp = path.with_name(_tmp_name(path.name))
     with _os_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
+        sweep(path.parent)
         try:
             write(tmp)
             fsync(tmp)
@@ -102,7 +140,8 @@ def write_folder(files: dict[str, Callable[[Path], object]], folder: str | Path,
     targets = check_targets([folder / name for name in files], overwrite=overwrite, flag=flag)
     with _os_errors(folder):
         folder.mkdir(parents=True, exist_ok=True)
-        staging = folder / f"{TMP_PREFIX}{secrets.token_hex(4)}"
+        sweep(folder)
+        staging = folder / _tmp_name()
         staging.mkdir()
     with _os_errors(folder), _cleaned(staging):
         for name, write in files.items():

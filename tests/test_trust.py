@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -241,6 +242,35 @@ def test_a_failed_write_leaves_the_old_file_whole_and_no_temporary(composed, tmp
     with pytest.raises(cg.WriteError, match=r"could not write '.*c\.safetensors': disk full"):
         composed.save_new(file, overwrite=True)
     assert contents(tmp_path) == before
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write_and_a_live_ones_is_kept(tmp_path):
+    from calmgraph.files import TMP_PREFIX, _tmp_name, write_text
+    writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from calmgraph.files import write_with
+        def slow(tmp):
+            tmp.write_bytes(b"half a file")
+            time.sleep(600)
+        write_with({str(tmp_path / "big.bin")!r}, slow)
+        """)], env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.monotonic() + 60
+        while writer.poll() is None and time.monotonic() < deadline:  # until the writer is mid-write
+            if any(p.name.startswith(TMP_PREFIX) for p in tmp_path.iterdir()):
+                break
+            time.sleep(0.1)
+    finally:
+        writer.kill()
+        writer.wait()
+    (leftover,) = tmp_path.iterdir()
+    assert leftover.read_bytes() == b"half a file" and not (tmp_path / "big.bin").exists()
+    in_progress = tmp_path / _tmp_name("other.bin")   # this process's: a write still running
+    in_progress.write_bytes(b"being written")
+    foreign = tmp_path / f"{TMP_PREFIX}0000000.1.abcd-x.bin"  # another host's (or an older calmgraph's)
+    foreign.write_bytes(b"not ours to judge")
+    write_text(tmp_path / "note.txt", "hello")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([in_progress.name, foreign.name, "note.txt"])
 
 
 def test_the_cli_replaces_its_outputs_only_with_overwrite(tmp_path):
