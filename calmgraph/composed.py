@@ -105,7 +105,16 @@ class ComposedModel(fx.GraphModule):
     def recorded_spec(self) -> CompositionSpec:
         """The spec with its relative source paths made absolute (where `compile` read them from): what
         `save_new`, FineTuner and `export` write, so that `cg.load` finds the models from any directory."""
-        return self.spec if self.source_dir is None else absolute_sources(self.spec, self.source_dir)
+        spec = self.spec if self.source_dir is None else absolute_sources(self.spec, self.source_dir)
+        return self._named_blocks(spec)
+
+    def _named_blocks(self, spec: CompositionSpec) -> CompositionSpec:
+        """A `blocks:` callable has no written form: the spec records the blocks it chose, by name."""
+        def named(m):
+            return m.model_copy(update={"blocks": tuple(t.name for t in self.taps[m.name])}) if callable(m.blocks) else m
+        if not any(callable(m.blocks) for m in spec.models):
+            return spec
+        return spec.model_copy(update={"anchor": named(spec.anchor), "augments": [named(a) for a in spec.augments]})
 
     # -- conveniences: each calls a module that does not import this one ------------------------------
     def loss(self, input_ids, label_mask=None, ignore_index: int = -100, **inputs):

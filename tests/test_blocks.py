@@ -53,6 +53,16 @@ def test_blocks_named_one_by_one_compose_like_the_eager_reference(models, blocks
     torch.testing.assert_close(composed(ids), eager_reference(composed, models, modules, ids))
 
 
+def test_a_saved_composition_records_a_callables_blocks_by_name_and_loads_again(models, tmp_path):
+    composed = cg.compile(spec(lambda m: [*m.first, m.middle, *m.second]), models=models)
+    randomize_new_parameters(composed)
+    composed.save_new(tmp_path)
+    loaded = cg.load(tmp_path, models=models)
+    assert loaded.spec.anchor.blocks == tuple(NAMES)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(loaded(ids), composed(ids))
+
+
 def test_a_list_of_blocks_round_trips_through_yaml():
     written = spec(NAMES).to_yaml()
     assert cg.CompositionSpec.from_yaml(written).anchor.blocks == tuple(NAMES)
