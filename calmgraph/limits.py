@@ -32,26 +32,23 @@ def short(value: Any) -> str:
 
 
 def load_yaml(text: str) -> Any:
-    _check_text(text)
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise SpecError([Problem("", f"not valid YAML: {str(e)[:500]}")]) from None
-    except RecursionError:
-        raise SpecError([Problem("", f"nested too deeply (a spec nests at most {MAX_DEPTH} levels)")]) from None
-    except ValueError as e:  # e.g. an integer of more digits than Python converts
-        raise SpecError([Problem("", f"not a valid spec: {str(e)[:200]}")]) from None
+    return _parse(text, yaml.safe_load, yaml.YAMLError, "YAML")
 
 
 def load_json(text: str) -> Any:
+    return _parse(text, json.loads, json.JSONDecodeError, "JSON")
+
+
+def _parse(text: str, parse, syntax_error: type[Exception], language: str) -> Any:
+    """`parse(text)` within the bounds, its every failure one SpecError line (never the text itself)."""
     _check_text(text)
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SpecError([Problem("", f"not valid JSON: {e}")]) from None
+        return parse(text)
+    except syntax_error as e:
+        raise SpecError([Problem("", f"not valid {language}: {str(e)[:500]}")]) from None
     except RecursionError:
         raise SpecError([Problem("", f"nested too deeply (a spec nests at most {MAX_DEPTH} levels)")]) from None
-    except ValueError as e:
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
         raise SpecError([Problem("", f"not a valid spec: {str(e)[:200]}")]) from None
 
 
