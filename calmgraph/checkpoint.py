@@ -74,20 +74,8 @@ def load_new(composed, path: str | Path):
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{str(file)!r} is not a readable safetensors file: {e}") from None
 
-    problems = _spec_problems(metadata.get(SPEC_KEY), composed)
     expected = dict(composed.named_new_parameters())
-    missing = sorted(set(expected) - set(staged))
-    extra = sorted(set(staged) - set(expected))
-    if missing:
-        problems.append(f"missing {len(missing)} tensor(s): {_some(missing)}")
-    if extra:
-        problems.append(f"{len(extra)} tensor(s) the composition does not have: {_some(extra)}")
-    for name in sorted(set(expected) & set(staged)):
-        want, got = expected[name], staged[name]
-        if tuple(got.shape) != tuple(want.shape):
-            problems.append(f"{name}: shape {tuple(got.shape)} in the checkpoint, {tuple(want.shape)} in the composition")
-        elif got.is_floating_point() != want.is_floating_point():
-            problems.append(f"{name}: dtype {got.dtype} in the checkpoint, {want.dtype} in the composition")
+    problems = _spec_problems(metadata.get(SPEC_KEY), composed) + tensor_problems(staged, expected)
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
         raise CheckpointError(f"checkpoint {str(file)!r} does not fit this composition; nothing was loaded:\n{lines}")
@@ -96,6 +84,24 @@ def load_new(composed, path: str | Path):
         for name, p in expected.items():
             p.copy_(staged[name])
     return composed
+
+
+def tensor_problems(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], owner: str = "the composition",
+                    extra: str = "the composition does not have") -> list[str]:
+    """What keeps `tensors` (a file's) from being loaded into `expected` (the owner's): names, shapes, kinds."""
+    problems = []
+    missing, unknown = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {_some(missing)}")
+    if unknown:
+        problems.append(f"{len(unknown)} tensor(s) {extra}: {_some(unknown)}")
+    for name in sorted(set(expected) & set(tensors)):
+        want, got = expected[name], tensors[name]
+        if tuple(got.shape) != tuple(want.shape):
+            problems.append(f"{name}: shape {tuple(got.shape)} in the checkpoint, {tuple(want.shape)} in {owner}")
+        elif got.is_floating_point() != want.is_floating_point():
+            problems.append(f"{name}: dtype {got.dtype} in the checkpoint, {want.dtype} in {owner}")
+    return problems
 
 
 def _spec_problems(saved: str | None, composed) -> list[str]:

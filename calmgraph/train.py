@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, fiel
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from calmgraph.checkpoint import FILE as NEW_PARAMS, write_new
+from calmgraph.checkpoint import FILE as NEW_PARAMS, tensor_problems, write_new
 from calmgraph.errors import CheckpointError, ConfigError, DependencyError, InputError, Problem
 from calmgraph.files import write_text
 from calmgraph.limits import short
@@ -494,7 +494,7 @@ class FineTuner:
         tensors = _read(path / NEW_PARAMS, lambda f: load_file(str(f)), problems)
         named = dict(acc.unwrap_model(self.model).named_parameters())
         if tensors is not None:
-            problems += _tensor_problems(tensors, {n: named[n] for n in self.param_names})
+            problems += tensor_problems(tensors, {n: named[n] for n in self.param_names}, "the model", "the model does not train")
             problems += _spec_mismatch(path / NEW_PARAMS, acc.unwrap_model(self.model))
         load = lambda f: torch.load(f, map_location="cpu", weights_only=True)  # noqa: E731 - tensors and plain data only
         optimizer = _read(path / "optimizer.pt", load, problems)
@@ -531,22 +531,6 @@ def _read(file: Path, read, problems: list[str]):
     except Exception as e:  # noqa: BLE001 - a damaged file raises whatever its reader raises
         problems.append(f"{file.name}: unreadable ({type(e).__name__}: {str(e).strip()[:200]})")
         return None
-
-
-def _tensor_problems(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> list[str]:
-    problems = []
-    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing:
-        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:4])}")
-    if extra:
-        problems.append(f"{len(extra)} tensor(s) the model does not train: {', '.join(extra[:4])}")
-    for name in sorted(set(expected) & set(tensors)):
-        want, got = expected[name], tensors[name]
-        if tuple(got.shape) != tuple(want.shape):
-            problems.append(f"{name}: shape {tuple(got.shape)} in the checkpoint, {tuple(want.shape)} in the model")
-        elif got.is_floating_point() != want.is_floating_point():
-            problems.append(f"{name}: dtype {got.dtype} in the checkpoint, {want.dtype} in the model")
-    return problems
 
 
 def _spec_mismatch(file: Path, model: nn.Module) -> list[str]:
