@@ -517,8 +517,19 @@ class FineTuner:
                                                     for k, v in entry.items()} for i, entry in optimizer["state"].items()}}
         self.optimizer.load_state_dict(optimizer)  # moves the state to the parameters' device
         self.scheduler.load_state_dict(scheduler)
+        self._follow_schedule()
         _set_rng_state(rng)
         self.step = state["step"]
+
+    def _follow_schedule(self) -> None:
+        """After a resume, the rates of this run's config (`lr`, `max_steps`, warm-up) at the step resumed
+        from: the files hold the old run's rates, which its scheduler would otherwise keep for one step."""
+        scheduler = getattr(self.scheduler, "scheduler", self.scheduler)  # Accelerate wraps it
+        scheduler.base_lrs = [self.config.lr] * len(self.optimizer.param_groups)
+        for group, rate in zip(self.optimizer.param_groups, scheduler.lr_lambdas):
+            group["initial_lr"] = self.config.lr
+            group["lr"] = self.config.lr * rate(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
 def _read(file: Path, read, problems: list[str]):

@@ -119,6 +119,14 @@ def test_trainer_uses_the_schedule_per_optimizer_step():
     assert [h["lr"] for h in hist] == pytest.approx([1e-2 * warmup_cosine(s, 2, 6, 0.1) for s in range(6)], abs=1e-12)
 
 
+def test_a_resume_with_a_longer_run_follows_the_new_schedule_from_its_first_step(tmp_path):
+    c = dict(warmup_steps=1, min_lr_ratio=0.1, save_every=2, output_dir=str(tmp_path))
+    FineTuner(make_model(), ToyData(), cfg(max_steps=4, **c)).train()
+    resumed = FineTuner(make_model(), ToyData(), cfg(max_steps=8, lr=2e-2, **c)).train(resume_from="latest")
+    assert [h["lr"] for h in resumed] == pytest.approx([2e-2 * warmup_cosine(s, 1, 8, 0.1) for s in range(4, 8)],
+                                                       abs=1e-12)
+
+
 # ------------------------------------------------------------------------------------ accumulation
 
 
