@@ -58,6 +58,12 @@ LayerRef = Annotated[Union[int, str], PlainValidator(_layer_ref)]
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    def __init__(self, **data: Any):  # built alone in Python: its problems as one calmgraph error too
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise spec_error_from(e) from None
+
 
 class CrossAttentionSpec(_Spec):
     """How each cross-attention block is built. `None` means: derive it from the models."""
@@ -126,6 +132,16 @@ class HfSource(_Spec):
     dtype: Dtype | None = None                 # the weights' dtype; default: transformers' (the checkpoint's)
 
 
+def _bounded(value: Any) -> Any:
+    """Free-form data (a config, a factory's keywords) within the bounds of a spec file, also when the
+    source is built in Python rather than read from one (where `CompositionSpec` checks the whole)."""
+    try:
+        check_data(value)
+    except SpecError as e:
+        raise ValueError(e.problems[0].msg) from None
+    return value
+
+
 class HfConfigSource(_Spec):
     """A transformers model with random weights, built from a config (tests, examples, dry runs)."""
 
@@ -133,6 +149,8 @@ class HfConfigSource(_Spec):
     auto_class: Name | None = None
     dtype: Dtype | None = None                 # the weights' dtype; default float32
     seed: Seed | None = None                   # seed of the random weights (global RNG left as it was)
+
+    _bounded = field_validator("hf_config", mode="before")(lambda value: _bounded(value))
 
     @model_validator(mode="after")
     def _has_model_type(self) -> "HfConfigSource":
@@ -147,6 +165,8 @@ class PythonSource(_Spec):
     python: Text
     kwargs: dict[str, Any] = {}
     seed: Seed | None = None
+
+    _bounded = field_validator("kwargs", mode="before")(lambda value: _bounded(value))
 
     @field_validator("python")
     @classmethod

@@ -347,6 +347,18 @@ def test_deep_json_and_deep_python_are_refused():
     assert "nested more than 32 levels deep" in str(e) and e.problems[0].loc.startswith("anchor.source.hf_config.x.k")
 
 
+def test_sources_built_in_python_are_bounded_like_spec_files():
+    from calmgraph.spec import HfConfigSource, PythonSource
+    deep = "x"
+    for _ in range(100):
+        deep = {"k": deep}
+    for build in (lambda: HfConfigSource(hf_config={"model_type": "llama", "x": deep}),
+                  lambda: PythonSource(python="calmgraph.demo.models:TinyLM", kwargs={"x": deep}),
+                  lambda: HfConfigSource(hf_config={"model_type": "llama", "x": ["y" * 1000] * 2000})):
+        with pytest.raises(cg.SpecError, match="nested more than 32 levels deep|expand to more than"):
+            build()
+
+
 def test_a_huge_spec_file_is_not_read(tmp_path):
     big = tmp_path / "big.yaml"
     with open(big, "wb") as f:
