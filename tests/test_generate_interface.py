@@ -15,7 +15,7 @@ import calmgraph as cg
 import calmgraph.generation.sampling as sampling
 from tests import support
 from tests.support import VOCAB
-from tests.test_generate import demo, hf, prompt, tokens
+from tests.test_generate import demo, greedy_by_full_forwards, hf, prompt, tokens
 
 transformers = pytest.importorskip("transformers")
 
@@ -34,13 +34,6 @@ def at_init():
             if n.endswith("to_out.weight"):
                 p.zero_()
     return composed, llama, name
-
-
-def greedy_by_full_forwards(composed, ids, n, prompts):
-    with torch.no_grad():
-        for _ in range(n):
-            ids = torch.cat([ids, composed(ids, **prompts)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return ids
 
 
 # -- defaults and warnings ---------------------------------------------------------------------------
