@@ -147,7 +147,7 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     `CACHE_ROUND` positions, so it compiles once per batch size and bucket (the first such call).
     """
     shared = composed.signature["input_ids"]  # the smallest vocabulary and fewest positions reading the sequence
-    check_token_ids(input_ids, "input_ids", shared.vocab)
+    check_token_ids(input_ids, "input_ids")
     o = resolve(generation_config, dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                         do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                         repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
@@ -160,6 +160,7 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
         raise InputError(f"generator must be a torch.Generator on the ids' device ({input_ids.device}); got {got}")
     _warn_autocast(composed, input_ids.device)
     keep = _check_mask(attention_mask, input_ids)
+    check_token_ids(input_ids.masked_fill(~keep, 0), "input_ids", shared.vocab)  # padding is never read
     prompts = _prompt_inputs(composed, prompt_inputs, input_ids.shape[0])
     eos = None if o.eos_token_id is None else torch.tensor(
         [o.eos_token_id] if isinstance(o.eos_token_id, int) else list(o.eos_token_id), device=input_ids.device)
