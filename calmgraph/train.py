@@ -660,6 +660,9 @@ def _deepspeed_config(c: TrainConfig, acc) -> None:
     if c.grad_accum_steps != 1 or ds.deepspeed_config.get("gradient_accumulation_steps", "auto") not in ("auto", 1):
         raise _problem("grad_accum_steps", "gradient accumulation under DeepSpeed is not supported yet: "
                        "use grad_accum_steps=1 and a larger batch_size")
+    if ds.deepspeed_config.get("fp16", {}).get("enabled") is True:
+        raise _problem("accelerator", "DeepSpeed fp16 is not supported: its loss scaler skips steps, which a checkpoint's "
+                       "AdamW step count would not know; use bf16 or fp32")
     clip = 0.0 if c.max_grad_norm is None else c.max_grad_norm  # DeepSpeed: 0 is no clipping
     if ds.deepspeed_config.get("gradient_clipping", "auto") == "auto":
         ds.deepspeed_config["gradient_clipping"] = clip

@@ -31,6 +31,25 @@ def refusal(out: Path) -> str:
     return "not refused"
 
 
+def refusals(out: Path, accelerator) -> dict[str, str]:
+    """What FineTuner refuses with a DeepSpeed Accelerator: the message of each (the plugin left as it was)."""
+    config_ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    cases = {"grad_accum": ({"grad_accum_steps": 2}, {}), "fsdp": ({"parallel": "fsdp"}, {}),
+             "clipping": ({"max_grad_norm": 1.0}, {"gradient_clipping": 0.5}), "fp16": ({}, {"fp16": {"enabled": True}})}
+    said = {}
+    for name, (kw, ds) in cases.items():
+        before = {k: config_ds[k] for k in ds}
+        config_ds.update(ds)
+        try:
+            FineTuner(composition(), Tokens(), config(out / name, batch_size=BATCH, cpu=False, **kw), accelerator=accelerator)
+            said[name] = "not refused"
+        except ConfigError as e:
+            said[name] = str(e)
+        finally:
+            config_ds.update(before)
+    return said
+
+
 def tuner(out: Path, accelerator) -> FineTuner:
     return FineTuner(composition(), Tokens(), config(out / "zero3", batch_size=BATCH, cpu=False),
                      eval_dataset=Tokens(n=6, seed=100), accelerator=accelerator)
@@ -41,8 +60,9 @@ def main(out: str) -> None:
     refused = refusal(out)
     accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(zero_stage=3),
                               kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+    said = refusals(out, accelerator)
     first = tuner(out, accelerator)
-    results = {"refused": refused, "zero3": {"history": first.train(), "params": first.trainable_state()}}
+    results = {"refused": refused, "refusals": said, "zero3": {"history": first.train(), "params": first.trainable_state()}}
     local = sum(p.ds_tensor.numel() for p in first.model.module.parameters() if not p.requires_grad)
     ranks = [None] * dist.get_world_size()
     dist.all_gather_object(ranks, local)

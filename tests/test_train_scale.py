@@ -248,3 +248,9 @@ def test_deepspeed_accelerators_that_would_train_wrongly_are_refused(zero3):
     assert "InitProcessGroupKwargs(backend='gloo')" in results["refused"]
     # a second model on one Accelerator: its backward would step the first engine
     assert "already drives a model" in results["reused"]
+    said = results["refusals"]
+    assert "grad_accum_steps: gradient accumulation under DeepSpeed is not supported" in said["grad_accum"]
+    assert "parallel: parallel='fsdp' with a DeepSpeed Accelerator" in said["fsdp"]
+    assert "max_grad_norm: TrainConfig(max_grad_norm=1.0) contradicts" in said["clipping"]
+    assert "gradient_clipping=0.5" in said["clipping"]
+    assert "DeepSpeed fp16 is not supported" in said["fp16"]
