@@ -10,9 +10,9 @@ everything else stays frozen. A base model can be trained in full by passing `pa
 Run it on several processes with `accelerate launch --num_processes N script.py` (or torchrun): the
 optimizer, data loader and scheduler are `accelerator.prepare`d, so each process trains on its own shard;
 the model is replicated (DDP), or with `TrainConfig(parallel="fsdp")` sharded block by block (FSDP2,
-`calmgraph.parallel.shard`). `activation_checkpointing=True` recomputes each block in backward. Pass your
-own `accelerator=` (plugins, mixed precision, trackers) and an `eval_dataset=` for the eval loss every
-`eval_every` steps.
+`calmgraph.parallel.shard`), or by DeepSpeed ZeRO-3 when `accelerator=` carries a stage-3 DeepSpeed plugin.
+`activation_checkpointing=True` recomputes each block in backward. Pass your own `accelerator=` (plugins,
+mixed precision, trackers) and an `eval_dataset=` for the eval loss every `eval_every` steps.
 """
 from __future__ import annotations
 
@@ -231,6 +231,8 @@ class FineTuner:
 
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
+        self.zero3 = acc.distributed_type == "DEEPSPEED"  # checked by _deepspeed_config: ZeRO stage 3
+        self.groups = [decay, no_decay]  # the parameter objects stay; ZeRO-3 partitions their data in place
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}], lr=c.lr, betas=c.betas)
         # A prepared scheduler is stepped once per process at each optimizer step (Accelerate assumes a
@@ -427,11 +429,15 @@ class FineTuner:
         """The trained parameters by name (what a checkpoint and a release hold), whole, on the CPU. Sharded
         (`parallel="fsdp"`), each is gathered from every process: all processes call it."""
         named = dict(self.accelerator.unwrap_model(self.model).named_parameters())
+        if self.zero3:
+            return _z3_gathered(named, self.param_names)
         return {n: _full(named[n].detach()).float().cpu().contiguous() for n in self.param_names}
 
     def optimizer_state(self) -> dict[str, Any]:
         """The optimizer's state dict with every sharded tensor gathered whole (all processes call it): the
         file a sharded run writes is the one a single process would, and loads in one process."""
+        if self.zero3:
+            return _z3_optimizer_state(self.optimizer, self.groups, self.step)
         state = self.optimizer.state_dict()
         if not self.sharded:
             return state
@@ -494,12 +500,14 @@ class FineTuner:
         tensors = _read(path / NEW_PARAMS, lambda f: load_file(str(f)), problems)
         named = dict(acc.unwrap_model(self.model).named_parameters())
         if tensors is not None:
-            problems += tensor_problems(tensors, {n: named[n] for n in self.param_names}, "the model", "the model does not train")
+            problems += tensor_problems(tensors, {n: _whole_like(named[n]) for n in self.param_names}, "the model",
+                                        "the model does not train")
             problems += _spec_mismatch(path / NEW_PARAMS, acc.unwrap_model(self.model))
         load = lambda f: torch.load(f, map_location="cpu", weights_only=True)  # noqa: E731 - tensors and plain data only
         optimizer = _read(path / "optimizer.pt", load, problems)
         if optimizer is not None:
-            problems += _optimizer_problems(optimizer, self.optimizer)
+            problems += _optimizer_problems(optimizer, [[_whole_like(p) for p in g] for g in self.groups] if self.zero3
+                                            else [g["params"] for g in self.optimizer.param_groups])
         scheduler = _read(path / "scheduler.pt", load, problems)
         rng = _read(path / f"rng_rank{acc.process_index}.pt", load, problems)
         if rng is not None and not (isinstance(rng, dict) and {"python", "numpy", "torch"} <= set(rng)):
@@ -508,14 +516,18 @@ class FineTuner:
             lines = "\n".join(f"  - {p}" for p in problems)
             raise CheckpointError(f"checkpoint {str(path)!r} cannot be resumed; nothing was loaded:\n{lines}")
 
-        with torch.no_grad():
-            for name in self.param_names:
-                named[name].copy_(_like(tensors[name].to(named[name].dtype), named[name]))
+        if self.zero3:
+            _z3_load(named, self.param_names, tensors, self.optimizer, self.groups, optimizer)
+        else:
+            with torch.no_grad():
+                for name in self.param_names:
+                    named[name].copy_(_like(tensors[name].to(named[name].dtype), named[name]))
         if self.sharded:  # each process keeps its shard of the whole state the file holds
             ours = [p for g in self.optimizer.param_groups for p in g["params"]]
             optimizer = {**optimizer, "state": {i: {k: _like(v, ours[i]) if torch.is_tensor(v) and v.dim() else v
                                                     for k, v in entry.items()} for i, entry in optimizer["state"].items()}}
-        self.optimizer.load_state_dict(optimizer)  # moves the state to the parameters' device
+        if not self.zero3:
+            self.optimizer.load_state_dict(optimizer)  # moves the state to the parameters' device
         self.scheduler.load_state_dict(scheduler)
         self._follow_schedule()
         _set_rng_state(rng)
@@ -555,15 +567,15 @@ def _spec_mismatch(file: Path, model: nn.Module) -> list[str]:
         return _spec_problems((f.metadata() or {}).get(SPEC_KEY), model)
 
 
-def _optimizer_problems(saved: Any, optimizer: torch.optim.Optimizer) -> list[str]:
-    """What `optimizer.load_state_dict` would refuse halfway, or accept wrongly (a state of another shape)."""
+def _optimizer_problems(saved: Any, groups: list[list[torch.Tensor]]) -> list[str]:
+    """What `optimizer.load_state_dict` would refuse halfway, or accept wrongly (a state of another shape),
+    for an optimizer over these groups of parameters."""
     if not (isinstance(saved, dict) and isinstance(saved.get("param_groups"), list) and isinstance(saved.get("state"), dict)):
         return ["optimizer.pt: not an optimizer state"]
-    ours = [p for g in optimizer.param_groups for p in g["params"]]
+    ours = [p for g in groups for p in g]
     sizes = [len(g.get("params", ())) if isinstance(g, dict) else -1 for g in saved["param_groups"]]
-    if sizes != [len(g["params"]) for g in optimizer.param_groups]:
-        return [f"optimizer.pt: parameter groups of sizes {sizes}, the optimizer has "
-                f"{[len(g['params']) for g in optimizer.param_groups]}"]
+    if sizes != [len(g) for g in groups]:
+        return [f"optimizer.pt: parameter groups of sizes {sizes}, the optimizer has {[len(g) for g in groups]}"]
     problems = []
     for index, entry in saved["state"].items():
         if not isinstance(index, int) or not 0 <= index < len(ours) or not isinstance(entry, dict):
@@ -617,16 +629,113 @@ def _accelerator(c: TrainConfig, given):
     if c.cpu and given.device.type != "cpu":
         raise _problem("cpu", f"TrainConfig(cpu=True) contradicts the Accelerator on {given.device}; "
                           "pass Accelerator(cpu=True) instead")
-    if given.distributed_type == "DEEPSPEED":  # trained on 2 CPU processes, its first loss was not one process's
-        raise _problem("accelerator", "FineTuner does not drive DeepSpeed yet; use TrainConfig(parallel='fsdp'), "
-                       "or deepspeed.initialize on the composed model and your own loop")
+    if given.distributed_type == "DEEPSPEED":
+        _deepspeed_config(c, given)
     if given.log_with and not given.trackers:  # trackers asked for but not started: start them with the config
         given.init_trackers("calmgraph", config=c.model_dump(mode="json"))
     return given
 
 
+def _deepspeed_config(c: TrainConfig, acc) -> None:
+    """Check a DeepSpeed Accelerator against the config and fill its "auto" clipping from max_grad_norm."""
+    import torch.distributed as dist
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if acc.num_processes != world:  # each process would train alone on the whole, unsharded batch
+        raise _problem("accelerator", f"the DeepSpeed Accelerator counts {acc.num_processes} process(es) of the {world} "
+                       "started: on CPUs, build it with kwargs_handlers=[InitProcessGroupKwargs(backend='gloo')]")
+    if getattr(acc, "deepspeed_engine_wrapped", None) is not None:  # its backward would drive the older engine
+        raise _problem("accelerator", "this DeepSpeed Accelerator already drives a model (Accelerate ties one engine to it); "
+                       "call accelerator.free_memory() when that training is done, or build another Accelerator")
+    if c.parallel != "ddp":
+        raise _problem("parallel", f"parallel={c.parallel!r} with a DeepSpeed Accelerator: DeepSpeed shards the model "
+                       "itself; leave parallel='ddp'")
+    ds = acc.state.deepspeed_plugin
+    stage = ds.deepspeed_config.get("zero_optimization", {}).get("stage")
+    if stage != 3:
+        raise _problem("accelerator", f"FineTuner drives DeepSpeed ZeRO stage 3 only, the plugin has stage {stage}")
+    if c.grad_accum_steps != 1 or ds.deepspeed_config.get("gradient_accumulation_steps", "auto") not in ("auto", 1):
+        raise _problem("grad_accum_steps", "gradient accumulation under DeepSpeed is not supported yet: "
+                       "use grad_accum_steps=1 and a larger batch_size")
+    if ds.deepspeed_config.get("fp16", {}).get("enabled") is True:
+        raise _problem("accelerator", "DeepSpeed fp16 is not supported: its loss scaler skips steps, which a checkpoint's "
+                       "AdamW step count would not know; use bf16 or fp32")
+    clip = 0.0 if c.max_grad_norm is None else c.max_grad_norm  # DeepSpeed: 0 is no clipping
+    if ds.deepspeed_config.get("gradient_clipping", "auto") == "auto":
+        ds.deepspeed_config["gradient_clipping"] = clip
+    elif ds.deepspeed_config["gradient_clipping"] != clip:
+        raise _problem("max_grad_norm", f"TrainConfig(max_grad_norm={c.max_grad_norm}) contradicts the DeepSpeed config's "
+                       f"gradient_clipping={ds.deepspeed_config['gradient_clipping']}; set it 'auto'")
+
+
 def _problem(field: str, message: str) -> ConfigError:
     return ConfigError([Problem(field, message)])
+
+
+# -- DeepSpeed ZeRO-3: each parameter's data is partitioned across processes, its fp32 copy and AdamW
+# moments live in the ZeRO optimizer; a checkpoint holds them whole, as one process writes them.
+
+
+def _whole_like(p: torch.Tensor) -> torch.Tensor:
+    """An empty tensor of the whole parameter's shape and dtype (a ZeRO-3 parameter's own shape is (0,))."""
+    return torch.empty(getattr(p, "ds_shape", p.shape), dtype=p.dtype, device="meta")
+
+
+def _z3_gathered(named: dict[str, nn.Parameter], names: list[str]) -> dict[str, torch.Tensor]:
+    import deepspeed
+    params = [named[n] for n in names]
+    with deepspeed.zero.GatheredParameters(params):  # a collective: every process calls it
+        return {n: p.detach().float().cpu().clone() for n, p in zip(names, params)}
+
+
+def _z3_optimizer_state(optimizer, groups: list[list[nn.Parameter]], step: int) -> dict[str, Any]:
+    """AdamW's state dict as one process's optimizer would write it (gathered: every process calls it)."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+    ours = [p for g in groups for p in g]
+    keys = ("exp_avg", "exp_avg_sq")
+    state = {} if step == 0 else {i: {"step": torch.tensor(float(step)),  # no step is skipped in fp32
+                                      **{k: safe_get_full_optimizer_state(p, k).cpu().clone() for k in keys}}
+                                  for i, p in enumerate(ours)}
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    first = 0
+    param_groups = []
+    for h, g in zip(hyper, groups, strict=True):
+        param_groups.append({**h, "params": list(range(first, first + len(g)))})
+        first += len(g)
+    return {"state": state, "param_groups": param_groups}
+
+
+def _z3_set(param: nn.Parameter, value: torch.Tensor, key: str | None) -> None:
+    """This process's partition of the fp32 parameter (key None) or of its optimizer state `key`."""
+    z3 = param._z3_optimizer
+    part, _ = z3._get_fp32_opt_state_partition(param, release_swap_buffers=True, optim_state_key=key)
+    flat = value.detach().flatten().to(part.dtype)
+    flat = torch.cat([flat, flat.new_zeros(part.numel() * z3._get_param_partition_world_size(param) - flat.numel())])
+    rank = z3._get_param_partition_rank(param)
+    part.copy_(flat[part.numel() * rank:part.numel() * (rank + 1)])
+
+
+def _z3_load(named, names, tensors, optimizer, groups, saved) -> None:
+    """The checkpoint's parameters (the model's partitions and their fp32 copies) and AdamW's moments."""
+    import deepspeed
+    params = [named[n] for n in names]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0), torch.no_grad():
+        for n, p in zip(names, params):
+            p.copy_(tensors[n].to(p.dtype))
+    z3 = optimizer.optimizer  # DeepSpeedOptimizerWrapper -> DeepSpeedZeroOptimizer_Stage3
+    for group, hyper in zip(z3.optimizer.param_groups, saved["param_groups"], strict=True):  # lr: where the schedule was
+        group.update({k: v for k, v in hyper.items() if k != "params"})
+    if saved["state"]:  # AdamW creates its state lazily, at its first step: create it to write into
+        step = max(float(e["step"]) for e in saved["state"].values())
+        for flat in z3.fp32_partitioned_groups_flat:
+            z3.optimizer.state[flat] = {"step": torch.tensor(step), "exp_avg": torch.zeros_like(flat),
+                                        "exp_avg_sq": torch.zeros_like(flat)}
+    name_of = {id(p): n for n, p in zip(names, params)}
+    with torch.no_grad():
+        for i, p in enumerate(q for g in groups for q in g):
+            _z3_set(p, tensors[name_of[id(p)]], None)
+            for k, v in saved["state"].get(i, {}).items():
+                if k != "step":
+                    _z3_set(p, v, k)
 
 
 def _full(t):

@@ -1,5 +1,6 @@
 """FineTuner at scale: the user's own Accelerator (trackers), periodic eval loss, activation checkpointing,
-and FSDP2 over 2 CPU processes equal to one process with the same global batch, saved and resumed."""
+and FSDP2, and DeepSpeed ZeRO-3 where deepspeed is installed, over 2 CPU processes equal to one process with
+the same global batch, saved and resumed."""
 import json
 import os
 import subprocess
@@ -202,12 +203,54 @@ def test_fsdp_shards_the_frozen_weights_and_its_checkpoint_loads_in_one_process(
 # -- DeepSpeed ZeRO-3 through the user's Accelerator ------------------------------------------------------
 
 
-def test_a_deepspeed_accelerator_is_refused_with_what_to_use(tmp_path):
-    from accelerate import Accelerator
-    accelerator = Accelerator(cpu=True)
-    accelerator.state.distributed_type = "DEEPSPEED"  # as a DeepSpeed plugin sets it, without deepspeed
-    try:
-        with pytest.raises(cg.ConfigError, match="does not drive DeepSpeed yet; use TrainConfig\\(parallel='fsdp'\\)"):
-            FineTuner(composition(), Tokens(), config(tmp_path, eval_every=0), accelerator=accelerator)
-    finally:
-        accelerator.state.distributed_type = "NO"
+@pytest.fixture(scope="module")
+def zero3(tmp_path_factory):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed); CI does not install it")
+    out = tmp_path_factory.mktemp("zero3")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(ROOT / "tests" / "deepspeed_worker.py"), str(out)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return out, torch.load(out / "rank0.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("variant", ["zero3", "resumed"])
+def test_deepspeed_zero3_on_two_processes_trains_as_one_process(zero3, single, variant):
+    _, results = zero3
+    close_runs(results[variant], single["plain"])
+
+
+def test_deepspeed_zero3_partitions_the_frozen_weights_and_its_checkpoint_loads_in_one_process(zero3, single):
+    out, results = zero3
+    composed = composition()
+    frozen = sum(p.numel() for p in composed.parameters()) - sum(p.numel() for p in composed.new_parameters())
+    tensors = len(list(composed.parameters())) - len(list(composed.new_parameters()))
+    half, other = results["frozen_local"]
+    assert half == other and frozen <= 2 * half <= frozen + tensors  # each tensor split in two, padded to even
+    step = list_checkpoints(out / "zero3")[-1]
+    cg.load_new(composed, step)
+    for n, p in composed.named_new_parameters():
+        assert torch.allclose(p, single["plain"]["params"][n], rtol=PARAM_RTOL, atol=PARAM_ATOL), n
+    optimizer = torch.load(step / "optimizer.pt", weights_only=True)  # one process's AdamW state, whole
+    theirs = torch.load(list_checkpoints(single["plain"]["dir"])[-1] / "optimizer.pt", weights_only=True)
+    assert optimizer["state"].keys() == theirs["state"].keys()
+    for i, entry in theirs["state"].items():
+        assert entry.keys() == optimizer["state"][i].keys()
+        for k, v in entry.items():
+            assert torch.allclose(optimizer["state"][i][k], v, rtol=1e-4, atol=1e-7), (i, k)
+
+
+def test_deepspeed_accelerators_that_would_train_wrongly_are_refused(zero3):
+    _, results = zero3
+    # without a CPU backend Accelerate counts 1 process of 2: each would train alone on the unsharded batch
+    assert "counts 1 process(es) of the 2 started" in results["refused"]
+    assert "InitProcessGroupKwargs(backend='gloo')" in results["refused"]
+    # a second model on one Accelerator: its backward would step the first engine
+    assert "already drives a model" in results["reused"]
+    said = results["refusals"]
+    assert "grad_accum_steps: gradient accumulation under DeepSpeed is not supported" in said["grad_accum"]
+    assert "parallel: parallel='fsdp' with a DeepSpeed Accelerator" in said["fsdp"]
+    assert "max_grad_norm: TrainConfig(max_grad_norm=1.0) contradicts" in said["clipping"]
+    assert "gradient_clipping=0.5" in said["clipping"]
+    assert "DeepSpeed fp16 is not supported" in said["fp16"]
