@@ -184,7 +184,8 @@ def _plan(composed, targets: list[str], folders: dict[str, Path]) -> dict:
             plan[name] = initial[name]
             continue
         model, _, path = name.partition(".")
-        entry = next((indexes[model][k] for k in _stored_names(composed, model, path) if k in indexes[model]), None)
+        stored = _stored_names(composed, model, path)
+        entry = next((indexes[model][k] for k in stored if k in indexes[model]), None)
         if entry is None and name in buffers:
             if model not in rebuilt:
                 rebuilt[model] = _buffers_from_config(composed, model, folders[model])
@@ -192,7 +193,8 @@ def _plan(composed, targets: list[str], folders: dict[str, Path]) -> dict:
                 plan[name] = rebuilt[model][path]
                 continue
         if entry is None:
-            raise CheckpointError(f"model {model!r}: tensor {path!r} is in none of the safetensors files of "
+            tied = f" (tied: also {', '.join(map(repr, stored[1:]))})" if stored[1:] else ""
+            raise CheckpointError(f"model {model!r}: tensor {path!r}{tied} is in none of the safetensors files of "
                                   f"{str(folders[model])!r}; the folder does not hold this model's weights")
         if entry.shape != tuple(meta.shape):
             raise CheckpointError(f"model {model!r}: tensor {entry.name!r} in {str(entry.file)!r} has shape "
