@@ -156,9 +156,9 @@ def test_load_sharded_says_what_it_needs(small):
 
 @pytest.fixture(scope="module")
 def big(tmp_path_factory):
-    """An anchor of ~250 MB of float32 weights (tied embeddings), so that they dominate the overhead."""
+    """An anchor of ~300 MB of float32 weights (tied embeddings), so that they dominate the overhead."""
     root = tmp_path_factory.mktemp("big")
-    return write_folders(root, llama(768, 2048, 8, tie=True, seed=1), llama(64, 128, 2, tie=False, seed=2), "60MB")
+    return write_folders(root, llama(1024, 2816, 6, tie=True, seed=1), llama(64, 128, 2, tie=False, seed=2), "80MB")
 
 
 @pytest.fixture(scope="module")
@@ -172,22 +172,25 @@ def sharded_run(big, tmp_path_factory):
     return torch.load(out, weights_only=False)
 
 
-def frozen_bytes(composed) -> int:
-    return sum(p.numel() * p.element_size() for p in composed.parameters() if not p.requires_grad)
+@pytest.fixture(scope="module")
+def big_real(big):
+    return compiled(big, meta=False)
 
 
-def test_each_rank_holds_and_reads_about_half_the_frozen_weights(big, sharded_run):
-    frozen = frozen_bytes(compiled(big, meta=False))
-    assert frozen > 200 * MIB
+def test_each_rank_holds_and_reads_about_half_the_frozen_weights(big_real, sharded_run):
+    frozen = sum(p.numel() * p.element_size() for p in big_real.parameters() if not p.requires_grad)
+    assert frozen > 280 * MIB
     for rank in sharded_run["ranks"]:
         assert abs(rank["local_frozen_bytes"] - frozen / 2) < 0.02 * frozen  # dim-0 shards, a few rows apart
-        # The peak at setup (compile on meta, shard, allocate and read) is its half plus an overhead that does
-        # not grow with the weights (tracing, one tensor in flight); a whole copy would be twice as much.
-        assert rank["setup_bytes"] < frozen / 2 + 96 * MIB, (rank, frozen)
+        # Loading raises the peak by its half of the weights, and by no whole tensor or file (slack: FSDP's
+        # padding, a buffer in flight); the peak of the whole setup is that plus the weight-free compile on
+        # meta (tracing, ~100 MiB here). Holding every weight would cost about twice the half.
+        assert 0.9 * frozen / 2 < rank["load_bytes"] < frozen / 2 + 32 * MIB, (rank, frozen)
+        assert rank["setup_bytes"] < frozen / 2 + 128 * MIB, (rank, frozen)
 
 
-def test_the_sharded_load_computes_and_trains_as_one_process_on_real_weights(big, sharded_run):
-    real = compiled(big, meta=False)
+def test_the_sharded_load_computes_and_trains_as_one_process_on_real_weights(big_real, sharded_run):
+    real = big_real
     with torch.no_grad():
         assert torch.allclose(sharded_run["logits"], real(batch_ids()), rtol=1e-5, atol=1e-5)
     same_tensors(list(sharded_run["new"].items()), list(real.named_new_parameters()))
