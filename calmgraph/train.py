@@ -10,9 +10,10 @@ everything else stays frozen. A base model can be trained in full by passing `pa
 Run it on several processes with `accelerate launch --num_processes N script.py` (or torchrun): the
 optimizer, data loader and scheduler are `accelerator.prepare`d, so each process trains on its own shard;
 the model is replicated (DDP), or with `TrainConfig(parallel="fsdp")` sharded block by block (FSDP2,
-`calmgraph.parallel.shard`). `activation_checkpointing=True` recomputes each block in backward. Pass your
-own `accelerator=` (plugins, mixed precision, trackers) and an `eval_dataset=` for the eval loss every
-`eval_every` steps.
+`calmgraph.parallel.shard`). A composition compiled on the meta device is loaded by FineTuner, each process
+reading only its shards (`calmgraph.parallel.load_sharded`). `activation_checkpointing=True` recomputes each
+block in backward. Pass your own `accelerator=` (plugins, mixed precision, trackers) and an
+`eval_dataset=` for the eval loss every `eval_every` steps.
 """
 from __future__ import annotations
 
