@@ -236,7 +236,8 @@ def _buffers_from_config(composed, model: str, folder: Path) -> dict[str, torch.
         with _parameters_on_meta():
             built = hf_structure(spec.source if hasattr(spec.source, "auto_class") else None, folder, prompt, where)
     except ModelError as e:
-        raise CheckpointError(f"{where}: its buffers are not in {str(folder)!r} and cannot be recomputed: {e}") from None
+        raise CheckpointError(f"{where}: its buffers are not in {str(folder)!r} and cannot be recomputed: "
+                              f"{e}") from None
     return {n: b for n, b in built.named_buffers() if not b.is_meta}
 
 

@@ -226,7 +226,8 @@ class FineTuner:
             p.requires_grad_(id(p) in wanted)
         self.input_names, self.required_inputs, self.open_inputs = _forward_inputs(model)
         on_meta = any(t.is_meta for t in (*model.parameters(), *model.buffers()))
-        self.sharded = self._scale(model, on_meta)  # checkpointing, FSDP2, loading: before the optimizer sees the parameters
+        # checkpointing, FSDP2, loading: before the optimizer sees the parameters
+        self.sharded = self._scale(model, on_meta)
         if self.sharded or on_meta:
             named = dict(model.named_parameters())  # sharding (DTensors) or loading replaced them
             params = [named[n] for n in self.param_names]

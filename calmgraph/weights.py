@@ -76,7 +76,8 @@ def read_header(file: Path, where: str) -> dict[str, Entry]:
         try:
             header = json.loads(f.read(n))
         except ValueError:
-            raise CheckpointError(f"{where}: {str(file)!r} is not a safetensors file (its header is not JSON)") from None
+            raise CheckpointError(f"{where}: {str(file)!r} is not a safetensors file (its header is not "
+                                  "JSON)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{where}: {str(file)!r} is not a safetensors file (its header is not a table)")
     return {name: _entry(file, name, info, 8 + n, size, where) for name, info in header.items()

@@ -102,6 +102,14 @@ def test_a_meta_compile_loaded_from_the_files_equals_the_compile_on_real_weights
     assert torch.equal(meta(ids), real(ids))
 
 
+def test_finetuner_loads_a_meta_composition_and_trains_as_on_real_weights(small):
+    meta = compiled(small, meta=True)
+    history = FineTuner(meta, Tokens(), train_config(max_steps=2)).train()
+    assert not any(t.is_meta for t in (*meta.parameters(), *meta.buffers()))
+    want = FineTuner(compiled(small, meta=False), Tokens(), train_config(max_steps=2)).train()
+    assert [(r["loss"], r["grad_norm"]) for r in history] == [(r["loss"], r["grad_norm"]) for r in want]
+
+
 def test_a_folder_that_does_not_hold_the_weights_is_refused_naming_tensor_and_file(small, tmp_path):
     import shutil
     bad = tmp_path / "anchor"
