@@ -102,6 +102,21 @@ def test_a_meta_compile_loaded_from_the_files_equals_the_compile_on_real_weights
     assert torch.equal(meta(ids), real(ids))
 
 
+def test_a_composition_sharded_on_meta_loads_and_runs(small):
+    """In this process (a world of one): FSDP2 swaps the class of each sharded module, and loading moves
+    the graph's device constants from meta after that; recompiling the swapped class used to recurse."""
+    import torch.distributed as dist
+    from calmgraph.parallel import shard
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        meta = load_sharded(shard(compiled(small, meta=True)))
+        ids = batch_ids()
+        with torch.no_grad():
+            assert torch.equal(meta(ids), compiled(small, meta=False)(ids))
+    finally:
+        dist.destroy_process_group()
+
+
 def test_finetuner_loads_a_meta_composition_and_trains_as_on_real_weights(small):
     meta = compiled(small, meta=True)
     history = FineTuner(meta, Tokens(), train_config(max_steps=2)).train()
