@@ -3,6 +3,7 @@ from its models' safetensors files (`calmgraph.parallel.load_sharded`). Against 
 (`from_pretrained`): the same weights, buffers and new parameters, the same logits and FineTuner losses;
 on 2 processes each rank's memory at setup is about its half of the frozen weights; a folder that does not
 hold the model's weights is refused naming the tensor and the file, with nothing loaded."""
+import copy
 import json
 import os
 import subprocess
@@ -86,12 +87,18 @@ def small(tmp_path_factory):
     return write_folders(root, llama(64, 128, 3, tie=True, seed=1), llama(32, 64, 2, tie=False, seed=2), "40KB")
 
 
+@pytest.fixture(scope="module")
+def small_real(small):
+    """The reference: compiled on the weights `from_pretrained` reads (tests that train it take a copy)."""
+    return compiled(small, meta=False)
+
+
 @pytest.mark.parametrize("dtype", [None, "bfloat16"])
-def test_a_meta_compile_loaded_from_the_files_equals_the_compile_on_real_weights(small, dtype, tmp_path):
+def test_a_meta_compile_loaded_from_the_files_equals_the_compile_on_real_weights(small, small_real, dtype, tmp_path):
     spec = small if dtype is None else write_folders(tmp_path, *(transformers.LlamaForCausalLM.from_pretrained(
         small.parent / m) for m in ("anchor", "augment")), "40KB", dtype=dtype)
     assert len(list((spec.parent / "anchor").glob("*.safetensors"))) > 1  # a sharded checkpoint, with its index
-    real, meta = compiled(spec, meta=False), compiled(spec, meta=True)
+    real, meta = small_real if dtype is None else compiled(spec, meta=False), compiled(spec, meta=True)
     assert all(p.is_meta for p in meta.parameters())
     assert load_sharded(meta) is meta
     # every weight (the tied lm_head included), the rotary buffers, and the new blocks' initial values
@@ -102,7 +109,7 @@ def test_a_meta_compile_loaded_from_the_files_equals_the_compile_on_real_weights
     assert torch.equal(meta(ids), real(ids))
 
 
-def test_a_composition_sharded_on_meta_loads_and_runs(small):
+def test_a_composition_sharded_on_meta_loads_and_runs(small, small_real):
     """In this process (a world of one): FSDP2 swaps the class of each sharded module, and loading moves
     the graph's device constants from meta after that; recompiling the swapped class used to recurse."""
     import torch.distributed as dist
@@ -112,20 +119,20 @@ def test_a_composition_sharded_on_meta_loads_and_runs(small):
         meta = load_sharded(shard(compiled(small, meta=True)))
         ids = batch_ids()
         with torch.no_grad():
-            assert torch.equal(meta(ids), compiled(small, meta=False)(ids))
+            assert torch.equal(meta(ids), small_real(ids))
     finally:
         dist.destroy_process_group()
 
 
-def test_finetuner_loads_a_meta_composition_and_trains_as_on_real_weights(small):
+def test_finetuner_loads_a_meta_composition_and_trains_as_on_real_weights(small, small_real):
     meta = compiled(small, meta=True)
     history = FineTuner(meta, Tokens(), train_config(max_steps=2)).train()
     assert not any(t.is_meta for t in (*meta.parameters(), *meta.buffers()))
-    want = FineTuner(compiled(small, meta=False), Tokens(), train_config(max_steps=2)).train()
+    want = FineTuner(copy.deepcopy(small_real), Tokens(), train_config(max_steps=2)).train()
     assert [(r["loss"], r["grad_norm"]) for r in history] == [(r["loss"], r["grad_norm"]) for r in want]
 
 
-def test_a_folder_that_does_not_hold_the_weights_is_refused_naming_tensor_and_file(small, tmp_path):
+def test_a_folder_that_does_not_hold_the_weights_is_refused_naming_tensor_and_file(small, small_real, tmp_path):
     import shutil
     bad = tmp_path / "anchor"
     shutil.copytree(small.parent / "anchor", bad)
@@ -154,12 +161,12 @@ def test_a_folder_that_does_not_hold_the_weights_is_refused_naming_tensor_and_fi
     refused(f"'{file}' is not a safetensors file")
     file.write_bytes(whole)  # the refusals left the composition as it was: it loads now
     same_tensors(list(load_sharded(meta, {"base": bad}).named_parameters()),
-                 list(compiled(small, meta=False).named_parameters()))
+                 list(small_real.named_parameters()))
 
 
-def test_load_sharded_says_what_it_needs(small):
+def test_load_sharded_says_what_it_needs(small, small_real):
     with pytest.raises(ParallelError, match="nothing to load; compile it under `with torch.device\\('meta'\\)"):
-        load_sharded(compiled(small, meta=False))
+        load_sharded(small_real)
     with pytest.raises(ParallelError, match="sources= names \\['kv'\\], which the spec does not"):
         load_sharded(compiled(small, meta=True), {"kv": small.parent / "anchor"})
     with pytest.raises(ParallelError, match="takes a composed model"):
