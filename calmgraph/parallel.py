@@ -19,6 +19,7 @@ shard, then each rank reads only its own rows of each weight from the models' sa
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import torch
@@ -119,6 +120,11 @@ def load_sharded(composed: fx.GraphModule, sources: dict | None = None, *, devic
     if not isinstance(composed, ComposedModel):
         raise ParallelError(f"load_sharded takes a composed model (cg.compile's result); got {type(composed).__name__}")
     targets = [n for n, t in _named_tensors(composed) if t.is_meta]
+    constants = [f"{m}.{k}".lstrip(".") for m, module in composed.named_modules() for k, v in vars(module).items()
+                 if isinstance(v, torch.Tensor) and v.is_meta]
+    if constants:  # a tensor the graph reads that is neither parameter nor buffer: to_empty would not fill it
+        raise ParallelError(f"load_sharded: the graph holds the constant {constants[0]!r} on the meta device, which "
+                            "no file holds; compile this composition on real weights")
     if not targets:
         raise ParallelError("load_sharded: no weight of this composed model is on the meta device, so there is "
                             "nothing to load; compile it under `with torch.device('meta'):` to load it rank by rank")
@@ -155,9 +161,16 @@ def _folders(composed, sources, targets) -> dict[str, Path]:
         raise ParallelError(f"load_sharded: sources= names {unknown}, which the spec does not; its models are "
                             f"{sorted(names)}")
     needed = sorted({t.partition(".")[0] for t in targets if not t.startswith(f"{ROOT}.")})
+    stray = [t for t in targets if t.partition(".")[0] not in names and not t.startswith(f"{ROOT}.")]
+    if stray:
+        raise ParallelError(f"load_sharded: {stray[0]!r} is on the meta device and belongs to no model of the spec, "
+                            "so no file holds it; compile this composition on real weights")
     folders = {}
     for name in needed:
         if name in sources:
+            if not isinstance(sources[name], (str, os.PathLike)):
+                raise ParallelError(f"load_sharded: sources[{name!r}] is a {type(sources[name]).__name__}; give "
+                                    "the path of the folder save_pretrained wrote")
             folders[name] = Path(sources[name]).expanduser()
         elif isinstance(names[name].source, HfSource):
             folders[name] = Path(names[name].source.hf)

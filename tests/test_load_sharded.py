@@ -167,8 +167,11 @@ def test_a_folder_that_does_not_hold_the_weights_is_refused_naming_tensor_and_fi
 def test_load_sharded_says_what_it_needs(small, small_real):
     with pytest.raises(ParallelError, match="nothing to load; compile it under `with torch.device\\('meta'\\)"):
         load_sharded(small_real)
+    meta = compiled(small, meta=True)
     with pytest.raises(ParallelError, match="sources= names \\['kv'\\], which the spec does not"):
-        load_sharded(compiled(small, meta=True), {"kv": small.parent / "anchor"})
+        load_sharded(meta, {"kv": small.parent / "anchor"})
+    with pytest.raises(ParallelError, match="sources\\['base'\\] is a list; give the path of the folder"):
+        load_sharded(meta, {"base": [small.parent / "anchor" / "model-00001-of-00016.safetensors"]})
     with pytest.raises(ParallelError, match="takes a composed model"):
         load_sharded(torch.nn.Linear(2, 2))
     spec = {"anchor": {"name": "base", "source": {"hf_config": {"model_type": "llama", "vocab_size": 64,
