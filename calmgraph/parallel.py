@@ -128,7 +128,13 @@ def load_sharded(composed: fx.GraphModule, sources: dict | None = None, *, devic
     if not targets:
         raise ParallelError("load_sharded: no weight of this composed model is on the meta device, so there is "
                             "nothing to load; compile it under `with torch.device('meta'):` to load it rank by rank")
-    plan = _plan(composed, targets, _folders(composed, sources, targets))  # every check, nothing allocated yet
+    folders = _folders(composed, sources, targets)
+    plan = _plan(composed, targets, folders)  # every check, nothing allocated yet
+    extra = {m: _buffers_from_config(composed, m, folder) for m, folder in folders.items()
+             if _traced_meta_buffers(composed, m)}
+    before = {id(t): n for n, t in _named_tensors(composed)}
+    sharded = any(hasattr(t, "device_mesh") for t in composed.parameters())
+    pruned = {} if sharded else _pruned_entries(composed, folders, before)
     composed.to_empty(device=_device(composed, device))
     tensors = dict(_named_tensors(composed))
     with torch.no_grad():
@@ -142,7 +148,68 @@ def load_sharded(composed: fx.GraphModule, sources: dict | None = None, *, devic
     for block in composed.get_submodule(ROOT).modules():  # the initial values are loaded: free them
         if hasattr(block, INITIAL):
             delattr(block, INITIAL)
+    _repoint_traced(composed, before, tensors, extra)
+    _load_pruned(composed, pruned, next(iter(tensors.values())).device)
     return composed
+
+
+def _pruned_entries(composed, folders: dict[str, Path], shared: dict[int, str]) -> dict:
+    """{(model, parameter path): file entry} for the traced models' weights the composition pruned (an
+    augment's head): generation traces the whole model again, so an unsharded load reads them too."""
+    from .weights import index_folder
+    out = {}
+    for model, folder in folders.items():
+        traced = composed.traced_model(model)
+        index = index_folder(folder, f"model {model!r}") if traced is not None else {}
+        for path, p in (traced.named_parameters() if traced is not None else ()):
+            if p.is_meta and id(p) not in shared:
+                stored = _stored_names(composed, model, path)
+                entry = next((index[k] for k in stored if k in index), None)
+                if entry is not None and entry.shape == tuple(p.shape):
+                    out[model, path] = entry
+    return out
+
+
+def _load_pruned(composed, pruned: dict, device) -> None:
+    from .weights import read_rows
+    for (model, path), entry in pruned.items():
+        traced = composed.traced_model(model)
+        owner, _, key = path.rpartition(".")
+        module = traced.get_submodule(owner)
+        old = module._parameters[key]
+        loaded = nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device=device), requires_grad=False)
+        read_rows(entry, 0, loaded.data, f"tensor {model}.{path!r}")
+        for m in traced.modules():  # a tied weight: every module holding it
+            for k, t in m._parameters.items():
+                if t is old:
+                    m._parameters[k] = loaded
+
+
+def _traced_meta_buffers(composed, model: str) -> list[str]:
+    traced = composed.traced_model(model)
+    return [] if traced is None else [n for n, b in traced.named_buffers() if b.is_meta]
+
+
+def _repoint_traced(composed, before: dict[int, str], tensors: dict, extra: dict[str, dict]) -> None:
+    """The traced models (which generation traces again) hold the loaded tensors, as after a compile on real
+    weights: each tensor the composition shared with them, and their buffers it does not use (e.g. rotary
+    `original_inv_freq`) as recomputed. Sharded weights are not theirs: a sharded composition does not generate."""
+    for model in composed.spec.models:
+        traced = composed.traced_model(model.name)
+        if traced is None:
+            continue
+        device = next((t.device for t in tensors.values()), None)
+        for path, module in traced.named_modules():
+            for slots in (module._parameters, module._buffers):
+                for key, t in slots.items():
+                    name = before.get(id(t))
+                    loaded = tensors.get(name) if name is not None else None
+                    if loaded is not None and not hasattr(loaded, "device_mesh"):
+                        slots[key] = loaded
+                    elif t is not None and t.is_meta and slots is module._buffers:
+                        value = extra.get(model.name, {}).get(f"{path}.{key}".lstrip("."))
+                        if value is not None:
+                            slots[key] = value.to(device)
 
 
 def _named_tensors(composed: nn.Module):
