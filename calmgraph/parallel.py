@@ -115,7 +115,8 @@ def load_sharded(composed: fx.GraphModule, sources: dict | None = None, *, devic
 
     `sources`: {model name: save_pretrained folder}; a model not named reads its spec's `hf:` folder.
     `device`: where the weights go; default the device mesh's (after `shard`), else the CPU. Every file is
-    checked (each tensor present, of the model's shape) before anything is allocated. In place; returns it."""
+    checked (each tensor present, of the model's shape) before anything is allocated. Unsharded, the weights
+    the composition pruned (an augment's head) are read too, for `generate`. In place; returns it."""
     from .composed import ComposedModel
     if not isinstance(composed, ComposedModel):
         raise ParallelError(f"load_sharded takes a composed model (cg.compile's result); got {type(composed).__name__}")
