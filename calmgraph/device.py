@@ -33,4 +33,20 @@ def retarget_module(module: nn.Module, device: torch.device) -> None:
     """`retarget` on every GraphModule in `module` (itself included), recompiling those that changed."""
     for m in module.modules():
         if isinstance(m, fx.GraphModule) and retarget(m.graph, device):
-            m.recompile()
+            recompile(m)
+
+
+def recompile(m: fx.GraphModule) -> None:
+    """`m.recompile()` on the class the GraphModule was made with. A wrapper that swapped its class for a
+    subclass (FSDP2's fully_shard makes `FSDP<class>`) would otherwise get a call wrapper of its own that
+    calls itself: a sharded composition loaded or moved after sharding (`parallel.load_sharded`)."""
+    cls = type(m)
+    made = next((c for c in cls.__mro__ if "_wrapped_call" in vars(c)), cls)  # set by GraphModule.recompile
+    if made is cls:
+        m.recompile()
+        return
+    m.__class__ = made
+    try:
+        m.recompile()
+    finally:
+        m.__class__ = cls

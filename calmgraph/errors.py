@@ -52,7 +52,8 @@ class ExportError(CalmGraphError, ValueError):
 
 
 class CheckpointError(CalmGraphError, ValueError):
-    """A checkpoint of new parameters does not fit the composition it is loaded into."""
+    """A checkpoint (of new parameters, or a model's weights loaded by `load_sharded`) does not fit the
+    composition it is loaded into."""
 
 
 class InternalError(CalmGraphError):

@@ -137,19 +137,30 @@ def _auto_class(transformers, name: str | None, prompt: bool, where: str):
 def _from_pretrained(source: HfSource, path: Path, prompt: bool, where: str) -> nn.Module:
     if not path.is_dir():
         raise ModelError(f"{where}: no directory at {str(path)!r}; expected a folder written by save_pretrained")
+    if torch.get_default_device().type == "meta":
+        # Structure only (validate, inspect, a sharded load): built on the meta device, where transformers
+        # refuses from_pretrained.
+        return hf_structure(source, path, prompt, where)
     transformers = _transformers(where)
     cls = _auto_class(transformers, source.auto_class, prompt, where)
     try:
-        if torch.get_default_device().type == "meta":
-            # Structure only (validate, inspect): the folder's config, built on the meta device, where
-            # transformers refuses from_pretrained. No weights are read.
-            config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-            return cls.from_config(config, trust_remote_code=False)
         return cls.from_pretrained(str(path), local_files_only=True,  # offline: never touches a hub
                                     trust_remote_code=False,    # and never runs a folder's code
                                     **_dtype(source))
     except Exception as e:  # noqa: BLE001 - transformers raises many types; the user needs the reason
         raise ModelError(f"{where}: could not load it: {_reason(e)}") from e
+
+
+def hf_structure(source: HfSource | HfConfigSource | None, path: Path, prompt: bool, where: str) -> nn.Module:
+    """The model a save_pretrained folder describes, built from its config.json alone: no weight is read
+    (they are left as the current device makes them). `source` gives the auto class and dtype, if any."""
+    transformers = _transformers(where)
+    cls = _auto_class(transformers, getattr(source, "auto_class", None), prompt, where)
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        return cls.from_config(config, trust_remote_code=False, **({} if source is None else _dtype(source)))
+    except Exception as e:  # noqa: BLE001 - transformers raises many types; the user needs the reason
+        raise ModelError(f"{where}: could not build it from {str(path)!r}: {_reason(e)}") from e
 
 
 def _from_config(source: HfConfigSource, prompt: bool, where: str) -> nn.Module:

@@ -11,8 +11,10 @@ Run it on several processes with `accelerate launch --num_processes N script.py`
 optimizer, data loader and scheduler are `accelerator.prepare`d, so each process trains on its own shard;
 the model is replicated (DDP), or with `TrainConfig(parallel="fsdp")` sharded block by block (FSDP2,
 `calmgraph.parallel.shard`), or by DeepSpeed ZeRO-3 when `accelerator=` carries a stage-3 DeepSpeed plugin.
-`activation_checkpointing=True` recomputes each block in backward. Pass your own `accelerator=` (plugins,
-mixed precision, trackers) and an `eval_dataset=` for the eval loss every `eval_every` steps.
+A composition compiled on the meta device is loaded by FineTuner, each process reading only its shards
+(`calmgraph.parallel.load_sharded`). `activation_checkpointing=True` recomputes each block in backward.
+Pass your own `accelerator=` (plugins, mixed precision, trackers) and an `eval_dataset=` for the eval loss
+every `eval_every` steps.
 """
 from __future__ import annotations
 
@@ -224,9 +226,11 @@ class FineTuner:
         for p in model.parameters():
             p.requires_grad_(id(p) in wanted)
         self.input_names, self.required_inputs, self.open_inputs = _forward_inputs(model)
-        self.sharded = self._scale(model)  # activation checkpointing, FSDP2: before the optimizer sees the parameters
-        if self.sharded:
-            named = dict(model.named_parameters())  # sharding replaced them by DTensors
+        on_meta = any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+        # checkpointing, FSDP2, loading: before the optimizer sees the parameters
+        self.sharded = self._scale(model, on_meta)
+        if self.sharded or on_meta:
+            named = dict(model.named_parameters())  # sharding (DTensors) or loading replaced them
             params = [named[n] for n in self.param_names]
 
         decay = [p for p in params if p.dim() >= 2]
@@ -259,17 +263,25 @@ class FineTuner:
         self.step = 0  # optimizer steps done
         self.history: list[dict[str, float]] = []
 
-    def _scale(self, model: nn.Module) -> bool:
-        """Apply `activation_checkpointing` and `parallel="fsdp"` (calmgraph.parallel); whether it sharded."""
-        from .parallel import checkpoint_blocks, shard
+    def _scale(self, model: nn.Module, on_meta: bool) -> bool:
+        """Apply `activation_checkpointing` and `parallel="fsdp"` (calmgraph.parallel); whether it is sharded.
+        A model compiled on the meta device is loaded here (`load_sharded`): after sharding, each process
+        reads only its shards of the weights."""
+        from torch.distributed.fsdp import FSDPModule
+
+        from .parallel import checkpoint_blocks, load_sharded, shard
         c, acc = self.config, self.accelerator
         if c.activation_checkpointing:
             checkpoint_blocks(model)
-        if c.parallel != "fsdp" or acc.num_processes == 1:  # one process: nothing to shard over
-            return False
-        model.to(acc.device)
-        shard(model)
-        return True
+        sharded = isinstance(model, FSDPModule)  # sharded (and perhaps loaded) by the caller
+        if not sharded and c.parallel == "fsdp" and acc.num_processes > 1:  # one process: nothing to shard over
+            if not on_meta:
+                model.to(acc.device)
+            shard(model)
+            sharded = True
+        if on_meta:
+            load_sharded(model, device=acc.device)
+        return sharded
 
     # -- evaluation ----------------------------------------------------------------------------------
 

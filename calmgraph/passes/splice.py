@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import operator
 from collections import defaultdict
+from contextlib import nullcontext
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -18,12 +20,24 @@ from ..plan import LINK_KEY, ROOT, Link
 from .base import CompileState, Merged, Pass, PassResult
 
 
+INITIAL = "calmgraph_initial"  # attribute of a block built on the meta device: its initial values, on the CPU
+
+
 def build_block(link: Link, like) -> CrossAttention:
-    """A cross-attention block on the device and in the floating dtype of the target's states `like`."""
+    """A cross-attention block on the device and in the floating dtype of the target's states `like`.
+
+    On the meta device (a composition compiled without weights, to be sharded and loaded rank by rank:
+    `parallel.load_sharded`) the block is still initialised on the CPU, from the same random draws as a
+    compile on real weights, and keeps those values under INITIAL (they are small) to be loaded from."""
     c = link.config
-    block = CrossAttention(link.target_dim, link.source_dim, heads=link.heads, dim_head=link.dim_head,
-                           norm=c.norm, gate=c.gate, project_context=c.project_context, causal=link.causal,
-                           rotary=c.positions == "rotary", window=c.window, null_kv=c.null_kv)
+    meta = like.device.type == "meta"
+    with torch.device("cpu") if meta and torch.get_default_device().type == "meta" else nullcontext():
+        block = CrossAttention(link.target_dim, link.source_dim, heads=link.heads, dim_head=link.dim_head,
+                               norm=c.norm, gate=c.gate, project_context=c.project_context, causal=link.causal,
+                               rotary=c.positions == "rotary", window=c.window, null_kv=c.null_kv)
+    if meta and not next(block.parameters()).is_meta:
+        block.to(dtype=like.dtype)
+        setattr(block, INITIAL, {k: v.detach().clone() for k, v in block.state_dict().items()})
     return block.to(device=like.device, dtype=like.dtype)
 
 
