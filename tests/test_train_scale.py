@@ -45,7 +45,8 @@ class Tokens(torch.utils.data.Dataset):
 
 def config(out, **kw):
     return TrainConfig(**{**dict(max_steps=STEPS, batch_size=2 * BATCH, lr=1e-2, progress=False, shuffle=False,
-                                 cpu=True, save_every=1, keep_last=5, eval_every=1, output_dir=str(out)), **kw})
+                                 cpu=True, save_every=1, keep_last=5, eval_every=1,
+                                 output_dir=None if out is None else str(out)), **kw})
 
 
 def eval_reference(composed, data) -> float:
