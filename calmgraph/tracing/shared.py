@@ -5,6 +5,8 @@ torch.export costs about half a second a block (symbolic-shape bookkeeping); a c
 copies are what a full trace gives only when every block computes the same thing on its own weights, so
 the shortcut is taken only when that is shown, and the full trace runs otherwise:
 
+- the blocks are all the entries of one nn.ModuleList, more than two, none sharing a module or weight
+  with another;
 - every block is the same module tree: same classes, parameter and buffer names, shapes and dtypes, and
   equal attributes except its index (`layer_idx`, used by caches, which the traced forward has off);
 - the model's config has no per-layer list whose entries differ (`layer_types`: sliding-window layers);
@@ -15,11 +17,14 @@ the shortcut is taken only when that is shown, and the full trace runs otherwise
 
 So a block whose forward branches on its index (GPT-2's `scale_attn_by_inverse_layer_idx`) is caught when
 block 0 and block 1 differ, which a branch on the index generally shows; the check does not see a branch
-that treats block 0 and 1 alike and a later one differently.
+that treats block 0 and 1 alike and a later one differently. Any failure on the way (a forward that
+counts its layers from the config fails on the cut list) falls back to the full trace.
 """
 from __future__ import annotations
 
+import functools
 import logging
+import types
 from typing import Callable
 
 import torch
@@ -50,7 +55,7 @@ def trace_shared(entry: Entry, blocks: list[Block], trace: Callable[[], fx.Graph
     if not ENABLED:
         return None
     try:
-        holder, name = _block_list(entry.model, blocks)
+        holder = _block_list(entry.model, blocks)
         _check_uniform(entry.model, holder, blocks)
         kept = holder._modules
         holder._modules = dict(list(kept.items())[:TRACED_BLOCKS])   # the list is the alias's, not the user's
@@ -60,13 +65,14 @@ def trace_shared(entry: Entry, blocks: list[Block], trace: Callable[[], fx.Graph
             holder._modules = kept
         _replicate(gm, entry, blocks)
         return gm
-    except NotShared as e:
-        log.debug("blocks of %s traced one by one: %s", type(entry.model).__name__, e)
+    except Exception as e:  # noqa: BLE001 - the full trace is always right; its own error is the one to give
+        # e.g. a forward that counts its layers from the config fails on the cut list
+        log.debug("blocks of %s traced one by one: %s: %s", type(entry.model).__name__, type(e).__name__, e)
         return None
 
 
 # -- when the blocks are alike ------------------------------------------------------------------------
-def _block_list(model: nn.Module, blocks: list[Block]) -> tuple[nn.Module, str]:
+def _block_list(model: nn.Module, blocks: list[Block]) -> nn.ModuleList:
     """The list that holds the blocks, each block one entry of it, all of them, in order."""
     if len(blocks) <= TRACED_BLOCKS:
         raise NotShared("no more blocks than the trace would hold")
@@ -78,10 +84,15 @@ def _block_list(model: nn.Module, blocks: list[Block]) -> tuple[nn.Module, str]:
     names = [f"{path}.{k}" for k in holder._modules]
     if not isinstance(holder, nn.ModuleList) or [b.members for b in blocks] != [(n,) for n in names]:
         raise NotShared("the blocks are not the entries of one nn.ModuleList")
-    return holder, path
+    return holder
 
 
 def _check_uniform(model: nn.Module, holder: nn.ModuleList, blocks: list[Block]) -> None:
+    owner: dict[int, int] = {}       # a weight (or module) in two blocks: the trace names it once, copies would not
+    for i, block in enumerate(holder):
+        for t in (*block.modules(), *block.parameters(), *block.buffers()):
+            if owner.setdefault(id(t), i) != i:
+                raise NotShared(f"blocks {owner[id(t)]} and {i} share a module or weight")
     first = _structure(holder[0])
     for i, block in enumerate(list(holder)[1:], 1):
         if _structure(block) != first:
@@ -98,20 +109,26 @@ def _structure(block: nn.Module) -> list:
     """What must be equal between two blocks for them to trace alike (weights by shape and dtype)."""
     out = []
     for name, m in block.named_modules(remove_duplicate=False):
-        attrs = {k: _comparable(v) for k, v in vars(m).items() if k not in _MODULE_STATE and k not in INDEX_ATTRIBUTES}
+        attrs = {k: _comparable(v, m) for k, v in vars(m).items() if k not in _MODULE_STATE and k not in INDEX_ATTRIBUTES}
         tensors = [(k, tuple(t.shape), t.dtype, t.requires_grad) if t is not None else (k, None)
                    for k, t in (*m._parameters.items(), *m._buffers.items())]
         out.append((name, type(m), sorted(attrs.items()), tensors))
     return out
 
 
-def _comparable(value):
-    """A value two blocks' attributes can be compared by: plain data as itself, anything else by identity
-    (a shared config is the same object in every block)."""
+def _comparable(value, module: nn.Module):
+    """A value two blocks' attributes can be compared by: plain data as itself, a partial function or a
+    method of the module itself by what it calls, anything else by identity (a shared config is the same
+    object in every block)."""
     if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
         return value
     if isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str, type(None))) for v in value):
         return tuple(value)
+    if isinstance(value, functools.partial):    # transformers' GELUTanh: partial(gelu, approximate="tanh")
+        return ("partial", _comparable(value.func, module), tuple(_comparable(a, module) for a in value.args),
+                tuple(sorted((k, _comparable(v, module)) for k, v in value.keywords.items())))
+    if isinstance(value, types.MethodType) and value.__self__ is module:
+        return ("method", value.__func__)
     if isinstance(value, torch.Tensor):
         raise NotShared("a block holds a tensor that is neither a parameter nor a buffer")
     return ("object", id(value))
@@ -236,7 +253,7 @@ def _template_weights(template: list[fx.Node], prefix: str) -> dict[str, fx.Node
             rel = _weight_of(a, prefix)
             if rel is not None:
                 out.setdefault(rel, a)
-    return {rel: node for rel, node in out.items()}
+    return out
 
 
 def _moved_meta(meta: dict, old: str, new: str) -> dict:
