@@ -16,9 +16,11 @@ the shortcut is taken only when that is shown, and the full trace runs otherwise
   between them or reads the first block.
 
 So a block whose forward branches on its index (GPT-2's `scale_attn_by_inverse_layer_idx`) is caught when
-block 0 and block 1 differ, which a branch on the index generally shows; the check does not see a branch
-that treats block 0 and 1 alike and a later one differently. Any failure on the way (a forward that
-counts its layers from the config fails on the cut list) falls back to the full trace.
+blocks 0 and 1 differ; so is a forward that treats its first layer apart, or its last by the list's length
+(in the cut list block 1 is the last). Not seen: a branch on the index, in a block or in the model's loop
+over them, that treats blocks 0 and 1 alike and a later one differently while no attribute or config list
+says so. Any failure on the way (a forward that counts its layers from the config fails on the cut list)
+falls back to the full trace.
 """
 from __future__ import annotations
 
