@@ -92,7 +92,7 @@ def test_shared_trace_is_the_full_trace(family, ids, sharing, monkeypatch):
     one = traced(model, True, monkeypatch)
     assert sharing[-1] == (family in SHARED)
     assert canonical(one.graph) == canonical(full.graph)
-    assert [t.name for t in one.taps] != [] and len(one.taps) == len(full.taps) == DEPTH
+    assert len(one.taps) == len(full.taps) == DEPTH
     assert one.runs == full.runs == [1] * DEPTH
 
     out_full, _ = compose(family, False, ids, monkeypatch)
@@ -102,7 +102,7 @@ def test_shared_trace_is_the_full_trace(family, ids, sharing, monkeypatch):
     assert [p for p in block_paths(composed) if p.startswith("base.")] == [f"base.{b.name}" for b in one.blocks]
 
 
-def test_a_block_that_differs_is_traced_in_full(ids, sharing, monkeypatch):
+def test_a_block_that_differs_is_traced_in_full(sharing, monkeypatch):
     """GPT-2 can scale attention by 1 / (layer index + 1): block 1's graph differs from block 0's (its
     constant), so the trace must not copy block 1's for the others."""
     model = small_model("gpt2", num_hidden_layers=DEPTH, scale_attn_by_inverse_layer_idx=True)
