@@ -385,7 +385,7 @@ def test_zero_new_tokens_returns_the_prompt(small):
 
 # -- bad input ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, message", [
-    ({"temperature": -1}, "temperature must be >= 0"),
+    ({"temperature": -1}, "temperature must be a finite number >= 0"),
     ({"top_k": -1}, "top_k must be a non-negative int"),
     ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
     ({"max_new_tokens": -2}, "max_new_tokens must be a non-negative int"),

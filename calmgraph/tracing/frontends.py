@@ -2,7 +2,8 @@
 
 - fx: a `torch.fx.Tracer` that keeps each block's modules (and `families.FX_LEAF_CLASSES`, and the user's
   `leaf_modules`) as leaves: a readable, module-level graph; shapes from fake-tensor propagation.
-- export: `torch.export` (non-strict, dynamic batch and sequence): an ATen-level graph.
+- export: `torch.export` (non-strict, dynamic batch and sequence): an ATen-level graph; identical blocks
+  share one trace (`tracing/shared.py`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ..blocks import Block
 from ..errors import TraceError
 from ..families import leaf_predicate
 from .entry import ENTRY, Entry
+from .shared import trace_shared
 
 
 class _BlockLeafTracer(fx.Tracer):
@@ -47,6 +49,11 @@ def propagate_shapes(gm: fx.GraphModule, inputs: tuple) -> None:
 
 
 def trace_export(entry: Entry, blocks: list[Block], inputs: tuple, leaf_modules=()) -> fx.GraphModule:
+    """Identical blocks share one trace (`tracing/shared.py`); other models are traced block by block."""
+    return trace_shared(entry, blocks, lambda: _export(entry, inputs)) or _export(entry, inputs)
+
+
+def _export(entry: Entry, inputs: tuple) -> fx.GraphModule:
     # batch and sequence are dynamic; an image's channels and size are fixed by the model
     dims = tuple({0: torch.export.Dim.AUTO, **({1: torch.export.Dim.AUTO} if t.ndim == 2 else {})} for t in inputs)
     program = torch.export.export(entry, inputs, strict=False, dynamic_shapes=dims)
