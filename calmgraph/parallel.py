@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -138,9 +140,14 @@ def load_sharded(composed: fx.GraphModule, sources: dict | None = None, *, devic
     pruned = {} if sharded else _pruned_entries(composed, folders, before)
     composed.to_empty(device=_device(composed, device))
     tensors = dict(_named_tensors(composed))
+    drawn = (None, {})  # the last block's initial values: drawn when its first tensor is copied
     with torch.no_grad():
         for name, source in plan.items():
             local, start = _local_rows(name, tensors[name])
+            if isinstance(source, _Initial):
+                if drawn[0] is not source.draw:
+                    drawn = (source.draw, source.draw())
+                source = drawn[1][source.key]
             if isinstance(source, torch.Tensor):
                 local.copy_(source[start:start + len(local)] if source.dim() else source)
             else:
@@ -285,12 +292,22 @@ def _plan(composed, targets: list[str], folders: dict[str, Path]) -> dict:
     return plan
 
 
-def _initial_values(composed) -> dict[str, torch.Tensor]:
-    """The values the splice pass drew for each new parameter (and buffer) of a meta-device compile."""
+@dataclass(frozen=True)
+class _Initial:
+    """A new parameter's (or buffer's) initial value: `draw()[key]`, drawn with its block's as it is loaded
+    (`splice.build_block`), so a block's values are in memory only while they are copied."""
+    draw: Callable[[], dict[str, torch.Tensor]]
+    key: str
+
+
+def _initial_values(composed) -> dict[str, _Initial]:
+    """How to draw each new parameter's (and buffer's) initial value, for a meta-device compile."""
     out = {}
     for path, block in composed.get_submodule(ROOT).named_modules():
-        for key, value in getattr(block, INITIAL, {}).items():
-            out[".".join(p for p in (ROOT, path, key) if p)] = value
+        draw = getattr(block, INITIAL, None)
+        if draw is not None:
+            for key in block.state_dict():
+                out[".".join(p for p in (ROOT, path, key) if p)] = _Initial(draw, key)
     return out
 
 

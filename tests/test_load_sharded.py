@@ -215,12 +215,15 @@ def big_real(big):
 def test_each_rank_holds_and_reads_about_half_the_frozen_weights(big_real, sharded_run):
     frozen = sum(p.numel() * p.element_size() for p in big_real.parameters() if not p.requires_grad)
     assert frozen > 280 * MIB
+    # the new blocks' initial values are drawn (in float32) as they are loaded, one block at a time
+    drawn = max(sum(t.numel() * 4 for t in block.state_dict().values())
+                for block in big_real.get_submodule("xattn").modules() if isinstance(block, cg.CrossAttention))
     for rank in sharded_run["ranks"]:
         assert abs(rank["local_frozen_bytes"] - frozen / 2) < 0.02 * frozen  # dim-0 shards, a few rows apart
         # Loading raises the peak by its half of the weights, and by no whole tensor or file (slack: FSDP's
         # padding, a buffer in flight); the peak of the whole setup is that plus the weight-free compile on
         # meta (tracing, ~100 MiB here). Holding every weight would cost about twice the half.
-        assert 0.9 * frozen / 2 < rank["load_bytes"] < frozen / 2 + 32 * MIB, (rank, frozen)
+        assert 0.9 * frozen / 2 < rank["load_bytes"] < frozen / 2 + drawn + 32 * MIB, (rank, frozen, drawn)
         assert rank["setup_bytes"] < frozen / 2 + 128 * MIB, (rank, frozen)
 
 

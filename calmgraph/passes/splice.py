@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import operator
 from collections import defaultdict
-from contextlib import nullcontext
+from functools import partial
 
 import torch
 import torch.fx as fx
@@ -20,25 +20,35 @@ from ..plan import LINK_KEY, ROOT, Link
 from .base import CompileState, Merged, Pass, PassResult
 
 
-INITIAL = "calmgraph_initial"  # attribute of a block built on the meta device: its initial values, on the CPU
+INITIAL = "calmgraph_initial"  # attribute of a block built on the meta device: () -> its initial values
 
 
 def build_block(link: Link, like) -> CrossAttention:
     """A cross-attention block on the device and in the floating dtype of the target's states `like`.
 
-    On the meta device (a composition compiled without weights, to be sharded and loaded rank by rank:
-    `parallel.load_sharded`) the block is still initialised on the CPU, from the same random draws as a
-    compile on real weights, and keeps those values under INITIAL (they are small) to be loaded from."""
+    Its initial values are drawn on the CPU from a seed of its own, the one draw it takes from the global
+    RNG: so on the meta device (a composition compiled without weights, to be sharded and loaded rank by
+    rank: `parallel.load_sharded`) the block is built on meta at no cost, and keeps under INITIAL how to
+    draw the very values a compile on real weights gives it, when they are loaded."""
+    seed = int(torch.randint(0, 2**62, (), device="cpu"))
+    if like.device.type == "meta":
+        block = _drawn(link, seed, "meta")
+        setattr(block, INITIAL, partial(_initial_values, link, seed, like.dtype))
+        return block.to(dtype=like.dtype)
+    return _drawn(link, seed, "cpu").to(device=like.device, dtype=like.dtype)
+
+
+def _drawn(link: Link, seed: int, device: str) -> CrossAttention:
     c = link.config
-    meta = like.device.type == "meta"
-    with torch.device("cpu") if meta and torch.get_default_device().type == "meta" else nullcontext():
-        block = CrossAttention(link.target_dim, link.source_dim, heads=link.heads, dim_head=link.dim_head,
-                               norm=c.norm, gate=c.gate, project_context=c.project_context, causal=link.causal,
-                               rotary=c.positions == "rotary", window=c.window, null_kv=c.null_kv)
-    if meta and not next(block.parameters()).is_meta:
-        block.to(dtype=like.dtype)
-        setattr(block, INITIAL, {k: v.detach().clone() for k, v in block.state_dict().items()})
-    return block.to(device=like.device, dtype=like.dtype)
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        return CrossAttention(link.target_dim, link.source_dim, heads=link.heads, dim_head=link.dim_head,
+                              norm=c.norm, gate=c.gate, project_context=c.project_context, causal=link.causal,
+                              rotary=c.positions == "rotary", window=c.window, null_kv=c.null_kv)
+
+
+def _initial_values(link: Link, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return _drawn(link, seed, "cpu").to(dtype=dtype).state_dict()
 
 
 def splice(merged: Merged, links: list[Link], order: list[str], blocks: nn.Module | None = None
