@@ -119,8 +119,7 @@ def load_sharded(composed: fx.GraphModule, sources: dict | None = None, *, devic
     `device`: where the weights go; default the device mesh's (after `shard`), else the CPU. Every file is
     checked (each tensor present, of the model's shape) before anything is allocated. Unsharded, the weights
     the composition pruned (an augment's head) are read too, for `generate`. In place; returns it."""
-    from .composed import ComposedModel
-    if not isinstance(composed, ComposedModel):
+    if not isinstance(composed, fx.GraphModule) or not hasattr(composed, "traced_model"):  # a ComposedModel
         raise ParallelError(f"load_sharded takes a composed model (cg.compile's result); got {type(composed).__name__}")
     targets = [n for n, t in _named_tensors(composed) if t.is_meta]
     constants = [f"{m}.{k}".lstrip(".") for m, module in composed.named_modules() for k, v in vars(module).items()

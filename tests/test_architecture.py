@@ -15,7 +15,7 @@ PACKAGE = Path(calmgraph.__file__).parent
 
 # Lower layers first. A module may import (at module level) from its own layer or a lower one.
 LAYERS = [
-    {"errors", "families", "graph", "device", "extras", "files", "limits"},
+    {"errors", "families", "graph", "device", "extras", "files", "limits", "weights"},
     {"spec", "blocks", "cross_attention", "signature"},
     {"plan", "sources", "tracing"},
     {"passes"},
