@@ -246,7 +246,7 @@ def _decode(steps, input_ids, o: Options, choose: Chooser, eos, pad, criteria, s
     logits = steps.first() if o.max_new_tokens else None
     for step in range(o.max_new_tokens):
         if vocab is not None and logits.shape[-1] > vocab:
-            logits = torch.cat([logits[:, :vocab], logits.new_full((B, logits.shape[-1] - vocab), float("-inf"))], 1)
+            logits[:, vocab:] = float("-inf")  # the steps return a fresh tensor each time: no copy needed
         scores, token = choose(logits, seen)
         out = token.masked_fill(finished, pad)
         new.append(out)
