@@ -220,11 +220,13 @@ def test_each_rank_holds_and_reads_about_half_the_frozen_weights(big_real, shard
                 for block in big_real.get_submodule("xattn").modules() if isinstance(block, cg.CrossAttention))
     for rank in sharded_run["ranks"]:
         assert abs(rank["local_frozen_bytes"] - frozen / 2) < 0.02 * frozen  # dim-0 shards, a few rows apart
-        # Loading raises the peak by its half of the weights, and by no whole tensor or file (slack: FSDP's
-        # padding, a buffer in flight); the peak of the whole setup is that plus the weight-free compile on
-        # meta (tracing, ~100 MiB here). Holding every weight would cost about twice the half.
-        assert 0.9 * frozen / 2 < rank["load_bytes"] < frozen / 2 + drawn + 32 * MIB, (rank, frozen, drawn)
-        assert rank["setup_bytes"] < frozen / 2 + 128 * MIB, (rank, frozen)
+        # Loading raises the peak by its half of the weights; the peak of the whole setup is that plus the
+        # weight-free compile on meta (tracing, ~100 MiB here). Holding every weight would cost the whole
+        # `frozen` (287 MiB) at least. The slack (FSDP's padding, a buffer in flight, the safetensors pages
+        # mapped while read, the allocator's arenas: resident-set sizes vary by ~10 MiB between machines)
+        # stays well under the other half.
+        assert 0.9 * frozen / 2 < rank["load_bytes"] < frozen / 2 + drawn + 64 * MIB < frozen, (rank, frozen, drawn)
+        assert rank["setup_bytes"] < frozen / 2 + 144 * MIB < frozen + 100 * MIB, (rank, frozen)
 
 
 def test_the_sharded_load_computes_and_trains_as_one_process_on_real_weights(big_real, sharded_run):
