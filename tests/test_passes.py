@@ -22,6 +22,7 @@ from calmgraph.passes.splice import Splice
 from calmgraph.passes.trace import Trace
 from calmgraph.passes.verify import Verify, verify
 from calmgraph.plan import LINK_KEY, MODEL_KEY
+from tests.support import VOCAB, llama
 
 
 class Toy(nn.Module):
@@ -125,6 +126,43 @@ def test_verify_accepts_the_fused_graph_and_refuses_a_wrong_output():
                                                                  "prune", "outline", "verify"]
     with pytest.raises(InternalError, match="returns shape"):   # the anchor's logits have 11 entries, not 3
         verify(state.module, state.signature, torch.device("cpu"), torch.Size([2, 7, 3]))
+
+
+def llama_composition() -> cg.ComposedModel:
+    torch.manual_seed(0)
+    spec = {"anchor": {"name": "a"}, "augments": [{"name": "b"}],
+            "edges": [{"source": "b", "target": "a", "layers": [[1, 1], [3, 3]]}]}
+    return cg.compile(spec, models={"a": llama(48, 4), "b": llama(32, 4)})
+
+
+def test_verify_runs_each_distinct_block_once_and_gives_every_copy_its_shapes():
+    composed = llama_composition()
+    blocks = [m for m in composed.modules() if isinstance(m, fx.GraphModule) and m is not composed]
+    calls = Counter()
+    hooks = [b.register_forward_pre_hook(lambda m, args, i=i: calls.update([i])) for i, b in enumerate(blocks)]
+    try:
+        verify(composed, composed.signature, torch.device("cpu"), torch.Size([2, 7, VOCAB]))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(blocks) == 8 and sum(calls.values()) == 2        # one Llama block of each model's 4
+    shortcut = {n.name: n.meta["val"] for n in composed.graph.nodes if n.op == "call_module"}
+    # the reference: every block run (FakeTensorProp as torch.fx has it)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    FakeTensorProp(composed, mode).propagate(*composed.signature.examples(3, 10, torch.device("cpu")))
+    full = {n.name: n.meta["val"] for n in composed.graph.nodes if n.op == "call_module"}
+    flat = lambda v: [(tuple(t.shape), t.stride(), t.dtype) for t in (v if isinstance(v, tuple) else (v,))]  # noqa: E731
+    assert shortcut.keys() == full.keys() and all(flat(shortcut[k]) == flat(full[k]) for k in full)
+
+
+def test_verify_runs_a_block_that_differs_from_its_neighbours():
+    composed = llama_composition()
+    wrong = composed.get_submodule("a.model.layers.2.mlp.down_proj")   # 96 -> 48 becomes 96 -> 47
+    wrong.weight = nn.Parameter(torch.zeros(47, 96), requires_grad=False)
+    with pytest.raises(InternalError, match="shape check"):
+        verify(composed, composed.signature, torch.device("cpu"), torch.Size([2, 7, VOCAB]))
 
 
 def test_compiled_graph_equals_the_pipeline_state():
