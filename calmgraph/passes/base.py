@@ -17,6 +17,7 @@ from typing import Any
 
 import torch.fx as fx
 import torch.nn as nn
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from ..blocks import Block
 from ..errors import InternalError
@@ -108,6 +109,13 @@ class CompileState:
 class PassResult:
     state: CompileState
     modified: bool
+
+
+def flat_module(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """The flat fused graph as a module between passes. Its Python code is generated when it is first run or
+    read (torch.fx's lazy GraphModule, as torch.compile's own passes use): the next pass changes the graph
+    again, and at 7B + 1.1B code generation costs 0.3 s a time for 4,000 nodes."""
+    return _LazyGraphModule(root, graph)
 
 
 class Pass(ABC):

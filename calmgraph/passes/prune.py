@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 
 from ..plan import LINK_KEY, MODEL_KEY, Link
-from .base import CompileState, Pass, PassResult, PruneReport
+from .base import CompileState, Pass, PassResult, PruneReport, flat_module
 
 
 # fx's dead-code elimination keeps nodes it cannot prove pure: torch.export's runtime checks (dtype, device,
@@ -60,5 +60,5 @@ class Prune(Pass):
                              enabled=state.prune)
         state.links = live_links(graph, state.links)
         # the GraphModule keeps only the modules its graph still calls
-        state.module = fx.GraphModule(state.module, graph)
+        state.module = flat_module(state.module, graph)
         return PassResult(state, state.pruned.nodes_removed > 0)

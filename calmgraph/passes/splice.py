@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ..cross_attention import CrossAttention
 from ..plan import LINK_KEY, ROOT, Link
-from .base import CompileState, Merged, Pass, PassResult
+from .base import CompileState, Merged, Pass, PassResult, flat_module
 
 
 INITIAL = "calmgraph_initial"  # attribute of a block built on the meta device: () -> its initial values
@@ -102,5 +102,5 @@ class Splice(Pass):
 
     def call(self, state: CompileState) -> PassResult:
         splice(state.merged, state.links, state.order)
-        state.module = fx.GraphModule(state.merged.root, state.merged.graph)
+        state.module = flat_module(state.merged.root, state.merged.graph)
         return PassResult(state, bool(state.links))
