@@ -6,7 +6,9 @@ torch.export trace (`calmgraph/tracing/shared.py`) against every block traced, w
 
 Each repeat compiles freshly built models once per mode, the modes in alternating order; reported: the
 median, and every run, in wall-clock seconds and in this process's CPU seconds (on a shared machine the
-wall clock also counts other processes' turns; on the meta device nothing runs on other threads).
+wall clock also counts other processes' turns; on the meta device nothing runs on other threads). Runs in
+one process share torch's warm caches; `--fresh` runs each compile in a new process (imports done before the
+clock starts), as a user's first compile is.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,11 +47,21 @@ def compile_once(anchor: str, augment: str, share: bool) -> dict:
             "passes": {p["pass"]: p["seconds"] for p in composed.compile_log}, "graph_nodes": len(composed.graph.nodes)}
 
 
+def compile_fresh(anchor: str, augment: str, share: bool) -> dict:
+    """`compile_once` in a new Python process."""
+    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
+            "import transformers; transformers.logging.set_verbosity_error(); import calmgraph; "
+            f"from compile_time import compile_once; print(json.dumps(compile_once({anchor!r}, {augment!r}, {share})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pair", default="llama2-7b+tinyllama-1.1b", help="anchor+augment (shapes: %s)" % ", ".join(SHAPES))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--modes", default="shared,full", help="shared and/or full (every block traced)")
+    p.add_argument("--fresh", action="store_true", help="each compile in a new process (cold caches)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     import transformers
@@ -61,10 +74,10 @@ def main(argv=None) -> int:
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                            "python": platform.python_version()},
               "anchor": anchor, "augment": augment, "device": "meta", "spec": "augment every 4th anchor layer",
-              "runs": {m: [] for m in modes}}
+              "fresh_process_per_run": args.fresh, "runs": {m: [] for m in modes}}
     for r in range(args.repeats):
         for mode in (modes if r % 2 == 0 else modes[::-1]):
-            run = compile_once(anchor, augment, share=mode == "shared")
+            run = (compile_fresh if args.fresh else compile_once)(anchor, augment, share=mode == "shared")
             result["runs"][mode].append(run)
             print(mode, json.dumps(run), flush=True)
     result["median_seconds"] = {m: statistics.median(r["seconds"] for r in runs) for m, runs in result["runs"].items()}
