@@ -42,7 +42,10 @@ from ..passes.splice import splice
 from ..plan import LINK_KEY, ROOT
 from ..tracing.entry import ENTRY
 from ..tracing.taps import block_inputs, block_outputs
+from .fuse import fuse
 from .stage import Contexts, links_into
+
+FUSE = True  # apply fuse.py's rewrites to each decode graph (benchmarks/decode_ops.py measures both)
 
 
 def cache_kwarg(model: nn.Module) -> str | None:
@@ -239,6 +242,8 @@ def build_decoder(composed, anchor_stage: fx.GraphModule, contexts: Contexts, ba
                     masks={n.meta[LINK_KEY].source: inputs[n.args[2].name] for n in stage_links if len(n.args) > 2})
     splice(merged, [n.meta[LINK_KEY] for n in stage_links], list(models), blocks=root.get_submodule(ROOT))
     attend = _reroute(graph, root, kv, models, batch, max_len)
+    if FUSE:
+        fuse(graph, root, ids, position)
     keep_live(graph)
     graph.lint()
     module = fx.GraphModule(root, graph, class_name="Decoder")
