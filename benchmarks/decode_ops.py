@@ -3,17 +3,20 @@ anchor alone beside calmgraph's cached decode step (shared and prompt modes), pe
 
     python benchmarks/decode_ops.py --out benchmarks/results/decode_ops_cpu.json
 
-Small Llama configs with the structure of benchmarks/generate_scale.py (anchor 22 layers, augment 16, 4 KV
-heads, every 4th augment block read): op counts do not depend on width. A `TorchDispatchMode` counts every
-op that reaches a backend kernel, one decode step after a prefill, in three kinds:
-- `launch`: an op that runs a kernel (one CUDA launch each, roughly; a CPU-only decomposition may differ);
-- `view`: an op returning an alias of its input (view, expand, slice, transpose...): metadata, no kernel;
-- `host`: allocation (empty) and reads of a value to the host (`_local_scalar_dense`, a device sync on a GPU).
-What it does not see: ops that CompositeImplicit kernels decompose before dispatch are counted as their parts
-(`rms_norm` on CPU decomposes into pow, mean, add, rsqrt, mul; on CUDA it is one `_fused_rms_norm` kernel, so
-a decode graph node calling it is counted as one launch here); a CUDA kernel made of several launches
-(cuBLAS split-K, flash attention's) is counted once. Both sides are counted the same way.
-`--fuse off` measures the decode graph without `calmgraph.generation.fuse`'s rewrites.
+Small Llama configs with the structure of benchmarks/generate_scale.py (anchor 22 layers, augment 16, 2 query
+heads per KV head, every 4th augment block read, bf16): op counts do not depend on width. A `TorchDispatchMode`
+counts every op of one decode step after a prefill, run under `torch.inference_mode` as generation runs it, in
+three kinds:
+- `launch`: an op that runs a kernel (on a GPU, about one launch each);
+- `view`: an op whose result aliases its input (view, expand, slice, transpose; a `to` or `reshape` that
+  copied is a launch): metadata, no kernel;
+- `host`: allocation (empty) and reads of a value to the host.
+Under inference mode composite ops reach the counter whole: `linear`, `scaled_dot_product_attention`,
+`rms_norm` (on CUDA one `_fused_rms_norm` kernel), `to`. What the count misses: kernels that one op launches
+several of (cuBLAS split-K, an attention backend's), and kernels a CUDA op launches for non-contiguous inputs;
+both sides are counted the same way. transformers' step is the model's forward, as its `generate` calls it
+per token (its logits processing around it is not counted, nor is calmgraph's). `--fuse off` builds the
+decode graph without `calmgraph.generation.fuse`'s rewrites.
 """
 from __future__ import annotations
 
@@ -181,8 +184,8 @@ def run(args) -> dict:
     warnings.filterwarnings("ignore")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     h = args.hidden
-    anchor = llama([h, args.anchor_layers, 4, 4, 2 * h], VOCAB, dtype, "cpu", 0)
-    augment = llama([h, args.augment_layers, 4, 4, 2 * h], VOCAB, dtype, "cpu", 1)
+    anchor = llama([h, args.anchor_layers, 8, 4, 2 * h], VOCAB, dtype, "cpu", 0)   # grouped queries, as at
+    augment = llama([h, args.augment_layers, 8, 4, 2 * h], VOCAB, dtype, "cpu", 1)  # LLM shapes: 2 per KV head
     results = {}
     for cache_kind in ("dynamic", "static"):
         results[f"transformers anchor alone, {cache_kind} cache"] = summary(
@@ -205,7 +208,7 @@ def run(args) -> dict:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "calmgraph": cg.__version__
                      if hasattr(cg, "__version__") else None, "python": platform.python_version()},
         "shapes": {"anchor_layers": args.anchor_layers, "augment_layers": args.augment_layers, "hidden": h,
-                   "kv_heads": 4, "heads": 4, "every": args.every, "batch": args.batch, "prompt": args.prompt,
+                   "kv_heads": 4, "heads": 8, "every": args.every, "batch": args.batch, "prompt": args.prompt,
                    "dtype": args.dtype},
         "results": results,
     }

@@ -19,7 +19,10 @@ keys and values projected once (`CrossAttention.context_kv`), through an `Attend
 block's weights. The shared augments are decoded so only when every one of them is a transformers causal
 LM (`decoded_models`); otherwise only the anchor is, and `contexts` (`stage.context_stage`) runs the
 shared augments over the whole sequence at each step. A decoder is built for one batch size and cache
-length, and its shapes do not change from step to step.
+length, and its shapes do not change from step to step. Its `cache_position` holds consecutive positions
+(the prompt's, then one new position a step). `fuse.py` rewrites the graph so that a step runs fewer ops
+(on a GPU, where an eager step is bound by kernel launches, fewer launches): fused RMSNorm, rotary by
+`roll`, cache positions read from `cache_position` rather than rebuilt in every layer.
 """
 from __future__ import annotations
 

@@ -49,8 +49,13 @@ def _replace(old: fx.Node, new: fx.Node) -> None:
 
 
 def drop_noop_casts(graph: fx.Graph) -> int:
+    """Also drops export's `_assert_tensor_metadata` checks (dead code, which `keep_live` drops anyway), so that
+    a cast's only user is what it feeds."""
     count = 0
     for node in list(graph.nodes):
+        if _is(node, aten._assert_tensor_metadata.default) and not node.users:
+            graph.erase_node(node)
+            continue
         dtype, source = _cast_dtype(node), node.args[0] if node.args else None
         if dtype is not None and _val(source) is not None and _val(source).dtype == dtype:
             node.replace_all_uses_with(source)
@@ -120,14 +125,15 @@ def _fold_weight(graph: fx.Graph, root: nn.Module, norm: fx.Node) -> None:
 
 
 def _counters(graph: fx.Graph, position: fx.Node) -> set[fx.Node]:
-    """The buffers a step sets to its first position: `copy_(buffer, select(cache_position, 0, 0))`."""
+    """The buffers a step sets to its first position, `copy_(buffer, select(cache_position, 0, 0))`, and
+    those writes (a graph may read the buffer through the write's result)."""
     found = set()
     for node in graph.nodes:
         if _is(node, aten.copy_.default):
             buffer, src = node.args[:2]
             if isinstance(buffer, fx.Node) and buffer.op == "get_attr" and _is(src, aten.select.int) \
                     and src.args == (position, 0, 0):
-                found.add(buffer)
+                found |= {buffer, node}
     return found
 
 
@@ -186,7 +192,7 @@ def roll_rotary(graph: fx.Graph) -> int:
             signed[sin] = _negate_first_half(graph, sin, half)
         with graph.inserting_before(node):
             rolled = graph.call_function(aten.roll.default, (x, [half], [-1]))
-        rolled.meta["val"] = _val(cat)
+        rolled.meta.update({k: v for k, v in cat.meta.items() if k != "val"}, val=_val(cat))
         node.args = (rolled, signed[sin])
         count += 1
     return count
@@ -198,6 +204,8 @@ def _negate_first_half(graph: fx.Graph, sin: fx.Node, half: int) -> fx.Node:
         second = graph.call_function(aten.slice.Tensor, (sin, -1, half, 2 * half))
         negated = graph.call_function(aten.neg.default, (first,))
         out = graph.call_function(aten.cat.default, ([negated, second], -1))
+    for node in (first, second, negated, out):
+        node.meta.update({k: v for k, v in sin.meta.items() if k != "val"})
     out.meta["val"] = _val(sin)
     return out
 
