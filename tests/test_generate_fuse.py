@@ -171,9 +171,10 @@ def test_rotary_by_roll_is_exact_and_a_near_miss_is_left_alone():
     gm.recompile()
     assert aten.roll.default in [n.target for n in gm.graph.nodes]
     assert torch.equal(gm(*args), Rotate()(*args))
-    flipped = exported(Rotate(flip=True), *args)
-    before = str(flipped.graph)
-    assert F.roll_rotary(flipped.graph) == 0 and str(flipped.graph) == before
+    for module, near in ((Rotate(flip=True), args), (Rotate(), (*args[:2], torch.randn(2, 1, 3, 1)))):
+        gm = exported(module, *near)          # halves the other way round; a sin broadcast along the last dim
+        before = str(gm.graph)
+        assert F.roll_rotary(gm.graph) == 0 and str(gm.graph) == before
 
 
 def test_a_gpt2_decode_graph_has_no_norm_or_rotary_to_rewrite():

@@ -188,6 +188,8 @@ def roll_rotary(graph: fx.Graph) -> int:
         if found is None or not isinstance(sin, fx.Node) or _val(sin) is None or len(cat.users) != 1:
             continue
         x, half = found
+        if _val(sin).ndim == 0 or _val(sin).shape[-1] != 2 * half:
+            continue  # a sin broadcast along the last dim has no first half to negate
         if sin not in signed:
             signed[sin] = _negate_first_half(graph, sin, half)
         with graph.inserting_before(node):
