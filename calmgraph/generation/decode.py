@@ -19,7 +19,10 @@ keys and values projected once (`CrossAttention.context_kv`), through an `Attend
 block's weights. The shared augments are decoded so only when every one of them is a transformers causal
 LM (`decoded_models`); otherwise only the anchor is, and `contexts` (`stage.context_stage`) runs the
 shared augments over the whole sequence at each step. A decoder is built for one batch size and cache
-length, and its shapes do not change from step to step.
+length, and its shapes do not change from step to step. Its `cache_position` holds consecutive positions
+(the prompt's, then one new position a step). `fuse.py` rewrites the graph so that a step runs fewer ops
+(on a GPU, where an eager step is bound by kernel launches, fewer launches): fused RMSNorm, rotary by
+`roll`, cache positions read from `cache_position` rather than rebuilt in every layer.
 """
 from __future__ import annotations
 
@@ -42,7 +45,10 @@ from ..passes.splice import splice
 from ..plan import LINK_KEY, ROOT
 from ..tracing.entry import ENTRY
 from ..tracing.taps import block_inputs, block_outputs
+from .fuse import fuse
 from .stage import Contexts, links_into
+
+FUSE = True  # apply fuse.py's rewrites to each decode graph (benchmarks/decode_ops.py measures both)
 
 
 def cache_kwarg(model: nn.Module) -> str | None:
@@ -239,6 +245,8 @@ def build_decoder(composed, anchor_stage: fx.GraphModule, contexts: Contexts, ba
                     masks={n.meta[LINK_KEY].source: inputs[n.args[2].name] for n in stage_links if len(n.args) > 2})
     splice(merged, [n.meta[LINK_KEY] for n in stage_links], list(models), blocks=root.get_submodule(ROOT))
     attend = _reroute(graph, root, kv, models, batch, max_len)
+    if FUSE:
+        fuse(graph, root, ids, position)
     keep_live(graph)
     graph.lint()
     module = fx.GraphModule(root, graph, class_name="Decoder")

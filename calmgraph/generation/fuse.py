@@ -1,0 +1,239 @@
+"""Rewrites of a decode graph that cut the ops (on a GPU, kernel launches) of each eager decode step.
+
+An eager step at LLM shapes is bound by launches, not arithmetic (benchmarks/README.md, "At LLM shapes"),
+and torch.export leaves each model's code as it was written, op by op. Each rewrite here matches one traced
+pattern and leaves any graph it does not match unchanged:
+
+- `drop_noop_casts`: `x.to(dtype)` where x has that dtype already (an alias, no op).
+- `fuse_rms_norm`: transformers' RMSNorm, `x * rsqrt(mean(x ** 2, -1) + eps)` in float32 and cast back, is
+  `aten.rms_norm` (one `_fused_rms_norm` kernel on CUDA), on the model's own dtype: the fused op computes in
+  float32 and rounds once, as the decomposition does. Its weight is folded in only where no rounding lies
+  between them (a float32 or float64 norm), so the result is the decomposition's up to the order of the sum.
+- `read_positions`: transformers' `StaticCache` keeps a length counter per layer, set from `cache_position`
+  at each step (`CachedEntry.forward`), and the model rebuilds its positions as `arange(n) + counter` for every
+  layer. Those are `cache_position` (consecutive positions, as every caller passes), so the graph reads it,
+  and the counters' writes go with their last reader.
+- `roll_rotary`: rotary's `cat(-x2, x1) * sin` (neg, cat, mul) becomes `roll(x) * sin'`, with sin' = sin with
+  its first half negated made once per model; exact (a sign moves from one factor to the other).
+"""
+from __future__ import annotations
+
+from operator import attrgetter
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+aten = torch.ops.aten
+
+
+def _val(node) -> torch.Tensor | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def _is(node, *targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def _cast_dtype(node) -> torch.dtype | None:
+    """The dtype `to.dtype(x, dtype)` casts to (None for any other node or a cast with other options)."""
+    if not _is(node, aten.to.dtype) or len(node.args) != 2 or node.kwargs:
+        return None
+    return node.args[1]
+
+
+def _replace(old: fx.Node, new: fx.Node) -> None:
+    new.meta.update({k: v for k, v in old.meta.items() if k not in new.meta})
+    old.replace_all_uses_with(new)
+
+
+def drop_noop_casts(graph: fx.Graph) -> int:
+    """Also drops export's `_assert_tensor_metadata` checks (dead code, which `keep_live` drops anyway), so that
+    a cast's only user is what it feeds."""
+    count = 0
+    for node in list(graph.nodes):
+        if _is(node, aten._assert_tensor_metadata.default) and not node.users:
+            graph.erase_node(node)
+            continue
+        dtype, source = _cast_dtype(node), node.args[0] if node.args else None
+        if dtype is not None and _val(source) is not None and _val(source).dtype == dtype:
+            node.replace_all_uses_with(source)
+            graph.erase_node(node)
+            count += 1
+    return count
+
+
+def _rms_chain(node: fx.Node):
+    """For `mul(x, rsqrt(add(mean(pow(x, 2), [-1], True), eps)))`: (x, eps), else None."""
+    if not _is(node, aten.mul.Tensor) or len(node.args) != 2:
+        return None
+    for x, r in (node.args, node.args[::-1]):
+        if not (_is(r, aten.rsqrt.default) and _is(r.args[0], aten.add.Tensor)):
+            continue
+        mean, eps = r.args[0].args
+        if not (_is(mean, aten.mean.dim) and isinstance(eps, float) and _is(mean.args[0], aten.pow.Tensor_Scalar)):
+            continue
+        dims, keep = mean.args[1], (mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False))
+        square = mean.args[0]
+        if square.args[0] is x and square.args[1] == 2 and keep and not mean.kwargs.get("dtype") \
+                and _val(x) is not None and list(dims) in ([-1], [_val(x).ndim - 1]):
+            return x, eps
+    return None
+
+
+def fuse_rms_norm(graph: fx.Graph, root: nn.Module) -> int:
+    count = 0
+    for node in list(graph.nodes):
+        chain = _rms_chain(node)
+        if chain is None:
+            continue
+        x, eps = chain
+        if _val(x).dtype not in (torch.float32, torch.float64):
+            continue  # the decomposition computes in x's dtype: fused, it would compute in float32
+        out, source = node, x
+        narrowed = [u for u in node.users if _cast_dtype(u) is not None]
+        wide = _cast_dtype(x)
+        if len(node.users) == 1 and narrowed and wide is not None and _val(x.args[0]) is not None \
+                and _val(x.args[0]).dtype == narrowed[0].args[1]:
+            out, source = narrowed[0], x.args[0]  # cast up, normalize, cast back: the fused op on the input
+        with graph.inserting_before(out):
+            fused = graph.call_function(aten.rms_norm.default, (source, [_val(x).shape[-1]], None, eps))
+        fused.meta["val"] = _val(out)
+        _replace(out, fused)
+        _fold_weight(graph, root, fused)
+        count += 1
+    return count
+
+
+def _fold_weight(graph: fx.Graph, root: nn.Module, norm: fx.Node) -> None:
+    """rms_norm(x) * weight -> rms_norm(x, weight), when the norm rounds to nothing narrower than it computes in."""
+    if len(norm.users) != 1 or _val(norm) is None or _val(norm).dtype not in (torch.float32, torch.float64):
+        return
+    (user,) = norm.users
+    if not _is(user, aten.mul.Tensor) or len(user.args) != 2:
+        return
+    weight = user.args[0] if user.args[1] is norm else user.args[1]
+    w = attrgetter(weight.target)(root) if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
+    if not (isinstance(w, torch.Tensor) and w.ndim == 1
+            and w.dtype == _val(norm).dtype and w.shape[0] == _val(norm).shape[-1]):
+        return
+    norm.args = (*norm.args[:2], weight, norm.args[3])
+    norm.meta["val"] = _val(user)
+    user.replace_all_uses_with(norm)
+    graph.erase_node(user)
+
+
+def _counters(graph: fx.Graph, position: fx.Node) -> set[fx.Node]:
+    """The buffers a step sets to its first position, `copy_(buffer, select(cache_position, 0, 0))`, and
+    those writes (a graph may read the buffer through the write's result)."""
+    found = set()
+    for node in graph.nodes:
+        if _is(node, aten.copy_.default):
+            buffer, src = node.args[:2]
+            if isinstance(buffer, fx.Node) and buffer.op == "get_attr" and _is(src, aten.select.int) \
+                    and src.args == (position, 0, 0):
+                found |= {buffer, node}
+    return found
+
+
+def read_positions(graph: fx.Graph, ids: fx.Node, position: fx.Node) -> int:
+    """`arange(n) + counter` (n the new tokens, counter set to the first position) -> `cache_position`."""
+    counters = _counters(graph, position)
+    count = 0
+    for node in list(graph.nodes):
+        if not _is(node, aten.add.Tensor) or len(node.args) != 2 or node.kwargs:
+            continue
+        span, counter = node.args
+        if _is(counter, aten.to.dtype_layout) and counter.kwargs.get("dtype") == torch.int64:
+            counter = counter.args[0]
+        new_tokens = _is(span, aten.arange.default) and len(span.args) == 1 \
+            and _is(span.args[0], aten.sym_size.int) and span.args[0].args == (ids, 1) \
+            and span.kwargs.get("dtype") in (None, torch.int64)
+        if new_tokens and counter in counters and _val(counter) is not None and _val(counter).dtype == torch.int64:
+            node.replace_all_uses_with(position)
+            count += 1
+    return count
+
+
+def _rotate_half(cat: fx.Node):
+    """For `cat([neg(slice(x, -1, h, end)), slice(x, -1, 0, h)], -1)`: (x, h), else None."""
+    if not _is(cat, aten.cat.default) or len(cat.args) != 2 or cat.args[1] not in (-1, 3) or cat.kwargs:
+        return None
+    parts = cat.args[0]
+    if len(parts) != 2 or not _is(parts[0], aten.neg.default):
+        return None
+    second, first = parts[0].args[0], parts[1]
+    if not (_is(second, aten.slice.Tensor) and _is(first, aten.slice.Tensor)):
+        return None
+    x, val = first.args[0], _val(first.args[0])
+    if val is None or second.args[0] is not x or val.ndim != 4:
+        return None
+    half = val.shape[-1] // 2
+    if val.shape[-1] % 2 or first.args[1] not in (-1, 3) or first.args[2:] != (0, half) \
+            or second.args[1] not in (-1, 3) or second.args[2] != half or len(second.args) != 4 \
+            or second.args[3] < val.shape[-1] or first.kwargs or second.kwargs:
+        return None
+    return x, half
+
+
+def roll_rotary(graph: fx.Graph) -> int:
+    signed: dict[fx.Node, fx.Node] = {}   # sin (as multiplied) -> sin with its first half negated
+    count = 0
+    for node in list(graph.nodes):
+        if not _is(node, aten.mul.Tensor) or len(node.args) != 2:
+            continue
+        cat, sin = node.args
+        found = _rotate_half(cat)
+        if found is None or not isinstance(sin, fx.Node) or _val(sin) is None or len(cat.users) != 1:
+            continue
+        x, half = found
+        if _val(sin).ndim == 0 or _val(sin).shape[-1] != 2 * half:
+            continue  # a sin broadcast along the last dim has no first half to negate
+        if sin not in signed:
+            signed[sin] = _negate_first_half(graph, sin, half)
+        with graph.inserting_before(node):
+            rolled = graph.call_function(aten.roll.default, (x, [half], [-1]))
+        rolled.meta.update({k: v for k, v in cat.meta.items() if k != "val"}, val=_val(cat))
+        node.args = (rolled, signed[sin])
+        count += 1
+    return count
+
+
+def _negate_first_half(graph: fx.Graph, sin: fx.Node, half: int) -> fx.Node:
+    with graph.inserting_before(sin.next):
+        first = graph.call_function(aten.slice.Tensor, (sin, -1, 0, half))
+        second = graph.call_function(aten.slice.Tensor, (sin, -1, half, 2 * half))
+        negated = graph.call_function(aten.neg.default, (first,))
+        out = graph.call_function(aten.cat.default, ([negated, second], -1))
+    for node in (first, second, negated, out):
+        node.meta.update({k: v for k, v in sin.meta.items() if k != "val"})
+    out.meta["val"] = _val(sin)
+    return out
+
+
+def common_views(graph: fx.Graph) -> None:
+    """One node per distinct view of a node (`unsqueeze(cos, 1)` is made again in every layer), so that what
+    is derived from it once per model stays once per model."""
+    seen: dict[tuple, fx.Node] = {}
+    for node in list(graph.nodes):
+        if _is(node, aten.unsqueeze.default) and not node.kwargs:
+            key = (node.target, node.args)
+            if key in seen:
+                node.replace_all_uses_with(seen[key])
+                graph.erase_node(node)
+            else:
+                seen[key] = node
+
+
+def fuse(graph: fx.Graph, root: nn.Module, ids: fx.Node, position: fx.Node) -> dict[str, int]:
+    """Every rewrite, in order (`root` holds the graph's attributes); how many times each applied. The caller
+    removes what became dead."""
+    counts = {"drop_noop_casts": drop_noop_casts(graph), "fuse_rms_norm": fuse_rms_norm(graph, root),
+              "read_positions": read_positions(graph, ids, position)}
+    common_views(graph)
+    counts["roll_rotary"] = roll_rotary(graph)
+    return counts
+
+
+__all__ = ["fuse", "drop_noop_casts", "fuse_rms_norm", "read_positions", "roll_rotary"]

@@ -1,0 +1,188 @@
+"""The decode graph's rewrites (`generation/fuse.py`): fewer ops a step, the same logits and tokens.
+
+References: the decode graph built without the rewrites (`decode.FUSE = False`), the fused graph over the
+whole sequence (`composed(ids)`), the recomputing path (`cache=False`), and the eager modules the patterns
+come from. On CPU every rewrite is exact: `aten.rms_norm`'s CPU kernel is the decomposition it replaces, and
+`roll` with a sign moved from one factor to the other is bit-exact. (On CUDA, `rms_norm` is one fused kernel
+that sums in another order: there the tolerance is that of a sum's rounding, 1e-5 relative in float32.)
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import calmgraph as cg
+import calmgraph.generation.decode as decode
+from calmgraph.generation import fuse as F
+from calmgraph.generation.generate import contexts_of, decoder_for, stages_of
+from tests import support
+
+warnings.filterwarnings("ignore", category=UserWarning)
+aten = torch.ops.aten
+ANCHORS = ["llama", "qwen2", "mistral", "gpt2"]
+
+
+def compose(anchor: str, mode: str, dtype=torch.float32, fuse: bool = True):
+    torch.manual_seed(0)
+    models = {"anchor": support.DECODERS[anchor]().eval().to(dtype), "aug": support.llama(dim=32).eval().to(dtype)}
+    spec = {"anchor": {"name": "anchor"}, "augments": [{"name": "aug", "input": mode}],
+            "edges": [{"source": "aug", "target": "anchor", "layers": {"every": 2}}]}
+    composed = cg.compile(spec, models=models)
+    support.randomize_new_parameters(composed, seed=0, std=0.3)
+    previous, decode.FUSE = decode.FUSE, fuse
+    try:
+        decoder_for(composed, 2, 12)      # built now, with or without the rewrites
+    finally:
+        decode.FUSE = previous
+    return composed
+
+
+def ids_and_prompts(mode, seed=40, length=11):
+    ids = torch.randint(3, support.VOCAB, (2, length), generator=torch.Generator().manual_seed(seed))
+    return ids, ({"aug_input_ids": ids[:, :6]} if mode == "prompt" else {})
+
+
+def steps(composed, ids, extra):
+    """Logits of a prefill of 4 positions, then of each next position, through the cached decode graph."""
+    decoder, contexts = decoder_for(composed, 2, 12), contexts_of(composed)
+    with torch.inference_mode():
+        ctx = contexts.module(ids[:, :4], *stages_of(composed).augment(**extra))
+        kv = decoder.project(ctx)
+        got = [decoder.module(ids[:, :4], torch.arange(4), *ctx, *kv)]
+        for t in range(4, ids.shape[1]):
+            got.append(decoder.module(ids[:, t:t + 1], torch.tensor([t]), *ctx, *kv))
+    return torch.cat(got, 1)
+
+
+def targets(composed):
+    graph = decoder_for(composed, 2, 12).module.graph
+    return [n.target for n in graph.nodes if n.op == "call_function"]
+
+
+@pytest.mark.parametrize("anchor", ["llama", "qwen2", "mistral"])
+def test_llama_like_steps_lose_the_decomposed_norms_rotary_cats_and_counter_writes(anchor):
+    fused, plain = targets(compose(anchor, "shared")), targets(compose(anchor, "shared", fuse=False))
+    norms = plain.count(aten.rsqrt.default)
+    assert norms > 0 and fused.count(aten.rms_norm.default) == norms
+    for gone in (aten.pow.Tensor_Scalar, aten.rsqrt.default, aten.copy_.default):
+        assert gone not in fused, gone
+    assert plain.count(aten.copy_.default) > 0            # the counters' writes, one per layer
+    assert fused.count(aten.roll.default) == plain.count(aten.neg.default) > 0
+    assert fused.count(aten.neg.default) == 2              # one negated sin per decoded model
+    assert len(fused) < len(plain)
+
+
+@pytest.mark.parametrize("mode", ["shared", "prompt"])
+@pytest.mark.parametrize("anchor", ["mistral", "qwen2"])  # llama, gpt2 and qwen2 in shared mode: test_generate_cached
+def test_fused_steps_give_the_logits_of_full_forwards(anchor, mode):
+    composed = compose(anchor, mode)
+    ids, extra = ids_and_prompts(mode)
+    with torch.inference_mode():
+        full = composed(ids, **extra)
+    torch.testing.assert_close(steps(composed, ids, extra), full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode", ["shared", "prompt"])
+@pytest.mark.parametrize("anchor", ["llama"])
+def test_fused_steps_equal_unfused_steps_exactly_on_cpu(anchor, mode, dtype):
+    ids, extra = ids_and_prompts(mode)
+    fused, plain = compose(anchor, mode, dtype), compose(anchor, mode, dtype, fuse=False)
+    assert len(targets(fused)) < len(targets(plain))
+    assert torch.equal(steps(fused, ids, extra), steps(plain, ids, extra))
+
+
+@pytest.mark.parametrize("mode", ["shared", "prompt"])
+@pytest.mark.parametrize("anchor", ANCHORS)
+def test_fused_greedy_tokens_equal_recomputing(anchor, mode):
+    composed = compose(anchor, mode)
+    ids, extra = ids_and_prompts(mode, seed=41, length=6)
+    cached = composed.generate(ids, 6, cache=True, **extra)
+    assert torch.equal(cached, composed.generate(ids, 6, cache=False, **extra))
+
+
+# -- each pattern alone, on graphs exported from small modules
+
+
+def exported(module, *args):
+    return torch.export.export(module.eval(), args, strict=False).module()
+
+
+class Rms(nn.Module):
+    """transformers' RMSNorm, with the knobs the pattern must check."""
+
+    def __init__(self, dim=8, dims=-1, power=2, upcast=True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(dim))
+        self.dims, self.power, self.upcast = dims, power, upcast
+
+    def forward(self, x):
+        h = x.to(torch.float32) if self.upcast else x
+        h = h * torch.rsqrt(h.pow(self.power).mean(self.dims, keepdim=True) + 1e-6)
+        return self.weight * h.to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rms_norm_is_fused_and_exact(dtype):
+    torch.manual_seed(0)
+    module, x = Rms().to(dtype), torch.randn(2, 3, 8, dtype=dtype)
+    gm = exported(module, x)
+    F.drop_noop_casts(gm.graph)
+    assert F.fuse_rms_norm(gm.graph, gm) == 1
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert aten.rsqrt.default not in ops and aten.rms_norm.default in ops
+    assert torch.equal(gm(x), module(x))
+    # with the weight folded in where nothing rounds between (float32), apart (rounded first) in bfloat16
+    weighted = [n for n in gm.graph.nodes if n.target == aten.rms_norm.default][0].args[2]
+    assert (weighted is not None) == (dtype == torch.float32)
+
+
+@pytest.mark.parametrize("module", [Rms(dims=0), Rms(power=3), Rms(upcast=False)], ids=["not_last_dim", "cube", "no_upcast"])
+def test_rms_norm_near_misses_are_left_alone(module):
+    x = torch.randn(4, 3, 8, dtype=torch.bfloat16 if not module.upcast else torch.float32)
+    gm = exported(module.to(x.dtype), x)
+    before = str(gm.graph)
+    assert F.fuse_rms_norm(gm.graph, gm) == 0
+    assert str(gm.graph) == before
+
+
+class Rotate(nn.Module):
+    def __init__(self, flip=False):
+        super().__init__()
+        self.flip = flip
+
+    def forward(self, x, cos, sin):
+        x1, x2 = x[..., :x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+        rotated = torch.cat((x1, -x2) if self.flip else (-x2, x1), dim=-1)
+        return x * cos + rotated * sin
+
+
+def test_rotary_by_roll_is_exact_and_a_near_miss_is_left_alone():
+    torch.manual_seed(0)
+    args = (torch.randn(2, 4, 3, 8), torch.randn(2, 1, 3, 8), torch.randn(2, 1, 3, 8))
+    gm = exported(Rotate(), *args)
+    assert F.roll_rotary(gm.graph) == 1
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    assert aten.roll.default in [n.target for n in gm.graph.nodes]
+    assert torch.equal(gm(*args), Rotate()(*args))
+    for module, near in ((Rotate(flip=True), args), (Rotate(), (*args[:2], torch.randn(2, 1, 3, 1)))):
+        gm = exported(module, *near)          # halves the other way round; a sin broadcast along the last dim
+        before = str(gm.graph)
+        assert F.roll_rotary(gm.graph) == 0 and str(gm.graph) == before
+
+
+def test_a_gpt2_decode_graph_has_no_norm_or_rotary_to_rewrite():
+    """GPT-2: LayerNorm, learned positions. Its norms and attention stay as traced."""
+    composed = compose("gpt2", "prompt", fuse=False)
+    graph = decoder_for(composed, 2, 12).module.graph
+    root = decoder_for(composed, 2, 12).module
+    before = str(graph)
+    assert F.fuse_rms_norm(graph, root) == 0 and F.roll_rotary(graph) == 0
+    assert str(graph) == before
+    assert aten.layer_norm.default in [n.target for n in graph.nodes]
