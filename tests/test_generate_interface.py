@@ -199,12 +199,25 @@ def test_greedy_and_basic_sampling_work_without_transformers(small, monkeypatch)
     ({"do_sample": True, "top_p": float("nan")}, r"top_p must be in \(0, 1\]"),
     ({"repetition_penalty": float("nan")}, "repetition_penalty must be a finite positive number"),
     ({"do_sample": True, "generator": 123}, r"generator must be a torch.Generator on the ids' device \(cpu\); got 123"),
+    ({"compile_step": "yes"}, "compile_step must be True or False; got 'yes'"),
+    ({"cache": 1}, "cache must be None .*, True or False; got 1"),
+    ({"eos_token_id": VOCAB}, rf"eos_token_id {VOCAB} is outside the vocabulary \[0, {VOCAB}\) .* no row could ever finish"),
+    ({"eos_token_id": [VOCAB, -1]}, rf"eos_token_id \[{VOCAB}, -1\] is outside the vocabulary"),
+    ({"attention_mask": torch.full((2, 4), 0.5)}, r"attention_mask must hold only 0 \(padding\) and 1 \(token\); .* 0.5"),
 ])
 def test_bad_options_are_named(small, kwargs, message):
     composed, _, name = small
     args = {"max_new_tokens": 3, **prompt(name, batch=2), **kwargs}
     with pytest.raises(cg.InputError, match=message):
         composed.generate(tokens((2, 4), 9), **args)
+
+
+def test_a_prompt_mask_that_is_not_0_or_1_is_refused(small):
+    composed, _, name = small
+    prompts = prompt(name, batch=2)
+    prompts[f"{name}_mask"] = prompts[f"{name}_mask"] * 0.5
+    with pytest.raises(cg.InputError, match=rf"{name}_mask must hold only 0 \(padding\) and 1 \(token\)"):
+        composed.generate(tokens((2, 4), 9), 3, **prompts)
 
 
 # -- what the models can read: vocabulary and positions ---------------------------------------------------

@@ -25,7 +25,7 @@ from weakref import WeakKeyDictionary
 import torch
 
 from ..errors import CalmGraphError, InputError
-from ..passes.merge import check_token_ids
+from ..passes.merge import check_token_ids, prompt_mask
 from .decode import Decoder, build_decoder, cache_kwarg, decoded_models
 from .options import DEFAULTS, Options, resolve
 from .sampling import Chooser, filter_logits, next_token  # noqa: F401 - filter_logits, next_token: public helpers
@@ -94,11 +94,23 @@ def _check_mask(attention_mask, input_ids: torch.Tensor) -> torch.Tensor:
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
         got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
         raise InputError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}; got {got}")
-    keep = attention_mask.to(input_ids.device).bool()
+    keep = prompt_mask(input_ids, attention_mask.to(input_ids.device), "attention_mask").bool()  # 0/1 only
     empty = (~keep.any(1)).nonzero().flatten().tolist()
     if empty:
         raise InputError(f"rows {empty} of attention_mask have no real token (all 0); every prompt needs at least one")
     return keep
+
+
+def _check_eos(eos_token_id, vocab: int | None) -> None:
+    """eos ids the models cannot emit would never finish a row: most likely another tokenizer's. (One of
+    several may be outside, as transformers allows: the others still finish rows.)"""
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or ())
+    outside = [i for i in ids if i < 0 or (vocab is not None and i >= vocab)]
+    if ids and len(outside) == len(ids):
+        bound = f"[0, {vocab})" if vocab is not None else "of non-negative ids"
+        said = outside[0] if len(ids) == 1 else ids
+        raise InputError(f"eos_token_id {said} is outside the vocabulary {bound} of the models reading the "
+                         "sequence, so no row could ever finish; pass the eos id of their tokenizer")
 
 
 OPTIONS = (*DEFAULTS, "attention_mask", "generation_config", "stopping_criteria", "streamer", "generator", "cache",
@@ -152,8 +164,10 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
                                         do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                         repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
                                         pad_token_id=pad_token_id))
-    if cache not in (None, True, False):
+    if not (cache is None or isinstance(cache, bool)):
         raise InputError(f"cache must be None (use the anchor's KV cache when it has one), True or False; got {cache!r}")
+    if not isinstance(compile_step, bool):
+        raise InputError(f"compile_step must be True or False; got {compile_step!r}")
     if generator is not None and (not isinstance(generator, torch.Generator)
                                   or generator.device.type != input_ids.device.type):
         got = f"one on {generator.device}" if isinstance(generator, torch.Generator) else repr(generator)
@@ -162,6 +176,7 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     keep = _check_mask(attention_mask, input_ids)
     check_token_ids(input_ids.masked_fill(~keep, 0), "input_ids", shared.vocab)  # padding is never read
     prompts = _prompt_inputs(composed, prompt_inputs, input_ids.shape[0])
+    _check_eos(o.eos_token_id, shared.vocab)
     eos = None if o.eos_token_id is None else torch.tensor(
         [o.eos_token_id] if isinstance(o.eos_token_id, int) else list(o.eos_token_id), device=input_ids.device)
     pad = o.pad_token_id if o.pad_token_id is not None else (int(eos[0]) if eos is not None else 0)
