@@ -72,7 +72,22 @@ def test_llama_like_steps_lose_the_decomposed_norms_rotary_cats_and_counter_writ
     assert plain.count(aten.copy_.default) > 0            # the counters' writes, one per layer
     assert fused.count(aten.roll.default) == plain.count(aten.neg.default) > 0
     assert fused.count(aten.neg.default) == 2              # one negated sin per decoded model
+    attention = [n for n in decoder_for(compose(anchor, "shared"), 2, 12).module.graph.nodes
+                 if n.target == aten.scaled_dot_product_attention.default]
+    assert attention and all(n.kwargs.get("enable_gqa") for n in attention)   # 2 query heads a KV head
+    assert all(a.op == "call_function" and a.target == aten.index_copy_.default for n in attention for a in n.args[1:3])
     assert len(fused) < len(plain)
+
+
+def test_the_compiled_step_keeps_repeat_kv_and_shares_the_eager_steps_caches():
+    decoder = decoder_for(compose("llama", "shared"), 2, 12)
+    compiled = [n for n in decoder.to_compile.graph.nodes if n.target == aten.scaled_dot_product_attention.default]
+    assert compiled and not any(n.kwargs.get("enable_gqa") for n in compiled)
+    caches = {id(b) for b in decoder.module.buffers()}
+    assert caches and caches == {id(b) for b in decoder.to_compile.buffers()}
+    twin = decoder.with_own_caches()
+    own = {id(b) for b in twin.module.buffers()}
+    assert own == {id(b) for b in twin.to_compile.buffers()} and not own & caches
 
 
 @pytest.mark.parametrize("mode", ["shared", "prompt"])
@@ -175,6 +190,37 @@ def test_rotary_by_roll_is_exact_and_a_near_miss_is_left_alone():
         gm = exported(module, *near)          # halves the other way round; a sin broadcast along the last dim
         before = str(gm.graph)
         assert F.roll_rotary(gm.graph) == 0 and str(gm.graph) == before
+
+
+class Grouped(nn.Module):
+    """SDPA over KV heads repeated for grouped queries: transformers' `repeat_kv` (head i reads KV head
+    i // n), or tiled (head i reads KV head i % h: another pairing, which `enable_gqa` would get wrong)."""
+
+    def __init__(self, tiled=False):
+        super().__init__()
+        self.tiled = tiled
+
+    def forward(self, q, k, v, mask):
+        def repeat(x, n=2):
+            b, h, s, d = x.shape
+            if self.tiled:
+                return x[:, None].expand(b, n, h, s, d).reshape(b, n * h, s, d)
+            return x[:, :, None].expand(b, h, n, s, d).reshape(b, h * n, s, d)
+        return torch.nn.functional.scaled_dot_product_attention(q, repeat(k), repeat(v), attn_mask=mask, scale=0.3)
+
+
+def test_grouped_queries_read_the_cache_unrepeated_exactly_and_a_tiling_is_left_alone():
+    torch.manual_seed(0)
+    args = (torch.randn(2, 4, 3, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8), torch.rand(3, 5) > 0.3)
+    gm = exported(Grouped(), *args)
+    assert F.sdpa_gqa(gm.graph) == 1
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    assert aten.expand.default not in [n.target for n in gm.graph.nodes]
+    assert torch.equal(gm(*args), Grouped()(*args))
+    gm = exported(Grouped(tiled=True), *args)
+    before = str(gm.graph)
+    assert F.sdpa_gqa(gm.graph) == 0 and str(gm.graph) == before
 
 
 def test_a_gpt2_decode_graph_has_no_norm_or_rotary_to_rewrite():

@@ -45,7 +45,7 @@ from ..passes.splice import splice
 from ..plan import LINK_KEY, ROOT
 from ..tracing.entry import ENTRY
 from ..tracing.taps import block_inputs, block_outputs
-from .fuse import fuse
+from .fuse import fuse, sdpa_gqa
 from .stage import Contexts, links_into
 
 FUSE = True  # apply fuse.py's rewrites to each decode graph (benchmarks/decode_ops.py measures both)
@@ -158,20 +158,22 @@ class Decoder:
     max_len: int
     precomputed: list[tuple[str, int]]  # per prompt link: its Attend module's path, the index of its context
     models: tuple[str, ...]             # the models it decodes with a cache: the anchor last
+    to_compile: fx.GraphModule | None = None  # the step torch.compile gets (None: `module`); same caches
     _compiled: tuple | None = field(default=None, repr=False)           # (options, compiled module)
 
     def compiled(self, options: dict):
-        """`torch.compile(self.module, **options)`, made once per decoder: its step's shapes are fixed (but
-        for a shared augment recomputed over the growing sequence, which recompiles)."""
+        """`torch.compile(self.to_compile, **options)`, made once per decoder: its step's shapes are fixed
+        (but for a shared augment recomputed over the growing sequence, which recompiles)."""
         if self._compiled is None or self._compiled[0] != options:
-            self._compiled = (dict(options), torch.compile(self.module, **options))
+            self._compiled = (dict(options), torch.compile(self.to_compile or self.module, **options))
         return self._compiled[1]
 
     def with_own_caches(self) -> "Decoder":
-        """The same decode graph with caches of its own (the weights shared): for rows decoded beside
+        """The same decode graphs with caches of their own (the weights shared): for rows decoded beside
         this decoder's, so that nothing is traced twice."""
         memo = {id(p): p for p in self.module.parameters()}
-        return Decoder(copy.deepcopy(self.module, memo), self.batch, self.max_len, self.precomputed, self.models)
+        module, to_compile = copy.deepcopy((self.module, self.to_compile), memo)   # one memo: caches stay shared
+        return Decoder(module, self.batch, self.max_len, self.precomputed, self.models, to_compile)
 
     def project(self, contexts: tuple) -> list[torch.Tensor]:
         """The keys and values of the prompt links, in the order the decoder takes them."""
@@ -249,9 +251,16 @@ def build_decoder(composed, anchor_stage: fx.GraphModule, contexts: Contexts, ba
         fuse(graph, root, ids, position)
     keep_live(graph)
     graph.lint()
-    module = fx.GraphModule(root, graph, class_name="Decoder")
+    module = to_compile = fx.GraphModule(root, graph, class_name="Decoder")
+    if FUSE:  # the eager step reads the KV caches unrepeated (`fuse.sdpa_gqa`); same root, so same caches
+        eager = fx.Graph()
+        eager.output(eager.graph_copy(graph, {}))
+        if sdpa_gqa(eager):
+            keep_live(eager)
+            module = fx.GraphModule(root, eager, class_name="Decoder")
     names = {name: i for i, name in enumerate(contexts.names)}
-    return Decoder(module, batch, max_len, [(attend[n.target], names[n.args[1].name]) for n in fixed], tuple(models))
+    return Decoder(module, batch, max_len, [(attend[n.target], names[n.args[1].name]) for n in fixed], tuple(models),
+                   None if module is to_compile else to_compile)
 
 
 def _writes(node: fx.Node) -> fx.Node | None:

@@ -15,6 +15,10 @@ pattern and leaves any graph it does not match unchanged:
   and the counters' writes go with their last reader.
 - `roll_rotary`: rotary's `cat(-x2, x1) * sin` (neg, cat, mul) becomes `roll(x) * sin'`, with sin' = sin with
   its first half negated made once per model; exact (a sign moves from one factor to the other).
+
+`sdpa_gqa` (grouped queries read the KV cache as it is, through SDPA's `enable_gqa`) is applied to the eager
+step only (`decode.build_decoder`): with a mask, CUDA's SDPA then runs its math kernel (in fp32) rather than
+cuDNN's, which made an eager step 8-9% faster on an H200; under torch.compile it was not measured.
 """
 from __future__ import annotations
 
@@ -212,6 +216,41 @@ def _negate_first_half(graph: fx.Graph, sin: fx.Node, half: int) -> fx.Node:
     return out
 
 
+def _repeated_kv(node) -> tuple[fx.Node, int] | None:
+    """For transformers' `repeat_kv`, `reshape(expand(unsqueeze(x, 2), [b, h, n, s, d]), [b, h * n, s, d])`:
+    (x, n), else None. Query head i then reads KV head i // n, as SDPA's `enable_gqa` pairs them."""
+    if not (_is(node, aten.reshape.default, aten.view.default, aten._unsafe_view.default) and len(node.args) == 2):
+        return None
+    expand = node.args[0]
+    if not (_is(expand, aten.expand.default) and _is(expand.args[0], aten.unsqueeze.default)):
+        return None
+    x, dim = expand.args[0].args
+    val = _val(x)
+    if val is None or val.ndim != 4 or dim != 2 or len(expand.args[1]) != 5 or len(node.args[1]) != 4:
+        return None
+    b, h, n, s, d = expand.args[1]
+    if [b, h, s, d] != list(val.shape) or list(node.args[1]) != [b, h * n, s, d]:
+        return None
+    return x, n
+
+
+def sdpa_gqa(graph: fx.Graph) -> int:
+    """`sdpa(q, repeat_kv(k), repeat_kv(v), ...)` -> `sdpa(q, k, v, ..., enable_gqa=True)`: the KV cache is
+    read as it is, not copied to every query head first (two copies of the whole cache a layer a step)."""
+    count = 0
+    for node in list(graph.nodes):
+        if not _is(node, aten.scaled_dot_product_attention.default) or len(node.args) < 3 \
+                or node.kwargs.get("enable_gqa"):
+            continue
+        k, v = _repeated_kv(node.args[1]), _repeated_kv(node.args[2])
+        if k is None or v is None or k[1] != v[1] or k[1] < 2:
+            continue
+        node.args = (node.args[0], k[0], v[0], *node.args[3:])
+        node.kwargs = {**node.kwargs, "enable_gqa": True}
+        count += 1
+    return count
+
+
 def common_views(graph: fx.Graph) -> None:
     """One node per distinct view of a node (`unsqueeze(cos, 1)` is made again in every layer), so that what
     is derived from it once per model stays once per model."""
@@ -236,4 +275,4 @@ def fuse(graph: fx.Graph, root: nn.Module, ids: fx.Node, position: fx.Node) -> d
     return counts
 
 
-__all__ = ["fuse", "drop_noop_casts", "fuse_rms_norm", "read_positions", "roll_rotary"]
+__all__ = ["fuse", "drop_noop_casts", "fuse_rms_norm", "read_positions", "roll_rotary", "sdpa_gqa"]
