@@ -1,7 +1,9 @@
 """`compile`: spec + models -> one fused torch.fx GraphModule, as a list of passes (`passes/`)."""
 from __future__ import annotations
 
+import gc
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable
 
@@ -35,6 +37,20 @@ PIPELINE = (
 )
 
 
+@contextmanager
+def gc_paused():
+    """Tracing makes some 10^5 objects in reference cycles (fx nodes, fake tensors); the cyclic collector's
+    passes over them took 0.3-0.7 s of a 7B + 1.1B compile (about 5%). They are collected after it, in the
+    next pass of the collector (compiling on the meta device then holds 5 MB more at its peak)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def compile(spec: CompositionSpec | str | Path | dict, models: dict[str, nn.Module] | None = None, *,
             prune: bool = True, trust_code: bool = False, leaf_modules: Iterable[type | str] = ()) -> ComposedModel:
     """Compile a composition. The models are not modified; see the README for what this means for
@@ -47,7 +63,7 @@ def compile(spec: CompositionSpec | str | Path | dict, models: dict[str, nn.Modu
     models = load_models(spec, models, base_dir=base_dir, trust_code=trust_code)  # given, or from `source:`
     state = CompileState(spec, models, prune=prune, leaf_modules=tuple(leaf_modules),
                          source_dir=(base_dir or Path.cwd()).resolve())  # relative sources start here
-    with unchanged(models):                                         # a forward that writes a weight: refused
+    with unchanged(models), gc_paused():                            # a forward that writes a weight: refused
         for p in PIPELINE:
             state = p(state).state
     return ComposedModel.from_state(state, compile_seconds=time.perf_counter() - started)

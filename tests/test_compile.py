@@ -169,6 +169,29 @@ def test_every_follows_the_paper():
         assert [s for s, _ in pairs] == list(range(k - 1, na // k * k, k))
 
 
+@pytest.mark.parametrize("enabled", [True, False])
+def test_compile_pauses_the_cyclic_collector_and_restores_it(enabled, monkeypatch):
+    import gc
+
+    from calmgraph.passes.trace import Trace
+    seen = []
+    call = Trace.call
+    monkeypatch.setattr(Trace, "call", lambda self, state: (seen.append(gc.isenabled()), call(self, state))[1])
+    models = {"anchor": gpt(), "aug": gpt()}
+    spec = {"anchor": {"name": "anchor"}, "augments": [{"name": "aug"}],
+            "edges": [{"source": "aug", "target": "anchor", "layers": [[0, 0]]}]}
+    bad = {**spec, "edges": [{"source": "aug", "target": "anchor", "layers": [[0, 99]]}]}
+    (gc.enable if enabled else gc.disable)()
+    try:
+        cg.compile(spec, models=models)
+        assert seen == [False] and gc.isenabled() == enabled
+        with pytest.raises(cg.LayerRefError):                  # a failing compile restores it too
+            cg.compile(bad, models=models)
+        assert seen == [False, False] and gc.isenabled() == enabled
+    finally:
+        gc.enable()
+
+
 def test_gradients_reach_only_new_parameters(ids):
     torch.manual_seed(0)
     models = {"base": DECODERS["llama"](dim=48).eval(), "kv": gpt(dim=32).eval(),
