@@ -38,3 +38,14 @@ def test_example_spec_compiles_to_its_anchor_at_init(path):
         fused = composed(ids, *prompts)
         anchor = Entry(models[spec.anchor.name])(ids)
     assert torch.allclose(fused, anchor, atol=1e-6, rtol=0), (fused - anchor).abs().max()
+
+
+BENCH_SPECS = sorted((EXAMPLES.parent / "benchmarks" / "specs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", BENCH_SPECS, ids=lambda p: p.name)
+def test_benchmark_specs_validate(path, capsys):
+    """The benchmark's own specs (LLM-sized models: validated on the meta device, not compiled here)."""
+    from calmgraph.cli import main
+    assert main(["validate", str(path), "--trust-code"]) == 0
+    assert "valid (2 models, 1 edge, 3 layer pairs)" in capsys.readouterr().out
