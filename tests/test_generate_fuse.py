@@ -8,6 +8,7 @@ that sums in another order: there the tolerance is that of a sum's rounding, 1e-
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
@@ -25,6 +26,7 @@ aten = torch.ops.aten
 ANCHORS = ["llama", "qwen2", "mistral", "gpt2"]
 
 
+@functools.cache  # tests only read the compositions (a decode step starts its caches afresh at position 0)
 def compose(anchor: str, mode: str, dtype=torch.float32, fuse: bool = True):
     torch.manual_seed(0)
     models = {"anchor": support.DECODERS[anchor]().eval().to(dtype), "aug": support.llama(dim=32).eval().to(dtype)}
