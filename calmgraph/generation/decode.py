@@ -158,14 +158,14 @@ class Decoder:
     max_len: int
     precomputed: list[tuple[str, int]]  # per prompt link: its Attend module's path, the index of its context
     models: tuple[str, ...]             # the models it decodes with a cache: the anchor last
-    to_compile: fx.GraphModule | None = None  # the step torch.compile gets (None: `module`); same caches
+    to_compile: fx.GraphModule          # the step torch.compile gets (`module`, or a variant on its caches)
     _compiled: tuple | None = field(default=None, repr=False)           # (options, compiled module)
 
     def compiled(self, options: dict):
         """`torch.compile(self.to_compile, **options)`, made once per decoder: its step's shapes are fixed
         (but for a shared augment recomputed over the growing sequence, which recompiles)."""
         if self._compiled is None or self._compiled[0] != options:
-            self._compiled = (dict(options), torch.compile(self.to_compile or self.module, **options))
+            self._compiled = (dict(options), torch.compile(self.to_compile, **options))
         return self._compiled[1]
 
     def with_own_caches(self) -> "Decoder":
@@ -260,7 +260,7 @@ def build_decoder(composed, anchor_stage: fx.GraphModule, contexts: Contexts, ba
             module = fx.GraphModule(root, eager, class_name="Decoder")
     names = {name: i for i, name in enumerate(contexts.names)}
     return Decoder(module, batch, max_len, [(attend[n.target], names[n.args[1].name]) for n in fixed], tuple(models),
-                   None if module is to_compile else to_compile)
+                   to_compile)
 
 
 def _writes(node: fx.Node) -> fx.Node | None:

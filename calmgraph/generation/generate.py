@@ -101,10 +101,9 @@ def _check_mask(attention_mask, input_ids: torch.Tensor) -> torch.Tensor:
     return keep
 
 
-def _check_eos(eos_token_id, vocab: int | None) -> None:
+def _check_eos(ids: list[int], vocab: int | None) -> None:
     """eos ids the models cannot emit would never finish a row: most likely another tokenizer's. (One of
     several may be outside, as transformers allows: the others still finish rows.)"""
-    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or ())
     outside = [i for i in ids if i < 0 or (vocab is not None and i >= vocab)]
     if ids and len(outside) == len(ids):
         bound = f"[0, {vocab})" if vocab is not None else "of non-negative ids"
@@ -176,9 +175,9 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     keep = _check_mask(attention_mask, input_ids)
     check_token_ids(input_ids.masked_fill(~keep, 0), "input_ids", shared.vocab)  # padding is never read
     prompts = _prompt_inputs(composed, prompt_inputs, input_ids.shape[0])
-    _check_eos(o.eos_token_id, shared.vocab)
-    eos = None if o.eos_token_id is None else torch.tensor(
-        [o.eos_token_id] if isinstance(o.eos_token_id, int) else list(o.eos_token_id), device=input_ids.device)
+    eos_ids = [o.eos_token_id] if isinstance(o.eos_token_id, int) else list(o.eos_token_id or ())
+    _check_eos(eos_ids, shared.vocab)
+    eos = torch.tensor(eos_ids, device=input_ids.device) if eos_ids else None
     pad = o.pad_token_id if o.pad_token_id is not None else (int(eos[0]) if eos is not None else 0)
     if cache and not can_cache(composed):
         raise InputError(f"cache=True, but the anchor {composed.spec.anchor.name!r} "
