@@ -287,6 +287,14 @@ def test_compiled_decode_step_gives_the_same_tokens(hf_composition, monkeypatch)
     ids, prompts = tokens((2, 7), 44), prompt(name, batch=2)
     plain = composed.generate(ids, 6, temperature=0, cache=True, **prompts)
     assert torch.equal(composed.generate(ids, 6, temperature=0, cache=True, compile_step=True, **prompts), plain)
+    # a dict is torch.compile's keywords, in place of STEP_COMPILE
+    seen = []
+    def backend(gm, example_inputs):
+        seen.append(gm)
+        return gm.forward
+    monkeypatch.setattr(generation, "STEP_COMPILE", {"backend": "not a backend"})
+    assert torch.equal(composed.generate(ids, 6, cache=True, compile_step={"backend": backend}, **prompts), plain)
+    assert len(seen) == 1
 
 
 def test_cache_is_refused_for_an_anchor_transformers_does_not_cache(small):

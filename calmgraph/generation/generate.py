@@ -34,7 +34,12 @@ from .stage import Contexts, Stages, context_stage, split_stages
 _STAGES: WeakKeyDictionary = WeakKeyDictionary()  # composed -> (what it was split from, its stages, ...)
 CACHE_ROUND = 32    # cache lengths are rounded up to a multiple of this, so that similar calls share a decoder
 KEEP_DECODERS = 8   # decoders (each holds its KV caches) kept per composed model
-STEP_COMPILE = {"mode": "reduce-overhead"}  # torch.compile options of a decode step (generate's compile_step)
+# torch.compile's keywords for a decode step (generate's compile_step=True): CUDA graphs (a GPU step is bound
+# by launches), and coordinate-descent tuning, under which inductor runs a one-row matmul as a reduction kernel
+# of its own and tunes it: a batch-1 step 1.15-1.4x faster on an H200 than cuBLAS's (benchmarks/README.md,
+# "At LLM shapes"), for 1-2 minutes of tuning on the first compile (inductor caches it on disk).
+STEP_COMPILE = {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}}
+COMPILE_KEYWORDS = ("backend", "mode", "options", "dynamic", "fullgraph")
 
 
 def _entry(composed) -> dict:
@@ -101,6 +106,22 @@ def _check_mask(attention_mask, input_ids: torch.Tensor) -> torch.Tensor:
     return keep
 
 
+def _step_options(compile_step) -> dict | None:
+    """torch.compile's keywords for the decode step (None: run it eager)."""
+    if isinstance(compile_step, bool):
+        return dict(STEP_COMPILE) if compile_step else None
+    if not isinstance(compile_step, dict):
+        raise InputError("compile_step must be True, False or a dict of torch.compile keywords "
+                         f"({', '.join(COMPILE_KEYWORDS)}); got {compile_step!r}")
+    unknown = sorted(set(map(str, compile_step)) - set(COMPILE_KEYWORDS))
+    if unknown:
+        raise InputError(f"compile_step: torch.compile takes no {unknown}; it takes {', '.join(COMPILE_KEYWORDS)}")
+    if "mode" in compile_step and "options" in compile_step:
+        raise InputError("compile_step: give torch.compile a mode or options, not both (options "
+                         "{'triton.cudagraphs': True} is what mode='reduce-overhead' sets)")
+    return dict(compile_step)
+
+
 def _check_eos(ids: list[int], vocab: int | None) -> None:
     """eos ids the models cannot emit would never finish a row: most likely another tokenizer's. (One of
     several may be outside, as transformers allows: the others still finish rows.)"""
@@ -135,7 +156,7 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
              top_k: int | None = None, top_p: float | None = None,
              eos_token_id: int | Sequence[int] | None = None, attention_mask: torch.Tensor | None = None,
              pad_token_id: int | None = None, generator: torch.Generator | None = None,
-             cache: bool | None = None, compile_step: bool = False, *, do_sample: bool | None = None,
+             cache: bool | None = None, compile_step: bool | dict = False, *, do_sample: bool | None = None,
              min_new_tokens: int | None = None, repetition_penalty: float | None = None,
              generation_config=None, stopping_criteria=None, streamer=None, **prompt_inputs) -> torch.Tensor:
     """input_ids (B, T) -> (B, T + n): the prompts followed by n <= max_new_tokens new tokens.
@@ -153,9 +174,10 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     `eos_token_id` is finished: its later tokens are `pad_token_id` (default: the first eos id);
     generation stops early once every row is finished. `cache`: None uses the KV caches when the anchor has
     one (a transformers causal LM), True requires it, False recomputes the sequence at every step.
-    `compile_step`: run the cached decode step through `torch.compile` (`STEP_COMPILE`: CUDA graphs on a
-    GPU, where small models are bound by kernel launches). Its caches are sized to a bucket of
-    `CACHE_ROUND` positions, so it compiles once per batch size and bucket (the first such call).
+    `compile_step`: run the cached decode step through `torch.compile`: True with `STEP_COMPILE` (CUDA
+    graphs and coordinate-descent tuning), a dict with those keywords instead (e.g. `{"mode":
+    "reduce-overhead"}` compiles in a third of the time and decodes slower at batch 1). Its caches are sized to
+    a bucket of `CACHE_ROUND` positions, so it compiles once per batch size and bucket (the first such call).
     """
     shared = composed.signature["input_ids"]  # the smallest vocabulary and fewest positions reading the sequence
     check_token_ids(input_ids, "input_ids")
@@ -165,8 +187,7 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
                                         pad_token_id=pad_token_id))
     if not (cache is None or isinstance(cache, bool)):
         raise InputError(f"cache must be None (use the anchor's KV cache when it has one), True or False; got {cache!r}")
-    if not isinstance(compile_step, bool):
-        raise InputError(f"compile_step must be True or False; got {compile_step!r}")
+    step_options = _step_options(compile_step)
     if generator is not None and (not isinstance(generator, torch.Generator)
                                   or generator.device.type != input_ids.device.type):
         got = f"one on {generator.device}" if isinstance(generator, torch.Generator) else repr(generator)
@@ -183,7 +204,7 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
         raise InputError(f"cache=True, but the anchor {composed.spec.anchor.name!r} "
                          f"({type(composed.anchor_model).__name__}) is not a transformers causal LM, which is what "
                          "the KV cache is traced from; leave cache unset to recompute instead")
-    if compile_step and (cache is False or not can_cache(composed)):
+    if step_options is not None and (cache is False or not can_cache(composed)):
         raise InputError("compile_step compiles the KV-cache decode step, which this call does not use (cache=False, "
                          "or an anchor transformers does not cache); leave compile_step off")
     choose = Chooser(o, input_ids, attention_mask, eos, generator)
@@ -202,7 +223,7 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     steps = None
     if cache is not False and can_cache(composed) and o.max_new_tokens > 0:
         try:
-            steps = CachedSteps(composed, packed, lengths, states, o.max_new_tokens, compile_step)
+            steps = CachedSteps(composed, packed, lengths, states, o.max_new_tokens, step_options)
         except CalmGraphError as e:  # TraceError included: the cache could not be traced
             if cache:
                 raise
@@ -302,7 +323,7 @@ class CachedSteps:
     """The decode graphs read each prompt once and each new token once, a decoder per prompt length, all
     lengths in step (so a step's logits, hence its samples, processors and streamer, cover every row)."""
 
-    def __init__(self, composed, packed, lengths, states, max_new_tokens, compile_step=False):
+    def __init__(self, composed, packed, lengths, states, max_new_tokens, step_options: dict | None = None):
         B = packed.shape[0]
         self.contexts = contexts_of(composed)
         self.groups, slots = [], {}
@@ -320,7 +341,7 @@ class CachedSteps:
             self.groups.append({"rows": rows, "length": length, "decoder": decoder, "states": group, "seq": seq,
                                 "positions": positions,
                                 "ctx": ctx, "kv": decoder.project(ctx),            # prompt links: once
-                                "step": decoder.compiled(STEP_COMPILE) if compile_step else decoder.module})
+                                "step": decoder.module if step_options is None else decoder.compiled(step_options)})
         self.batch = B
 
     def _gather(self, parts):
