@@ -21,7 +21,7 @@ LAYERS = [
     {"passes"},
     {"composed"},
     {"compiler", "checkpoint", "export", "inspect", "report", "generation", "train", "parallel", "validate", "load"},
-    {"bench", "demo", "cli", "__init__"},
+    {"bench", "demo", "cli", "__init__", "__main__"},
 ]
 # The convenience methods of ComposedModel (loss, generate, export, save_new, summary) import these
 # lazily, inside the method; none of them imports composed back.

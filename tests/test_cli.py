@@ -37,6 +37,13 @@ def test_every_command_has_help(command):
         assert all(c in run.stdout for c in ("validate", "inspect", "compile", "demo"))
 
 
+def test_python_dash_m_calmgraph_is_the_command():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-m", "calmgraph", "validate", "--help"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout == calmgraph("validate", "--help").stdout
+
+
 def test_usage_errors_exit_2():
     run = calmgraph("compile", "spec.yaml")  # --out is required
     assert run.returncode == 2 and "the following arguments are required: --out" in run.stderr
