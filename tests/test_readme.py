@@ -96,7 +96,7 @@ def run_with_stand_ins(tmp_path, line: str, torch_present: bool, torch_installs:
 def test_the_install_lines_keep_an_installed_torch_and_pin_a_new_one(tmp_path):
     for what, line in install_lines().items():
         rest = ["pip install -e .", "calmgraph demo"] if what == "demo" else [
-            'pip install -e .[test]', "python -m pytest -q"]
+            'pip install -e .[test]', "python -m pytest -q -n 2 --dist loadfile"]
         assert run_with_stand_ins(tmp_path, line, torch_present=True) == rest
         assert run_with_stand_ins(tmp_path, line, torch_present=False) == ["pip install torch==2.13.0", *rest]
         assert run_with_stand_ins(tmp_path, line, torch_present=False, torch_installs=False) == [
@@ -104,7 +104,7 @@ def test_the_install_lines_keep_an_installed_torch_and_pin_a_new_one(tmp_path):
 
 
 def test_ci_runs_the_readme_test_command():
-    assert install_lines()["tests"].endswith("python -m pytest -q")
+    assert install_lines()["tests"].endswith("python -m pytest -q -n 2 --dist loadfile")
     assert "grep -A1 '^# run the tests$' README.md" in (ROOT / ".ci" / "run").read_text()
 
 
