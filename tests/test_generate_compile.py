@@ -12,7 +12,7 @@ from torch._dynamo.testing import CompileCounter
 
 import calmgraph as cg
 import calmgraph.generation.generate as generation
-from calmgraph.generation.generate import CACHE_ROUND, decoder_for
+from calmgraph.generation.generate import CACHE_ROUND, cache_length, decoder_for
 from tests.test_generate import hf, prompt, tokens
 
 warnings.filterwarnings("ignore", category=UserWarning)
@@ -37,7 +37,7 @@ def counter(monkeypatch):
 def test_the_step_compiles_once_across_steps_and_calls(composed, counter):
     prompts = prompt("bert", batch=2)
     first, second = tokens((2, 5), 1), tokens((2, 9), 2)
-    assert -(-(5 + 12) // CACHE_ROUND) == -(-(9 + 14) // CACHE_ROUND)    # one bucket for both calls
+    assert cache_length(5 + 12) == cache_length(9 + 14)                  # one bucket for both calls
     out = composed.generate(first, 12, compile_step=True, **prompts)
     compiled = counter.frame_count
     assert compiled == 1 and out.shape == (2, 17)                        # one graph, and it ran 11 steps
@@ -46,6 +46,17 @@ def test_the_step_compiles_once_across_steps_and_calls(composed, counter):
     assert counter.frame_count == compiled                               # 13 more steps, another length: none
     assert torch.equal(out, composed.generate(first, 12, **prompts))     # and the same tokens as eager
     assert torch.equal(again, composed.generate(second, 14, **prompts))
+
+
+def test_cache_lengths_double_and_hold_each_call():
+    for positions in (None, 48, 1000):
+        for length in range(1, 600 if positions is None else positions + 1):
+            bucket = cache_length(length, positions)
+            assert bucket >= length and (positions is None or bucket <= max(positions, CACHE_ROUND))
+            if positions is None or bucket < positions:   # a power of two times 32, under twice the need
+                assert bucket % CACHE_ROUND == 0 and (bucket // CACHE_ROUND).bit_count() == 1
+                assert bucket == CACHE_ROUND or bucket < 2 * length
+    assert [cache_length(n) for n in (1, 32, 33, 64, 65, 129)] == [32, 32, 64, 64, 128, 256]
 
 
 def test_a_new_bucket_compiles_its_own_step(composed, counter):

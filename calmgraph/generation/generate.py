@@ -32,7 +32,7 @@ from .sampling import Chooser, filter_logits, next_token  # noqa: F401 - filter_
 from .stage import Contexts, Stages, context_stage, split_stages
 
 _STAGES: WeakKeyDictionary = WeakKeyDictionary()  # composed -> (what it was split from, its stages, ...)
-CACHE_ROUND = 32    # cache lengths are rounded up to a multiple of this, so that similar calls share a decoder
+CACHE_ROUND = 32    # the shortest KV cache; longer ones double (`cache_length`)
 KEEP_DECODERS = 8   # decoders (each holds its KV caches) kept per composed model
 # torch.compile's keywords for a decode step (generate's compile_step=True): CUDA graphs (a GPU step is bound
 # by launches), and coordinate-descent tuning, under which inductor runs a one-row matmul as a reduction kernel
@@ -67,12 +67,20 @@ def contexts_of(composed) -> Contexts:
     return entry["contexts"]
 
 
+def cache_length(length: int, positions: int | None = None) -> int:
+    """The KV cache a call needing `length` positions decodes in: the first of 32, 64, 128... that holds it,
+    so that a decoder (a trace, and a compile) serves every length up to its own and a cache is at most
+    twice what a call needs; no longer than the models' `positions` where that is enough."""
+    bucket = CACHE_ROUND << ((max(length, 1) - 1) // CACHE_ROUND).bit_length()
+    return bucket if positions is None or bucket <= positions else max(length, positions)
+
+
 def decoder_for(composed, batch: int, length: int, slot: int = 0) -> Decoder:
     """The KV-cache decode graph for `batch` rows and at least `length` positions (built once per batch
     size, cache length, device and dtype; the last few are kept). Groups of rows decoded side by side with
     the same batch size and cache length take slots 1, 2...: copies with caches of their own."""
     weight = next(composed.parameters())
-    max_len = -(-length // CACHE_ROUND) * CACHE_ROUND
+    max_len = cache_length(length, composed.signature["input_ids"].positions)
     key = (batch, max_len, weight.device, weight.dtype)
     entry = _entry(composed)
     decoders = entry["decoders"]
@@ -177,7 +185,7 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     `compile_step`: run the cached decode step through `torch.compile`: True with `STEP_COMPILE` (CUDA
     graphs and coordinate-descent tuning), a dict with those keywords instead (e.g. `{"mode":
     "reduce-overhead"}` compiles in a third of the time and decodes slower at batch 1). Its caches are sized to
-    a bucket of `CACHE_ROUND` positions, so it compiles once per batch size and bucket (the first such call).
+    a bucket (`cache_length`: 32, 64, 128... positions), so it compiles once per batch size and bucket.
     """
     shared = composed.signature["input_ids"]  # the smallest vocabulary and fewest positions reading the sequence
     check_token_ids(input_ids, "input_ids")
@@ -330,7 +338,7 @@ class CachedSteps:
         for length in lengths.unique().tolist():
             rows = (lengths == length).nonzero().flatten()
             group = tuple(s[rows] if isinstance(s, torch.Tensor) and s.ndim and s.shape[0] == B else s for s in states)
-            size = (len(rows), -(-(length + max_new_tokens) // CACHE_ROUND))
+            size = (len(rows), cache_length(length + max_new_tokens, composed.signature["input_ids"].positions))
             slots[size] = slots.get(size, -1) + 1                            # side by side: caches of its own
             decoder = decoder_for(composed, len(rows), length + max_new_tokens, slots[size])
             seq = packed[rows, :length]
