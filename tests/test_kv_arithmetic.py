@@ -2,6 +2,7 @@
 smoke runs of the pipeline."""
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -150,6 +151,34 @@ def test_broad_anchor_mix_binds_names_that_are_no_keys_and_answers_right():
     assert 0 in starts and len(starts) > 10  # expressions at varied positions, the test's included
     with pytest.raises(ValueError, match="unknown anchor_mix 'wide'"):
         KVWorld(replace(w.cfg, anchor_mix="wide"))
+
+
+def test_bound_accuracy_scores_names_bound_in_the_prompt():
+    from examples.kv_arithmetic.evaluate import bound_accuracy
+    w = KVWorld(protocol_config("direct", ops="+-", n_keys=60, n_eval=100, seed=3, anchor_mix="broad",
+                                anchor_operands=(2, 4)))
+
+    def reader(offset=0):  # reads each name's number from the prompt and computes in Python
+        def model(ids):
+            logits = torch.full((*ids.shape, VOCAB_SIZE), -1e9)
+            for b, row in enumerate(ids.tolist()):
+                text = decode(row)
+                *bindings, question = text[:text.index("=") + 1].split(";")
+                table = dict(x.split(":") for x in bindings)
+                numbers = re.sub("[a-z]+", lambda m: str(int(table[m.group()])), question[:-1])
+                answer = str(eval(numbers) + offset) + "\0"
+                nxt = answer[len(text) - text.index("=") - 1]
+                logits[b, -1, EOS_ID if nxt == "\0" else encode(nxt)[0]] = 0.0
+            return logits
+        return model
+
+    assert bound_accuracy(reader(), w, "cpu", n=200) == 100.0
+    assert bound_accuracy(reader(offset=1), w, "cpu", n=200) == 0.0
+    from examples.kv_arithmetic.train_base import task_mix
+    ds = KVDataset(w, task_mix(w.cfg, "m_B"), "train", size=800)
+    trained = {decode(ds[i]["input_ids"].tolist()).split("=")[0] for i in range(len(ds))}
+    scored = {w.bound(random.Random(f"kv-bound-eval/{w.cfg.seed}/{i}"), "bound_arithmetic")[0][:-1] for i in range(200)}
+    assert not scored & trained                                   # drawn apart from m_B's training items
 
 
 def test_validation_keys_are_the_compositions_and_never_its_training_data():
@@ -307,4 +336,6 @@ def test_run_all_input_side_chooses_on_validation_keys_smoke(tmp_path):
     best = max(tables, key=lambda t: (t["validation"]["kv_arithmetic"], t["validation"]["kv_substitution"]))
     assert [t["selected"] for t in tables].count(True) == 1 and best["selected"]
     assert report["calm"] == best["calm"] and report["protocol"] == "paper"
+    assert all(0 <= report["details"][n]["bound_arithmetic"] <= 100 for n in ("m_B", "input_mid_short", "input_deep"))
+    assert "bound_arithmetic" not in report["details"]["m_A"]
     assert any("validate" in d for d in best["departures"]) and report["versions"]["torch"] == torch.__version__

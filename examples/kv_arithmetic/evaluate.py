@@ -6,6 +6,7 @@ protocol; `part="full"` scores the whole answer instead (the scratchpad too).
 """
 from __future__ import annotations
 
+import random
 from collections import defaultdict
 from typing import Callable
 
@@ -60,6 +61,15 @@ def chain_answers(m_A, m_B, world: KVWorld, device) -> list[tuple[str, str, str]
     longest = world.max_len - world.max_answer_len - 1  # m_B's prompt and answer must fit its positions
     got = greedy_complete(m_B, [c.removesuffix(SEP)[:longest] + "=" for c in copies], world.max_answer_len, device)
     return [(p, ref, a) for (p, ref), a in zip(pairs, got)]
+
+
+def bound_accuracy(model, world: KVWorld, device, n: int = 1000) -> float:
+    """% of `n` `bound_arithmetic` items (`qz:127;wp:30;qz+15-wp=`, names that are no keys; data.KVWorld.bound)
+    answered right by the final result: whether m_B has the route from a name to the number bound to it that
+    a composition is meant to feed for a key. Drawn from seeds of their own (training's are `kv-bound/...`)."""
+    pairs = [world.bound(random.Random(f"kv-bound-eval/{world.cfg.seed}/{i}"), "bound_arithmetic") for i in range(n)]
+    got = greedy_complete(model, [p for p, _ in pairs], world.max_answer_len, device)
+    return 100.0 * sum(hit(ref, a) for (_, ref), a in zip(pairs, got)) / n
 
 
 def result_given_scratchpad(model, world: KVWorld, task: str, device) -> float:

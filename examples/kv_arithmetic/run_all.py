@@ -35,8 +35,8 @@ from safetensors.torch import save_model
 from examples.handwritten_gpt.gpt import GPTConfig
 from examples.kv_arithmetic.compose import compose, compose_tasks, layer_choice, save_composition, train_composition
 from examples.kv_arithmetic.data import ANCHOR_MIXES, PROTOCOLS, SEP, KVConfig, KVWorld, protocol_config
-from examples.kv_arithmetic.evaluate import (EVAL_TASKS, answers, chain_answers, compose_key_accuracy, format_table,
-                                             hit, result_given_scratchpad, val_accuracy)
+from examples.kv_arithmetic.evaluate import (EVAL_TASKS, answers, bound_accuracy, chain_answers, compose_key_accuracy,
+                                             format_table, hit, result_given_scratchpad, val_accuracy)
 from examples.kv_arithmetic.train_base import MODELS, load_base, smoke_config, train_base, write_config
 
 # Composition variants: training data (compose.COMPOSE_DATA), layer pairs (compose.LAYERS or "S:T,..."),
@@ -304,13 +304,16 @@ def _score_chain(m_A, m_B, world, device) -> tuple[dict, dict, dict]:
 
 
 def _score(name, model, world, device, run) -> tuple[dict[str, float], dict[str, float], dict]:
-    """Exact match per data set (final result; whole answer), and what to read the numbers by: a few
+    """Exact match per data set (final result; whole answer), and what to read the numbers by: with m_B's
+    broad mix, m_B's (or the composition's) score on expressions of names bound in the prompt; a few
     answers; on the key tasks the accuracy by how many of an expression's keys lie outside the composition's
     20% (0 to 3); on scratchpad answers how often the scratchpad is right, the result given that, and the
     result when the right scratchpad is given (teacher-forced)."""
     t0 = time.perf_counter()
     model.eval()
     row, full, detail, compose_keys = {}, {}, {}, set(world.compose_keys)
+    if world.cfg.anchor_mix == "broad" and name != "m_A":  # m_B's route from a name to a number, kept or not
+        detail["bound_arithmetic"] = round(bound_accuracy(model, world, device), 1)
     for task in EVAL_TASKS:
         scored = answers(model, world, task, device)
         hits = [hit(ref, a) for _, ref, a in scored]
