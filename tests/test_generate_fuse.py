@@ -19,6 +19,7 @@ import calmgraph as cg
 import calmgraph.generation.decode as decode
 from calmgraph.generation import fuse as F
 from calmgraph.generation.generate import contexts_of, decoder_for, stages_of
+from calmgraph.tracing import shared
 from tests import support
 
 warnings.filterwarnings("ignore", category=UserWarning)
@@ -27,18 +28,18 @@ ANCHORS = ["llama", "qwen2", "mistral", "gpt2"]
 
 
 @functools.cache  # tests only read the compositions (a decode step starts its caches afresh at position 0)
-def compose(anchor: str, mode: str, dtype=torch.float32, fuse: bool = True):
+def compose(anchor: str, mode: str, dtype=torch.float32, fuse: bool = True, share: bool = True):
     torch.manual_seed(0)
     models = {"anchor": support.DECODERS[anchor]().eval().to(dtype), "aug": support.llama(dim=32).eval().to(dtype)}
     spec = {"anchor": {"name": "anchor"}, "augments": [{"name": "aug", "input": mode}],
             "edges": [{"source": "aug", "target": "anchor", "layers": {"every": 2}}]}
     composed = cg.compile(spec, models=models)
     support.randomize_new_parameters(composed, seed=0, std=0.3)
-    previous, decode.FUSE = decode.FUSE, fuse
+    previous, decode.FUSE, sharing, shared.ENABLED = decode.FUSE, fuse, shared.ENABLED, share
     try:
-        decoder_for(composed, 2, 12)      # built now, with or without the rewrites
+        decoder_for(composed, 2, 12)      # built now, with or without the rewrites (and the shared trace)
     finally:
-        decode.FUSE = previous
+        decode.FUSE, shared.ENABLED = previous, sharing
     return composed
 
 
@@ -234,3 +235,35 @@ def test_a_gpt2_decode_graph_has_no_norm_or_rotary_to_rewrite():
     assert F.fuse_rms_norm(graph, root) == 0 and F.roll_rotary(graph) == 0
     assert str(graph) == before
     assert aten.layer_norm.default in [n.target for n in graph.nodes]
+
+
+@pytest.mark.parametrize("mode", ["shared", "prompt"])
+@pytest.mark.parametrize("anchor", ANCHORS)
+def test_decode_graphs_of_identical_blocks_share_one_trace(anchor, mode, monkeypatch):
+    """Each decoded model is traced with two blocks and the second copied for the rest, each copy reading
+    and writing its own cache layer (keys, values, length): the same ops as the full trace, and the same
+    logits bit for bit at every step."""
+    taken = []
+    def spy(*args):
+        gm = shared.trace_shared(*args)
+        taken.append(gm is not None)
+        return gm
+    monkeypatch.setattr(decode, "trace_shared", spy)
+    composed = compose(anchor, mode)
+    taken.clear()                                              # (compose may have built its decoder here)
+    decode._traced(composed, "anchor", 2, 32)
+    assert taken == [True]                                     # the anchor's 4 blocks: 2 traced, 2 copied
+
+    full = compose(anchor, mode, share=False)
+    ids, extra = ids_and_prompts(mode)
+    assert torch.equal(steps(composed, ids, extra), steps(full, ids, extra))
+    assert targets(composed) == targets(full)
+    module = decoder_for(composed, 2, 12).module
+    written = [_attr(module, n.args[0].target).data_ptr() for n in module.graph.nodes
+               if n.target == aten.index_copy_.default]
+    assert len(written) == len(set(written)) >= 2 * 4                # every layer writes its own keys and values
+
+
+def _attr(module, target):
+    owner, _, name = target.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, name)

@@ -3,8 +3,9 @@ spliced in, for generation.
 
 The fused graph recomputes the whole sequence at every step. For transformers causal LMs, generation
 instead runs a second graph, in which each decoded model is traced again with torch.export around a
-`StaticCache` (its cache tensors are buffers the graph updates in place): the prompt is read once
-(prefill), then each step reads one new token through every model. Block outputs are found as in the
+`StaticCache` (its cache tensors are buffers the graph updates in place; identical blocks share one
+trace, `tracing/shared.py`): the prompt is read once (prefill), then each step reads one new token through
+every model. Block outputs are found as in the
 fused graph, and the links are spliced at them with the composed model's own cross-attention modules
 (shared, not copied):
 
@@ -44,6 +45,7 @@ from ..passes.merge import inline
 from ..passes.splice import splice
 from ..plan import LINK_KEY, ROOT
 from ..tracing.entry import ENTRY
+from ..tracing.shared import trace_shared
 from ..tracing.taps import block_inputs, block_outputs
 from .fuse import fuse, sdpa_gqa
 from .stage import Contexts, links_into
@@ -206,7 +208,11 @@ def _traced(composed, name: str, batch: int, max_len: int) -> tuple[fx.GraphModu
     model = alias_on(source, composed, name)
     blocks = find_blocks(model, model_spec.blocks)
     try:
-        gm = trace_cached(CachedEntry(model, batch, max_len))
+        entry = CachedEntry(model, batch, max_len)
+        state = [{"keys": layer.keys, "values": layer.values, "length": layer.cumulative_length}
+                 for layer in entry.cache.layers]
+        # identical blocks share one trace, as in the fused graph: each copy reads its own cache layer
+        gm = trace_shared(entry, blocks, lambda: trace_cached(entry), state) or trace_cached(entry)
     except Exception as e:  # noqa: BLE001 - the model's own reason, in one line
         raise TraceError(f"could not trace {name!r} with a static KV cache: {type(e).__name__}: "
                          f"{(str(e).strip().splitlines() or [''])[0][:300]}; generate(..., cache=False) "

@@ -15,6 +15,12 @@ the shortcut is taken only when that is shown, and the full trace runs otherwise
   embeddings, and the same shared values (masks, rotary tables); and nothing outside the blocks sits
   between them or reads the first block.
 
+The decode graph of generation (`generation/decode.py`) is traced the same way around a KV cache: there
+each block also reads and writes state of its own that is no weight of it (its cache layer's keys, values
+and length, which torch.export lifts as constants on the same memory). The caller names that state per
+block; block 1 must read layer 1's where block 0 reads layer 0's, and each copy reads its own layer's (the
+node computed outside the blocks from it, as a counter written before them, or the tensor itself).
+
 So a block whose forward branches on its index (GPT-2's `scale_attn_by_inverse_layer_idx`) is caught when
 blocks 0 and 1 differ; so is a forward that treats its first layer apart, or its last by the list's length
 (in the cut list block 1 is the last). Not seen: a branch on the index, in a block or in the model's loop
@@ -51,9 +57,14 @@ class NotShared(Exception):
     """Why the blocks cannot share one trace (the full trace runs instead)."""
 
 
-def trace_shared(entry: Entry, blocks: list[Block], trace: Callable[[], fx.GraphModule]) -> fx.GraphModule | None:
+def trace_shared(entry: Entry, blocks: list[Block], trace: Callable[[], fx.GraphModule],
+                 layer_state: list[dict[str, torch.Tensor]] | None = None) -> fx.GraphModule | None:
     """`trace()`'s graph module, traced with the block list cut to its first blocks and the rest copied in;
-    None when the blocks cannot share a trace (then the caller traces in full)."""
+    None when the blocks cannot share a trace (then the caller traces in full).
+
+    `layer_state`: per block, tensors it reads and writes that are not its own weights (a KV cache's keys
+    and values, by kind). torch.export lifts them as constants sharing their storage; each copy reads its
+    own block's."""
     if not ENABLED:
         return None
     try:
@@ -65,7 +76,7 @@ def trace_shared(entry: Entry, blocks: list[Block], trace: Callable[[], fx.Graph
             gm = trace()
         finally:
             holder._modules = kept
-        _replicate(gm, entry, blocks)
+        _replicate(gm, entry, blocks, layer_state or [])
         return gm
     except Exception as e:  # noqa: BLE001 - the full trace is always right; its own error is the one to give
         # e.g. a forward that counts its layers from the config fails on the cut list
@@ -156,8 +167,44 @@ def _weight_of(node: fx.Node, prefix: str) -> str | None:
     return None
 
 
-def _replicate(gm: fx.GraphModule, entry: Entry, blocks: list[Block]) -> None:
+def _state_of(gm: fx.GraphModule, layer_state: list[dict[str, torch.Tensor]]):
+    """get_attr node -> (kind, block index) for the nodes that read `layer_state`'s tensors (by storage:
+    export's lifted constants are other tensor objects on the same memory), else None."""
+    owner = {t.data_ptr(): (kind, i) for i, state in enumerate(layer_state) for kind, t in state.items()}
+    if len(owner) != sum(map(len, layer_state)) or 0 in owner:   # meta tensors, or shared memory: unknowable
+        raise NotShared("the blocks' state cannot be told apart by its memory")
+
+    def state_of(node) -> tuple[str, int] | None:
+        if not owner or not isinstance(node, fx.Node):
+            return None
+        if node.op == "get_attr":
+            value = _attr(gm, node.target)
+            return owner.get(value.data_ptr()) if isinstance(value, torch.Tensor) else None
+        if node.op == "call_function" and node.target in _ALIASING and node.args:   # the state itself, written
+            source = node.args[0]                                                      # or cast to its own dtype
+            val, src = node.meta.get("val"), getattr(source, "meta", {}).get("val")
+            if node.target is torch.ops.aten.copy_.default or (
+                    isinstance(val, torch.Tensor) and isinstance(src, torch.Tensor) and val.dtype == src.dtype):
+                return state_of(source)
+        return None
+    return state_of
+
+
+_ALIASING = {torch.ops.aten.copy_.default, torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout,
+             torch.ops.aten.to.device}
+
+
+def _state_key(node: fx.Node, state: tuple[str, int]) -> tuple:
+    """What a node computed from a block's state is, whatever block: its op and options (a write's source
+    is the block's own)."""
+    if node.op != "call_function" or node.target is torch.ops.aten.copy_.default:
+        return state, node.op, node.target
+    return state, node.op, node.target, repr(node.args[1:]), repr(sorted(node.kwargs.items()))
+
+
+def _replicate(gm: fx.GraphModule, entry: Entry, blocks: list[Block], layer_state: list[dict]) -> None:
     graph = gm.graph
+    state_of = _state_of(gm, layer_state)
     prefixes = [f"{ENTRY}.{b.name}" for b in blocks[:TRACED_BLOCKS]]
     owners = _owners(graph, prefixes)
     nodes = list(graph.nodes)
@@ -170,7 +217,7 @@ def _replicate(gm: fx.GraphModule, entry: Entry, blocks: list[Block]) -> None:
     if any(n.meta.get("unbacked_bindings") for b in body for n in b):
         raise NotShared("a block's sizes depend on its data (unbacked symbols)")
     first, template = body[0], body[-1]
-    stream = _match(first, template, prefixes)       # block-0 nodes block 1 reads (the hidden states)
+    stream = _match(first, template, prefixes, state_of)  # block-0 nodes block 1 reads (the hidden states)
     inside = set(first) | set(template)
     for n in first:
         if any(u not in inside for u in n.users):
@@ -178,7 +225,9 @@ def _replicate(gm: fx.GraphModule, entry: Entry, blocks: list[Block]) -> None:
 
     position = {n: p for p, n in enumerate(first)}
     stream_at = {x: position[x] for x in stream}              # template arg -> position in the previous block
-    weights = _template_weights(template, prefixes[-1])
+    weights = _template_weights(template, prefixes[-1], state_of)
+    states = {a: state_of(a)[0] for n in template for a in n.all_input_nodes if state_of(a)}
+    outside = {_state_key(n, state_of(n)): n for n in nodes if owners.get(n) is None and state_of(n)}
     previous = template                                         # the previous block's nodes, by position
     at = template[-1]
     copies: set[fx.Node] = set()
@@ -188,6 +237,19 @@ def _replicate(gm: fx.GraphModule, entry: Entry, blocks: list[Block]) -> None:
         for rel, node in weights.items():      # read before the first block, as the traced blocks' weights are
             target = f"{prefix}.{rel}"
             _install(gm, target, _attr(entry, target))
+            with graph.inserting_before(first[0]):
+                env[node] = graph.get_attr(target)
+            env[node].meta = dict(node.meta)
+        for node, kind in states.items():      # its own state: as the template read it, if computed outside
+            own_state = outside.get(_state_key(node, (kind, block.index)))
+            if own_state is not None:           # the blocks (a counter written before them), else read anew
+                env[node] = own_state
+                continue
+            if node.op != "get_attr":
+                raise NotShared(f"block {block.index} has no {node.format_node()!r} of its own")
+            rel = _weight_of(node, prefixes[-1])
+            target = f"{prefix}.{rel}" if rel is not None else f"{node.target}_block{block.index}"
+            _install(gm, target, layer_state[block.index][kind])
             with graph.inserting_before(first[0]):
                 env[node] = graph.get_attr(target)
             env[node].meta = dict(node.meta)
@@ -214,7 +276,8 @@ def _replicate(gm: fx.GraphModule, entry: Entry, blocks: list[Block]) -> None:
     # gm's code is not regenerated (0.4 s at 22 blocks): the trace pass reads only its graph and attributes
 
 
-def _match(first: list[fx.Node], template: list[fx.Node], prefixes: list[str]) -> dict[fx.Node, fx.Node]:
+def _match(first: list[fx.Node], template: list[fx.Node], prefixes: list[str],
+           state_of=lambda node: None) -> dict[fx.Node, fx.Node]:
     """Check the template block computes what the first block does; return {node the template reads in
     block 0: the node block 0 read in its place} (the hidden states passed down the stack)."""
     if len(first) != len(template):
@@ -228,6 +291,9 @@ def _match(first: list[fx.Node], template: list[fx.Node], prefixes: list[str]) -
                 return False
             if a in pair:
                 return pair[a] is b
+            sa, sb = state_of(a), state_of(b)
+            if sa is not None or sb is not None:   # each block's own state, of one kind
+                return sa is not None and sb is not None and sa == (sb[0], 0) and sb[1] == 1
             wa, wb = _weight_of(a, prefixes[0]), _weight_of(b, prefixes[1])
             if wa is not None or wb is not None:
                 return wa == wb
@@ -248,12 +314,12 @@ def _match(first: list[fx.Node], template: list[fx.Node], prefixes: list[str]) -
     return stream
 
 
-def _template_weights(template: list[fx.Node], prefix: str) -> dict[str, fx.Node]:
+def _template_weights(template: list[fx.Node], prefix: str, state_of=lambda node: None) -> dict[str, fx.Node]:
     out = {}
     for node in template:
         for a in node.all_input_nodes:
             rel = _weight_of(a, prefix)
-            if rel is not None:
+            if rel is not None and state_of(a) is None:
                 out.setdefault(rel, a)
     return out
 
