@@ -195,8 +195,10 @@ _ALIASING = {torch.ops.aten.copy_.default, torch.ops.aten.to.dtype, torch.ops.at
 
 
 def _state_key(node: fx.Node, state: tuple[str, int]) -> tuple:
-    """What a node computed from a block's state is, whatever block: its op and options (a write's source
-    is the block's own)."""
+    """What a node computed from a block's state is, whatever block: a read, a write (its source is the
+    block's own), or a cast with its options."""
+    if node.op == "get_attr":              # the block's own read of it, whatever export named it
+        return state, node.op
     if node.op != "call_function" or node.target is torch.ops.aten.copy_.default:
         return state, node.op, node.target
     return state, node.op, node.target, repr(node.args[1:]), repr(sorted(node.kwargs.items()))
@@ -227,7 +229,12 @@ def _replicate(gm: fx.GraphModule, entry: Entry, blocks: list[Block], layer_stat
     stream_at = {x: position[x] for x in stream}              # template arg -> position in the previous block
     weights = _template_weights(template, prefixes[-1], state_of)
     states = {a: state_of(a)[0] for n in template for a in n.all_input_nodes if state_of(a)}
-    outside = {_state_key(n, state_of(n)): n for n in nodes if owners.get(n) is None and state_of(n)}
+    outside: dict[tuple, fx.Node] = {}  # per block and kind, the nodes outside the blocks that read its state
+    for n in nodes:
+        if owners.get(n) is None and state_of(n):
+            key = _state_key(n, state_of(n))
+            if key not in outside or not outside[key].users:   # export's lifted read, not an unused buffer's
+                outside[key] = n
     previous = template                                         # the previous block's nodes, by position
     at = template[-1]
     copies: set[fx.Node] = set()
