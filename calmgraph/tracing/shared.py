@@ -64,7 +64,7 @@ def trace_shared(entry: Entry, blocks: list[Block], trace: Callable[[], fx.Graph
 
     `layer_state`: per block, tensors it reads and writes that are not its own weights (a KV cache's keys
     and values, by kind). torch.export lifts them as constants sharing their storage; each copy reads its
-    own block's."""
+    own block's through the node the trace made for it outside the blocks (none: the full trace runs)."""
     if not ENABLED:
         return None
     try:
@@ -168,12 +168,14 @@ def _weight_of(node: fx.Node, prefix: str) -> str | None:
 
 
 def _state_of(gm: fx.GraphModule, layer_state: list[dict[str, torch.Tensor]]):
-    """get_attr node -> (kind, block index) for the nodes that read `layer_state`'s tensors (by storage:
-    export's lifted constants are other tensor objects on the same memory), else None."""
+    """node -> (kind, block index) for the nodes that read `layer_state`'s tensors (by storage: export's
+    lifted constants are other tensor objects on the same memory), write them or cast them to their own
+    dtype; else None."""
     owner = {t.data_ptr(): (kind, i) for i, state in enumerate(layer_state) for kind, t in state.items()}
     if len(owner) != sum(map(len, layer_state)) or 0 in owner:   # meta tensors, or shared memory: unknowable
         raise NotShared("the blocks' state cannot be told apart by its memory")
 
+    @functools.cache
     def state_of(node) -> tuple[str, int] | None:
         if not owner or not isinstance(node, fx.Node):
             return None
@@ -249,17 +251,9 @@ def _replicate(gm: fx.GraphModule, entry: Entry, blocks: list[Block], layer_stat
             env[node].meta = dict(node.meta)
         for node, kind in states.items():      # its own state: as the template read it, if computed outside
             own_state = outside.get(_state_key(node, (kind, block.index)))
-            if own_state is not None:           # the blocks (a counter written before them), else read anew
-                env[node] = own_state
-                continue
-            if node.op != "get_attr":
+            if own_state is None:               # the blocks (a counter written before them, a buffer's read)
                 raise NotShared(f"block {block.index} has no {node.format_node()!r} of its own")
-            rel = _weight_of(node, prefixes[-1])
-            target = f"{prefix}.{rel}" if rel is not None else f"{node.target}_block{block.index}"
-            _install(gm, target, layer_state[block.index][kind])
-            with graph.inserting_before(first[0]):
-                env[node] = graph.get_attr(target)
-            env[node].meta = dict(node.meta)
+            env[node] = own_state
         own: list[fx.Node] = []
 
         def arg(x: fx.Node, own_by_template=env) -> fx.Node:
