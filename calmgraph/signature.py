@@ -3,6 +3,7 @@
     input_ids              (batch, seq)          token ids of the anchor and of every shared augment
     <aug>_input_ids        (batch, prompt_seq)   a token prompt augment's own tokens
     <aug>_pixel_values     (batch, C, H, W)      an image prompt augment's images
+    write_mask             (batch, seq)          where `writes: masked` blocks add (1) or not (0); only then
     <aug>_mask             (batch, prompt_seq)   a token prompt's padding mask (1 = token); optional
 
 Required inputs come first, then the optional masks (Python's argument order). `merge` makes the fused
@@ -19,6 +20,7 @@ import torch
 from .errors import InputError
 
 Kind = Literal["ids", "mask", "pixels"]
+WRITE_MASK = "write_mask"
 PROMPT_EXTRA = 2  # example prompts are this much longer than the anchor's sequence: no two sizes coincide
 
 
@@ -64,6 +66,8 @@ class InputSignature:
                 first.append(Input(f"{a.name}_pixel_values", "pixels", a.name, image=tuple(image.shape[1:]), dtype=image.dtype))
             else:
                 first.append(Input(f"{a.name}_input_ids", "ids", a.name, **_limits(limits, a.name)))
+        if writes_masked(spec):
+            first.append(Input(WRITE_MASK, "mask"))
         masks = [Input(f"{a.name}_mask", "mask", a.name, required=False) for a in spec.prompts if a.reads == "prompt"]
         return cls((*first, *masks))
 
@@ -114,6 +118,11 @@ class InputSignature:
             parts = ([f"unknown inputs {unknown}"] if unknown else []) + ([f"missing inputs {missing}"] if missing else [])
             takes = ", ".join(f"{i.name}{'' if i.required else ' (optional)'}" for i in self.inputs)
             raise InputError(f"{'; '.join(parts)}; this composition takes {takes}")
+
+
+def writes_masked(spec) -> bool:
+    """Whether a block of `spec` writes only where the call's `write_mask` says (`writes: masked`)."""
+    return any(spec.cross_attention_for(e).writes == "masked" for e in spec.edges)
 
 
 def _limits(limits: dict, owner: str | None) -> dict:

@@ -76,6 +76,7 @@ class CrossAttentionSpec(_Spec):
     positions: Literal["none", "rotary"] = "none"  # rotary: RoPE on Q and K (shared-input augments only)
     window: Window | None = None              # shared augments: position t reads source positions t-window+1..t
     null_kv: bool = False                     # a learned key/value every query may attend to (read nothing)
+    writes: Literal["all", "masked"] = "all"  # masked: the block adds only where the call's `write_mask` is 1
 
     @model_validator(mode="after")
     def _inner_bounded(self):

@@ -138,11 +138,13 @@ def _order(spec) -> list[str]:
 
 
 def eager_reference(composed, models: dict[str, nn.Module], blocks: dict[str, list[nn.Module]] | None,
-                    input_ids: torch.Tensor, prompts: dict | None = None) -> torch.Tensor:
+                    input_ids: torch.Tensor, prompts: dict | None = None,
+                    write_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The composition, computed with hooks on the user's own models.
 
     blocks: per model, the modules whose output (tap: output) or input (tap: input) is each block's hidden
-    states; default `block_modules(model)`. prompts: {augment: (ids or pixel values, mask or None)}."""
+    states; default `block_modules(model)`. prompts: {augment: (ids or pixel values, mask or None)}.
+    write_mask: (B, T), where the blocks of `writes: masked` edges add (1) or not (0)."""
     spec, prompts, blocks = composed.spec, prompts or {}, dict(blocks or {})
     inputs = {a.name: a.input for a in spec.augments}
     states: dict[tuple[str, int], torch.Tensor] = {}
@@ -153,8 +155,11 @@ def eager_reference(composed, models: dict[str, nn.Module], blocks: dict[str, li
             if link.target == name and link.target_layer == i:
                 block = composed.get_submodule(".".join(("xattn", *link.module_path)))
                 mask = prompts[link.source][1] if inputs.get(link.source) == "prompt" else None
-                total = total + reference_cross_attention(block, h, states[link.source, link.source_layer],
-                                                          mask, causal=link.causal)
+                delta = reference_cross_attention(block, h, states[link.source, link.source_layer], mask,
+                                                  causal=link.causal)
+                if link.config.writes == "masked":
+                    delta = torch.where(write_mask.bool()[..., None], delta, torch.zeros_like(delta))
+                total = total + delta
         states[name, i] = total
         return total
 

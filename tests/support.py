@@ -93,9 +93,10 @@ def block_modules(model) -> list[torch.nn.Module]:
     raise KeyError(name)
 
 
-def eager_reference(composed, models, input_ids, prompts=None):
+def eager_reference(composed, models, input_ids, prompts=None, write_mask=None):
     """`tests.reference.eager_reference` with the blocks named by hand above. prompts: {name: (ids, mask)}."""
-    return _eager_reference(composed, models, {n: block_modules(m) for n, m in models.items()}, input_ids, prompts)
+    return _eager_reference(composed, models, {n: block_modules(m) for n, m in models.items()}, input_ids, prompts,
+                            write_mask)
 
 
 def randomize_new_parameters(composed, seed=0, std=0.1):

@@ -11,8 +11,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._internals import (ROOT, ComposedModel, Entry, ModelError, PromptEntry, build_order, check_token_ids,
-                         find_blocks, frozen_alias, prompt_mask)
+from ._internals import (ROOT, WRITE_MASK, ComposedModel, Entry, ModelError, PromptEntry, build_order,
+                         check_token_ids, find_blocks, frozen_alias, masked, prompt_mask, write_mask)
 from .inputs import forward_inputs
 
 
@@ -79,13 +79,15 @@ class HookComposition:
             for link, block in into:  # every delta reads the block's own output; summed in link order
                 context = self.states[link.source, link.source_layer]
                 extra = (self.masks[link.source],) if link.source in self.masks else ()
-                total = total + block(h, context, *extra)
+                delta = block(h, context, *extra)
+                total = total + (masked(delta, self.write) if link.config.writes == "masked" else delta)
             self.states[name, layer] = total
             return _replace_hidden(out, total) if into else None
         return hook
 
     def __call__(self, **inputs):
         self.states.clear()
+        self.write = inputs.get(WRITE_MASK)
         for name in self.prompts:
             self.masks[name] = _model_inputs(name, True, inputs)[1]
         for name in self.order:
@@ -148,11 +150,14 @@ def _raise_stop(module, args, out):
 
 def without_checks(composed: ComposedModel) -> fx.GraphModule:
     """The fused graph with its call-time input checks removed: token ids pass straight through and a
-    prompt mask is used as given (ones when none). To measure what the checks cost."""
+    prompt mask is used as given (ones when none), a write mask as given. To measure what the checks cost."""
     graph = copy.deepcopy(composed.graph)
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target is check_token_ids:
             node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+        elif node.op == "call_function" and node.target is write_mask:
+            node.replace_all_uses_with(node.args[1])
             graph.erase_node(node)
         elif node.op == "call_function" and node.target is prompt_mask:
             node.target, node.args = _mask_unchecked, node.args[:2]
@@ -169,7 +174,8 @@ def input_checks_us(composed: ComposedModel, inputs: dict[str, torch.Tensor], ca
     for the difference of two forward timings to resolve. Eager, each check reads its input's values on the
     host (ids in the vocabulary, masks binary): on a GPU, one device-to-host sync per checked input."""
     env = {n: inputs.get(n.target) for n in composed.graph.nodes if n.op == "placeholder"}
-    checks = [n for n in composed.graph.nodes if n.op == "call_function" and n.target in (check_token_ids, prompt_mask)]
+    checks = [n for n in composed.graph.nodes
+              if n.op == "call_function" and n.target in (check_token_ids, prompt_mask, write_mask)]
 
     def run():
         for n in checks:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ._internals import ComposedModel, ModelError, model_device
+from ._internals import WRITE_MASK, ComposedModel, ModelError, model_device
 
 
 def vocab_size(model: nn.Module) -> int:
@@ -27,6 +27,8 @@ def make_inputs(composed: ComposedModel, models: dict[str, nn.Module], *, batch:
     for i in composed.signature.inputs:
         if i.kind == "pixels":
             inputs[i.name] = torch.randn(batch, *i.image, generator=g).to(i.dtype or torch.float32)
+        elif i.kind == "mask" and i.owner is None:  # write_mask: the first half of each row written to
+            inputs[i.name] = (torch.arange(seq + 1) < (seq + 1) // 2).long().expand(batch, -1).clone()
         elif i.kind == "mask":
             mask = torch.ones(batch, length, dtype=torch.long)
             mask[-1, length // 2:] = 0
@@ -40,4 +42,4 @@ def make_inputs(composed: ComposedModel, models: dict[str, nn.Module], *, batch:
 
 def forward_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`make_inputs` holds seq + 1 tokens (for the training step's labels); a forward reads the first seq."""
-    return {**inputs, "input_ids": inputs["input_ids"][:, :-1]}
+    return {**inputs, **{k: inputs[k][:, :-1] for k in ("input_ids", WRITE_MASK) if k in inputs}}

@@ -15,6 +15,9 @@ filler. The anchor and shared augments are causal language models, so a position
 after it: a row's logits are those of its unpadded prompt, and its next token is read at its own last
 position. The cached path runs the rows of each prompt length together (one cache position for all), all
 lengths in step. The returned ids keep the caller's layout: `torch.cat([input_ids, new_tokens], dim=1)`.
+
+Masked writes (`writes: masked`). `write_mask` covers the prompt; the new tokens are not written to. Such a
+composition recomputes (its decode graph takes no write_mask yet).
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ from weakref import WeakKeyDictionary
 import torch
 
 from ..errors import CalmGraphError, InputError
-from ..passes.merge import check_token_ids, prompt_mask
+from ..passes.merge import check_token_ids, prompt_mask, write_mask
+from ..signature import WRITE_MASK
 from .decode import Decoder, build_decoder, cache_kwarg, decoded_models
 from .options import DEFAULTS, Options, resolve
 from .sampling import Chooser, filter_logits, next_token  # noqa: F401 - filter_logits, next_token: public helpers
@@ -178,7 +182,8 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     The prompt and max_new_tokens must fit the positions of the models reading the sequence (refused
     before anything is allocated otherwise), and only ids all of them can embed are generated.
 
-    `<augment>_input_ids` / `<augment>_mask` feed the prompt augments (read once). A row that emits an
+    `<augment>_input_ids` / `<augment>_mask` feed the prompt augments (read once); `write_mask` (B, T), where
+    the composition takes one, says where in the prompt its `writes: masked` blocks add (new tokens: nowhere). A row that emits an
     `eos_token_id` is finished: its later tokens are `pad_token_id` (default: the first eos id);
     generation stops early once every row is finished. `cache`: None uses the KV caches when the anchor has
     one (a transformers causal LM), True requires it, False recomputes the sequence at every step.
@@ -204,10 +209,17 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     keep = _check_mask(attention_mask, input_ids)
     check_token_ids(input_ids.masked_fill(~keep, 0), "input_ids", shared.vocab)  # padding is never read
     prompts = _prompt_inputs(composed, prompt_inputs, input_ids.shape[0])
+    writes = prompts.pop(WRITE_MASK, None)
+    if writes is not None:
+        writes = write_mask(input_ids, writes, WRITE_MASK).to(input_ids.device)
     eos_ids = [o.eos_token_id] if isinstance(o.eos_token_id, int) else list(o.eos_token_id or ())
     _check_eos(eos_ids, shared.vocab)
     eos = torch.tensor(eos_ids, device=input_ids.device) if eos_ids else None
     pad = o.pad_token_id if o.pad_token_id is not None else (int(eos[0]) if eos is not None else 0)
+    if writes is not None and (cache or step_options is not None):
+        raise InputError("this composition writes where write_mask says (writes: masked), which the KV-cache decode "
+                         "graph does not take yet; leave cache and compile_step unset: it recomputes the sequence "
+                         "at each step")
     if cache and not can_cache(composed):
         raise InputError(f"cache=True, but the anchor {composed.spec.anchor.name!r} "
                          f"({type(composed.anchor_model).__name__}) is not a transformers causal LM, which is what "
@@ -229,7 +241,7 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     states = stages_of(composed).augment(**prompts)                           # prompt augments: once
 
     steps = None
-    if cache is not False and can_cache(composed) and o.max_new_tokens > 0:
+    if writes is None and cache is not False and can_cache(composed) and o.max_new_tokens > 0:
         try:
             steps = CachedSteps(composed, packed, lengths, states, o.max_new_tokens, step_options)
         except CalmGraphError as e:  # TraceError included: the cache could not be traced
@@ -237,7 +249,9 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
                 raise
             warnings.warn(f"generating without the anchor's KV cache: {e}", stacklevel=3)
     if steps is None:
-        steps = RecomputedSteps(composed, packed, lengths, states, o.max_new_tokens)
+        if writes is not None:  # packed like the ids; the new tokens are not written to
+            writes = writes.gather(1, order)[:, :width].masked_fill(~keep.gather(1, order)[:, :width], 0)
+        steps = RecomputedSteps(composed, packed, lengths, states, o.max_new_tokens, writes)
     if streamer is not None:
         streamer.put(input_ids.cpu())
     new = _decode(steps, input_ids, o, choose, eos, pad, criteria, streamer, shared.vocab)
@@ -310,21 +324,27 @@ def _decode(steps, input_ids, o: Options, choose: Chooser, eos, pad, criteria, s
 class RecomputedSteps:
     """Each step runs the anchor stage over the whole sequence; rows are read at their own last position."""
 
-    def __init__(self, composed, packed, lengths, states, max_new_tokens):
+    def __init__(self, composed, packed, lengths, states, max_new_tokens, writes=None):
         B, width = packed.shape
         self.rows, self.lengths, self.width, self.states = torch.arange(B, device=packed.device), lengths, width, states
         self.buf = packed  # grows as tokens come (doubling), not to max_new_tokens at once: a row may stop early
+        self.writes = writes  # write_mask, packed like buf; 0 past the prompt
         self.anchor = stages_of(composed).anchor
 
+    def _logits(self, n: int):
+        seq = () if self.writes is None else (self.writes[:, :n],)
+        return self.anchor(self.buf[:, :n], *seq, *self.states)                     # (B, n, vocab)
+
     def first(self):
-        return self.anchor(self.buf[:, :self.width], *self.states)[self.rows, self.lengths - 1]
+        return self._logits(self.width)[self.rows, self.lengths - 1]
 
     def next(self, token, step):
         if self.width + step + 1 > self.buf.shape[1]:
             self.buf = torch.cat([self.buf, torch.zeros_like(self.buf)], dim=1)
+            if self.writes is not None:
+                self.writes = torch.cat([self.writes, torch.zeros_like(self.writes)], dim=1)
         self.buf[self.rows, self.lengths + step] = token
-        logits = self.anchor(self.buf[:, :self.width + step + 1], *self.states)    # (B, width + step + 1, vocab)
-        return logits[self.rows, self.lengths + step]
+        return self._logits(self.width + step + 1)[self.rows, self.lengths + step]
 
 
 class CachedSteps:

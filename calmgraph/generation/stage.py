@@ -8,6 +8,8 @@ as inputs:
     states = stages.augment(<aug>_input_ids=..., <aug>_mask=...)     # tuple, once per prompt
     logits = stages.anchor(input_ids, *states)                        # == composed(input_ids, ...)
 
+(`write_mask`, where the composition takes one, is the anchor stage's second input.)
+
 A node's side comes from `node.meta["calmgraph_model"]`, from the target of the link a spliced node
 carries (`calmgraph_link`), or, for the input checks merge adds, from its inputs. Both stages share the
 composed model's submodules (weights, buffers), so training or `.to()` on it is seen by the stages.
@@ -21,12 +23,15 @@ import torch.nn as nn
 
 from ..errors import InternalError
 from ..plan import LINK_KEY, MODEL_KEY
+from ..signature import WRITE_MASK
+
+SEQUENCE = ("input_ids", WRITE_MASK)  # the anchor stage's own inputs
 
 
 @dataclass
 class Stages:
     augment: fx.GraphModule   # forward(<aug>_input_ids..., <aug>_mask=None...) -> tuple of states
-    anchor: fx.GraphModule    # forward(input_ids, *states) -> anchor logits
+    anchor: fx.GraphModule    # forward(input_ids, [write_mask,] *states) -> anchor logits
     states: list[str]         # names of the values passed from one stage to the other, in order
 
 
@@ -35,7 +40,7 @@ def _augment_side(graph: fx.Graph, prompts: set[str]) -> set[fx.Node]:
     for node in graph.nodes:
         link = node.meta.get(LINK_KEY)
         if node.op == "placeholder":
-            owned = node.name != "input_ids"               # `<aug>_input_ids`, `<aug>_mask`
+            owned = node.name not in SEQUENCE              # `<aug>_input_ids`, `<aug>_mask`
         elif node.op == "output":
             owned = False
         elif node.meta.get(MODEL_KEY) is not None:
@@ -77,13 +82,14 @@ def split_stages(composed: fx.GraphModule, prompts: list[str]) -> Stages:
     augment.output(tuple(env[n] for n in boundary))
 
     anchor, env = fx.Graph(), {}
-    main = next(n for n in graph.nodes if n.op == "placeholder" and n not in side)
-    env[main] = anchor.node_copy(main)
+    main = [n for n in graph.nodes if n.op == "placeholder" and n not in side]   # input_ids, write_mask
+    for node in main:
+        env[node] = anchor.node_copy(node)
     for node in boundary:
         env[node] = anchor.placeholder(node.name)
         env[node].meta = {k: node.meta[k] for k in ("val", "tensor_meta") if k in node.meta}
     for node in graph.nodes:
-        if node not in side and node is not main:
+        if node not in side and node not in main:
             env[node] = anchor.node_copy(node, env.__getitem__)
 
     return Stages(_module_over(composed, augment, "AugmentStage"), _module_over(composed, anchor, "AnchorStage"),
@@ -135,8 +141,8 @@ def context_stage(anchor_stage: fx.GraphModule, decoded: set[str]) -> Contexts:
         reads.append(ids in ancestors)
         needed |= ancestors
     stage, env = fx.Graph(), {}
-    for node in graph.nodes:
-        if node.op == "placeholder" or node in needed:
+    for node in graph.nodes:  # the links' contexts never read write_mask: it applies after a block
+        if node.op == "placeholder" and node.name != WRITE_MASK or node in needed:
             env[node] = stage.node_copy(node, env.__getitem__)
     stage.output(tuple(env[n] for n in wanted))
     return Contexts(_module_over(anchor_stage, stage, "ContextStage"), [n.name for n in wanted], reads)

@@ -70,6 +70,7 @@ class Merged:
     taps: dict[str, list[fx.Node]]               # per model, per block: tap node in the fused graph
     outputs: dict[str, fx.Node]                  # per model: its output node (the anchor's is the result)
     masks: dict[str, fx.Node] = field(default_factory=dict)  # per token prompt augment: its padding mask
+    write_mask: fx.Node | None = None            # the checked `write_mask` input (`writes: masked` blocks)
 
 
 @dataclass(frozen=True)

@@ -76,16 +76,25 @@ def prompt_mask(input_ids: torch.Tensor, mask: torch.Tensor | None, name: str) -
     """The padding mask of a prompt (1 = token, 0 = padding); all ones when none is given."""
     if mask is None:
         return torch.ones_like(input_ids)
+    return _binary(input_ids, mask, name, "its input ids", "", ("padding", "token"))
+
+
+def write_mask(input_ids: torch.Tensor, mask: torch.Tensor, name: str) -> torch.Tensor:
+    """Where the `writes: masked` blocks add their output (1) and where not (0), per token of input_ids."""
+    return _binary(input_ids, mask, name, "input_ids", ": 1 where the masked blocks write, 0 where not",
+                   ("no write", "write"))
+
+
+def _binary(input_ids, mask, name: str, of: str, meaning: str, words: tuple[str, str]) -> torch.Tensor:
+    """`mask`, checked: a real tensor of input_ids' shape holding only 0 and 1."""
     if not isinstance(mask, torch.Tensor) or mask.shape != input_ids.shape or mask.is_complex():
-        got = (f"a {tuple(mask.shape)} {mask.dtype} tensor" if isinstance(mask, torch.Tensor)
-               else type(mask).__name__)
-        raise InputError(f"{name} must be a real tensor of the shape of its input ids {tuple(input_ids.shape)}; "
-                         f"got {got}")
+        got = f"a {tuple(mask.shape)} {mask.dtype} tensor" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise InputError(f"{name} must be a real tensor of the shape of {of} {tuple(input_ids.shape)}{meaning}; got {got}")
     binary = ((mask == 0) | (mask == 1)).all()
     if _symbolic(mask):
-        torch._assert_async(binary, f"{name} must hold only 0 (padding) and 1 (token)")
+        torch._assert_async(binary, f"{name} must hold only 0 ({words[0]}) and 1 ({words[1]})")
     elif not binary:
-        raise InputError(f"{name} must hold only 0 (padding) and 1 (token); got other values such as "
+        raise InputError(f"{name} must hold only 0 ({words[0]}) and 1 ({words[1]}); got other values such as "
                          f"{mask[(mask != 0) & (mask != 1)][0].item()}")
     return mask
 
@@ -206,7 +215,9 @@ def merge(spec: CompositionSpec, traced: dict[str, TracedModel], order: list[str
             checked[i.owner] = graph.call_function(check_pixel_values, (raw[i.name], i.name, i.image))
     merged = Merged(graph, root, {}, {})
     for i in signature.inputs:
-        if i.kind == "mask":
+        if i.kind == "mask" and i.owner is None:
+            merged.write_mask = graph.call_function(write_mask, (checked[None], raw[i.name], i.name))
+        elif i.kind == "mask":
             merged.masks[i.owner] = graph.call_function(prompt_mask, (checked[i.owner], raw[i.name], i.name))
 
     for name in order:

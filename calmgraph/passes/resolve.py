@@ -73,6 +73,10 @@ def resolve(spec: CompositionSpec, traced: dict[str, TracedModel]) -> list[Link]
                 problems.append(Problem(_where(edge, i, field), f"{field} needs the source to read the anchor's tokens, "
                                         f"but {edge.source!r} has input: {inputs[edge.source]} (its positions are not "
                                         f"the anchor's); use {off} for this edge"))
+        if config.writes == "masked" and inputs[edge.target] != "shared":
+            problems.append(Problem(_where(edge, i, "writes"), f"masked writes follow `write_mask` over the anchor's "
+                                    f"tokens, but the target {edge.target!r} reads a prompt of its own; use "
+                                    "writes: all for this edge"))
         if isinstance(edge.layers, Every):
             if edge.layers.every > len(source.blocks):
                 problems.append(Problem(f"edges[{i}].layers.every",

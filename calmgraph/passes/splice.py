@@ -2,6 +2,7 @@
 
 All links into one tap read the tap's original value and their deltas are summed (order-free):
     h' = h + xattn_1(h, ctx_1) + xattn_2(h, ctx_2)
+A block with `writes: masked` adds its delta only where the call's `write_mask` is 1 (`masked`).
 Every later use of h then reads h'. Targets are spliced in build order, so a model that is both a target
 and a source (augment -> augment -> anchor) passes on its composed states.
 """
@@ -16,6 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..cross_attention import CrossAttention
+from ..errors import InternalError
 from ..plan import LINK_KEY, ROOT, Link
 from .base import CompileState, Merged, Pass, PassResult, flat_module
 
@@ -51,6 +53,11 @@ def _initial_values(link: Link, seed: int, dtype: torch.dtype) -> dict[str, torc
     return _drawn(link, seed, "cpu").to(dtype=dtype).state_dict()
 
 
+def masked(delta: torch.Tensor, write_mask: torch.Tensor) -> torch.Tensor:
+    """A block's delta (B, T, dim) where write_mask (B, T) is 1, zero where it is 0."""
+    return delta * write_mask[..., None].to(delta.dtype)
+
+
 def splice(merged: Merged, links: list[Link], order: list[str], blocks: nn.Module | None = None
            ) -> dict[str, CrossAttention]:
     """Adds the blocks under `merged.root.xattn` and rewires the graph. Returns {module path: block}.
@@ -83,10 +90,17 @@ def splice(merged: Merged, links: list[Link], order: list[str], blocks: nn.Modul
                 args = (tap, context, merged.masks[link.source]) if link.source in merged.masks else (tap, context)
                 with graph.inserting_after(last):
                     delta = graph.call_module(path, args)
-                with graph.inserting_after(delta):
-                    total = graph.call_function(operator.add, (total, delta))
-                delta.meta = total.meta = {LINK_KEY: link, **{k: tap.meta[k] for k in ("val",) if k in tap.meta}}
-                created |= {delta, total}
+                added_delta = delta
+                if link.config.writes == "masked":
+                    if merged.write_mask is None:
+                        raise InternalError(f"{path} writes where write_mask says, but this graph has no write_mask")
+                    with graph.inserting_after(delta):
+                        added_delta = graph.call_function(masked, (delta, merged.write_mask))
+                with graph.inserting_after(added_delta):
+                    total = graph.call_function(operator.add, (total, added_delta))
+                meta = {LINK_KEY: link, **{k: tap.meta[k] for k in ("val",) if k in tap.meta}}
+                delta.meta, added_delta.meta, total.meta = meta, dict(meta), dict(meta)
+                created |= {delta, added_delta, total}
                 last = total
             tap.replace_all_uses_with(total, delete_user_cb=lambda user: user not in created)
             merged.taps[target][layer] = total

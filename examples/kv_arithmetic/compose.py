@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 import calmgraph as cg
 from calmgraph.train import FineTuner, TrainConfig
 from examples.handwritten_gpt.gpt import GPT
-from examples.kv_arithmetic.data import KVConfig, KVDataset, KVWorld, collate
+from examples.kv_arithmetic.data import KVConfig, KVDataset, KVWorld, collate, expression_writes
 from examples.kv_arithmetic.evaluate import accuracy_row, compose_key_accuracy, format_table
 from examples.kv_arithmetic.train_base import load_base, task_mix, train_steps
 
@@ -69,19 +69,38 @@ def layer_choice(name: str):
         raise argparse.ArgumentTypeError(f"{name!r} is neither one of {list(LAYERS)} nor pairs like -1:3,1:2") from None
 
 
-def spec(layers: str = "every1", positions: str = "none", window: int | None = None, null_kv: bool = False) -> dict:
+def spec(layers: str = "every1", positions: str = "none", window: int | None = None, null_kv: bool = False,
+         writes: str = "all") -> dict:
     """m_A (augment, shared tokens) -> m_B (anchor) at the layer pairs `layer_choice(layers)`. The paper's blocks attend
     to every earlier token by content; `positions="rotary"` adds relative positions (RoPE), `window=w` reads
-    only the last w tokens (1: m_A at the same token), `null_kv` lets a head read nothing."""
+    only the last w tokens (1: m_A at the same token), `null_kv` lets a head read nothing, `writes="masked"`
+    lets the blocks write only where the call's write_mask says (here: over the prompt's expression)."""
     return {"anchor": {"name": "m_B"},
             "augments": [{"name": "m_A", "input": "shared"}],
             "edges": [{"source": "m_A", "target": "m_B", "layers": layer_choice(layers)}],
-            "cross_attention": {"positions": positions, "window": window, "null_kv": null_kv}}
+            "cross_attention": {"positions": positions, "window": window, "null_kv": null_kv, "writes": writes}}
 
 
 def compose(m_A: GPT, m_B: GPT, layers: str = "every1", positions: str = "none",
-            window: int | None = None, null_kv: bool = False) -> cg.ComposedModel:
-    return cg.compile(spec(layers, positions, window, null_kv), models={"m_A": m_A, "m_B": m_B})
+            window: int | None = None, null_kv: bool = False, writes: str = "all") -> cg.ComposedModel:
+    return cg.compile(spec(layers, positions, window, null_kv, writes), models={"m_A": m_A, "m_B": m_B})
+
+
+class ExpressionWrites(torch.nn.Module):
+    """A composition with `writes: masked`, called as `model(ids)` like the base models: its blocks write over
+    each prompt's expression (`data.expression_writes`), so the answer is m_B's own reading of it."""
+
+    def __init__(self, composed: cg.ComposedModel):
+        super().__init__()
+        self.composed = composed
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.composed(input_ids=ids, write_mask=expression_writes(ids))
+
+
+def callable_model(composed: cg.ComposedModel):
+    """What the scoring functions call: the composition, or `ExpressionWrites` of it where it takes a write_mask."""
+    return ExpressionWrites(composed) if "write_mask" in composed.input_names else composed
 
 
 def train_composition(composed: cg.ComposedModel, world: KVWorld, data: str, *, steps: int, batch_size: int,
@@ -91,7 +110,8 @@ def train_composition(composed: cg.ComposedModel, world: KVWorld, data: str, *, 
     """Train the composition's new parameters on `compose_tasks(data)` over the composition's keys (with
     `eos_loss=False`, without the loss on the EOS that ends a KV-substitution answer)."""
     torch.manual_seed(seed)
-    dataset = KVDataset(world, compose_tasks(data, world.cfg), "compose", size=10**9, eos_loss=eos_loss)
+    dataset = KVDataset(world, compose_tasks(data, world.cfg), "compose", size=10**9, eos_loss=eos_loss,
+                        write_mask="write_mask" in composed.input_names)
     cfg = TrainConfig(max_steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(100, steps // 10),
                       weight_decay=0.01, shuffle=False, seed=seed, cpu=cpu, progress=progress,
                       num_workers=num_workers)

@@ -308,11 +308,12 @@ class KVDataset(Dataset):
     `tasks` maps task -> sampling weight, or names one task. With `eos_loss=False` no KV-substitution item
     has a loss on its EOS: a composition trained on them writes the values but leaves where the answer ends
     to the anchor.
+    With `write_mask=True` every item has a `write_mask` (`expression_writes`).
     """
 
     def __init__(self, world: KVWorld, tasks: str | dict[str, float], split: str = "train", size: int | None = None,
-                 eos_loss: bool = True):
-        self.world, self.split, self.eos_loss = world, split, eos_loss
+                 eos_loss: bool = True, write_mask: bool = False):
+        self.world, self.split, self.eos_loss, self.write_mask = world, split, eos_loss, write_mask
         self.tasks = {tasks: 1.0} if isinstance(tasks, str) else dict(tasks)
         unknown = set(self.tasks) - set(TASKS)
         if unknown or split not in ("train", "compose", "val", "eval"):
@@ -362,6 +363,8 @@ class KVDataset(Dataset):
         item = self._item(i, expr, task)
         if not self.eos_loss and task == "kv_substitution":
             item["label_mask"][(item["input_ids"] == EOS_ID).nonzero()[0]] = False
+        if self.write_mask:
+            item["write_mask"] = expression_writes(item["input_ids"])
         return item
 
     def _item(self, i: int, expr: Expr, task: str) -> dict[str, torch.Tensor]:
@@ -381,6 +384,14 @@ class KVDataset(Dataset):
         if task == "kv_substitution" and self.split == "train" and cfg.augment_markers != ">":  # m_A's own data
             prompt = prompt[:-1] + random.Random(f"kv-marker/{cfg.seed}/{i}").choice(cfg.augment_markers)
         return self.world.tensors(prompt, answer)
+
+
+def expression_writes(ids: torch.Tensor) -> torch.Tensor:
+    """1 over each prompt's expression, before its first `>` or `=`; 0 from there on (the answer included):
+    the `write_mask` of a composition whose blocks may only change how the expression reads (`writes:
+    masked`), never write the answer themselves. ids: (..., T)."""
+    marker = (ids == STOI[">"]) | (ids == STOI["="])
+    return (marker.cumsum(-1) == 0).long()
 
 
 def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
