@@ -138,31 +138,43 @@ def _argmax_reference(composed, ids, notes, notes_mask, write, new):
     return torch.stack(out)
 
 
-def test_generate_writes_in_the_prompt_only_and_matches_full_forwards(masked):
+CACHES = {"recompute": {"cache": False}, "cached": {"cache": True},
+          "compiled": {"cache": True, "compile_step": {"backend": "eager"}}}
+
+
+@pytest.mark.parametrize("how", CACHES)
+def test_generate_writes_in_the_prompt_only_and_matches_full_forwards(masked, how):
     composed, _ = masked
     ids, notes, notes_mask, write = inputs(batch=3, seq=8, seed=5)
-    got = composed.generate(ids, 6, bert_input_ids=notes, bert_mask=notes_mask, write_mask=write)
+    got = composed.generate(ids, 6, bert_input_ids=notes, bert_mask=notes_mask, write_mask=write, **CACHES[how])
     torch.testing.assert_close(got[:, 8:], _argmax_reference(composed, ids, notes, notes_mask, write, 6))
 
 
-def test_generate_with_left_padding_moves_the_write_mask_with_the_tokens(masked):
+@pytest.mark.parametrize("how", CACHES)
+def test_generate_with_left_padding_moves_the_write_mask_with_the_tokens(masked, how):
+    """Rows of different lengths: the cached path decodes them in groups, each with its own prompt's mask."""
     composed, _ = masked
     ids, notes, notes_mask, write = inputs(batch=2, seq=8, seed=6)
     padded, attention, padded_write = (torch.zeros_like(t) for t in (ids, ids, write))
     padded[0], attention[0], padded_write[0] = ids[0], 1, write[0]
     padded[1, 3:], attention[1, 3:], padded_write[1, 3:] = ids[1, :5], 1, write[1, :5]
     got = composed.generate(padded, 4, attention_mask=attention, bert_input_ids=notes, bert_mask=notes_mask,
-                            write_mask=padded_write)
+                            write_mask=padded_write, **CACHES[how])
     assert torch.equal(got[0, 8:], _argmax_reference(composed, ids[:1], notes[:1], notes_mask[:1], write[:1], 4)[0])
     assert torch.equal(got[1, 8:], _argmax_reference(composed, ids[1:, :5], notes[1:], notes_mask[1:], write[1:, :5], 4)[0])
 
 
-def test_generate_refuses_the_kv_cache_with_what_to_do(masked):
+def test_the_decode_step_takes_the_write_mask_and_writes_nothing_at_new_tokens(masked):
+    """The cached path really decodes (not a silent fallback): its decoder takes a write_mask, and a prompt
+    with writes gives other tokens than the same prompt without (the blocks write in the prompt)."""
+    from calmgraph.generation.generate import decoder_for
     composed, _ = masked
-    ids, notes, notes_mask, write = inputs()
-    for option in ({"cache": True}, {"compile_step": True}):
-        with pytest.raises(InputError, match=r"writes: masked.*leave cache and compile_step unset"):
-            composed.generate(ids, 2, bert_input_ids=notes, bert_mask=notes_mask, write_mask=write, **option)
+    ids, notes, notes_mask, write = inputs(batch=3, seq=8, seed=5)
+    kwargs = dict(bert_input_ids=notes, bert_mask=notes_mask, cache=True)
+    with_writes = composed.generate(ids, 6, write_mask=torch.ones_like(write), **kwargs)
+    assert decoder_for(composed, 3, 14).takes_writes
+    without = composed.generate(ids, 6, write_mask=torch.zeros_like(write), **kwargs)
+    assert not torch.equal(with_writes, without)
 
 
 def test_the_pt2_takes_the_write_mask(masked, tmp_path):

@@ -12,6 +12,7 @@ fused graph, and the links are spliced at them with the composed model's own cro
     ctx = contexts.module(input_ids, *states)              # what the links read from outside the graph
     kv = decoder.project(ctx)                              # prompt links' keys and values: once
     logits = decoder.module(new_ids, cache_position, *ctx, *kv)        # (B, new, vocab)
+    logits = decoder.module(new_ids, cache_position, *ctx, *kv, write_mask)   # with `writes: masked` links
 
 A link from a shared augment decoded in the graph (`LinkCache`) keeps its source's projected keys and
 values for every position so far, writes the new positions' at each step, and attends over them by
@@ -42,6 +43,7 @@ from ..families import CACHE_KWARGS, is_transformers
 from ..graph import build_order
 from ..passes.base import Merged
 from ..passes.merge import inline
+from ..signature import WRITE_MASK
 from ..passes.splice import splice
 from ..plan import LINK_KEY, ROOT
 from ..tracing.entry import ENTRY
@@ -155,7 +157,7 @@ class LinkCache(nn.Module):
 
 @dataclass
 class Decoder:
-    module: fx.GraphModule   # forward(input_ids, cache_position, *contexts, *kv) -> logits
+    module: fx.GraphModule   # forward(input_ids, cache_position, *contexts, *kv[, write_mask]) -> logits
     batch: int
     max_len: int
     precomputed: list[tuple[str, int]]  # per prompt link: its Attend module's path, the index of its context
@@ -169,6 +171,11 @@ class Decoder:
         if self._compiled is None or self._compiled[0] != options:
             self._compiled = (dict(options), torch.compile(self.to_compile, **options))
         return self._compiled[1]
+
+    @property
+    def takes_writes(self) -> bool:
+        """Whether its step takes a write_mask (last): a `writes: masked` link into a decoded model."""
+        return any(n.op == "placeholder" and n.target == WRITE_MASK for n in self.module.graph.nodes)
 
     def with_own_caches(self) -> "Decoder":
         """The same decode graphs with caches of their own (the weights shared): for rows decoded beside
@@ -236,6 +243,8 @@ def build_decoder(composed, anchor_stage: fx.GraphModule, contexts: Contexts, ba
     reads = dict(zip(contexts.names, contexts.reads))
     fixed = [n for n in stage_links if n.args[1].name in reads and not reads[n.args[1].name]]  # from a prompt
     kv = {n.target: (graph.placeholder(f"k_{i}"), graph.placeholder(f"v_{i}")) for i, n in enumerate(fixed)}
+    masked = any(n.meta[LINK_KEY].config.writes == "masked" for n in stage_links)
+    writes = graph.placeholder(WRITE_MASK) if masked else None   # of the step's positions
     taps = {}
     for name in models:  # build order: a model's sources are in the graph before it
         gm, model_taps = _traced(composed, name, batch, max_len)
@@ -250,7 +259,8 @@ def build_decoder(composed, anchor_stage: fx.GraphModule, contexts: Contexts, ba
         if link.source not in models:
             taps.setdefault(link.source, {})[link.source_layer] = inputs[node.args[1].name]
     merged = Merged(graph, root, taps, {},
-                    masks={n.meta[LINK_KEY].source: inputs[n.args[2].name] for n in stage_links if len(n.args) > 2})
+                    masks={n.meta[LINK_KEY].source: inputs[n.args[2].name] for n in stage_links if len(n.args) > 2},
+                    write_mask=writes)
     splice(merged, [n.meta[LINK_KEY] for n in stage_links], list(models), blocks=root.get_submodule(ROOT))
     attend = _reroute(graph, root, kv, models, batch, max_len)
     if FUSE:

@@ -16,8 +16,8 @@ after it: a row's logits are those of its unpadded prompt, and its next token is
 position. The cached path runs the rows of each prompt length together (one cache position for all), all
 lengths in step. The returned ids keep the caller's layout: `torch.cat([input_ids, new_tokens], dim=1)`.
 
-Masked writes (`writes: masked`). `write_mask` covers the prompt; the new tokens are not written to. Such a
-composition recomputes (its decode graph takes no write_mask yet).
+Masked writes (`writes: masked`). `write_mask` covers the prompt and moves with its tokens; the new tokens
+are not written to (the decode step's write_mask is zeros).
 """
 from __future__ import annotations
 
@@ -183,7 +183,8 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     before anything is allocated otherwise), and only ids all of them can embed are generated.
 
     `<augment>_input_ids` / `<augment>_mask` feed the prompt augments (read once); `write_mask` (B, T), where
-    the composition takes one, says where in the prompt its `writes: masked` blocks add (new tokens: nowhere). A row that emits an
+    the composition takes one, says where in the prompt its `writes: masked` blocks add (new tokens: nowhere).
+    A row that emits an
     `eos_token_id` is finished: its later tokens are `pad_token_id` (default: the first eos id);
     generation stops early once every row is finished. `cache`: None uses the KV caches when the anchor has
     one (a transformers causal LM), True requires it, False recomputes the sequence at every step.
@@ -216,10 +217,6 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     _check_eos(eos_ids, shared.vocab)
     eos = torch.tensor(eos_ids, device=input_ids.device) if eos_ids else None
     pad = o.pad_token_id if o.pad_token_id is not None else (int(eos[0]) if eos is not None else 0)
-    if writes is not None and (cache or step_options is not None):
-        raise InputError("this composition writes where write_mask says (writes: masked), which the KV-cache decode "
-                         "graph does not take yet; leave cache and compile_step unset: it recomputes the sequence "
-                         "at each step")
     if cache and not can_cache(composed):
         raise InputError(f"cache=True, but the anchor {composed.spec.anchor.name!r} "
                          f"({type(composed.anchor_model).__name__}) is not a transformers causal LM, which is what "
@@ -238,19 +235,19 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
                          f"{width + o.max_new_tokens} positions, but the models reading the sequence have "
                          f"{shared.positions}; lower max_new_tokens to at most {max(shared.positions - width, 0)}")
     packed = input_ids.gather(1, order)[:, :width].masked_fill(~keep.gather(1, order)[:, :width], 0)
+    if writes is not None:  # packed like the ids
+        writes = writes.gather(1, order)[:, :width].masked_fill(~keep.gather(1, order)[:, :width], 0)
     states = stages_of(composed).augment(**prompts)                           # prompt augments: once
 
     steps = None
-    if writes is None and cache is not False and can_cache(composed) and o.max_new_tokens > 0:
+    if cache is not False and can_cache(composed) and o.max_new_tokens > 0:
         try:
-            steps = CachedSteps(composed, packed, lengths, states, o.max_new_tokens, step_options)
+            steps = CachedSteps(composed, packed, lengths, states, o.max_new_tokens, step_options, writes)
         except CalmGraphError as e:  # TraceError included: the cache could not be traced
             if cache:
                 raise
             warnings.warn(f"generating without the anchor's KV cache: {e}", stacklevel=3)
     if steps is None:
-        if writes is not None:  # packed like the ids; the new tokens are not written to
-            writes = writes.gather(1, order)[:, :width].masked_fill(~keep.gather(1, order)[:, :width], 0)
         steps = RecomputedSteps(composed, packed, lengths, states, o.max_new_tokens, writes)
     if streamer is not None:
         streamer.put(input_ids.cpu())
@@ -351,7 +348,8 @@ class CachedSteps:
     """The decode graphs read each prompt once and each new token once, a decoder per prompt length, all
     lengths in step (so a step's logits, hence its samples, processors and streamer, cover every row)."""
 
-    def __init__(self, composed, packed, lengths, states, max_new_tokens, step_options: dict | None = None):
+    def __init__(self, composed, packed, lengths, states, max_new_tokens, step_options: dict | None = None,
+                 writes: torch.Tensor | None = None):
         B = packed.shape[0]
         self.contexts = contexts_of(composed)
         self.groups, slots = [], {}
@@ -366,8 +364,12 @@ class CachedSteps:
             # each step's position is a view of this: made on the host every step, it would be a pageable
             # copy, which waits for the device and so stops the host from running ahead of the GPU
             positions = torch.arange(length, length + max_new_tokens, device=packed.device)
+            # write_mask, last: the prompt's at prefill; a new token's is 0 (made once: CUDA graphs need a fixed input)
+            takes = decoder.takes_writes
             self.groups.append({"rows": rows, "length": length, "decoder": decoder, "states": group, "seq": seq,
                                 "positions": positions,
+                                "writes": (writes[rows, :length],) if takes else (),
+                                "no_writes": (writes.new_zeros(len(rows), 1),) if takes else (),
                                 "ctx": ctx, "kv": decoder.project(ctx),            # prompt links: once
                                 "step": decoder.module if step_options is None else decoder.compiled(step_options)})
         self.batch = B
@@ -385,7 +387,7 @@ class CachedSteps:
 
     def first(self):
         return self._gather(lambda g: g["decoder"].module(g["seq"], torch.arange(g["length"], device=g["seq"].device),
-                                                          *g["ctx"], *g["kv"])[:, -1])                # prefill
+                                                          *g["ctx"], *g["kv"], *g["writes"])[:, -1])  # prefill
 
     def next(self, token, step):
         def advance(g):
@@ -394,5 +396,5 @@ class CachedSteps:
                 g["seq"] = torch.cat([g["seq"], new], dim=1)
                 g["ctx"] = self.contexts.module(g["seq"], *g["states"])
             position = g["positions"][step:step + 1]
-            return g["step"](new, position, *g["ctx"], *g["kv"])[:, -1]
+            return g["step"](new, position, *g["ctx"], *g["kv"], *g["no_writes"])[:, -1]
         return self._gather(advance)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 import torch.nn as nn
 
-from ..errors import InternalError
+from ..errors import InternalError, TraceError
 from ..plan import LINK_KEY, MODEL_KEY
 from ..signature import WRITE_MASK
 
@@ -140,8 +140,11 @@ def context_stage(anchor_stage: fx.GraphModule, decoded: set[str]) -> Contexts:
                 todo.extend(node.all_input_nodes)
         reads.append(ids in ancestors)
         needed |= ancestors
+    if any(n.op == "placeholder" and n.name == WRITE_MASK for n in needed):
+        raise TraceError("a shared augment recomputed at each step is the target of a writes: masked link, and "
+                         "the step's contexts take no write_mask; generate(..., cache=False) recomputes instead")
     stage, env = fx.Graph(), {}
-    for node in graph.nodes:  # the links' contexts never read write_mask: it applies after a block
+    for node in graph.nodes:
         if node.op == "placeholder" and node.name != WRITE_MASK or node in needed:
             env[node] = stage.node_copy(node, env.__getitem__)
     stage.output(tuple(env[n] for n in wanted))
