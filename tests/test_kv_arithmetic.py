@@ -206,6 +206,39 @@ def test_eos_loss_off_drops_the_end_of_substitutions_only(pad_world):
         assert a["label_mask"][end] and b["label_mask"][end] == (with_end.expr_and_task(i)[1] != "kv_substitution")
 
 
+def test_expression_writes_cover_the_expression_and_nothing_after(pad_world):
+    """write_mask of the `writes: masked` compositions: 1 on every character before the task marker, 0 on
+    the marker, the answer and the padding; checked against the decoded text."""
+    from examples.kv_arithmetic.data import decode, expression_writes
+    ds = KVDataset(pad_world, {"kv_substitution": 0.5, "numeric_arithmetic": 0.5}, "compose", size=30, write_mask=True)
+    for i in range(30):
+        item = ds[i]
+        text = decode(item["input_ids"].tolist())
+        marker = min(text.index(c) for c in ">=" if c in text)
+        assert item["write_mask"].tolist() == [1] * marker + [0] * (len(item["input_ids"]) - marker), text
+        assert torch.equal(expression_writes(item["input_ids"][None])[0], item["write_mask"])
+    assert "write_mask" not in KVDataset(pad_world, "kv_substitution", "compose", size=1)[0]
+
+
+def test_a_masked_composition_is_scored_with_expression_writes(pad_world):
+    """callable_model passes write_mask = expression_writes(ids), so scoring calls it like a base model."""
+    from examples.kv_arithmetic.compose import callable_model, compose
+    from examples.kv_arithmetic.data import encode, expression_writes
+    from examples.handwritten_gpt.gpt import GPT, GPTConfig
+    torch.manual_seed(0)
+    m_A, m_B = (GPT(GPTConfig(vocab_size=VOCAB_SIZE, block_size=40, n_layer=2, n_head=2, n_embd=32)) for _ in "ab")
+    composed = compose(m_A, m_B, "every1", writes="masked")
+    with torch.no_grad():
+        for p in composed.new_parameters():
+            p.normal_(0, 0.3)
+    ids = torch.tensor([encode("ab+cd>12+3"), encode("12+30=4" + "2" * 3)])
+    with torch.no_grad():
+        got = callable_model(composed)(ids)
+        torch.testing.assert_close(got, composed(input_ids=ids, write_mask=expression_writes(ids)))
+        assert not torch.allclose(got, composed(input_ids=ids, write_mask=torch.zeros_like(ids)))  # it writes
+    assert callable_model(compose(m_A, m_B, "every1")).__class__.__name__ == "ComposedModel"
+
+
 def test_final_result_scoring():
     assert final_result("10+22-24;8") == "8" and final_result("-12") == "-12" and final_result("1;2;3") == "3"
 
