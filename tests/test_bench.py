@@ -99,6 +99,17 @@ def test_round_robin_calls_each_function_once_per_round():
     assert all(out[k]["rounds"] == 4 and out[k]["q1_ms"] <= out[k]["median_ms"] <= out[k]["q3_ms"] for k in out)
 
 
+def test_ratios_are_taken_round_by_round():
+    """A slow round slows both functions of that round: the paired ratio sees 2.0 in every round, while
+    the ratio of medians does not."""
+    from calmgraph.bench.timing import paired_ratio
+    a, b = {"ms": [2.0, 20.0, 2.0, 200.0, 4.0]}, {"ms": [1.0, 10.0, 1.0, 100.0, 2.0]}
+    assert paired_ratio(a, b) == 2.0
+    assert paired_ratio({"ms": [3.0, 1.0, 2.0]}, {"ms": [1.0, 1.0, 1.0]}) == 2.0  # the median, not the mean
+    with pytest.raises(ValueError):
+        paired_ratio({"ms": [1.0]}, {"ms": [1.0, 2.0]})  # rounds of another run
+
+
 def test_dynamo_report_counts_graph_breaks_and_recompiles():
     class Broken(nn.Module):
         def forward(self, input_ids):

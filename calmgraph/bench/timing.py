@@ -1,6 +1,6 @@
 """Round-robin timing after nanoGPT's bench.py: warm up, synchronise, time each call with CUDA events
 (perf_counter on CPU), report medians. One call of each function per round, so that clock and thermal
-drift hit them alike."""
+drift hit them alike; ratios are taken round by round (`paired_ratio`)."""
 from __future__ import annotations
 
 import statistics
@@ -74,7 +74,14 @@ def _time_once(fn: Callable[[], object], device: torch.device) -> float:
 
 def _stats(ts: list[float]) -> dict:
     q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
-    return {"median_ms": statistics.median(ts), "q1_ms": q[0], "q3_ms": q[2], "rounds": len(ts)}
+    return {"median_ms": statistics.median(ts), "q1_ms": q[0], "q3_ms": q[2], "rounds": len(ts),
+            "ms": [round(t, 4) for t in ts]}  # per round, in round order: for ratios round by round
+
+
+def paired_ratio(a: dict, b: dict) -> float:
+    """The median over rounds of a's time / b's time in the same round (two entries of one
+    `time_round_robin`): drift between rounds cancels, which a ratio of medians keeps."""
+    return statistics.median(x / y for x, y in zip(a["ms"], b["ms"], strict=True))
 
 
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:

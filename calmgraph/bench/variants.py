@@ -15,7 +15,7 @@ from .baselines import HookComposition, Parts, input_checks_us, train_step, with
 from .calm_pytorch import calm_leak_mb, calm_pytorch_call, calm_pytorch_composition, calm_pytorch_unfit
 from .inputs import forward_inputs, make_inputs
 from .progress import Progress
-from .timing import Budget, peak_memory_mb, time_round_robin
+from .timing import Budget, paired_ratio, peak_memory_mb, time_round_robin
 
 Fn = Callable[[], object]
 
@@ -233,9 +233,10 @@ def _bench(composed, models, *, batch, seq, prompt_len, budget, variants, seed, 
 
 
 def ratios(times: dict) -> dict:
+    """Each a/b: the median of the per-round ratios (`timing.paired_ratio`)."""
     def r(section, a, b):
         t = times.get(section, {})
-        return t[a]["median_ms"] / t[b]["median_ms"] if a in t and b in t else None
+        return paired_ratio(t[a], t[b]) if a in t and b in t else None
     return {"fused/parts": r("forward", "fused", "parts"), "hooks/fused": r("forward", "hooks", "fused"),
             "fused_no_checks/fused": r("forward", "fused_no_checks", "fused"),
             "fused_unpruned/fused": r("forward", "fused_unpruned", "fused"),
