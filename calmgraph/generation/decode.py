@@ -43,9 +43,9 @@ from ..families import CACHE_KWARGS, is_transformers
 from ..graph import build_order
 from ..passes.base import Merged
 from ..passes.merge import inline
-from ..signature import WRITE_MASK
 from ..passes.splice import splice
 from ..plan import LINK_KEY, ROOT
+from ..signature import WRITE_MASK
 from ..tracing.entry import ENTRY
 from ..tracing.shared import trace_shared
 from ..tracing.taps import block_inputs, block_outputs

@@ -184,9 +184,8 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
 
     `<augment>_input_ids` / `<augment>_mask` feed the prompt augments (read once); `write_mask` (B, T), where
     the composition takes one, says where in the prompt its `writes: masked` blocks add (new tokens: nowhere).
-    A row that emits an
-    `eos_token_id` is finished: its later tokens are `pad_token_id` (default: the first eos id);
-    generation stops early once every row is finished. `cache`: None uses the KV caches when the anchor has
+    A row that emits an `eos_token_id` is finished: its later tokens are `pad_token_id` (default: the first
+    eos id); generation stops early once every row is finished. `cache`: None uses the KV caches when the anchor has
     one (a transformers causal LM), True requires it, False recomputes the sequence at every step.
     `compile_step`: run the cached decode step through `torch.compile`: True with `STEP_COMPILE` (CUDA
     graphs and coordinate-descent tuning), a dict with those keywords instead (e.g. `{"mode":
