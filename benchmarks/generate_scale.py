@@ -47,6 +47,9 @@ def parse(argv=None):
     p.add_argument("--modes", nargs="+", choices=["shared", "prompt"], default=["shared", "prompt"])
     p.add_argument("--variants", nargs="+", choices=["cached", "compiled", "recompute"],
                    default=["cached", "compiled", "recompute"])
+    p.add_argument("--step-options", type=json.loads, default=None, metavar="JSON",
+                   help='the compiled variant\'s compile_step (default true: STEP_COMPILE), e.g. '
+                        '\'{"options": {"triton.cudagraphs": true, "combo_kernels": true}}\'')
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     return p.parse_args(argv)
@@ -102,7 +105,8 @@ def run(args) -> dict:
             calls = {"transformers_anchor_alone": lambda n: anchor.generate(
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0)}
             for variant in args.variants:
-                options = {"cached": {"cache": True}, "compiled": {"cache": True, "compile_step": True},
+                step = True if args.step_options is None else args.step_options
+                options = {"cached": {"cache": True}, "compiled": {"cache": True, "compile_step": step},
                            "recompute": {"cache": False}}[variant]
                 calls[variant] = (lambda o: lambda n: composed.generate(ids, n, **o, **extra))(options)
             first = {}
@@ -126,6 +130,7 @@ def run(args) -> dict:
     return {
         "what": "tokens/s per sequence, greedy, no early stop; median of interleaved rounds",
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "compile_step": "STEP_COMPILE" if args.step_options is None else args.step_options,
         "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or "cpu",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
