@@ -142,6 +142,11 @@ def _comparable(value, module: nn.Module):
                 tuple(sorted((k, _comparable(v, module)) for k, v in value.keywords.items())))
     if isinstance(value, types.MethodType) and value.__self__ is module:
         return ("method", value.__func__)
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return ("dict", tuple(sorted((k, _comparable(v, module)) for k, v in value.items())))
+    if isinstance(value, nn.Module) and not any(True for _ in (*value.parameters(), *value.buffers())):
+        # transformers >= 5.25 keeps a stateless function module per layer (`_kernel_funcs`): by what it is
+        return ("module", type(value), repr(_structure(value)))
     if isinstance(value, torch.Tensor):
         raise NotShared("a block holds a tensor that is neither a parameter nor a buffer")
     return ("object", id(value))
