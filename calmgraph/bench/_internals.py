@@ -8,10 +8,10 @@ from ..graph import build_order
 from ..passes.merge import check_token_ids, prompt_mask, write_mask
 from ..passes.splice import masked
 from ..plan import ROOT
-from ..signature import WRITE_MASK
+from ..signature import WRITE_MASK, writes_masked
 from ..tracing.entry import Entry, PromptEntry, frozen_alias, model_device
 from ..report import table as text_table
 
 __all__ = ["ComposedModel", "ModelError", "compile_composition", "load_models", "load_spec", "find_blocks", "build_order",
            "check_token_ids", "prompt_mask", "write_mask", "masked", "ROOT", "WRITE_MASK", "Entry", "PromptEntry",
-           "frozen_alias", "model_device", "text_table"]
+           "frozen_alias", "model_device", "text_table", "writes_masked"]

@@ -6,7 +6,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from ._internals import WRITE_MASK, ComposedModel, ModelError, model_device
+from ._internals import ComposedModel, ModelError, model_device, writes_masked
 
 NOT_INSTALLED = "CALM-pytorch is not installed (pip install \"calmgraph[bench]\")"
 
@@ -31,7 +31,7 @@ def calm_pytorch_unfit(composed: ComposedModel, models: dict[str, nn.Module]) ->
     if not_xt or any(e.target != spec.anchor.name for e in spec.edges) or len(spec.edges) != len(spec.augments):
         return ("CALM-pytorch takes x-transformers TransformerWrapper models with one edge from each "
                 f"augment to the anchor (not x-transformers: {not_xt})")
-    if WRITE_MASK in composed.signature.names:
+    if writes_masked(spec):
         return "CALM-pytorch's cross-attention writes at every position; this composition has writes: masked"
     return None
 

@@ -98,9 +98,9 @@ def splice(merged: Merged, links: list[Link], order: list[str], blocks: nn.Modul
                         added_delta = graph.call_function(masked, (delta, merged.write_mask))
                 with graph.inserting_after(added_delta):
                     total = graph.call_function(operator.add, (total, added_delta))
-                meta = {LINK_KEY: link, **{k: tap.meta[k] for k in ("val",) if k in tap.meta}}
-                delta.meta, added_delta.meta, total.meta = meta, dict(meta), dict(meta)
-                created |= {delta, added_delta, total}
+                for node in {delta, added_delta, total}:
+                    node.meta = {LINK_KEY: link, **{k: tap.meta[k] for k in ("val",) if k in tap.meta}}
+                    created.add(node)
                 last = total
             tap.replace_all_uses_with(total, delete_user_cb=lambda user: user not in created)
             merged.taps[target][layer] = total

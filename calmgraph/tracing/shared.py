@@ -146,7 +146,7 @@ def _comparable(value, module: nn.Module):
         return ("dict", tuple(sorted((k, _comparable(v, module)) for k, v in value.items())))
     if isinstance(value, nn.Module) and not any(True for _ in (*value.parameters(), *value.buffers())):
         # transformers >= 5.25 keeps a stateless function module per layer (`_kernel_funcs`): by what it is
-        return ("module", type(value), repr(_structure(value)))
+        return ("module", type(value), _structure(value))
     if isinstance(value, torch.Tensor):
         raise NotShared("a block holds a tensor that is neither a parameter nor a buffer")
     return ("object", id(value))

@@ -98,9 +98,13 @@ class ExpressionWrites(torch.nn.Module):
         return self.composed(input_ids=ids, write_mask=expression_writes(ids))
 
 
+def takes_writes(composed: cg.ComposedModel) -> bool:
+    return "write_mask" in composed.input_names  # its blocks have `writes: masked`
+
+
 def callable_model(composed: cg.ComposedModel):
     """What the scoring functions call: the composition, or `ExpressionWrites` of it where it takes a write_mask."""
-    return ExpressionWrites(composed) if "write_mask" in composed.input_names else composed
+    return ExpressionWrites(composed) if takes_writes(composed) else composed
 
 
 def train_composition(composed: cg.ComposedModel, world: KVWorld, data: str, *, steps: int, batch_size: int,
@@ -111,7 +115,7 @@ def train_composition(composed: cg.ComposedModel, world: KVWorld, data: str, *, 
     `eos_loss=False`, without the loss on the EOS that ends a KV-substitution answer)."""
     torch.manual_seed(seed)
     dataset = KVDataset(world, compose_tasks(data, world.cfg), "compose", size=10**9, eos_loss=eos_loss,
-                        write_mask="write_mask" in composed.input_names)
+                        write_mask=takes_writes(composed))
     cfg = TrainConfig(max_steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(100, steps // 10),
                       weight_decay=0.01, shuffle=False, seed=seed, cpu=cpu, progress=progress,
                       num_workers=num_workers)
