@@ -22,6 +22,7 @@ from calmgraph.passes.splice import Splice
 from calmgraph.passes.trace import Trace
 from calmgraph.passes.verify import Verify, verify
 from calmgraph.plan import LINK_KEY, MODEL_KEY
+from tests.reference import eager_reference, randomize_new_parameters
 from tests.support import VOCAB, llama
 
 
@@ -38,6 +39,18 @@ class Toy(nn.Module):
         h = self.emb(input_ids)
         for block in self.blocks:
             h = block(h)
+        return self.head(h)
+
+
+class InPlaceToy(Toy):
+    """An in-place write with no data edge to the read it affects (the fx front end keeps both as they are)."""
+
+    def forward(self, input_ids):
+        h = self.emb(input_ids)
+        scale = h.new_ones(1)
+        for block in self.blocks:
+            h = block(h) * scale
+            scale.mul_(2.0)
         return self.head(h)
 
 
@@ -112,6 +125,23 @@ def test_prune_removes_what_no_edge_reads_and_keeps_live_links():
     assert state.pruned.blocks_kept == {"b": 1} and state.pruned.head_removed == {"b": True}
     assert [(l.source_layer, l.target_layer) for l in state.links] == [(0, 0)]
     assert not any(name.startswith("b.head") for name, _ in state.module.named_parameters())
+
+
+def test_prune_keeps_an_in_place_write_a_later_node_reads():
+    """fx's dead-code elimination calls no method impure: `scale.mul_(2)` has no users, yet the next block's
+    product reads what it wrote. The fused graph must compute what the augment computes alone."""
+    spec = cg.CompositionSpec.from_dict({"anchor": {"name": "a"}, "augments": [{"name": "b"}],
+                                         "edges": [{"source": "b", "target": "a", "layers": [[1, 0]]}]})
+    torch.manual_seed(0)
+    models = {"a": Toy(8), "b": InPlaceToy(6)}
+    composed = cg.compile(spec, models=models)
+    randomize_new_parameters(composed)
+    ids = torch.randint(0, 11, (2, 5))
+    blocks = {name: list(m.blocks) for name, m in models.items()}
+    with torch.no_grad():
+        torch.testing.assert_close(composed(ids), eager_reference(composed, models, blocks, ids))
+    targets = {n.target for n in composed.graph.nodes}
+    assert "mul_" in targets and not targets & {"b.blocks.2", "b.head"}   # the writes kept, dead blocks still gone
 
 
 def test_prune_off_keeps_everything():

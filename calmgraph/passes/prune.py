@@ -21,6 +21,8 @@ _CHECKS = {torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten._asser
 
 
 def _is_impure(node: fx.Node) -> bool:
+    if node.op == "call_method":   # fx calls no method impure; an in-place one (`scale.mul_(2)`) writes what
+        return node.target.endswith("_") and not node.target.startswith("_")   # a later node may read
     return node.target not in _CHECKS and node.is_impure(impure_random=False)
 
 
