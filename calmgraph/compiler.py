@@ -18,6 +18,7 @@ from .passes.merge import Merge
 from .passes.outline import Outline
 from .passes.prune import Prune
 from .passes.resolve import Resolve
+from .passes.schedule import Schedule
 from .passes.splice import Splice
 from .passes.trace import Trace, trace_model
 from .passes.verify import Verify
@@ -33,6 +34,7 @@ PIPELINE = (
     Splice(),    # a cross-attention node per link                              passes/splice.py
     Prune(),     # what no edge reads goes; the links that survive              passes/prune.py
     Outline(),   # each block one submodule, called once (FSDP, checkpointing)  passes/outline.py
+    Schedule(),  # each augment just before the first link reading it           passes/schedule.py
     Verify(),    # lint + a shape check on fake tensors at other sizes          passes/verify.py
 )
 

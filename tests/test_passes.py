@@ -18,6 +18,7 @@ from calmgraph.passes.merge import Merge
 from calmgraph.passes.outline import Outline
 from calmgraph.passes.prune import Prune
 from calmgraph.passes.resolve import Resolve
+from calmgraph.passes.schedule import Schedule, schedule
 from calmgraph.passes.splice import Splice
 from calmgraph.passes.trace import Trace
 from calmgraph.passes.verify import Verify, verify
@@ -196,13 +197,68 @@ def test_verify_runs_a_block_that_differs_from_its_neighbours():
 
 
 def test_compiled_graph_equals_the_pipeline_state():
-    state = run(state_for([[0, 0]]), Gather(), Trace(), Resolve(), Merge(), Splice(), Prune(), Outline(), Verify())
+    state = run(state_for([[0, 0]]), Gather(), Trace(), Resolve(), Merge(), Splice(), Prune(), Outline(), Schedule(),
+                Verify())
     composed = cg.compile(state.spec, models=state.models)
     assert composed.code == state.module.code
     assert composed.links == state.links and composed.signature == state.signature
     ids = torch.randint(0, 11, (2, 5))
     with torch.no_grad():
         assert torch.equal(composed(ids), state.models["a"](ids))   # identity at initialisation
+
+
+def calls(graph: fx.Graph) -> list[str]:
+    return [n.target for n in graph.nodes if n.op == "call_module"]
+
+
+def test_schedule_runs_each_augment_just_before_the_link_reading_it():
+    state = run(state_for([[0, 1], [2, 2]]), Gather(), Trace(), Resolve(), Merge(), Splice(), Prune())
+    assert calls(state.module.graph) == ["b.emb", "b.blocks.0", "b.blocks.1", "b.blocks.2", "a.emb", "a.blocks.0",
+                                         "a.blocks.1", "xattn.b_to_a.l0_to_l1", "a.blocks.2", "xattn.b_to_a.l2_to_l2",
+                                         "a.head"]
+    ids = torch.randint(0, 11, (2, 5))
+    with torch.no_grad():
+        before = state.module(ids)
+    state = run(state, Schedule())
+    assert state.scheduled and state.log[-1]["modified"]
+    assert calls(state.module.graph) == ["a.emb", "a.blocks.0", "a.blocks.1", "b.emb", "b.blocks.0",
+                                         "xattn.b_to_a.l0_to_l1", "a.blocks.2", "b.blocks.1", "b.blocks.2",
+                                         "xattn.b_to_a.l2_to_l2", "a.head"]
+    with torch.no_grad():
+        assert torch.equal(state.module(ids), before)
+
+
+def test_schedule_keeps_each_models_order_across_a_chain_and_two_augments():
+    """b -> c -> a and d -> a: every node still after its inputs (lint), each model's nodes in their own order
+    (in-place writes stay before the reads they affect), the same outputs."""
+    spec = cg.CompositionSpec.from_dict({
+        "anchor": {"name": "a"}, "augments": [{"name": "b"}, {"name": "c"}, {"name": "d"}],
+        "edges": [{"source": "b", "target": "c", "layers": [[1, 0]]}, {"source": "c", "target": "a", "layers": [[2, 1]]},
+                  {"source": "d", "target": "a", "layers": [[0, 0], [1, 2]]}]})
+    torch.manual_seed(0)
+    models = {"a": Toy(8), "b": InPlaceToy(6), "c": Toy(4), "d": Toy(6)}
+    state = run(CompileState(spec, models), Gather(), Trace(), Resolve(), Merge(), Splice(), Prune(), Outline())
+    graph = state.module.graph
+    before = list(graph.nodes)
+    ids = torch.randint(0, 11, (2, 5))
+    with torch.no_grad():
+        for p in state.module.parameters():
+            p.normal_()                                  # the blocks change the anchor: the outputs tell
+        expected = state.module(ids)
+        moved = schedule(graph, {"b", "c", "d"})
+        graph.lint()
+        state.module.recompile()
+        assert moved > 0 and sorted(graph.nodes, key=id) == sorted(before, key=id)
+        after = list(graph.nodes)
+        for model in "abcd":
+            mine = [n for n in before if n.meta.get(MODEL_KEY) == model]
+            assert [n for n in after if n.meta.get(MODEL_KEY) == model] == mine
+        assert [n for n in after if n.op == "placeholder"] == [n for n in before if n.op == "placeholder"]
+        order = calls(graph)
+        assert order.index("a.blocks.0") < order.index("b.blocks.0") < order.index("c.blocks.1")
+        assert order.index("d.blocks.1") > order.index("a.blocks.1")
+        assert torch.equal(state.module(ids), expected)
+        assert any(n.target == "mul_" for n in after)
 
 
 class LoopPositions(nn.Module):

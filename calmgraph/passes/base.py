@@ -102,6 +102,7 @@ class CompileState:
     module: fx.GraphModule | None = None               # splice: the fused graph, as a module
     pruned: PruneReport | None = None                  # prune
     outlined: Any = None                               # outline: its OutlineReport (block paths, what stayed flat)
+    scheduled: bool = False                            # schedule
     verified: bool = False                             # verify
     log: list[dict[str, Any]] = field(default_factory=list)  # per pass: name, modified, seconds
 
