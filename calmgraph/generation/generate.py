@@ -39,10 +39,12 @@ _STAGES: WeakKeyDictionary = WeakKeyDictionary()  # composed -> (what it was spl
 CACHE_ROUND = 32    # the shortest KV cache; longer ones double (`cache_length`)
 KEEP_DECODERS = 8   # decoders (each holds its KV caches) kept per composed model
 # torch.compile's keywords for a decode step (generate's compile_step=True): CUDA graphs (a GPU step is bound
-# by launches), and coordinate-descent tuning, under which inductor runs a one-row matmul as a reduction kernel
-# of its own and tunes it: a batch-1 step 1.15-1.4x faster on an H200 than cuBLAS's (benchmarks/README.md,
-# "At LLM shapes"), for 1-2 minutes of tuning on the first compile (inductor caches it on disk).
-STEP_COMPILE = {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}}
+# by launches); coordinate-descent tuning, under which inductor runs a one-row matmul as a reduction kernel of
+# its own and tunes it (a batch-1 step 1.15-1.4x faster on an H200 than cuBLAS's); and combo kernels, which
+# launch independent kernels as one (a block's q/k/v products, gate and up: 544 -> 289 kernels a token, 1.34x
+# at batch 1 in shared mode), with no weight copied. See benchmarks/README.md, "At LLM shapes". A cold first
+# compile tunes for 1-2.5 minutes (inductor caches it on disk).
+STEP_COMPILE = {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True, "combo_kernels": True}}
 COMPILE_KEYWORDS = ("backend", "mode", "options", "dynamic", "fullgraph")
 
 
@@ -188,7 +190,7 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     eos id); generation stops early once every row is finished. `cache`: None uses the KV caches when the anchor has
     one (a transformers causal LM), True requires it, False recomputes the sequence at every step.
     `compile_step`: run the cached decode step through `torch.compile`: True with `STEP_COMPILE` (CUDA
-    graphs and coordinate-descent tuning), a dict with those keywords instead (e.g. `{"mode":
+    graphs, coordinate-descent tuning and combo kernels), a dict with those keywords instead (e.g. `{"mode":
     "reduce-overhead"}` compiles in a third of the time and decodes slower at batch 1). Its caches are sized to
     a bucket (`cache_length`: 32, 64, 128... positions), so it compiles once per batch size and bucket.
     """
