@@ -155,3 +155,18 @@ def test_a_shared_augment_without_a_cache_is_recomputed_and_the_tokens_agree():
     assert torch.equal(cached, composed.generate(ids, 6, cache=False))
     for i in range(2):
         assert torch.equal(cached[i], argmax_by_full_forwards(composed, ids[i:i + 1], 6, {})[0])
+
+
+def test_a_shared_augment_that_reads_ahead_is_recomputed_and_the_anchor_still_cached():
+    """BERT takes a cache argument, yet its attention reads ahead (`is_causal` False): no cache decodes it a
+    token at a time. The anchor is decoded alone and BERT is run over the sequence at each step (it used to
+    make the whole call fall back to recomputing, after a failed trace)."""
+    composed = compose("llama", {"b": ("bert", 32, "shared")}, [("b", "anchor", [[0, 1], [1, 2]])])
+    assert decoder_for(composed, 2, 8).models == ("anchor",)
+    assert contexts_of(composed).reads_sequence
+    ids = tokens((2, 5), 61)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")        # no fallback warning: the cached path runs
+        cached = composed.generate(ids, 6, cache=True)
+    for i in range(2):
+        assert torch.equal(cached[i], argmax_by_full_forwards(composed, ids[i:i + 1], 6, {})[0])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import calmgraph as cg
-from calmgraph.errors import InputError, LayerRefError, SpecError
+from calmgraph.errors import InputError, LayerRefError, SpecError, TraceError
 from tests.support import VOCAB, bert, eager_reference, gpt, gpt2, llama, randomize_new_parameters
 
 
@@ -210,3 +210,33 @@ def test_the_hook_baseline_computes_the_same(masked):
         hooked = HookComposition(composed, models)(input_ids=ids, bert_input_ids=notes, bert_mask=notes_mask,
                                                    write_mask=write)
     torch.testing.assert_close(getattr(hooked, "logits", hooked), call(composed, ids, notes, notes_mask, write))
+
+
+def test_a_masked_link_into_a_recomputed_shared_augment_generates_by_recomputing():
+    """GPT-2 writes (masked) into a BERT that reads the anchor's tokens and is run again over the sequence at
+    each step; the step's contexts take no write_mask. cache=None falls back to recomputing, with a warning,
+    and still generates what full forwards give; cache=True says why it cannot."""
+    torch.manual_seed(0)
+    models = {"llama": llama().eval(), "gpt2": gpt2().eval(), "bert": bert().eval()}
+    spec = {"anchor": {"name": "llama"}, "augments": [{"name": "gpt2"}, {"name": "bert"}],
+            "edges": [{"source": "gpt2", "target": "bert", "layers": [[1, 1]], "cross_attention": {"writes": "masked"}},
+                      {"source": "bert", "target": "llama", "layers": [[-1, 2]]}]}
+    composed = cg.compile(spec, models=models)
+    randomize_new_parameters(composed, std=0.2)
+    g = torch.Generator().manual_seed(3)
+    ids, write = torch.randint(0, VOCAB, (2, 7), generator=g), torch.randint(0, 2, (2, 7), generator=g)
+    with pytest.warns(UserWarning, match=r"without the anchor's KV cache: a shared augment recomputed at each step "
+                                         r"is the target of a writes: masked link"):
+        got = composed.generate(ids, 4, write_mask=write)
+    expected = []
+    for r in range(2):
+        seq, w = ids[r:r + 1], write[r:r + 1]
+        for _ in range(4):
+            with torch.no_grad():
+                logits = composed(input_ids=seq, write_mask=w)
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+            w = torch.cat([w, torch.zeros_like(w[:, :1])], 1)
+        expected.append(seq[0])
+    assert torch.equal(got, torch.stack(expected))
+    with pytest.raises(TraceError, match=r"generate\(\.\.\., cache=False\) recomputes instead"):
+        composed.generate(ids, 4, write_mask=write, cache=True)

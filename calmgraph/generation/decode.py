@@ -56,8 +56,10 @@ FUSE = True  # apply fuse.py's rewrites to each decode graph (benchmarks/decode_
 
 
 def cache_kwarg(model: nn.Module) -> str | None:
-    """The name under which a transformers causal LM takes a KV cache, or None if it is not one."""
-    if not is_transformers(model):
+    """The name under which a transformers causal LM takes a KV cache, or None if it is not one. A model with
+    an attention that says it is not causal (BERT's, which reads ahead) takes a cache argument too, but no
+    cache decodes it a token at a time."""
+    if not is_transformers(model) or any(getattr(m, "is_causal", True) is False for m in model.modules()):
         return None
     params = inspect.signature(model.forward).parameters
     return next((k for k in CACHE_KWARGS if k in params), None)
