@@ -240,3 +240,23 @@ def test_a_masked_link_into_a_recomputed_shared_augment_generates_by_recomputing
     assert torch.equal(got, torch.stack(expected))
     with pytest.raises(TraceError, match=r"generate\(\.\.\., cache=False\) recomputes instead"):
         composed.generate(ids, 4, write_mask=write, cache=True)
+
+
+def test_the_steps_after_prefill_drop_the_masked_blocks(masked):
+    """A new token is never written: the step graph has no masked block, no link cache of one, and none of
+    GPT-2's weights or cache (only masked links read it), while prefill keeps them all. The generate tests
+    above run it."""
+    from calmgraph.generation.generate import decoder_for
+    composed, _ = masked
+    decoder = decoder_for(composed, 2, 12)
+    targets = lambda gm: [str(n.target) for n in gm.graph.nodes if n.op in ("call_module", "call_function")]
+    assert any("masked" in t for t in targets(decoder.module)) and any("link_cache" in t for t in targets(decoder.module))
+    for step in (decoder.step, decoder.to_compile):
+        assert not any("masked" in t or "link_cache" in t or "attend" in t for t in targets(step))
+        gpt2 = [n for n in step.graph.nodes if n.meta.get("calmgraph_model") == "gpt2"]
+        assert not any(n.op == "get_attr" for n in gpt2) and len(gpt2) <= 4   # no weight, no cache: positions only
+        assert [n.target for n in step.graph.nodes if n.op == "placeholder"] == \
+            [n.target for n in decoder.module.graph.nodes if n.op == "placeholder"]
+    half, _ = composition(writes_gpt2="masked", writes_bert="all")
+    step = decoder_for(half, 2, 12).step
+    assert any("attend" in t for t in targets(step)) and not any("link_cache" in t for t in targets(step))

@@ -13,6 +13,7 @@ fused graph, and the links are spliced at them with the composed model's own cro
     kv = decoder.project(ctx)                              # prompt links' keys and values: once
     logits = decoder.module(new_ids, cache_position, *ctx, *kv)        # (B, new, vocab)
     logits = decoder.module(new_ids, cache_position, *ctx, *kv, write_mask)   # with `writes: masked` links
+    logits = decoder.step(token, position, *ctx, *kv[, zeros])  # after prefill: no masked block (`unwritten`)
 
 A link from a shared augment decoded in the graph (`LinkCache`) keeps its source's projected keys and
 values for every position so far, writes the new positions' at each step, and attends over them by
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -38,12 +40,12 @@ import torch.nn as nn
 
 from ..blocks import find_blocks
 from ..cross_attention import rotate
-from ..errors import TraceError
+from ..errors import InternalError, TraceError
 from ..families import CACHE_KWARGS, is_transformers
 from ..graph import build_order
 from ..passes.base import Merged
 from ..passes.merge import inline
-from ..passes.splice import splice
+from ..passes.splice import masked, splice
 from ..plan import LINK_KEY, ROOT
 from ..signature import WRITE_MASK
 from ..tracing.entry import ENTRY
@@ -165,6 +167,7 @@ class Decoder:
     precomputed: list[tuple[str, int]]  # per prompt link: its Attend module's path, the index of its context
     models: tuple[str, ...]             # the models it decodes with a cache: the anchor last
     to_compile: fx.GraphModule          # the step torch.compile gets (`module`, or a variant on its caches)
+    step: fx.GraphModule                # the eager step after prefill (`module`, or without what it never writes)
     _compiled: tuple | None = field(default=None, repr=False)           # (options, compiled module)
 
     def compiled(self, options: dict):
@@ -183,8 +186,8 @@ class Decoder:
         """The same decode graphs with caches of their own (the weights shared): for rows decoded beside
         this decoder's, so that nothing is traced twice."""
         memo = {id(p): p for p in self.module.parameters()}
-        module, to_compile = copy.deepcopy((self.module, self.to_compile), memo)   # one memo: caches stay shared
-        return Decoder(module, self.batch, self.max_len, self.precomputed, self.models, to_compile)
+        module, to_compile, step = copy.deepcopy((self.module, self.to_compile, self.step), memo)  # one memo: caches stay shared
+        return Decoder(module, self.batch, self.max_len, self.precomputed, self.models, to_compile, step)
 
     def project(self, contexts: tuple) -> list[torch.Tensor]:
         """The keys and values of the prompt links, in the order the decoder takes them."""
@@ -276,9 +279,29 @@ def build_decoder(composed, anchor_stage: fx.GraphModule, contexts: Contexts, ba
         if sdpa_gqa(eager):
             keep_live(eager)
             module = fx.GraphModule(root, eager, class_name="Decoder")
+    step = module
+    if writes is not None:  # a new token is never written: the steps run without the masked blocks
+        step, to_compile = unwritten(module), unwritten(to_compile)
     names = {name: i for i, name in enumerate(contexts.names)}
     return Decoder(module, batch, max_len, [(attend[n.target], names[n.args[1].name]) for n in fixed], tuple(models),
-                   to_compile)
+                   to_compile, step)
+
+
+def unwritten(decoder: fx.GraphModule) -> fx.GraphModule:
+    """The decode graph for steps after prefill, where `write_mask` is 0: each `writes: masked` block adds
+    nothing, so it goes, with what only it reads (its link cache; an augment no other link reads, with its
+    KV cache writes). It still takes the write_mask, unused, so both graphs are called alike. Same caches."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(decoder.graph, {}))
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target is masked]:
+        for user in list(node.users):   # the residual sum: total + masked delta
+            if user.target is not operator.add or user.args[1] is not node:
+                raise InternalError(f"a masked block's delta is read by {user.format_node()}, not by its residual sum")
+            user.replace_all_uses_with(user.args[0])
+            graph.erase_node(user)
+    keep_live(graph)
+    graph.lint()
+    return fx.GraphModule(decoder, graph, class_name="Decoder")
 
 
 def _writes(node: fx.Node) -> fx.Node | None:

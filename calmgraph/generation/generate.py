@@ -372,7 +372,7 @@ class CachedSteps:
                                 "writes": (writes[rows, :length],) if takes else (),
                                 "no_writes": (writes.new_zeros(len(rows), 1),) if takes else (),
                                 "ctx": ctx, "kv": decoder.project(ctx),            # prompt links: once
-                                "step": decoder.module if step_options is None else decoder.compiled(step_options)})
+                                "step": decoder.step if step_options is None else decoder.compiled(step_options)})
         self.batch = B
 
     def _gather(self, parts):
