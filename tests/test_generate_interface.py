@@ -276,12 +276,66 @@ def test_only_ids_every_reader_can_embed_are_generated():
         assert torch.equal(composed.generate(ids, 6, cache=cache), expected)
 
 
-def test_generate_under_autocast_warns_that_frozen_weights_are_cast_every_step(small):
+def casts(fn) -> tuple[torch.Tensor, int]:
+    from torch.profiler import profile
+    with profile() as prof:
+        out = fn()
+    return out, sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+
+
+def test_recomputing_generate_under_autocast_casts_each_linear_weight_once(small, monkeypatch):
+    """The demo's anchor has no cache: each step runs the anchor stage, whose nn.Linear weights autocast
+    would cast again at every step. Given copies cast once, the steps compute the same tokens as full
+    forwards under autocast, with fewer casts, and nothing warns."""
+    import calmgraph.generation.generate as generation
     composed, _, name = small
     ids, prompts = tokens((2, 4), 9), prompt(name, batch=2)
-    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.warns(UserWarning, match=r"casts the \d+ frozen float32 "
-                                                                   r"weights again at every step.*torch.bfloat16"):
-        under_autocast = composed.generate(ids, 3, **prompts)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = greedy_by_full_forwards(composed, ids, 5, prompts)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got, fewer = casts(lambda: composed.generate(ids, 5, **prompts))
+        monkeypatch.setattr(generation, "autocast_copies", lambda module, device: {})
+        again, every_step = casts(lambda: composed.generate(ids, 5, **prompts))
+    assert torch.equal(got, expected) and torch.equal(again, expected)
+    assert fewer < every_step
+
+
+def test_autocast_copies_leave_tied_weights_and_linear_subclasses_alone():
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 4)
+            self.proj, self.head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 10, bias=False)
+            self.head.weight = self.emb.weight                          # tied: the embedding reads it too
+            self.mha_out = torch.nn.modules.linear.NonDynamicallyQuantizableLinear(4, 4)
+            self.half = torch.nn.Linear(4, 4).to(torch.bfloat16)         # not float32: nothing to cast
+
+    from calmgraph.generation.generate import autocast_copies
+    model, cpu = Model(), torch.device("cpu")
+    assert autocast_copies(model, cpu) == {}                             # autocast off
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        copies = autocast_copies(model, cpu)
+    assert sorted(copies) == ["proj.bias", "proj.weight"]
+    assert all(t.dtype == torch.bfloat16 for t in copies.values())
+    assert torch.equal(copies["proj.weight"], model.proj.weight.to(torch.bfloat16))
+
+
+@pytest.fixture(scope="module")
+def llama_gpt2_bert():
+    return hf()
+
+
+def test_cached_generate_under_autocast_gives_full_forwards_tokens_and_warns_of_the_casts(llama_gpt2_bert):
+    """The decode graph's caches hold the models' dtype; under autocast each write casts its keys and values
+    to it (they came in bfloat16, and `index_copy_` refused them). The step is not given cast copies of the
+    weights: a warning says every frozen weight is cast again at every step."""
+    composed, _, name = llama_gpt2_bert
+    ids, prompts = tokens((2, 4), 9), prompt(name, batch=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.warns(UserWarning, match=r"casts the \d+ frozen float32 weights again at every step.*torch.bfloat16"):
+            under_autocast = composed.generate(ids, 6, cache=True, **prompts)
+        assert torch.equal(under_autocast, greedy_by_full_forwards(composed, ids, 6, prompts))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert composed.generate(ids, 3, **prompts).shape == under_autocast.shape     # no autocast: no warning
+        assert composed.generate(ids, 6, cache=True, **prompts).shape == under_autocast.shape   # no autocast: no warning

@@ -30,6 +30,7 @@ length, and its shapes do not change from step to step. Its `cache_position` hol
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import operator
 from dataclasses import dataclass, field
@@ -154,8 +155,8 @@ class LinkCache(nn.Module):
         k, v = self.block.context_kv(context)
         if self.block.rotary:
             k = rotate(k, cache_position)
-        self.keys.index_copy_(2, cache_position, k)
-        self.values.index_copy_(2, cache_position, v)
+        self.keys.index_copy_(2, cache_position, k.to(self.keys.dtype))   # autocast's dtype, in the block's
+        self.values.index_copy_(2, cache_position, v.to(self.values.dtype))
         return self.block.attend_at(x, self.keys, self.values, cache_position)
 
 
@@ -268,6 +269,7 @@ def build_decoder(composed, anchor_stage: fx.GraphModule, contexts: Contexts, ba
                     write_mask=writes)
     splice(merged, [n.meta[LINK_KEY] for n in stage_links], list(models), blocks=root.get_submodule(ROOT))
     attend = _reroute(graph, root, kv, models, batch, max_len)
+    cast_cache_writes(graph, root)
     if FUSE:
         fuse(graph, root, ids, position)
     keep_live(graph)
@@ -312,6 +314,25 @@ def _writes(node: fx.Node) -> fx.Node | None:
     alias = schema.arguments[0].alias_info
     first = node.args[0]
     return first if alias is not None and alias.is_write and isinstance(first, fx.Node) and first.op == "get_attr" else None
+
+
+def cast_cache_writes(graph: fx.Graph, root: nn.Module) -> None:
+    """Each cache write casts what it writes to the cache's dtype. Under autocast a model's keys and values
+    come in autocast's dtype while its cache holds the model's (`index_copy_` refuses the mix); a key cast up
+    and read back by autocast is the same number. Without autocast the cast is a no-op."""
+    for node in list(graph.nodes):
+        buffer = _writes(node)
+        if buffer is None:
+            continue
+        dtype = functools.reduce(getattr, buffer.target.split("."), root).dtype   # a buffer, or a lifted constant
+        args = list(node.args)
+        for i, arg in enumerate(args[1:], 1):
+            val = arg.meta.get("val") if isinstance(arg, fx.Node) else None
+            if isinstance(val, torch.Tensor) and val.is_floating_point():
+                with graph.inserting_before(node):
+                    args[i] = graph.call_function(torch.ops.aten.to.dtype, (arg, dtype))
+                args[i].meta = dict(arg.meta)
+        node.args = tuple(args)
 
 
 def keep_live(graph: fx.Graph) -> None:

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from weakref import WeakKeyDictionary
 
 import torch
+import torch.nn as nn
 
 from ..errors import CalmGraphError, InputError
 from ..passes.merge import check_token_ids, prompt_mask, write_mask
@@ -207,7 +208,6 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
                                   or generator.device.type != input_ids.device.type):
         got = f"one on {generator.device}" if isinstance(generator, torch.Generator) else repr(generator)
         raise InputError(f"generator must be a torch.Generator on the ids' device ({input_ids.device}); got {got}")
-    _warn_autocast(composed, input_ids.device)
     keep = _check_mask(attention_mask, input_ids)
     check_token_ids(input_ids.masked_fill(~keep, 0), "input_ids", shared.vocab)  # padding is never read
     prompts = _prompt_inputs(composed, prompt_inputs, input_ids.shape[0])
@@ -250,6 +250,8 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
             warnings.warn(f"generating without the anchor's KV cache: {e}", stacklevel=3)
     if steps is None:
         steps = RecomputedSteps(composed, packed, lengths, states, o.max_new_tokens, writes)
+    else:
+        _warn_autocast(composed, input_ids.device)
     if streamer is not None:
         streamer.put(input_ids.cpu())
     new = _decode(steps, input_ids, o, choose, eos, pad, criteria, streamer, shared.vocab)
@@ -258,9 +260,33 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     return torch.cat([input_ids, new], dim=1)
 
 
+def autocast_copies(module: nn.Module, device: torch.device) -> dict[str, torch.Tensor]:
+    """Under autocast, the float32 weights and biases of `module`'s `nn.Linear` layers cast once to autocast's
+    dtype, by name (for `torch.func.functional_call`). Autocast caches no cast in inference mode, nor of a
+    weight that does not require grad: at each step it would cast every weight again (on a GPU, a kernel
+    each). A linear casts its weight to that dtype anyway, so a step computes the same numbers with these
+    copies, which hold half the float32 weights' memory for the call. A weight that is tied to another
+    module's (read by other ops too) is left as it is, and so is a subclass of `nn.Linear`, whose forward
+    may not be a linear."""
+    if not torch.is_autocast_enabled(device.type):
+        return {}
+    dtype = torch.get_autocast_dtype(device.type)
+    names: dict[int, int] = {}
+    for _, p in module.named_parameters(remove_duplicate=False):
+        names[id(p)] = names.get(id(p), 0) + 1
+    copies = {}
+    for path, m in module.named_modules():
+        if type(m) is not nn.Linear:
+            continue
+        for name, p in m.named_parameters(recurse=False):
+            if p.dtype == torch.float32 and p.device.type == device.type and names[id(p)] == 1:
+                copies[f"{path}.{name}" if path else name] = p.detach().to(dtype)
+    return copies
+
+
 def _warn_autocast(composed, device: torch.device) -> None:
-    """Autocast caches its casts only of weights that require grad, so it casts every frozen weight again at
-    every op of every step: on a GPU, as many extra kernels as there are weights, each token."""
+    """The decode graph's step (the cached path) is not given `autocast_copies`: autocast casts every frozen
+    weight again at every op of every step there, on a GPU as many extra kernels as there are weights."""
     if not torch.is_autocast_enabled(device.type):
         return
     frozen = [p for p in composed.parameters() if not p.requires_grad and p.dtype == torch.float32]
@@ -328,10 +354,13 @@ class RecomputedSteps:
         self.buf = packed  # grows as tokens come (doubling), not to max_new_tokens at once: a row may stop early
         self.writes = writes  # write_mask, packed like buf; 0 past the prompt
         self.anchor = stages_of(composed).anchor
+        self.weights = autocast_copies(self.anchor, packed.device)   # under autocast: cast once, not each step
 
     def _logits(self, n: int):
-        seq = () if self.writes is None else (self.writes[:, :n],)
-        return self.anchor(self.buf[:, :n], *seq, *self.states)                     # (B, n, vocab)
+        args = (self.buf[:, :n], *(() if self.writes is None else (self.writes[:, :n],)), *self.states)
+        if self.weights:
+            return torch.func.functional_call(self.anchor, self.weights, args, tie_weights=False)
+        return self.anchor(*args)                                                   # (B, n, vocab)
 
     def first(self):
         return self._logits(self.width)[self.rows, self.lengths - 1]
