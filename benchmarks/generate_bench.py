@@ -68,7 +68,8 @@ def decoders(cfg):
         attn_layers=Decoder(dim=dim, depth=depth, heads=cfg["heads"])).eval()
 
 
-def build(cfg):
+def build(cfg, calm_pytorch: bool = True):
+    """(CALM-pytorch's CALM, or None without `calm_pytorch`; the calmgraph composition; the layer pairs)."""
     torch.manual_seed(0)
     decoder = decoders(cfg)
     anchor, augment = decoder(cfg["anchor_dim"], cfg["anchor_depth"]), decoder(cfg["augment_dim"], cfg["augment_depth"])
@@ -77,13 +78,15 @@ def build(cfg):
     step = cfg["anchor_depth"] // min(n, cfg["anchor_depth"])
     pairs = list(zip(range(1, cfg["augment_depth"] + 1, 4), range(1, cfg["anchor_depth"] + 1, step)))
 
-    from CALM_pytorch import CALM, AugmentParams
-    if cfg["models"] == "llama":
-        blocks = lambda m: list(m.model.model.layers)  # noqa: E731
-        calm = CALM(Logits(copy.deepcopy(anchor)), AugmentParams(model=Logits(copy.deepcopy(augment)),
-                    connections=tuple(pairs), extract_blocks_fn=blocks), anchor_extract_blocks_fn=blocks)
-    else:
-        calm = CALM(copy.deepcopy(anchor), AugmentParams(model=copy.deepcopy(augment), connections=tuple(pairs)))
+    calm = None
+    if calm_pytorch:  # built first, as it always was: it draws from the RNG before compile does
+        from CALM_pytorch import CALM, AugmentParams
+        if cfg["models"] == "llama":
+            blocks = lambda m: list(m.model.model.layers)  # noqa: E731
+            calm = CALM(Logits(copy.deepcopy(anchor)), AugmentParams(model=Logits(copy.deepcopy(augment)),
+                        connections=tuple(pairs), extract_blocks_fn=blocks), anchor_extract_blocks_fn=blocks)
+        else:
+            calm = CALM(copy.deepcopy(anchor), AugmentParams(model=copy.deepcopy(augment), connections=tuple(pairs)))
     spec = {"anchor": {"name": "anchor"}, "augments": [{"name": "augment", "input": "prompt"}],
             "edges": [{"source": "augment", "target": "anchor", "layers": [[a - 1, b - 1] for a, b in pairs]}]}
     composed = cg.compile(spec, models={"anchor": anchor, "augment": augment})

@@ -24,7 +24,7 @@ def main():
     report = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
               "torch": torch.__version__, "results": []}
     for cfg in (c for c in CONFIGS if c["models"] == "llama"):
-        _, composed, _ = build(cfg)
+        _, composed, _ = build(cfg, calm_pytorch=False)
         composed = composed.to(args.device)
         prompt = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["prompt"]),
                                generator=torch.Generator().manual_seed(1)).to(args.device)
