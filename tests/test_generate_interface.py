@@ -301,7 +301,7 @@ def test_recomputing_generate_under_autocast_casts_each_linear_weight_once(small
     assert fewer < every_step
 
 
-def test_autocast_copies_leave_tied_weights_and_linear_subclasses_alone():
+def test_linear_weights_leave_tied_weights_and_linear_subclasses_alone():
     class Model(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -311,14 +311,19 @@ def test_autocast_copies_leave_tied_weights_and_linear_subclasses_alone():
             self.mha_out = torch.nn.modules.linear.NonDynamicallyQuantizableLinear(4, 4)
             self.half = torch.nn.Linear(4, 4).to(torch.bfloat16)         # not float32: nothing to cast
 
+    from calmgraph.generation.generate import linear_weights
+    model = Model()
+    assert linear_weights(model, torch.device("cpu")) == {id(model.proj.weight), id(model.proj.bias)}
+
+
+def test_autocast_copies_are_the_casts_autocast_makes(small):
     from calmgraph.generation.generate import autocast_copies
-    model, cpu = Model(), torch.device("cpu")
-    assert autocast_copies(model, cpu) == {}                             # autocast off
+    composed, _, _ = small
+    cpu = torch.device("cpu")
+    assert autocast_copies(composed, cpu) == {}                          # autocast off
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        copies = autocast_copies(model, cpu)
-    assert sorted(copies) == ["proj.bias", "proj.weight"]
-    assert all(t.dtype == torch.bfloat16 for t in copies.values())
-    assert torch.equal(copies["proj.weight"], model.proj.weight.to(torch.bfloat16))
+        copies = autocast_copies(composed, cpu)
+    assert copies and all(torch.equal(t, composed.get_parameter(n).to(torch.bfloat16)) for n, t in copies.items())
 
 
 @pytest.fixture(scope="module")
@@ -326,16 +331,22 @@ def llama_gpt2_bert():
     return hf()
 
 
-def test_cached_generate_under_autocast_gives_full_forwards_tokens_and_warns_of_the_casts(llama_gpt2_bert):
-    """The decode graph's caches hold the models' dtype; under autocast each write casts its keys and values
-    to it (they came in bfloat16, and `index_copy_` refused them). The step is not given cast copies of the
-    weights: a warning says every frozen weight is cast again at every step."""
+def test_cached_generate_under_autocast_casts_each_linear_weight_once(llama_gpt2_bert, monkeypatch):
+    """The decode graph reads the composed model's weights by names of its own: its eager prefill and steps
+    run on the copies, found by identity. Its caches hold the models' dtype: each write casts its keys and
+    values to it (they came in bfloat16, and `index_copy_` refused them). Same tokens as full forwards under
+    autocast, fewer casts; a compiled step is not given copies, and generate warns."""
+    import calmgraph.generation.generate as generation
     composed, _, name = llama_gpt2_bert
     ids, prompts = tokens((2, 4), 9), prompt(name, batch=2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = greedy_by_full_forwards(composed, ids, 6, prompts)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got, fewer = casts(lambda: composed.generate(ids, 6, cache=True, **prompts))
         with pytest.warns(UserWarning, match=r"casts the \d+ frozen float32 weights again at every step.*torch.bfloat16"):
-            under_autocast = composed.generate(ids, 6, cache=True, **prompts)
-        assert torch.equal(under_autocast, greedy_by_full_forwards(composed, ids, 6, prompts))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert composed.generate(ids, 6, cache=True, **prompts).shape == under_autocast.shape   # no autocast: no warning
+            compiled = composed.generate(ids, 6, cache=True, compile_step={"backend": "eager"}, **prompts)
+        monkeypatch.setattr(generation, "autocast_copies", lambda module, device: {})
+        again, every_step = casts(lambda: composed.generate(ids, 6, cache=True, **prompts))
+    assert torch.equal(got, expected) and torch.equal(again, expected) and torch.equal(compiled, expected)
+    assert fewer < every_step

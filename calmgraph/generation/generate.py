@@ -250,7 +250,7 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
             warnings.warn(f"generating without the anchor's KV cache: {e}", stacklevel=3)
     if steps is None:
         steps = RecomputedSteps(composed, packed, lengths, states, o.max_new_tokens, writes)
-    else:
+    elif step_options is not None:
         _warn_autocast(composed, input_ids.device)
     if streamer is not None:
         streamer.put(input_ids.cpu())
@@ -260,33 +260,50 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     return torch.cat([input_ids, new], dim=1)
 
 
-def autocast_copies(module: nn.Module, device: torch.device) -> dict[str, torch.Tensor]:
-    """Under autocast, the float32 weights and biases of `module`'s `nn.Linear` layers cast once to autocast's
-    dtype, by name (for `torch.func.functional_call`). Autocast caches no cast in inference mode, nor of a
-    weight that does not require grad: at each step it would cast every weight again (on a GPU, a kernel
-    each). A linear casts its weight to that dtype anyway, so a step computes the same numbers with these
-    copies, which hold half the float32 weights' memory for the call. A weight that is tied to another
-    module's (read by other ops too) is left as it is, and so is a subclass of `nn.Linear`, whose forward
-    may not be a linear."""
+def autocast_copies(composed, device: torch.device) -> dict[str, torch.Tensor]:
+    """Under autocast, the float32 weights and biases of the composition's `nn.Linear` layers cast once to
+    autocast's dtype, by their names in `composed` (a graph that reads them by other names finds them by
+    identity). Autocast caches no cast in inference mode, nor of a weight that does not require grad: at each
+    step it would cast every weight again (on a GPU, a kernel each). A linear casts its weight to that dtype
+    anyway, so a step computes the same numbers with these copies, which hold half the float32 weights'
+    memory for the call. The layers are found in the cross-attention blocks and in the models as traced
+    (an outlined block holds its weights without them). A weight tied to another module's (read by other ops
+    too) is left as it is, and so is a subclass of `nn.Linear`, whose forward may not be a linear."""
     if not torch.is_autocast_enabled(device.type):
         return {}
     dtype = torch.get_autocast_dtype(device.type)
-    names: dict[int, int] = {}
+    eligible: set[int] = set()
+    for module in (composed, *(composed.traced_model(m.name) for m in composed.spec.models)):
+        if module is not None:
+            eligible |= linear_weights(module, device)
+    once = {id(p) for p in _untied(composed)}
+    return {name: p.detach().to(dtype) for name, p in composed.named_parameters() if id(p) in eligible and id(p) in once}
+
+
+def linear_weights(module: nn.Module, device: torch.device) -> set[int]:
+    """The ids of the float32 weights and biases on `device` of `module`'s `nn.Linear` layers (not of a
+    subclass), but for those `module` also holds under another name (tied)."""
+    once = {id(p) for p in _untied(module)}
+    return {id(p) for m in module.modules() if type(m) is nn.Linear for p in m.parameters(recurse=False)
+            if p.dtype == torch.float32 and p.device.type == device.type and id(p) in once}
+
+
+def _untied(module: nn.Module) -> list[torch.Tensor]:
+    seen: dict[int, list] = {}
     for _, p in module.named_parameters(remove_duplicate=False):
-        names[id(p)] = names.get(id(p), 0) + 1
-    copies = {}
-    for path, m in module.named_modules():
-        if type(m) is not nn.Linear:
-            continue
-        for name, p in m.named_parameters(recurse=False):
-            if p.dtype == torch.float32 and p.device.type == device.type and names[id(p)] == 1:
-                copies[f"{path}.{name}" if path else name] = p.detach().to(dtype)
-    return copies
+        seen.setdefault(id(p), []).append(p)
+    return [ps[0] for ps in seen.values() if len(ps) == 1]
+
+
+def by_identity(graph: nn.Module, composed, copies: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`copies` (by names in `composed`) by the names `graph` gives the same weights."""
+    ids = {id(composed.get_parameter(name)): copy for name, copy in copies.items()}
+    return {name: ids[id(p)] for name, p in graph.named_parameters(remove_duplicate=False) if id(p) in ids}
 
 
 def _warn_autocast(composed, device: torch.device) -> None:
-    """The decode graph's step (the cached path) is not given `autocast_copies`: autocast casts every frozen
-    weight again at every op of every step there, on a GPU as many extra kernels as there are weights."""
+    """The compiled decode step is not given `autocast_copies` (its graph reads the weights it was compiled
+    with): it casts every frozen weight again at every step, in the kernels inductor makes."""
     if not torch.is_autocast_enabled(device.type):
         return
     frozen = [p for p in composed.parameters() if not p.requires_grad and p.dtype == torch.float32]
@@ -354,7 +371,8 @@ class RecomputedSteps:
         self.buf = packed  # grows as tokens come (doubling), not to max_new_tokens at once: a row may stop early
         self.writes = writes  # write_mask, packed like buf; 0 past the prompt
         self.anchor = stages_of(composed).anchor
-        self.weights = autocast_copies(self.anchor, packed.device)   # under autocast: cast once, not each step
+        # under autocast: each linear weight cast once, not at every step
+        self.weights = by_identity(self.anchor, composed, autocast_copies(composed, packed.device))
 
     def _logits(self, n: int):
         args = (self.buf[:, :n], *(() if self.writes is None else (self.writes[:, :n],)), *self.states)
@@ -383,6 +401,8 @@ class CachedSteps:
         B = packed.shape[0]
         self.contexts = contexts_of(composed)
         self.groups, slots = [], {}
+        self.composed, self.weights = composed, {} if step_options is not None else autocast_copies(composed, packed.device)
+        self._named: dict[int, dict] = {}
         for length in lengths.unique().tolist():
             rows = (lengths == length).nonzero().flatten()
             group = tuple(s[rows] if isinstance(s, torch.Tensor) and s.ndim and s.shape[0] == B else s for s in states)
@@ -390,7 +410,7 @@ class CachedSteps:
             slots[size] = slots.get(size, -1) + 1                            # side by side: caches of its own
             decoder = decoder_for(composed, len(rows), length + max_new_tokens, slots[size])
             seq = packed[rows, :length]
-            ctx = self.contexts.module(seq, *group)
+            ctx = self._run(self.contexts.module, seq, *group)
             # each step's position is a view of this: made on the host every step, it would be a pageable
             # copy, which waits for the device and so stops the host from running ahead of the GPU
             positions = torch.arange(length, length + max_new_tokens, device=packed.device)
@@ -404,6 +424,15 @@ class CachedSteps:
                                 "step": decoder.step if step_options is None else decoder.compiled(step_options)})
         self.batch = B
 
+    def _run(self, graph, *args):
+        """An eager graph under autocast runs on `autocast_copies` of the composed model's linear weights, by
+        its own names for them; anything else (a compiled step) runs as it is."""
+        if not self.weights or not isinstance(graph, nn.Module):
+            return graph(*args)
+        if id(graph) not in self._named:
+            self._named[id(graph)] = by_identity(graph, self.composed, self.weights)
+        return torch.func.functional_call(graph, self._named[id(graph)], args, tie_weights=False)
+
     def _gather(self, parts):
         """(B, vocab) from each group's (rows, vocab), copied as each comes (a CUDA graph's output lives
         only until the next replay)."""
@@ -416,15 +445,15 @@ class CachedSteps:
         return logits
 
     def first(self):
-        return self._gather(lambda g: g["decoder"].module(g["seq"], torch.arange(g["length"], device=g["seq"].device),
-                                                          *g["ctx"], *g["kv"], *g["writes"])[:, -1])  # prefill
+        return self._gather(lambda g: self._run(g["decoder"].module, g["seq"], torch.arange(g["length"], device=g["seq"].device),
+                                                *g["ctx"], *g["kv"], *g["writes"])[:, -1])  # prefill
 
     def next(self, token, step):
         def advance(g):
             new = token[g["rows"], None]
             if self.contexts.reads_sequence:      # a shared augment without a cache: rerun over the sequence
                 g["seq"] = torch.cat([g["seq"], new], dim=1)
-                g["ctx"] = self.contexts.module(g["seq"], *g["states"])
+                g["ctx"] = self._run(self.contexts.module, g["seq"], *g["states"])
             position = g["positions"][step:step + 1]
-            return g["step"](new, position, *g["ctx"], *g["kv"], *g["no_writes"])[:, -1]
+            return self._run(g["step"], new, position, *g["ctx"], *g["kv"], *g["no_writes"])[:, -1]
         return self._gather(advance)
