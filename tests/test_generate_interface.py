@@ -283,24 +283,6 @@ def casts(fn) -> tuple[torch.Tensor, int]:
     return out, sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
 
 
-def test_recomputing_generate_under_autocast_casts_each_linear_weight_once(small, monkeypatch):
-    """The demo's anchor has no cache: each step runs the anchor stage, whose nn.Linear weights autocast
-    would cast again at every step. Given copies cast once, the steps compute the same tokens as full
-    forwards under autocast, with fewer casts, and nothing warns."""
-    import calmgraph.generation.generate as generation
-    composed, _, name = small
-    ids, prompts = tokens((2, 4), 9), prompt(name, batch=2)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        expected = greedy_by_full_forwards(composed, ids, 5, prompts)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            got, fewer = casts(lambda: composed.generate(ids, 5, **prompts))
-        monkeypatch.setattr(generation, "autocast_copies", lambda module, device: {})
-        again, every_step = casts(lambda: composed.generate(ids, 5, **prompts))
-    assert torch.equal(got, expected) and torch.equal(again, expected)
-    assert fewer < every_step
-
-
 def test_linear_weights_leave_tied_weights_and_linear_subclasses_alone():
     class Model(torch.nn.Module):
         def __init__(self):
@@ -331,22 +313,31 @@ def llama_gpt2_bert():
     return hf()
 
 
-def test_cached_generate_under_autocast_casts_each_linear_weight_once(llama_gpt2_bert, monkeypatch):
-    """The decode graph reads the composed model's weights by names of its own: its eager prefill and steps
-    run on the copies, found by identity. Its caches hold the models' dtype: each write casts its keys and
-    values to it (they came in bfloat16, and `index_copy_` refused them). Same tokens as full forwards under
-    autocast, fewer casts; a compiled step is not given copies, and generate warns."""
+@pytest.mark.parametrize("which, cache", [("small", None), ("llama_gpt2_bert", True)], ids=["recomputed", "cached"])
+def test_eager_generate_under_autocast_casts_each_linear_weight_once(which, cache, request, monkeypatch):
+    """Each step runs on copies of the nn.Linear weights cast once, where autocast would cast them again at
+    every step: the demo's anchor stage, recomputed (it has no cache), and the decode graph, which reads the
+    composed model's weights by names of its own (found by identity). The decode graph's caches hold the
+    models' dtype: each write casts its keys and values to it (they came in bfloat16, and `index_copy_`
+    refused them). Same tokens as full forwards under autocast, fewer casts, no warning."""
     import calmgraph.generation.generate as generation
-    composed, _, name = llama_gpt2_bert
+    composed, _, name = request.getfixturevalue(which)
     ids, prompts = tokens((2, 4), 9), prompt(name, batch=2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = greedy_by_full_forwards(composed, ids, 6, prompts)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            got, fewer = casts(lambda: composed.generate(ids, 6, cache=True, **prompts))
+            got, fewer = casts(lambda: composed.generate(ids, 6, cache=cache, **prompts))
+        monkeypatch.setattr(generation, "autocast_copies", lambda module, device: {})
+        again, every_step = casts(lambda: composed.generate(ids, 6, cache=cache, **prompts))
+    assert torch.equal(got, expected) and torch.equal(again, expected)
+    assert fewer < every_step
+
+
+def test_a_compiled_step_under_autocast_warns_that_weights_are_cast_every_step(llama_gpt2_bert):
+    composed, _, name = llama_gpt2_bert
+    ids, prompts = tokens((2, 4), 9), prompt(name, batch=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         with pytest.warns(UserWarning, match=r"casts the \d+ frozen float32 weights again at every step.*torch.bfloat16"):
             compiled = composed.generate(ids, 6, cache=True, compile_step={"backend": "eager"}, **prompts)
-        monkeypatch.setattr(generation, "autocast_copies", lambda module, device: {})
-        again, every_step = casts(lambda: composed.generate(ids, 6, cache=True, **prompts))
-    assert torch.equal(got, expected) and torch.equal(again, expected) and torch.equal(compiled, expected)
-    assert fewer < every_step
+        assert torch.equal(compiled, greedy_by_full_forwards(composed, ids, 6, prompts))
