@@ -260,10 +260,9 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     return torch.cat([input_ids, new], dim=1)
 
 
-def autocast_copies(composed, device: torch.device) -> dict[str, torch.Tensor]:
+def autocast_copies(composed, device: torch.device) -> dict[int, torch.Tensor]:
     """Under autocast, the float32 weights and biases of the composition's `nn.Linear` layers cast once to
-    autocast's dtype, by their names in `composed` (a graph that reads them by other names finds them by
-    identity). Autocast caches no cast in inference mode, nor of a weight that does not require grad: at each
+    autocast's dtype, by the id of the weight (each graph names them its own way: `by_identity`). Autocast caches no cast in inference mode, nor of a weight that does not require grad: at each
     step it would cast every weight again (on a GPU, a kernel each). A linear casts its weight to that dtype
     anyway, so a step computes the same numbers with these copies, which hold half the float32 weights'
     memory for the call. The layers are found in the cross-attention blocks and in the models as traced
@@ -276,8 +275,7 @@ def autocast_copies(composed, device: torch.device) -> dict[str, torch.Tensor]:
     for module in (composed, *(composed.traced_model(m.name) for m in composed.spec.models)):
         if module is not None:
             eligible |= linear_weights(module, device)
-    once = {id(p) for p in _untied(composed)}
-    return {name: p.detach().to(dtype) for name, p in composed.named_parameters() if id(p) in eligible and id(p) in once}
+    return {id(p): p.detach().to(dtype) for p in _untied(composed) if id(p) in eligible}
 
 
 def linear_weights(module: nn.Module, device: torch.device) -> set[int]:
@@ -295,10 +293,9 @@ def _untied(module: nn.Module) -> list[torch.Tensor]:
     return [ps[0] for ps in seen.values() if len(ps) == 1]
 
 
-def by_identity(graph: nn.Module, composed, copies: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`copies` (by names in `composed`) by the names `graph` gives the same weights."""
-    ids = {id(composed.get_parameter(name)): copy for name, copy in copies.items()}
-    return {name: ids[id(p)] for name, p in graph.named_parameters(remove_duplicate=False) if id(p) in ids}
+def by_identity(graph: nn.Module, copies: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`autocast_copies` by the names `graph` gives the same weights (for `torch.func.functional_call`)."""
+    return {name: copies[id(p)] for name, p in graph.named_parameters(remove_duplicate=False) if id(p) in copies}
 
 
 def _warn_autocast(composed, device: torch.device) -> None:
@@ -372,7 +369,7 @@ class RecomputedSteps:
         self.writes = writes  # write_mask, packed like buf; 0 past the prompt
         self.anchor = stages_of(composed).anchor
         # under autocast: each linear weight cast once, not at every step
-        self.weights = by_identity(self.anchor, composed, autocast_copies(composed, packed.device))
+        self.weights = by_identity(self.anchor, autocast_copies(composed, packed.device))
 
     def _logits(self, n: int):
         args = (self.buf[:, :n], *(() if self.writes is None else (self.writes[:, :n],)), *self.states)
@@ -401,7 +398,7 @@ class CachedSteps:
         B = packed.shape[0]
         self.contexts = contexts_of(composed)
         self.groups, slots = [], {}
-        self.composed, self.weights = composed, {} if step_options is not None else autocast_copies(composed, packed.device)
+        self.weights = {} if step_options is not None else autocast_copies(composed, packed.device)
         self._named: dict[int, dict] = {}
         for length in lengths.unique().tolist():
             rows = (lengths == length).nonzero().flatten()
@@ -426,11 +423,11 @@ class CachedSteps:
 
     def _run(self, graph, *args):
         """An eager graph under autocast runs on `autocast_copies` of the composed model's linear weights, by
-        its own names for them; anything else (a compiled step) runs as it is."""
-        if not self.weights or not isinstance(graph, nn.Module):
+        its own names for them (a compiled step has none: `weights` is empty)."""
+        if not self.weights:
             return graph(*args)
         if id(graph) not in self._named:
-            self._named[id(graph)] = by_identity(graph, self.composed, self.weights)
+            self._named[id(graph)] = by_identity(graph, self.weights)
         return torch.func.functional_call(graph, self._named[id(graph)], args, tie_weights=False)
 
     def _gather(self, parts):
