@@ -93,6 +93,39 @@ def test_the_compiled_step_keeps_repeat_kv_and_shares_the_eager_steps_caches():
     assert own == {id(b) for b in twin.to_compile.buffers()} and not own & caches
 
 
+def _attention_ops(module, *args) -> set[str]:
+    """The attention ops of `module`'s graph as torch.compile hands it to a backend (after AOT decomposition)."""
+    from torch._dynamo.backends.common import aot_autograd
+    seen = set()
+
+    def capture(gm, example_inputs):
+        seen.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    torch.compile(module, backend=aot_autograd(fw_compiler=capture))(*args)
+    return {op for op in seen if "attention" in op or "softmax" in op}
+
+
+def test_the_compiled_step_traces_attention_as_math_and_keeps_the_tokens():
+    """Every attention of the compiled step (the models' and the links') reaches the compiler as matmuls and a
+    softmax, which inductor fuses with what surrounds them; the step, traced alone, holds a fused kernel."""
+    composed = compose("llama", "shared")
+    ids, extra = ids_and_prompts("shared", seed=42, length=6)
+    eager = composed.generate(ids, 5, cache=True, **extra)
+    torch._dynamo.reset()
+    decoder = decoder_for(composed, 2, 12)
+    with torch.inference_mode():
+        ctx = contexts_of(composed).module(ids[:, :4], *stages_of(composed).augment(**extra))
+        args = (ids[:, 4:5], torch.tensor([4]), *ctx, *decoder.project(ctx))
+        fused, math = _attention_ops(decoder.to_compile, *args), _attention_ops(decode.MathAttention(decoder.to_compile), *args)
+    assert any("_scaled_dot_product_flash_attention" in op for op in fused)      # CPU's fused kernel
+    assert "aten._safe_softmax.default" in math and not any("scaled_dot_product" in op for op in math)
+    from torch._dynamo.backends.common import aot_autograd
+    compiled = composed.generate(ids, 5, cache=True, compile_step={"backend": aot_autograd(fw_compiler=lambda gm, _: gm)},
+                                 **extra)
+    assert torch.equal(compiled, eager)
+
+
 @pytest.mark.parametrize("mode", ["shared", "prompt"])
 @pytest.mark.parametrize("anchor", ["mistral", "qwen2"])  # llama, gpt2 and qwen2 in shared mode: test_generate_cached
 def test_fused_steps_give_the_logits_of_full_forwards(anchor, mode):

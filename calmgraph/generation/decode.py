@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..blocks import find_blocks
 from ..cross_attention import rotate
@@ -56,6 +57,7 @@ from .fuse import fuse, sdpa_gqa
 from .stage import Contexts, links_into
 
 FUSE = True  # apply fuse.py's rewrites to each decode graph (benchmarks/decode_ops.py measures both)
+MATH_ATTENTION = True  # compile the step's attention as math (`MathAttention`; benchmarks/step_kernels.py measures both)
 
 
 def cache_kwarg(model: nn.Module) -> str | None:
@@ -160,6 +162,22 @@ class LinkCache(nn.Module):
         return self.block.attend_at(x, self.keys, self.values, cache_position)
 
 
+class MathAttention(nn.Module):
+    """A step whose attention torch.compile traces as math (matmuls and a softmax), not as a fused kernel: at
+    one query a row there is little to fuse inside the attention and much around it, which inductor fuses
+    only where it sees the math. On an H200 (TinyLlama-shaped anchor, shared augment, batch 1), cuDNN's
+    kernel took 16% of a compiled step's GPU time, and the step took 14% less without it
+    (benchmarks/results/decode_kernels_gpu.json)."""
+
+    def __init__(self, step: fx.GraphModule):
+        super().__init__()
+        self.step = step
+
+    def forward(self, *args):
+        with sdpa_kernel(SDPBackend.MATH):
+            return self.step(*args)
+
+
 @dataclass
 class Decoder:
     module: fx.GraphModule   # forward(input_ids, cache_position, *contexts, *kv[, write_mask]) -> logits
@@ -175,7 +193,8 @@ class Decoder:
         """`torch.compile(self.to_compile, **options)`, made once per decoder: its step's shapes are fixed
         (but for a shared augment recomputed over the growing sequence, which recompiles)."""
         if self._compiled is None or self._compiled[0] != options:
-            self._compiled = (dict(options), torch.compile(self.to_compile, **options))
+            step = MathAttention(self.to_compile) if MATH_ATTENTION else self.to_compile
+            self._compiled = (dict(options), torch.compile(step, **options))
         return self._compiled[1]
 
     @property

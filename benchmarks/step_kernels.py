@@ -1,0 +1,100 @@
+"""Where a compiled decode step's GPU time goes: GPU microseconds and kernels a token, by kernel and by kind
+(inductor's Triton kernels, cuBLAS products, fused attention, other), for `generate(compile_step=True)` on
+generate_scale.py's models.
+
+    python benchmarks/step_kernels.py --mode shared --batch 1 --out benchmarks/results/decode_kernels_gpu.json
+    python benchmarks/step_kernels.py --mode shared --batch 1 --fused-attention    # the step as traced
+
+A token's share is the difference between a 48-token and a 16-token call, over 32, so that the prefill
+and the call's own set-up cancel; each call is one torch.profiler trace (CUDA activity only).
+`--fused-attention` compiles the step without `decode.MathAttention` (SDPA picks its fused kernel).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).parent))
+import generate_scale as gs  # noqa: E402 - the same models and composition
+from calmgraph.generation import decode  # noqa: E402
+
+KINDS = {"attention": ("cudnn", "fmha", "flash", "attention"),
+         "gemm": ("gemv", "gemm", "nvjet", "cutlass", "sm90", "splitk")}
+
+
+def kind(name: str) -> str:
+    lower = name.lower()
+    if lower.startswith("triton"):
+        return "triton"
+    return next((k for k, marks in KINDS.items() if any(m in lower for m in marks)), "other")
+
+
+def kernels(call, new: int) -> dict[str, list]:
+    """{kernel name: [launches, GPU us]} of one call making `new` tokens."""
+    found = collections.defaultdict(lambda: [0, 0.0])
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call(new)
+        torch.cuda.synchronize()
+    for event in prof.events():
+        if event.device_type.name == "CUDA":
+            found[event.name][0] += 1
+            found[event.name][1] += event.device_time
+    return found
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mode", choices=["shared", "prompt"], default="shared")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--fused-attention", action="store_true", help="compile the step without MathAttention")
+    p.add_argument("--top", type=int, default=20, help="kernels listed")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    decode.MATH_ATTENTION = not args.fused_attention
+    anchor = gs.llama([2048, 22, 32, 4, 5632], 32000, torch.bfloat16, "cuda", 0)
+    augment = gs.llama([1024, 16, 16, 4, 2816], 32000, torch.bfloat16, "cuda", 1)
+    ids = torch.randint(3, 32000, (args.batch, 128), device="cuda",
+                        generator=torch.Generator("cuda").manual_seed(args.batch))
+    extra = {"augment_input_ids": ids} if args.mode == "prompt" else {}
+    composed = gs.compose(anchor, augment, args.mode, 4)
+    call = lambda n: composed.generate(ids, n, cache=True, compile_step=True, **extra)  # noqa: E731
+    started = time.perf_counter()
+    call(128)
+    torch.cuda.synchronize()
+    first_s = time.perf_counter() - started
+    short, long = kernels(call, 16), kernels(call, 48)
+    per_token = {name: [(n - short.get(name, [0, 0])[0]) / 32, (us - short.get(name, [0, 0.0])[1]) / 32]
+                 for name, (n, us) in long.items()}
+    by_kind = collections.defaultdict(lambda: [0.0, 0.0])
+    for name, (n, us) in per_token.items():
+        by_kind[kind(name)][0] += us
+        by_kind[kind(name)][1] += n
+    top = sorted(per_token.items(), key=lambda item: -item[1][1])[:args.top]
+    report = {
+        "what": "GPU us and kernels a token of the compiled decode step (48 - 16 tokens, / 32)",
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+        "mode": args.mode, "batch": args.batch, "attention": "fused" if args.fused_attention else "math",
+        "first_call_s": round(first_s, 1),
+        "gpu_us_per_token": round(sum(us for _, us in per_token.values()), 1),
+        "kernels_per_token": round(sum(n for n, _ in per_token.values()), 1),
+        "by_kind": {k: {"us": round(us, 1), "kernels": round(n, 1)} for k, (us, n) in sorted(by_kind.items())},
+        "top": [{"kernel": name[:120], "us": round(us, 1), "kernels": round(n, 1)} for name, (n, us) in top],
+    }
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
