@@ -31,7 +31,12 @@ def run(checkpointing: bool) -> dict:
                        for p in composed.parameters() if not p.requires_grad)
     gathered = [None] * world
     dist.all_gather_object(gathered, {"logits": logits, "local": local_numel(composed), "frozen_local": frozen_local})
-    return {"total": total, "frozen_total": frozen_total, "ranks": gathered, "grads": full}
+    try:  # refused, naming what to do, with nothing run
+        composed.generate(rows[:, :4], 2)
+        refused = None
+    except Exception as e:  # noqa: BLE001 - the test reads its type and message
+        refused = (type(e).__name__, isinstance(e, ValueError), str(e))
+    return {"total": total, "frozen_total": frozen_total, "ranks": gathered, "grads": full, "generate": refused}
 
 
 def main(out: str) -> None:

@@ -329,6 +329,8 @@ def test_fsdp_on_two_processes_matches_one(sharded, variant):
     assert result["grads"].keys() == want.keys()
     for n, g in result["grads"].items():
         assert torch.allclose(g, want[n], rtol=GRAD_RTOL, atol=GRAD_ATOL), (n, (g - want[n]).abs().max())
+    name, is_value_error, message = result["generate"]   # a sharded composition does not generate: it says so
+    assert name == "ParallelError" and is_value_error and "save_new" in message and "load_new" in message
 
 
 class _NoGradLayer(nn.Module):

@@ -28,7 +28,7 @@ from weakref import WeakKeyDictionary
 import torch
 import torch.nn as nn
 
-from ..errors import CalmGraphError, InputError
+from ..errors import CalmGraphError, InputError, ParallelError
 from ..passes.merge import check_token_ids, prompt_mask, write_mask
 from ..signature import WRITE_MASK
 from .decode import Decoder, build_decoder, cache_kwarg, decoded_models
@@ -196,6 +196,12 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     a bucket (`cache_length`: 32, 64, 128... positions), so it compiles once per batch size and bucket.
     """
     shared = composed.signature["input_ids"]  # the smallest vocabulary and fewest positions reading the sequence
+    sharded = next((n for n, p in composed.named_parameters() if hasattr(p, "device_mesh")), None)
+    if sharded is not None:
+        raise ParallelError(f"generate runs a whole composition in one process, but this one is sharded across "
+                            f"processes (calmgraph.parallel.shard; e.g. {sharded!r}). Save its new parameters "
+                            "(composed.save_new(path)), then generate from the composition compiled unsharded, "
+                            "after cg.load_new(composed, path)")
     check_token_ids(input_ids, "input_ids")
     o = resolve(generation_config, dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                         do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
