@@ -5,7 +5,9 @@
     cg.load_new(composed, "ckpt/")              # bit for bit; refuses a checkpoint of another composition
     cg.load("ckpt/")                            # the whole composition rebuilt from the folder (load.py)
 
-An existing file is replaced only with `overwrite=True`, and each file is written whole or not at all.
+An existing file is replaced only with `overwrite=True`, and each file is written whole or not at all. A
+composition sharded across processes (`calmgraph.parallel.shard`) saves from every process: each gathers
+the shards (a collective), and the first process writes.
 FineTuner's step folders hold the same two files (plus the optimizer's), so `load_new` reads them too.
 
 The frozen models are not saved: they are the user's (or their `source:`). The spec travels inside the
@@ -43,8 +45,14 @@ def spec_file(file: Path) -> Path:
 
 
 def save_new(composed, path: str | Path, *, overwrite: bool = False) -> Path:
-    """Write the new parameters to `path` (a folder, or a `.safetensors` file) and the spec beside them."""
-    tensors = {name: p.detach().cpu().contiguous() for name, p in composed.named_new_parameters()}
+    """Write the new parameters to `path` (a folder, or a `.safetensors` file) and the spec beside them.
+    Sharded: call it on every process; the shards are gathered and process 0 writes."""
+    named = list(composed.named_new_parameters())
+    sharded = any(hasattr(p, "full_tensor") for _, p in named)
+    tensors = {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().contiguous()
+               for name, p in named}
+    if sharded and torch.distributed.get_rank() != 0:
+        return _file(path)
     spec = composed.recorded_spec() if hasattr(composed, "recorded_spec") else composed.spec
     return write_new(tensors, _file(path), spec, overwrite=overwrite)
 

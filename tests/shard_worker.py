@@ -15,7 +15,7 @@ from tests.test_outline import composition, grads_of_loss  # noqa: E402
 from calmgraph.parallel import checkpoint_blocks, local_numel, shard  # noqa: E402
 
 
-def run(checkpointing: bool) -> dict:
+def run(checkpointing: bool, out: Path) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     composed, ids = composition()
     total = sum(p.numel() for p in composed.parameters())
@@ -36,12 +36,14 @@ def run(checkpointing: bool) -> dict:
         refused = None
     except Exception as e:  # noqa: BLE001 - the test reads its type and message
         refused = (type(e).__name__, isinstance(e, ValueError), str(e))
-    return {"total": total, "frozen_total": frozen_total, "ranks": gathered, "grads": full, "generate": refused}
+    saved = composed.save_new(out.with_name(f"new_{checkpointing}.safetensors"))   # every rank; rank 0 writes
+    return {"total": total, "frozen_total": frozen_total, "ranks": gathered, "grads": full, "generate": refused,
+            "saved": str(saved)}
 
 
 def main(out: str) -> None:
     dist.init_process_group("gloo")
-    results = {name: run(ck) for name, ck in (("plain", False), ("checkpointed", True))}
+    results = {name: run(ck, Path(out)) for name, ck in (("plain", False), ("checkpointed", True))}
     if dist.get_rank() == 0:
         torch.save(results, out)
     dist.destroy_process_group()

@@ -331,6 +331,14 @@ def test_fsdp_on_two_processes_matches_one(sharded, variant):
         assert torch.allclose(g, want[n], rtol=GRAD_RTOL, atol=GRAD_ATOL), (n, (g - want[n]).abs().max())
     name, is_value_error, message = result["generate"]   # a sharded composition does not generate: it says so
     assert name == "ParallelError" and is_value_error and "save_new" in message and "load_new" in message
+    # ... and what it says works: the saved new parameters are the whole ones, and load into one process
+    fresh, _ = composition()
+    with torch.no_grad():
+        for p in fresh.new_parameters():
+            p.zero_()
+    cg.load_new(fresh, result["saved"])
+    assert all(torch.equal(a, b) for a, b in zip(fresh.new_parameters(), composed.new_parameters(), strict=True))
+    assert torch.equal(fresh.generate(ids[:, :4], 3), composed.generate(ids[:, :4], 3))
 
 
 class _NoGradLayer(nn.Module):
