@@ -31,7 +31,6 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")  # CALM's sampler draws a progress bar; keep it off the clock
 
 import torch
-from x_transformers import Decoder, TransformerWrapper
 
 import calmgraph as cg
 
@@ -63,6 +62,7 @@ def decoders(cfg):
             vocab_size=cfg["vocab"], hidden_size=dim, intermediate_size=4 * dim, num_hidden_layers=depth,
             num_attention_heads=cfg["heads"], num_key_value_heads=cfg["heads"],
             max_position_embeddings=cfg["prompt"] + cfg["new"] + 1)).eval()
+    from x_transformers import Decoder, TransformerWrapper  # here: the Llama configs run without it
     return lambda dim, depth: TransformerWrapper(  # noqa: E731
         num_tokens=cfg["vocab"], max_seq_len=cfg["prompt"] + cfg["new"] + 1,
         attn_layers=Decoder(dim=dim, depth=depth, heads=cfg["heads"])).eval()
