@@ -717,13 +717,17 @@ def _z3_optimizer_state(optimizer, groups: list[list[nn.Parameter]], step: int) 
 
 
 def _z3_set(param: nn.Parameter, value: torch.Tensor, key: str | None) -> None:
-    """This process's partition of the fp32 parameter (key None) or of its optimizer state `key`."""
-    z3 = param._z3_optimizer
-    part, _ = z3._get_fp32_opt_state_partition(param, release_swap_buffers=True, optim_state_key=key)
-    flat = value.detach().flatten().to(part.dtype)
-    flat = torch.cat([flat, flat.new_zeros(part.numel() * z3._get_param_partition_world_size(param) - flat.numel())])
-    rank = z3._get_param_partition_rank(param)
-    part.copy_(flat[part.numel() * rank:part.numel() * (rank + 1)])
+    """This process's partition of the fp32 parameter (key None) or of its optimizer state `key`, through
+    DeepSpeed's local API (its full one cuts the last partition without the padding it holds)."""
+    from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param, safe_set_local_optimizer_state
+    size = safe_get_local_fp32_param(param).numel()
+    rank = torch.distributed.get_rank(group=param.ds_process_group)
+    part = value.detach().flatten()[size * rank:size * (rank + 1)]
+    part = torch.cat([part, part.new_zeros(size - part.numel())])   # the last partition's padding
+    if key is None:
+        safe_set_local_fp32_param(param, part)
+    else:
+        safe_set_local_optimizer_state(param, part, key)
 
 
 def _z3_load(named, names, tensors, optimizer, groups, saved) -> None:
