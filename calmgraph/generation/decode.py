@@ -190,8 +190,8 @@ class Decoder:
     _compiled: tuple | None = field(default=None, repr=False)           # (options, compiled module)
 
     def compiled(self, options: dict):
-        """`torch.compile(self.to_compile, **options)`, made once per decoder: its step's shapes are fixed
-        (but for a shared augment recomputed over the growing sequence, which recompiles)."""
+        """`torch.compile(MathAttention(self.to_compile), **options)`, made once per decoder: its step's shapes
+        are fixed (but for a shared augment recomputed over the growing sequence, which recompiles)."""
         if self._compiled is None or self._compiled[0] != options:
             step = MathAttention(self.to_compile) if MATH_ATTENTION else self.to_compile
             self._compiled = (dict(options), torch.compile(step, **options))
