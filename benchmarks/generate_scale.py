@@ -8,7 +8,8 @@ intermediate 5632) and a 0.25B Llama-shaped augment (hidden 1024, 16 layers, 16 
 intermediate 2816), random weights, every 4th augment block read, 128 new tokens after a 128-token prompt.
 Both modes: the augment reading the anchor's tokens (`shared`, the paper's) and reading a prompt of its own
 (`prompt`, here the same tokens). Variants: `cached` (the KV-cache decode graph, eager), `compiled`
-(`compile_step=True`), `recompute` (`cache=False`). Each variant's first call is reported (it traces the
+(`compile_step=True`), `compiled_fused_attention` (the same with the step's attention left to SDPA's fused
+kernels, `decode.MATH_ATTENTION` off, on a composition of its own), `recompute` (`cache=False`). Each variant's first call is reported (it traces the
 decode graph, and compiles), its time to the first token is timed warm, then the variants and transformers
 alternate for `--rounds` rounds and the median is reported. The JSON goes to stdout (and to `--out`);
 a line per result to stderr as it comes.
@@ -45,7 +46,7 @@ def parse(argv=None):
                    metavar=("HIDDEN", "LAYERS", "HEADS", "KV_HEADS", "INTERMEDIATE"))
     p.add_argument("--every", type=int, default=4, help="read every n-th augment block")
     p.add_argument("--modes", nargs="+", choices=["shared", "prompt"], default=["shared", "prompt"])
-    p.add_argument("--variants", nargs="+", choices=["cached", "compiled", "recompute"],
+    p.add_argument("--variants", nargs="+", choices=["cached", "compiled", "compiled_fused_attention", "recompute"],
                    default=["cached", "compiled", "recompute"])
     p.add_argument("--step-options", type=json.loads, default=None, metavar="JSON",
                    help='the compiled variant\'s compile_step (default true: STEP_COMPILE), e.g. '
@@ -78,6 +79,19 @@ def compose(anchor, augment, mode, every):
     return composed
 
 
+def fused_attention(composed, ids, options, extra):
+    """generate with `decode.MATH_ATTENTION` off while it runs (what it reads when its step compiles)."""
+    from calmgraph.generation import decode
+
+    def call(n):
+        previous, decode.MATH_ATTENTION = decode.MATH_ATTENTION, False
+        try:
+            return composed.generate(ids, n, **options, **extra)
+        finally:
+            decode.MATH_ATTENTION = previous
+    return call
+
+
 def timed(fn, sync):
     sync()
     started = time.perf_counter()
@@ -107,8 +121,12 @@ def run(args) -> dict:
             for variant in args.variants:
                 step = True if args.step_options is None else args.step_options
                 options = {"cached": {"cache": True}, "compiled": {"cache": True, "compile_step": step},
+                           "compiled_fused_attention": {"cache": True, "compile_step": step},
                            "recompute": {"cache": False}}[variant]
-                calls[variant] = (lambda o: lambda n: composed.generate(ids, n, **o, **extra))(options)
+                if variant == "compiled_fused_attention":  # its own decoders, compiled with the flag off
+                    calls[variant] = fused_attention(compose(anchor, augment, mode, args.every), ids, options, extra)
+                else:
+                    calls[variant] = (lambda o: lambda n: composed.generate(ids, n, **o, **extra))(options)
             first = {}
             for name, call in calls.items():  # the first call traces the decode graph (and compiles)
                 first_s, out = timed(lambda: call(args.new), sync)
