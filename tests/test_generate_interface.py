@@ -335,10 +335,36 @@ def test_eager_generate_under_autocast_casts_each_linear_weight_once(which, cach
     assert fewer < every_step
 
 
-def test_a_compiled_step_under_autocast_warns_that_weights_are_cast_every_step(llama_gpt2_bert):
+def test_a_compiled_step_under_autocast_runs_on_weights_cast_once_and_refreshed_at_each_call(llama_gpt2_bert,
+                                                                                              monkeypatch):
+    """The compiled step holds copies of the linear weights cast to autocast's dtype (its caches shared), so
+    no step casts them again: fewer casts than the step compiled on the float32 weights, the same tokens as
+    full forwards, no warning. The copies are refreshed at each call: a weight changed between two calls
+    changes the next call's tokens as it changes full forwards'."""
+    import calmgraph.generation.generate as generation
     composed, _, name = llama_gpt2_bert
     ids, prompts = tokens((2, 4), 9), prompt(name, batch=2)
+    step = {"backend": "eager"}
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        with pytest.warns(UserWarning, match=r"casts the \d+ frozen float32 weights again at every step.*torch.bfloat16"):
-            compiled = composed.generate(ids, 6, cache=True, compile_step={"backend": "eager"}, **prompts)
-        assert torch.equal(compiled, greedy_by_full_forwards(composed, ids, 6, prompts))
+        expected = greedy_by_full_forwards(composed, ids, 6, prompts)
+        monkeypatch.setattr(generation, "autocast_weights", lambda module, device: (None, []))
+        again, every_step = casts(lambda: composed.generate(ids, 6, cache=True, compile_step=step, **prompts))
+        monkeypatch.undo()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got, fewer = casts(lambda: composed.generate(ids, 6, cache=True, compile_step=step, **prompts))
+        assert torch.equal(got, expected) and torch.equal(again, expected)
+        assert fewer < every_step
+        cast = {id(w) for w in generation.autocast_weights(composed, torch.device("cpu"))[1]}
+        weight = next(p for n, p in reversed(list(composed.named_parameters()))   # the anchor's last MLP
+                      if n.endswith("down_proj.weight") and id(p) in cast)
+        before = weight.detach().clone()
+        try:
+            with torch.no_grad():
+                weight.copy_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * 5)
+            changed = greedy_by_full_forwards(composed, ids, 6, prompts)
+            assert not torch.equal(changed, expected)
+            assert torch.equal(composed.generate(ids, 6, cache=True, compile_step=step, **prompts), changed)  # same twin
+        finally:
+            with torch.no_grad():
+                weight.copy_(before)

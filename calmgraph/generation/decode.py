@@ -187,15 +187,33 @@ class Decoder:
     models: tuple[str, ...]             # the models it decodes with a cache: the anchor last
     to_compile: fx.GraphModule          # the step torch.compile gets (`module`, or a variant on its caches)
     step: fx.GraphModule                # the eager step after prefill (`module`, or without what it never writes)
-    _compiled: tuple | None = field(default=None, repr=False)           # (options, compiled module)
+    _compiled: tuple | None = field(default=None, repr=False)  # (options, dtype, compiled module, weight pairs)
 
-    def compiled(self, options: dict):
+    def compiled(self, options: dict, dtype: torch.dtype | None = None, weights: list[nn.Parameter] = ()):
         """`torch.compile(MathAttention(self.to_compile), **options)`, made once per decoder: its step's shapes
-        are fixed (but for a shared augment recomputed over the growing sequence, which recompiles)."""
-        if self._compiled is None or self._compiled[0] != options:
-            step = MathAttention(self.to_compile) if MATH_ATTENTION else self.to_compile
-            self._compiled = (dict(options), torch.compile(step, **options))
-        return self._compiled[1]
+        are fixed (but for a shared augment recomputed over the growing sequence, which recompiles).
+
+        `dtype`, `weights` (generate under autocast: `autocast_weights`): the step compiled is a twin of
+        `to_compile` that holds `weights` cast to `dtype` (its caches and other weights shared), so that no
+        step casts them again. The twin's copies live with the decoder and are refreshed in place at each
+        call (CUDA graphs keep their addresses), so they hold what the weights hold when generate starts."""
+        if self._compiled is None or self._compiled[:2] != (options, dtype):
+            step, pairs = self.to_compile, []
+            cast = {id(w) for w in weights}
+            if cast:
+                memo = {id(t): t for t in (*step.parameters(), *step.buffers()) if id(t) not in cast}
+                for w in step.parameters():
+                    if id(w) in cast:
+                        memo[id(w)] = nn.Parameter(w.detach().to(dtype), requires_grad=False)
+                        pairs.append((w, memo[id(w)]))
+                step = copy.deepcopy(step, memo)
+            step = MathAttention(step) if MATH_ATTENTION else step
+            self._compiled = (dict(options), dtype, torch.compile(step, **options), pairs)
+        else:
+            with torch.no_grad():
+                for weight, twin in self._compiled[3]:
+                    twin.copy_(weight)
+        return self._compiled[2]
 
     @property
     def takes_writes(self) -> bool:

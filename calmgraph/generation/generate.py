@@ -256,8 +256,6 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
             warnings.warn(f"generating without the anchor's KV cache: {e}", stacklevel=3)
     if steps is None:
         steps = RecomputedSteps(composed, packed, lengths, states, o.max_new_tokens, writes)
-    elif step_options is not None:
-        _warn_autocast(composed, input_ids.device)
     if streamer is not None:
         streamer.put(input_ids.cpu())
     new = _decode(steps, input_ids, o, choose, eos, pad, criteria, streamer, shared.vocab)
@@ -266,22 +264,28 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     return torch.cat([input_ids, new], dim=1)
 
 
-def autocast_copies(composed, device: torch.device) -> dict[int, torch.Tensor]:
-    """Under autocast, the float32 weights and biases of the composition's `nn.Linear` layers cast once to
-    autocast's dtype, by the id of the weight (each graph names them its own way: `by_identity`). Autocast caches no cast in inference mode, nor of a weight that does not require grad: at each
-    step it would cast every weight again (on a GPU, a kernel each). A linear casts its weight to that dtype
-    anyway, so a step computes the same numbers with these copies, which hold half the float32 weights'
-    memory for the call. The layers are found in the cross-attention blocks and in the models as traced
-    (an outlined block holds its weights without them). A weight tied to another module's (read by other ops
-    too) is left as it is, and so is a subclass of `nn.Linear`, whose forward may not be a linear."""
+def autocast_weights(composed, device: torch.device) -> tuple[torch.dtype | None, list[nn.Parameter]]:
+    """Under autocast, its dtype and the float32 weights and biases of the composition's `nn.Linear` layers
+    (else None, []). Autocast caches no cast in inference mode, nor of a weight that does not require grad:
+    at each step it would cast every one of them again (on a GPU, a kernel each). A linear casts its weight
+    to that dtype anyway, so a step computes the same numbers on copies cast once. The layers are found in
+    the cross-attention blocks and in the models as traced (an outlined block holds its weights without
+    them). A weight tied to another module's (read by other ops too) is left out, and so is a subclass of
+    `nn.Linear`, whose forward may not be a linear."""
     if not torch.is_autocast_enabled(device.type):
-        return {}
-    dtype = torch.get_autocast_dtype(device.type)
+        return None, []
     eligible: set[int] = set()
     for module in (composed, *(composed.traced_model(m.name) for m in composed.spec.models)):
         if module is not None:
             eligible |= linear_weights(module, device)
-    return {id(p): p.detach().to(dtype) for p in _untied(composed) if id(p) in eligible}
+    return torch.get_autocast_dtype(device.type), [p for p in _untied(composed) if id(p) in eligible]
+
+
+def autocast_copies(composed, device: torch.device) -> dict[int, torch.Tensor]:
+    """`autocast_weights` cast once, by the id of the weight (each graph names them its own way:
+    `by_identity`); they hold half the float32 weights' memory for the call."""
+    dtype, weights = autocast_weights(composed, device)
+    return {id(p): p.detach().to(dtype) for p in weights}
 
 
 def linear_weights(module: nn.Module, device: torch.device) -> set[int]:
@@ -302,18 +306,6 @@ def _untied(module: nn.Module) -> list[torch.Tensor]:
 def by_identity(graph: nn.Module, copies: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`autocast_copies` by the names `graph` gives the same weights (for `torch.func.functional_call`)."""
     return {name: copies[id(p)] for name, p in graph.named_parameters(remove_duplicate=False) if id(p) in copies}
-
-
-def _warn_autocast(composed, device: torch.device) -> None:
-    """The compiled decode step is not given `autocast_copies` (its graph reads the weights it was compiled
-    with): it casts every frozen weight again at every step, in the kernels inductor makes."""
-    if not torch.is_autocast_enabled(device.type):
-        return
-    frozen = [p for p in composed.parameters() if not p.requires_grad and p.dtype == torch.float32]
-    if frozen:
-        warnings.warn(f"generate under autocast casts the {len(frozen)} frozen float32 weights again at every step "
-                      f"(autocast caches casts only of weights that require grad); cast the model instead, e.g. "
-                      f"composed.to({torch.get_autocast_dtype(device.type)})", UserWarning, stacklevel=5)
 
 
 def _criteria(stopping_criteria):
@@ -405,6 +397,7 @@ class CachedSteps:
         self.contexts = contexts_of(composed)
         self.groups, slots = [], {}
         self.weights = {} if step_options is not None else autocast_copies(composed, packed.device)
+        cast = autocast_weights(composed, packed.device) if step_options is not None else (None, [])
         self._named: dict[int, dict] = {}
         for length in lengths.unique().tolist():
             rows = (lengths == length).nonzero().flatten()
@@ -424,12 +417,12 @@ class CachedSteps:
                                 "writes": (writes[rows, :length],) if takes else (),
                                 "no_writes": (writes.new_zeros(len(rows), 1),) if takes else (),
                                 "ctx": ctx, "kv": decoder.project(ctx),            # prompt links: once
-                                "step": decoder.step if step_options is None else decoder.compiled(step_options)})
+                                "step": decoder.step if step_options is None else decoder.compiled(step_options, *cast)})
         self.batch = B
 
     def _run(self, graph, *args):
         """An eager graph under autocast runs on `autocast_copies` of the composed model's linear weights, by
-        its own names for them (a compiled step has none: `weights` is empty)."""
+        its own names for them (a compiled step holds copies of its own: `Decoder.compiled`)."""
         if not self.weights:
             return graph(*args)
         if id(graph) not in self._named:
