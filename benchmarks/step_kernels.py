@@ -8,6 +8,10 @@ generate_scale.py's models.
 A token's share is the difference between a 48-token and a 16-token call, over 32, so that the prefill
 and the call's own set-up cancel; each call is one torch.profiler trace (CUDA activity only).
 `--fused-attention` compiles the step without `decode.MathAttention` (SDPA picks its fused kernel).
+`--step-options` replaces STEP_COMPILE (e.g. `'{"options": {..., "max_autotune_gemm": true}}'`).
+`--linear-as-bmm` measures a candidate for steps of several rows, which inductor leaves as cuBLAS calls: each
+linear of the step as a batched product of one row per batch entry, against the weight broadcast (a view),
+which inductor's coordinate-descent decomposition turns into reductions as it does a one-row product.
 """
 from __future__ import annotations
 
@@ -37,6 +41,46 @@ def kind(name: str) -> str:
     return next((k for k, marks in KINDS.items() if any(m in lower for m in marks)), "other")
 
 
+def linear_as_bmm(graph: torch.fx.Graph) -> int:
+    """`linear(x, w[, b])` (x of 3 dims, w of 2) -> `bmm(x.reshape(-1, 1, K), w.t().expand(R, K, N))`, reshaped."""
+    aten, count = torch.ops.aten, 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target != aten.linear.default or node.kwargs:
+            continue
+        x, w, *bias = node.args
+        xv, wv = x.meta.get("val"), w.meta.get("val")
+        if xv is None or wv is None or xv.ndim != 3 or wv.ndim != 2:
+            continue
+        n, k = wv.shape
+        with graph.inserting_before(node):   # the sizes as graph values: the token count is symbolic
+            rows_x = graph.call_function(aten.reshape.default, (x, [-1, 1, k]))
+            rows = graph.call_function(aten.sym_size.int, (rows_x, 0))
+            wide = graph.call_function(aten.expand.default, (graph.call_function(aten.t.default, (w,)), [rows, k, n]))
+            batch = graph.call_function(aten.sym_size.int, (x, 0))
+            out = graph.call_function(aten.reshape.default,
+                                      (graph.call_function(aten.bmm.default, (rows_x, wide)), [batch, -1, n]))
+            if bias and bias[0] is not None:
+                out = graph.call_function(aten.add.Tensor, (out, bias[0]))
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        count += 1
+    return count
+
+
+def with_linear_as_bmm(decoder_cls):
+    """Decoder.compiled, compiling a copy of the step graph rewritten by `linear_as_bmm`."""
+    compiled = decoder_cls.compiled
+
+    def patched(self, options, *cast):
+        if self._compiled is None:
+            graph = torch.fx.Graph()
+            graph.output(graph.graph_copy(self.to_compile.graph, {}))
+            print(f"linear_as_bmm: {linear_as_bmm(graph)} linears", file=sys.stderr)
+            self.to_compile = torch.fx.GraphModule(self.to_compile, graph, class_name="Decoder")
+        return compiled(self, options, *cast)
+    decoder_cls.compiled = patched
+
+
 def kernels(call, new: int) -> dict[str, list]:
     """{kernel name: [launches, GPU us]} of one call making `new` tokens."""
     found = collections.defaultdict(lambda: [0, 0.0])
@@ -55,17 +99,22 @@ def main(argv=None):
     p.add_argument("--mode", choices=["shared", "prompt"], default="shared")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--fused-attention", action="store_true", help="compile the step without MathAttention")
+    p.add_argument("--step-options", type=json.loads, default=None, metavar="JSON", help="compile_step (default True)")
+    p.add_argument("--linear-as-bmm", action="store_true", help="each linear of the step as a one-row bmm")
     p.add_argument("--top", type=int, default=20, help="kernels listed")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     decode.MATH_ATTENTION = not args.fused_attention
+    if args.linear_as_bmm:
+        with_linear_as_bmm(decode.Decoder)
     anchor = gs.llama([2048, 22, 32, 4, 5632], 32000, torch.bfloat16, "cuda", 0)
     augment = gs.llama([1024, 16, 16, 4, 2816], 32000, torch.bfloat16, "cuda", 1)
     ids = torch.randint(3, 32000, (args.batch, 128), device="cuda",
                         generator=torch.Generator("cuda").manual_seed(args.batch))
     extra = {"augment_input_ids": ids} if args.mode == "prompt" else {}
     composed = gs.compose(anchor, augment, args.mode, 4)
-    call = lambda n: composed.generate(ids, n, cache=True, compile_step=True, **extra)  # noqa: E731
+    step = True if args.step_options is None else args.step_options
+    call = lambda n: composed.generate(ids, n, cache=True, compile_step=step, **extra)  # noqa: E731
     started = time.perf_counter()
     call(128)
     torch.cuda.synchronize()
@@ -84,6 +133,8 @@ def main(argv=None):
         "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
         "mode": args.mode, "batch": args.batch, "attention": "fused" if args.fused_attention else "math",
+        "compile_step": "STEP_COMPILE" if args.step_options is None else args.step_options,
+        "linear_as_bmm": args.linear_as_bmm,
         "first_call_s": round(first_s, 1),
         "gpu_us_per_token": round(sum(us for _, us in per_token.values()), 1),
         "kernels_per_token": round(sum(n for n, _ in per_token.values()), 1),
