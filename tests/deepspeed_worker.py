@@ -15,6 +15,7 @@ from accelerate.utils import InitProcessGroupKwargs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.test_train_scale import BATCH, Tokens, composition, config  # noqa: E402
+from tests.torchrun import finish  # noqa: E402
 
 from calmgraph.errors import ConfigError  # noqa: E402
 from calmgraph.train import FineTuner  # noqa: E402
@@ -78,6 +79,7 @@ def main(out: str) -> None:
     results["resumed"] = {"history": history, "params": second.trainable_state()}
     if dist.get_rank() == 0:
         torch.save(results, out / "rank0.pt")
+    finish()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.test_train_scale import BATCH, STEPS, Tokens, composition, config  # noqa: E402
+from tests.torchrun import finish  # noqa: E402
 
 from calmgraph.train import FineTuner  # noqa: E402
 
@@ -50,6 +51,7 @@ def main(out: str) -> None:
                "resumed": resumed(out)}
     if dist.get_rank() == 0:
         torch.save(results, out / "rank0.pt")
+    finish()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import accelerate  # noqa: E402
 import transformers  # noqa: E402
 from tests.test_load_sharded import BATCH, COMPILE_SEED, Tokens, batch_ids, train_config  # noqa: E402
+from tests.torchrun import finish  # noqa: E402
 
 import calmgraph as cg  # noqa: E402
 from calmgraph.train import FineTuner  # noqa: E402
@@ -56,7 +57,7 @@ def main(folder: str, out: str) -> None:
     history = tuner.train()
     if dist.get_rank() == 0:
         torch.save({"ranks": ranks, "logits": logits, "new": new, "history": history}, out)
-    dist.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":

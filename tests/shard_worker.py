@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.test_outline import composition, grads_of_loss  # noqa: E402
+from tests.torchrun import finish  # noqa: E402
 
 from calmgraph.parallel import checkpoint_blocks, local_numel, shard  # noqa: E402
 
@@ -46,7 +47,7 @@ def main(out: str) -> None:
     results = {name: run(ck, Path(out)) for name, ck in (("plain", False), ("checkpointed", True))}
     if dist.get_rank() == 0:
         torch.save(results, out)
-    dist.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":

@@ -5,9 +5,6 @@ on 2 processes each rank's memory at setup is about its half of the frozen weigh
 hold the model's weights is refused naming the tensor and the file, with nothing loaded."""
 import copy
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,10 +15,10 @@ import calmgraph as cg
 from calmgraph.errors import ParallelError
 from calmgraph.parallel import load_sharded
 from calmgraph.train import FineTuner, TrainConfig
+from tests.torchrun import launch
 
 transformers = pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parents[1]
 VOCAB, SEQ, BATCH, STEPS = 4000, 8, 2, 3  # BATCH per process; one process takes 2 * BATCH
 COMPILE_SEED = 7  # the new blocks' random draws: the same in every process and in the reference
 MIB = 2 ** 20
@@ -199,11 +196,7 @@ def big(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sharded_run(big, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "rank0.pt"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(ROOT / "tests" / "load_worker.py"), str(big.parent), str(out)],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-4000:]
+    launch("load_worker.py", str(big.parent), str(out))
     return torch.load(out, weights_only=False)
 
 

@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import copy
 import operator
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,9 +25,9 @@ from calmgraph.plan import MODEL_KEY
 from calmgraph.passes.outline import BLOCK_KEY, Outline, outline_blocks
 from calmgraph.demo.models import TinyLM
 from tests.reference import randomize_new_parameters
+from tests.torchrun import launch
 from tests.support import VOCAB, llama, qwen2, xtransformers
 
-ROOT = Path(__file__).resolve().parents[1]
 EVERY_2 = {"anchor": {"name": "base"}, "augments": [{"name": "kv"}],
            "edges": [{"source": "kv", "target": "base", "layers": {"every": 2}}]}
 BATCH = 4
@@ -303,11 +299,7 @@ GRAD_RTOL, GRAD_ATOL = 1e-5, 1e-7
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp") / "rank0.pt"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(ROOT / "tests" / "shard_worker.py"), str(out)],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    launch("shard_worker.py", str(out))
     return torch.load(out, weights_only=False)
 
 

@@ -2,10 +2,6 @@
 and FSDP2, and DeepSpeed ZeRO-3 where deepspeed is installed, over 2 CPU processes equal to one process with
 the same global batch, saved and resumed."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +9,8 @@ import torch
 import calmgraph as cg
 from calmgraph.demo.models import TinyLM
 from calmgraph.train import FineTuner, TrainConfig, list_checkpoints, next_token_loss
+from tests.torchrun import launch
 
-ROOT = Path(__file__).resolve().parents[1]
 SPEC = {"anchor": {"name": "base"}, "augments": [{"name": "aug"}],
         "edges": [{"source": "aug", "target": "base", "layers": [[0, 0], [-1, 1]]}]}
 BATCH, STEPS = 4, 3  # per process; the single-process reference takes 2 * BATCH
@@ -151,11 +147,7 @@ def test_activation_checkpointing_recomputes_and_trains_identically(single):
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(ROOT / "tests" / "finetune_worker.py"), str(out)],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-4000:]
+    launch("finetune_worker.py", str(out))
     return out, torch.load(out / "rank0.pt", weights_only=False)
 
 
@@ -208,11 +200,7 @@ def test_fsdp_shards_the_frozen_weights_and_its_checkpoint_loads_in_one_process(
 def zero3(tmp_path_factory):
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed); CI does not install it")
     out = tmp_path_factory.mktemp("zero3")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(ROOT / "tests" / "deepspeed_worker.py"), str(out)],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-4000:]
+    launch("deepspeed_worker.py", str(out), env={"DS_ACCELERATOR": "cpu"})
     return out, torch.load(out / "rank0.pt", weights_only=False)
 
 
