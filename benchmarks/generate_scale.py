@@ -8,11 +8,12 @@ intermediate 5632) and a 0.25B Llama-shaped augment (hidden 1024, 16 layers, 16 
 intermediate 2816), random weights, every 4th augment block read, 128 new tokens after a 128-token prompt.
 Both modes: the augment reading the anchor's tokens (`shared`, the paper's) and reading a prompt of its own
 (`prompt`, here the same tokens). Variants: `cached` (the KV-cache decode graph, eager), `compiled`
-(`compile_step=True`), `compiled_fused_attention` (the same with the step's attention left to SDPA's fused
-kernels, `decode.MATH_ATTENTION` off, on a composition of its own), `recompute` (`cache=False`). Each variant's first call is reported (it traces the
-decode graph, and compiles), its time to the first token is timed warm, then the variants and transformers
-alternate for `--rounds` rounds and the median is reported. The JSON goes to stdout (and to `--out`);
-a line per result to stderr as it comes.
+(`compile_step=True`), `compiled_prefill` (the same with `compile_prefill=True`; it shares `compiled`'s
+decoders, and so its compiled step), `compiled_fused_attention` (the same step with its attention left to
+SDPA's fused kernels, `decode.MATH_ATTENTION` off, on a composition of its own), `recompute` (`cache=False`).
+Each variant's first call is reported (it traces the decode graph, and compiles), its time to the first
+token is timed warm, then the variants and transformers alternate for `--rounds` rounds and the median is
+reported. The JSON goes to stdout (and to `--out`); a line per result to stderr as it comes.
 """
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def parse(argv=None):
                    metavar=("HIDDEN", "LAYERS", "HEADS", "KV_HEADS", "INTERMEDIATE"))
     p.add_argument("--every", type=int, default=4, help="read every n-th augment block")
     p.add_argument("--modes", nargs="+", choices=["shared", "prompt"], default=["shared", "prompt"])
-    p.add_argument("--variants", nargs="+", choices=["cached", "compiled", "compiled_fused_attention", "recompute"],
+    p.add_argument("--variants", nargs="+", choices=["cached", "compiled", "compiled_prefill", "compiled_fused_attention",
+                                                     "recompute"],
                    default=["cached", "compiled", "recompute"])
     p.add_argument("--step-options", type=json.loads, default=None, metavar="JSON",
                    help='the compiled variant\'s compile_step (default true: STEP_COMPILE), e.g. '
@@ -121,6 +123,7 @@ def run(args) -> dict:
             for variant in args.variants:
                 step = True if args.step_options is None else args.step_options
                 options = {"cached": {"cache": True}, "compiled": {"cache": True, "compile_step": step},
+                           "compiled_prefill": {"cache": True, "compile_step": step, "compile_prefill": True},
                            "compiled_fused_attention": {"cache": True, "compile_step": step},
                            "recompute": {"cache": False}}[variant]
                 if variant == "compiled_fused_attention":  # its own decoders, compiled with the flag off

@@ -71,13 +71,13 @@ def with_linear_as_bmm(decoder_cls):
     """Decoder.compiled, compiling a copy of the step graph rewritten by `linear_as_bmm`."""
     compiled = decoder_cls.compiled
 
-    def patched(self, options, *cast):
-        if self._compiled is None:
+    def patched(self, options, *cast, prefill=False):
+        if not prefill and "step" not in self._compiled:
             graph = torch.fx.Graph()
             graph.output(graph.graph_copy(self.to_compile.graph, {}))
             print(f"linear_as_bmm: {linear_as_bmm(graph)} linears", file=sys.stderr)
             self.to_compile = torch.fx.GraphModule(self.to_compile, graph, class_name="Decoder")
-        return compiled(self, options, *cast)
+        return compiled(self, options, *cast, prefill=prefill)
     decoder_cls.compiled = patched
 
 

@@ -301,7 +301,7 @@ def test_cache_is_refused_for_an_anchor_transformers_does_not_cache(small):
     composed, _, name = small
     with pytest.raises(cg.InputError, match="is not a transformers causal LM"):
         composed.generate(tokens((1, 4), 43), 2, cache=True, **prompt(name, batch=1))
-    with pytest.raises(cg.InputError, match="compile_step compiles the KV-cache decode step"):
+    with pytest.raises(cg.InputError, match="compile_step compiles the KV-cache decode graph"):
         composed.generate(tokens((1, 4), 43), 2, compile_step=True, **prompt(name, batch=1))
     with pytest.raises(cg.InputError, match="cache must be None"):
         composed.generate(tokens((1, 4), 43), 2, cache="yes", **prompt(name, batch=1))

@@ -81,3 +81,36 @@ def test_a_shared_augment_without_a_cache_makes_the_step_grow():
         patch.setattr(generation, "STEP_COMPILE", {"backend": counter})
         hybrid.generate(tokens((2, 5), 5), 6, compile_step=True)
     assert counter.frame_count == 5                                      # steps 1..5, each a new length
+
+
+def test_the_prefill_compiles_once_for_every_prompt_length(composed, counter):
+    """compile_prefill (dynamic shapes): one compile reads prompts of 5, 9 and 7 tokens; the step compiles on
+    its own, once. Rows of two lengths decode side by side, a decoder each (as their steps do, each compiles
+    its prefill). The same tokens as eager."""
+    prefill, prompts = CompileCounter(), prompt("bert", batch=2)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, :3] = 0                                                       # left padding: rows of 4 and 7 tokens
+    calls = [(tokens((2, 5), 1), None), (tokens((2, 9), 2), None), (tokens((2, 7), 3), None)]
+
+    def generate(ids, attention_mask, **compiled):
+        return composed.generate(ids, 8, attention_mask=attention_mask, **compiled, **prompts)
+    options = {"compile_step": True, "compile_prefill": {"backend": prefill, "dynamic": True}}
+    got = [generate(*call, **options) for call in calls]
+    assert prefill.frame_count == 1 and counter.frame_count == 1          # one bucket: one step graph
+    calls.append((tokens((2, 7), 3), mask))
+    got.append(generate(*calls[-1], **options))
+    assert prefill.frame_count == 3 and counter.frame_count == 3          # two decoders of one row each
+    for call, out in zip(calls, got):
+        assert torch.equal(out, generate(*call))
+
+
+def test_the_prefill_compiled_through_aot_autograd_writes_the_caches_the_steps_read(composed):
+    """Functionalized (aot_eager: AOTAutograd without inductor's code), the prefill still writes the KV
+    caches in place, which the steps then read: the same tokens as eager, with and without a compiled step."""
+    prompts = prompt("bert", batch=2)
+    ids = tokens((2, 6), 4)
+    want = composed.generate(ids, 6, **prompts)
+    options = {"backend": "aot_eager", "dynamic": True}
+    assert torch.equal(composed.generate(ids, 6, compile_prefill=options, **prompts), want)
+    assert torch.equal(composed.generate(ids, 6, compile_prefill=options, compile_step={"backend": "aot_eager"},
+                                         **prompts), want)

@@ -202,6 +202,9 @@ def test_greedy_and_basic_sampling_work_without_transformers(small, monkeypatch)
     ({"compile_step": "yes"}, "compile_step must be True, False or a dict of torch.compile keywords"),
     ({"compile_step": {"modes": "max-autotune"}}, r"torch.compile takes no \['modes'\]; it takes backend, mode"),
     ({"compile_step": {"mode": "reduce-overhead", "options": {}}}, "a mode or options, not both"),
+    ({"compile_prefill": 1}, "compile_prefill must be True, False or a dict of torch.compile keywords"),
+    ({"compile_prefill": True}, "compile_prefill compiles the KV-cache decode graph, which this call does not use"),
+    ({"compile_prefill": {"dynamic": True, "cudagraphs": True}}, r"compile_prefill: torch.compile takes no \['cudagraphs'\]"),
     ({"cache": 1}, "cache must be None .*, True or False; got 1"),
     ({"eos_token_id": VOCAB}, rf"eos_token_id {VOCAB} is outside the vocabulary \[0, {VOCAB}\) .* no row could ever finish"),
     ({"eos_token_id": [VOCAB, -1]}, rf"eos_token_id \[{VOCAB}, -1\] is outside the vocabulary"),
@@ -335,24 +338,29 @@ def test_eager_generate_under_autocast_casts_each_linear_weight_once(which, cach
     assert fewer < every_step
 
 
+@pytest.mark.parametrize("compiles", [("compile_step",), ("compile_prefill",), ("compile_step", "compile_prefill")])
 def test_a_compiled_step_under_autocast_runs_on_weights_cast_once_and_refreshed_at_each_call(llama_gpt2_bert,
-                                                                                              monkeypatch):
-    """The compiled step holds copies of the linear weights cast to autocast's dtype (its caches shared), so
-    no step casts them again: fewer casts than the step compiled on the float32 weights, the same tokens as
-    full forwards, no warning. The copies are refreshed at each call: a weight changed between two calls
-    changes the next call's tokens as it changes full forwards'."""
+                                                                                              monkeypatch, compiles):
+    """The compiled step (and prefill) holds copies of the linear weights cast to autocast's dtype (its caches
+    shared; one copy for both), so no step casts them again: fewer casts than compiled on the float32 weights,
+    the same tokens as full forwards, no warning. The copies are refreshed at each call: a weight changed
+    between two calls changes the next call's tokens as it changes full forwards'."""
     import calmgraph.generation.generate as generation
     composed, _, name = llama_gpt2_bert
     ids, prompts = tokens((2, 4), 9), prompt(name, batch=2)
     step = {"backend": "eager"}
+    compiled = dict.fromkeys(compiles, step)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = greedy_by_full_forwards(composed, ids, 6, prompts)
         monkeypatch.setattr(generation, "autocast_weights", lambda module, device: (None, []))
-        again, every_step = casts(lambda: composed.generate(ids, 6, cache=True, compile_step=step, **prompts))
+        generate = lambda: composed.generate(ids, 6, cache=True, **compiled, **prompts)  # noqa: E731
+        generate()                                 # compiles: dynamo's tracing casts too; counted: a later call
+        again, every_step = casts(generate)
         monkeypatch.undo()
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            got, fewer = casts(lambda: composed.generate(ids, 6, cache=True, compile_step=step, **prompts))
+            generate()
+            got, fewer = casts(generate)
         assert torch.equal(got, expected) and torch.equal(again, expected)
         assert fewer < every_step
         cast = {id(w) for w in generation.autocast_weights(composed, torch.device("cpu"))[1]}
@@ -364,7 +372,7 @@ def test_a_compiled_step_under_autocast_runs_on_weights_cast_once_and_refreshed_
                 weight.copy_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * 5)
             changed = greedy_by_full_forwards(composed, ids, 6, prompts)
             assert not torch.equal(changed, expected)
-            assert torch.equal(composed.generate(ids, 6, cache=True, compile_step=step, **prompts), changed)  # same twin
+            assert torch.equal(composed.generate(ids, 6, cache=True, **compiled, **prompts), changed)  # same twin
         finally:
             with torch.no_grad():
                 weight.copy_(before)

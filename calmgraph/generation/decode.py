@@ -187,33 +187,39 @@ class Decoder:
     models: tuple[str, ...]             # the models it decodes with a cache: the anchor last
     to_compile: fx.GraphModule          # the step torch.compile gets (`module`, or a variant on its caches)
     step: fx.GraphModule                # the eager step after prefill (`module`, or without what it never writes)
-    _compiled: tuple | None = field(default=None, repr=False)  # (options, dtype, compiled module, weight pairs)
+    _cast: tuple | None = field(default=None, repr=False)  # (dtype, weight ids), memo, (weight, copy) pairs
+    _compiled: dict = field(default_factory=dict, repr=False)  # "step" / "prefill" -> (options, compiled module)
 
-    def compiled(self, options: dict, dtype: torch.dtype | None = None, weights: list[nn.Parameter] = ()):
+    def compiled(self, options: dict, dtype: torch.dtype | None = None, weights: list[nn.Parameter] = (),
+                 prefill: bool = False):
         """`torch.compile(MathAttention(self.to_compile), **options)`, made once per decoder: its step's shapes
-        are fixed (but for a shared augment recomputed over the growing sequence, which recompiles).
+        are fixed (but for a shared augment recomputed over the growing sequence, which recompiles). With
+        `prefill`, `torch.compile(self.module, **options)` instead: the prefill, whose length is the prompt's
+        (give `dynamic=True`), and whose attention over many queries is left to SDPA's kernels.
 
-        `dtype`, `weights` (generate under autocast: `autocast_weights`): the step compiled is a twin of
-        `to_compile` that holds `weights` cast to `dtype` (its caches and other weights shared), so that no
-        step casts them again. The twin's copies live with the decoder and are refreshed in place at each
-        call (CUDA graphs keep their addresses), so they hold what the weights hold when generate starts."""
-        if self._compiled is None or self._compiled[:2] != (options, dtype):
-            step, pairs = self.to_compile, []
-            cast = {id(w) for w in weights}
-            if cast:
-                memo = {id(t): t for t in (*step.parameters(), *step.buffers()) if id(t) not in cast}
-                for w in step.parameters():
-                    if id(w) in cast:
-                        memo[id(w)] = nn.Parameter(w.detach().to(dtype), requires_grad=False)
-                        pairs.append((w, memo[id(w)]))
-                step = copy.deepcopy(step, memo)
-            step = MathAttention(step) if MATH_ATTENTION else step
-            self._compiled = (dict(options), dtype, torch.compile(step, **options), pairs)
-        else:
-            with torch.no_grad():
-                for weight, twin in self._compiled[3]:
-                    twin.copy_(weight)
-        return self._compiled[2]
+        `dtype`, `weights` (generate under autocast: `autocast_weights`): what is compiled is a twin that
+        holds `weights` cast to `dtype` (its caches and other weights shared; the step's and the prefill's
+        twins share the copies), so that no step casts them again. The copies live with the decoder;
+        `refresh` copies the weights into them in place (CUDA graphs keep their addresses)."""
+        role = "prefill" if prefill else "step"
+        key = (dtype, frozenset(map(id, weights)))
+        if self._cast is None or self._cast[0] != key:
+            self._cast, self._compiled = _cast_copies(self.module, key, weights), {}
+        made = self._compiled.get(role)
+        if made is None or made[0] != options:
+            graph = self.module if prefill else self.to_compile
+            if weights:
+                graph = copy.deepcopy(graph, dict(self._cast[1]))
+            if not prefill and MATH_ATTENTION:
+                graph = MathAttention(graph)
+            made = self._compiled[role] = (dict(options), torch.compile(graph, **options))
+        return made[1]
+
+    def refresh(self) -> None:
+        """The weights' values copied into the compiled twins' cast copies (generate: at each call)."""
+        with torch.no_grad():
+            for weight, twin in (self._cast[2] if self._cast else ()):
+                twin.copy_(weight)
 
     @property
     def takes_writes(self) -> bool:
@@ -231,6 +237,19 @@ class Decoder:
         """The keys and values of the prompt links, in the order the decoder takes them."""
         return [t for path, i in self.precomputed
                 for t in self.module.get_submodule(path).block.context_kv(contexts[i])]
+
+
+def _cast_copies(module: nn.Module, key: tuple, weights) -> tuple:
+    """(key, a deepcopy memo that keeps `module`'s tensors but for `weights`, which it maps to copies cast to
+    key[0]; the (weight, copy) pairs)."""
+    cast = {id(w) for w in weights}
+    memo = {id(t): t for t in (*module.parameters(), *module.buffers()) if id(t) not in cast}
+    pairs = []
+    for w in module.parameters():
+        if id(w) in cast:
+            memo[id(w)] = nn.Parameter(w.detach().to(key[0]), requires_grad=False)
+            pairs.append((w, memo[id(w)]))
+    return key, memo, pairs
 
 
 def source_model(composed, name: str) -> nn.Module | None:

@@ -46,6 +46,10 @@ KEEP_DECODERS = 8   # decoders (each holds its KV caches) kept per composed mode
 # at batch 1 in shared mode), with no weight copied. See benchmarks/README.md, "At LLM shapes". A cold first
 # compile tunes for 1-2.5 minutes (inductor caches it on disk).
 STEP_COMPILE = {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True, "combo_kernels": True}}
+# torch.compile's keywords for the prefill (generate's compile_prefill=True): one compile for every prompt
+# length; no CUDA graphs (they would record a graph per length). It runs the prompt through fused kernels
+# rather than the eager graph's several hundred ops, which on a GPU are bound by their launches.
+PREFILL_COMPILE = {"dynamic": True}
 COMPILE_KEYWORDS = ("backend", "mode", "options", "dynamic", "fullgraph")
 
 
@@ -121,20 +125,20 @@ def _check_mask(attention_mask, input_ids: torch.Tensor) -> torch.Tensor:
     return keep
 
 
-def _step_options(compile_step) -> dict | None:
-    """torch.compile's keywords for the decode step (None: run it eager)."""
-    if isinstance(compile_step, bool):
-        return dict(STEP_COMPILE) if compile_step else None
-    if not isinstance(compile_step, dict):
-        raise InputError("compile_step must be True, False or a dict of torch.compile keywords "
-                         f"({', '.join(COMPILE_KEYWORDS)}); got {compile_step!r}")
-    unknown = sorted(set(map(str, compile_step)) - set(COMPILE_KEYWORDS))
+def _compile_options(value, name: str, default: dict) -> dict | None:
+    """torch.compile's keywords for `name` (compile_step, compile_prefill; None: run it eager)."""
+    if isinstance(value, bool):
+        return dict(default) if value else None
+    if not isinstance(value, dict):
+        raise InputError(f"{name} must be True, False or a dict of torch.compile keywords "
+                         f"({', '.join(COMPILE_KEYWORDS)}); got {value!r}")
+    unknown = sorted(set(map(str, value)) - set(COMPILE_KEYWORDS))
     if unknown:
-        raise InputError(f"compile_step: torch.compile takes no {unknown}; it takes {', '.join(COMPILE_KEYWORDS)}")
-    if "mode" in compile_step and "options" in compile_step:
-        raise InputError("compile_step: give torch.compile a mode or options, not both (options "
+        raise InputError(f"{name}: torch.compile takes no {unknown}; it takes {', '.join(COMPILE_KEYWORDS)}")
+    if "mode" in value and "options" in value:
+        raise InputError(f"{name}: give torch.compile a mode or options, not both (options "
                          "{'triton.cudagraphs': True} is what mode='reduce-overhead' sets)")
-    return dict(compile_step)
+    return dict(value)
 
 
 def _check_eos(ids: list[int], vocab: int | None) -> None:
@@ -149,7 +153,7 @@ def _check_eos(ids: list[int], vocab: int | None) -> None:
 
 
 OPTIONS = (*DEFAULTS, "attention_mask", "generation_config", "stopping_criteria", "streamer", "generator", "cache",
-           "compile_step")
+           "compile_step", "compile_prefill")
 
 
 def _prompt_inputs(composed, inputs: dict, batch: int) -> dict:
@@ -171,7 +175,8 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
              top_k: int | None = None, top_p: float | None = None,
              eos_token_id: int | Sequence[int] | None = None, attention_mask: torch.Tensor | None = None,
              pad_token_id: int | None = None, generator: torch.Generator | None = None,
-             cache: bool | None = None, compile_step: bool | dict = False, *, do_sample: bool | None = None,
+             cache: bool | None = None, compile_step: bool | dict = False, *, compile_prefill: bool | dict = False,
+             do_sample: bool | None = None,
              min_new_tokens: int | None = None, repetition_penalty: float | None = None,
              generation_config=None, stopping_criteria=None, streamer=None, **prompt_inputs) -> torch.Tensor:
     """input_ids (B, T) -> (B, T + n): the prompts followed by n <= max_new_tokens new tokens.
@@ -194,6 +199,8 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     graphs, coordinate-descent tuning and combo kernels), a dict with those keywords instead (e.g. `{"mode":
     "reduce-overhead"}` compiles in a third of the time and decodes slower at batch 1). Its caches are sized to
     a bucket (`cache_length`: 32, 64, 128... positions), so it compiles once per batch size and bucket.
+    `compile_prefill`: run the prompt through `torch.compile` too: True with `PREFILL_COMPILE` (dynamic shapes:
+    one compile for every prompt length, per batch size and bucket), or a dict of its keywords.
     """
     shared = composed.signature["input_ids"]  # the smallest vocabulary and fewest positions reading the sequence
     sharded = next((n for n, p in composed.named_parameters() if hasattr(p, "device_mesh")), None)
@@ -209,7 +216,8 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
                                         pad_token_id=pad_token_id))
     if not (cache is None or isinstance(cache, bool)):
         raise InputError(f"cache must be None (use the anchor's KV cache when it has one), True or False; got {cache!r}")
-    step_options = _step_options(compile_step)
+    step_options = _compile_options(compile_step, "compile_step", STEP_COMPILE)
+    prefill_options = _compile_options(compile_prefill, "compile_prefill", PREFILL_COMPILE)
     if generator is not None and (not isinstance(generator, torch.Generator)
                                   or generator.device.type != input_ids.device.type):
         got = f"one on {generator.device}" if isinstance(generator, torch.Generator) else repr(generator)
@@ -228,9 +236,10 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
         raise InputError(f"cache=True, but the anchor {composed.spec.anchor.name!r} "
                          f"({type(composed.anchor_model).__name__}) is not a transformers causal LM, which is what "
                          "the KV cache is traced from; leave cache unset to recompute instead")
-    if step_options is not None and (cache is False or not can_cache(composed)):
-        raise InputError("compile_step compiles the KV-cache decode step, which this call does not use (cache=False, "
-                         "or an anchor transformers does not cache); leave compile_step off")
+    for name, given in (("compile_step", step_options), ("compile_prefill", prefill_options)):
+        if given is not None and (cache is False or not can_cache(composed)):
+            raise InputError(f"{name} compiles the KV-cache decode graph, which this call does not use (cache=False, "
+                             f"or an anchor transformers does not cache); leave {name} off")
     choose = Chooser(o, input_ids, attention_mask, eos, generator)
     criteria = _criteria(stopping_criteria)
 
@@ -249,7 +258,8 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     steps = None
     if cache is not False and can_cache(composed) and o.max_new_tokens > 0:
         try:
-            steps = CachedSteps(composed, packed, lengths, states, o.max_new_tokens, step_options, writes)
+            steps = CachedSteps(composed, packed, lengths, states, o.max_new_tokens, step_options, writes,
+                                prefill_options)
         except CalmGraphError as e:  # TraceError included: the cache could not be traced
             if cache:
                 raise
@@ -392,12 +402,13 @@ class CachedSteps:
     lengths in step (so a step's logits, hence its samples, processors and streamer, cover every row)."""
 
     def __init__(self, composed, packed, lengths, states, max_new_tokens, step_options: dict | None = None,
-                 writes: torch.Tensor | None = None):
+                 writes: torch.Tensor | None = None, prefill_options: dict | None = None):
         B = packed.shape[0]
         self.contexts = contexts_of(composed)
         self.groups, slots = [], {}
         self.weights = {} if step_options is not None else autocast_copies(composed, packed.device)
-        cast = autocast_weights(composed, packed.device) if step_options is not None else (None, [])
+        compiles = step_options is not None or prefill_options is not None
+        cast = autocast_weights(composed, packed.device) if compiles else (None, [])
         self._named: dict[int, dict] = {}
         for length in lengths.unique().tolist():
             rows = (lengths == length).nonzero().flatten()
@@ -417,7 +428,10 @@ class CachedSteps:
                                 "writes": (writes[rows, :length],) if takes else (),
                                 "no_writes": (writes.new_zeros(len(rows), 1),) if takes else (),
                                 "ctx": ctx, "kv": decoder.project(ctx),            # prompt links: once
-                                "step": decoder.step if step_options is None else decoder.compiled(step_options, *cast)})
+                                "step": decoder.step if step_options is None else decoder.compiled(step_options, *cast),
+                                "prefill": None if prefill_options is None else decoder.compiled(prefill_options, *cast,
+                                                                                                 prefill=True)})
+            decoder.refresh()  # the compiled twins' cast weights hold what the weights hold now
         self.batch = B
 
     def _run(self, graph, *args):
@@ -441,8 +455,10 @@ class CachedSteps:
         return logits
 
     def first(self):
-        return self._gather(lambda g: self._run(g["decoder"].module, g["seq"], torch.arange(g["length"], device=g["seq"].device),
-                                                *g["ctx"], *g["kv"], *g["writes"])[:, -1])  # prefill
+        def prefill(g):
+            args = (g["seq"], torch.arange(g["length"], device=g["seq"].device), *g["ctx"], *g["kv"], *g["writes"])
+            return (self._run(g["decoder"].module, *args) if g["prefill"] is None else g["prefill"](*args))[:, -1]
+        return self._gather(prefill)
 
     def next(self, token, step):
         def advance(g):
