@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.test_train_scale import BATCH, STEPS, Tokens, composition, config  # noqa: E402
+from tests.test_train_scale import BATCH, Tokens, composition, config  # noqa: E402
 from tests.torchrun import finish  # noqa: E402
 
 from calmgraph.train import FineTuner  # noqa: E402

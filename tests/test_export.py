@@ -1,6 +1,5 @@
 """Export: a `.pt2` that runs in a fresh process with neither calmgraph nor the models' libraries importable,
 an ONNX file that onnxruntime runs, both at shapes other than the ones exported with."""
-import json
 import subprocess
 import sys
 

@@ -1,7 +1,6 @@
 """The spec: parsing, round trips, and a clear located error for every bad spec."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch

@@ -17,7 +17,7 @@ import calmgraph as cg
 import calmgraph.passes.trace as trace
 from calmgraph.demo.models import Layer, TinyLM
 from families import VOCAB, family_models, family_spec, small_config
-from reference import eager_reference, randomize_new_parameters, run_model
+from reference import eager_reference, run_model
 from test_families import assert_composes
 
 

@@ -189,7 +189,8 @@ def test_an_artifact_is_never_its_own_code_listing(composed, tmp_path):
 
 
 def test_two_exports_in_one_folder_share_no_file_and_overwrite_replaces_only_when_told(composed, tmp_path):
-    a, b = composed.export(tmp_path / "a.pt2"), composed.export(tmp_path / "b.pt2")
+    a = composed.export(tmp_path / "a.pt2")
+    composed.export(tmp_path / "b.pt2")
     assert sorted(contents(tmp_path)) == ["a.pt2", "a.py", "a.spec.json", "b.pt2", "b.py", "b.spec.json"]
     assert cg.CompositionSpec.from_json((tmp_path / "a.spec.json").read_text()) == composed.spec
     assert "# For reading; the runnable artifact is a.pt2" in (tmp_path / "a.py").read_text()

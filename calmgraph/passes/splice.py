@@ -13,7 +13,6 @@ from collections import defaultdict
 from functools import partial
 
 import torch
-import torch.fx as fx
 import torch.nn as nn
 
 from ..cross_attention import CrossAttention

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import save_model
 
 from examples.handwritten_gpt.gpt import GPTConfig
-from examples.kv_arithmetic.compose import (callable_model, compose, compose_tasks, layer_choice, save_composition,
+from examples.kv_arithmetic.compose import (callable_model, compose, compose_tasks, save_composition,
                                             train_composition)
 from examples.kv_arithmetic.data import ANCHOR_MIXES, PROTOCOLS, SEP, KVConfig, KVWorld, protocol_config
 from examples.kv_arithmetic.evaluate import (EVAL_TASKS, answers, bound_accuracy, chain_answers, compose_key_accuracy,
