@@ -13,7 +13,8 @@ decoders, and so its compiled step), `compiled_fused_attention` (the same step w
 SDPA's fused kernels, `decode.MATH_ATTENTION` off, on a composition of its own), `recompute` (`cache=False`).
 Each variant's first call is reported (it traces the decode graph, and compiles), its time to the first
 token is timed warm, then the variants and transformers alternate for `--rounds` rounds and the median is
-reported. The JSON goes to stdout (and to `--out`); a line per result to stderr as it comes.
+reported. The JSON goes to stdout (and to `--out`, rewritten after each mode and batch, with `complete`
+false until the end); a line per result to stderr as it comes.
 """
 from __future__ import annotations
 
@@ -102,7 +103,8 @@ def timed(fn, sync):
     return time.perf_counter() - started, out
 
 
-def run(args) -> dict:
+def run(args, save=lambda report: None) -> dict:
+    """The report; `save(report)` after each result, so that a run cut short keeps what it measured."""
     import transformers
     device, dtype = args.device, DTYPES[args.dtype]
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -110,6 +112,21 @@ def run(args) -> dict:
     augment = llama(args.augment, args.vocab, dtype, device, 1)
     weights_gb = sum(p.numel() * p.element_size() for m in (anchor, augment) for p in m.parameters()) / 1e9
     results = []
+    report = {
+        "what": "tokens/s per sequence, greedy, no early stop; median of interleaved rounds",
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "compile_step": "STEP_COMPILE" if args.step_options is None else args.step_options,
+        "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or "cpu",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+        "shapes": {"anchor": dict(zip(("hidden", "layers", "heads", "kv_heads", "intermediate"), args.anchor)),
+                   "augment": dict(zip(("hidden", "layers", "heads", "kv_heads", "intermediate"), args.augment)),
+                   "vocab": args.vocab, "every": args.every, "prompt": args.prompt, "new": args.new,
+                   "dtype": args.dtype, "weights_gb": round(weights_gb, 3)},  # read once a token: the bandwidth bound
+        "complete": False,  # until every mode and batch is measured
+        "results": results,
+    }
     for mode in args.modes:
         started = time.perf_counter()
         composed = compose(anchor, augment, mode, args.every)
@@ -148,31 +165,22 @@ def run(args) -> dict:
                                 "vs_anchor_alone": round(tps / alone, 3), **first[name],
                                 "seconds": [round(s, 4) for s in seconds[name]], "compose_s": round(compile_s, 1)})
                 print(json.dumps(results[-1]), file=sys.stderr)
-    return {
-        "what": "tokens/s per sequence, greedy, no early stop; median of interleaved rounds",
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "compile_step": "STEP_COMPILE" if args.step_options is None else args.step_options,
-        "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or "cpu",
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
-        "shapes": {"anchor": dict(zip(("hidden", "layers", "heads", "kv_heads", "intermediate"), args.anchor)),
-                   "augment": dict(zip(("hidden", "layers", "heads", "kv_heads", "intermediate"), args.augment)),
-                   "vocab": args.vocab, "every": args.every, "prompt": args.prompt, "new": args.new,
-                   "dtype": args.dtype, "weights_gb": round(weights_gb, 3)},  # read once a token: the bandwidth bound
-        "results": results,
-    }
+            save(report)
+    report["complete"] = True
+    return report
 
 
 def main(argv=None):
     args = parse(argv)
     if args.out is not None and not args.out.parent.is_dir():
         sys.exit(f"--out: no folder {args.out.parent}")
-    report = run(args)
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text + "\n")
+
+    def save(report):
+        if args.out is not None:
+            args.out.write_text(json.dumps(report, indent=1) + "\n")
+    report = run(args, save)
+    save(report)
+    print(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
