@@ -84,9 +84,9 @@ def test_a_shared_augment_without_a_cache_makes_the_step_grow():
 
 
 def test_the_prefill_compiles_once_for_every_prompt_length(composed, counter):
-    """compile_prefill (dynamic shapes): one compile reads prompts of 5, 9 and 7 tokens; the step compiles on
-    its own, once. Rows of two lengths decode side by side, a decoder each (as their steps do, each compiles
-    its prefill). The same tokens as eager."""
+    """compile_prefill (dynamic shapes): one compile reads prompts of 5, 9 and 7 tokens, and one the prompt
+    augment's stage (BERT); the step compiles on its own, once. Rows of two lengths decode side by side, a
+    decoder each (as their steps do, each compiles its prefill). The same tokens as eager."""
     prefill, prompts = CompileCounter(), prompt("bert", batch=2)
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[0, :3] = 0                                                       # left padding: rows of 4 and 7 tokens
@@ -96,10 +96,10 @@ def test_the_prefill_compiles_once_for_every_prompt_length(composed, counter):
         return composed.generate(ids, 8, attention_mask=attention_mask, **compiled, **prompts)
     options = {"compile_step": True, "compile_prefill": {"backend": prefill, "dynamic": True}}
     got = [generate(*call, **options) for call in calls]
-    assert prefill.frame_count == 1 and counter.frame_count == 1          # one bucket: one step graph
+    assert prefill.frame_count == 2 and counter.frame_count == 1          # one bucket: one step graph
     calls.append((tokens((2, 7), 3), mask))
     got.append(generate(*calls[-1], **options))
-    assert prefill.frame_count == 3 and counter.frame_count == 3          # two decoders of one row each
+    assert prefill.frame_count == 4 and counter.frame_count == 3          # two decoders of one row each
     for call, out in zip(calls, got):
         assert torch.equal(out, generate(*call))
 

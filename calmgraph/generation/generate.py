@@ -70,6 +70,18 @@ def stages_of(composed) -> Stages:
     return entry["stages"]
 
 
+def augment_stage(composed, options: dict | None = None):
+    """The prompt augments' stage (`stages_of(composed).augment`), or with `options` (compile_prefill) its
+    `torch.compile`, made once per composed model and options."""
+    stage = stages_of(composed).augment
+    if options is None or not composed.spec.prompts:
+        return stage
+    entry = _entry(composed)
+    if entry.get("augment_compiled", (None,))[0] != options:
+        entry["augment_compiled"] = (dict(options), torch.compile(stage, **options))
+    return entry["augment_compiled"][1]
+
+
 def contexts_of(composed) -> Contexts:
     entry = _entry(composed)
     if "contexts" not in entry:
@@ -199,8 +211,9 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     graphs, coordinate-descent tuning and combo kernels), a dict with those keywords instead (e.g. `{"mode":
     "reduce-overhead"}` compiles in a third of the time and decodes slower at batch 1). Its caches are sized to
     a bucket (`cache_length`: 32, 64, 128... positions), so it compiles once per batch size and bucket.
-    `compile_prefill`: run the prompt through `torch.compile` too: True with `PREFILL_COMPILE` (dynamic shapes:
-    one compile for every prompt length, per batch size and bucket), or a dict of its keywords.
+    `compile_prefill`: run what reads the prompts through `torch.compile` too (the cached prefill, and the
+    prompt augments' stage): True with `PREFILL_COMPILE` (dynamic shapes: one compile for every prompt length;
+    the prefill's per batch size and bucket), or a dict of its keywords.
     """
     shared = composed.signature["input_ids"]  # the smallest vocabulary and fewest positions reading the sequence
     sharded = next((n for n, p in composed.named_parameters() if hasattr(p, "device_mesh")), None)
@@ -253,7 +266,7 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     packed = input_ids.gather(1, order)[:, :width].masked_fill(~keep.gather(1, order)[:, :width], 0)
     if writes is not None:  # packed like the ids
         writes = writes.gather(1, order)[:, :width].masked_fill(~keep.gather(1, order)[:, :width], 0)
-    states = stages_of(composed).augment(**prompts)                           # prompt augments: once
+    states = augment_stage(composed, prefill_options)(**prompts)              # prompt augments: once
 
     steps = None
     if cache is not False and can_cache(composed) and o.max_new_tokens > 0:
