@@ -48,8 +48,8 @@ def parse(argv=None):
                    metavar=("HIDDEN", "LAYERS", "HEADS", "KV_HEADS", "INTERMEDIATE"))
     p.add_argument("--every", type=int, default=4, help="read every n-th augment block")
     p.add_argument("--modes", nargs="+", choices=["shared", "prompt"], default=["shared", "prompt"])
-    p.add_argument("--variants", nargs="+", choices=["cached", "compiled", "compiled_prefill", "compiled_fused_attention",
-                                                     "recompute"],
+    p.add_argument("--variants", nargs="+",
+                   choices=["cached", "compiled", "compiled_prefill", "compiled_fused_attention", "recompute"],
                    default=["cached", "compiled", "recompute"])
     p.add_argument("--step-options", type=json.loads, default=None, metavar="JSON",
                    help='the compiled variant\'s compile_step (default true: STEP_COMPILE), e.g. '
