@@ -339,6 +339,24 @@ def test_eager_generate_under_autocast_casts_each_linear_weight_once(which, cach
     assert fewer < every_step
 
 
+def test_rows_of_two_lengths_compile_on_one_set_of_cast_weights(llama_gpt2_bert):
+    """Under autocast, rows of two prompt lengths decode side by side, a decoder each: both decoders' compiled
+    steps and prefills hold the same half-size copies of the weights (one set per composition, not one per
+    decoder), and give eager's tokens."""
+    from calmgraph.generation.generate import decoder_for
+    composed, _, name = llama_gpt2_bert
+    ids, prompts = tokens((2, 6), 9), prompt(name, batch=2)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0                                                     # rows of 4 and 6 tokens
+    step = {"backend": "eager"}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = composed.generate(ids, 5, attention_mask=mask, compile_step=step, compile_prefill=step, **prompts)
+        assert torch.equal(got, composed.generate(ids, 5, attention_mask=mask, **prompts))
+    held = [{id(p) for p in decoder_for(composed, 1, 11, slot)._compiled[role][2]._orig_mod.parameters()
+             if p.dtype == torch.bfloat16} for slot in (0, 1) for role in ("step", "prefill")]
+    assert held[0] and all(h == held[0] for h in held)
+
+
 @pytest.mark.parametrize("compiles", [("compile_step",), ("compile_prefill",), ("compile_step", "compile_prefill")])
 def test_a_compiled_step_under_autocast_runs_on_weights_cast_once_and_refreshed_at_each_call(llama_gpt2_bert,
                                                                                               monkeypatch, compiles):

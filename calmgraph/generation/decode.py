@@ -187,39 +187,29 @@ class Decoder:
     models: tuple[str, ...]             # the models it decodes with a cache: the anchor last
     to_compile: fx.GraphModule          # the step torch.compile gets (`module`, or a variant on its caches)
     step: fx.GraphModule                # the eager step after prefill (`module`, or without what it never writes)
-    _cast: tuple | None = field(default=None, repr=False)  # (dtype, weight ids), memo, (weight, copy) pairs
-    _compiled: dict = field(default_factory=dict, repr=False)  # "step" / "prefill" -> (options, compiled module)
+    _compiled: dict = field(default_factory=dict, repr=False)  # "step" / "prefill" -> (options, cast key, compiled)
 
-    def compiled(self, options: dict, dtype: torch.dtype | None = None, weights: list[nn.Parameter] = (),
-                 prefill: bool = False):
+    def compiled(self, options: dict, cast=None, prefill: bool = False):
         """`torch.compile(MathAttention(self.to_compile), **options)`, made once per decoder: its step's shapes
         are fixed (but for a shared augment recomputed over the growing sequence, which recompiles). With
         `prefill`, `torch.compile(self.module, **options)` instead: the prefill, whose length is the prompt's
         (give `dynamic=True`), and whose attention over many queries is left to SDPA's kernels.
 
-        `dtype`, `weights` (generate under autocast: `autocast_weights`): what is compiled is a twin that
-        holds `weights` cast to `dtype` (its caches and other weights shared; the step's and the prefill's
-        twins share the copies), so that no step casts them again. The copies live with the decoder;
-        `refresh` copies the weights into them in place (CUDA graphs keep their addresses)."""
+        `cast` (generate under autocast: `generate.CastWeights`, with `key` and `copies`, by the id of each
+        weight): what is compiled is a twin holding those copies in place of the weights (its caches and
+        other weights shared), so that no step casts them again."""
         role = "prefill" if prefill else "step"
-        key = (dtype, frozenset(map(id, weights)))
-        if self._cast is None or self._cast[0] != key:
-            self._cast, self._compiled = _cast_copies(self.module, key, weights), {}
+        key = None if cast is None else cast.key
         made = self._compiled.get(role)
-        if made is None or made[0] != options:
+        if made is None or made[:2] != (options, key):
             graph = self.module if prefill else self.to_compile
-            if weights:
-                graph = copy.deepcopy(graph, dict(self._cast[1]))
+            if cast is not None:
+                memo = {id(t): t for t in (*graph.parameters(), *graph.buffers())}
+                graph = copy.deepcopy(graph, {**memo, **cast.copies})
             if not prefill and MATH_ATTENTION:
                 graph = MathAttention(graph)
-            made = self._compiled[role] = (dict(options), torch.compile(graph, **options))
-        return made[1]
-
-    def refresh(self) -> None:
-        """The weights' values copied into the compiled twins' cast copies (generate: at each call)."""
-        with torch.no_grad():
-            for weight, twin in (self._cast[2] if self._cast else ()):
-                twin.copy_(weight)
+            made = self._compiled[role] = (dict(options), key, torch.compile(graph, **options))
+        return made[2]
 
     @property
     def takes_writes(self) -> bool:
@@ -237,19 +227,6 @@ class Decoder:
         """The keys and values of the prompt links, in the order the decoder takes them."""
         return [t for path, i in self.precomputed
                 for t in self.module.get_submodule(path).block.context_kv(contexts[i])]
-
-
-def _cast_copies(module: nn.Module, key: tuple, weights) -> tuple:
-    """(key, a deepcopy memo that keeps `module`'s tensors but for `weights`, which it maps to copies cast to
-    key[0]; the (weight, copy) pairs)."""
-    cast = {id(w) for w in weights}
-    memo = {id(t): t for t in (*module.parameters(), *module.buffers()) if id(t) not in cast}
-    pairs = []
-    for w in module.parameters():
-        if id(w) in cast:
-            memo[id(w)] = nn.Parameter(w.detach().to(key[0]), requires_grad=False)
-            pairs.append((w, memo[id(w)]))
-    return key, memo, pairs
 
 
 def source_model(composed, name: str) -> nn.Module | None:

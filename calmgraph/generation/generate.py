@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from weakref import WeakKeyDictionary
 
 import torch
@@ -304,6 +305,36 @@ def autocast_weights(composed, device: torch.device) -> tuple[torch.dtype | None
     return torch.get_autocast_dtype(device.type), [p for p in _untied(composed) if id(p) in eligible]
 
 
+@dataclass(frozen=True)
+class CastWeights:
+    """`autocast_weights` cast once for compiled graphs, by the id of the weight: one set per composed model
+    and autocast dtype, which every decoder's compiled step and prefill hold (CUDA graphs keep their
+    addresses, so `refresh` copies the weights into them in place, at each call)."""
+    key: tuple                                   # (dtype, the weights' ids)
+    copies: dict[int, nn.Parameter]
+    pairs: tuple[tuple[nn.Parameter, nn.Parameter], ...]
+
+    def refresh(self) -> None:
+        with torch.no_grad():
+            for weight, copy in self.pairs:
+                copy.copy_(weight)
+
+
+def cast_weights(composed, device: torch.device) -> CastWeights | None:
+    """The composed model's `CastWeights` under autocast, refreshed (None without autocast)."""
+    dtype, weights = autocast_weights(composed, device)
+    if not weights:
+        return None
+    entry, key = _entry(composed), (dtype, frozenset(map(id, weights)))
+    cast = entry.get("cast")
+    if cast is None or cast.key != key:
+        pairs = tuple((w, nn.Parameter(w.detach().to(dtype), requires_grad=False)) for w in weights)
+        cast = entry["cast"] = CastWeights(key, {id(w): c for w, c in pairs}, pairs)
+    else:
+        cast.refresh()
+    return cast
+
+
 def autocast_copies(composed, device: torch.device) -> dict[int, torch.Tensor]:
     """`autocast_weights` cast once, by the id of the weight (each graph names them its own way:
     `by_identity`); they hold half the float32 weights' memory for the call."""
@@ -421,7 +452,7 @@ class CachedSteps:
         self.groups, slots = [], {}
         self.weights = {} if step_options is not None else autocast_copies(composed, packed.device)
         compiles = step_options is not None or prefill_options is not None
-        cast = autocast_weights(composed, packed.device) if compiles else (None, [])
+        cast = cast_weights(composed, packed.device) if compiles else None    # every decoder's compiled graphs
         self._named: dict[int, dict] = {}
         for length in lengths.unique().tolist():
             rows = (lengths == length).nonzero().flatten()
@@ -441,10 +472,9 @@ class CachedSteps:
                                 "writes": (writes[rows, :length],) if takes else (),
                                 "no_writes": (writes.new_zeros(len(rows), 1),) if takes else (),
                                 "ctx": ctx, "kv": decoder.project(ctx),            # prompt links: once
-                                "step": decoder.step if step_options is None else decoder.compiled(step_options, *cast),
-                                "prefill": None if prefill_options is None else decoder.compiled(prefill_options, *cast,
+                                "step": decoder.step if step_options is None else decoder.compiled(step_options, cast),
+                                "prefill": None if prefill_options is None else decoder.compiled(prefill_options, cast,
                                                                                                  prefill=True)})
-            decoder.refresh()  # the compiled twins' cast weights hold what the weights hold now
         self.batch = B
 
     def _run(self, graph, *args):
