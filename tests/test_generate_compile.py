@@ -114,3 +114,13 @@ def test_the_prefill_compiled_through_aot_autograd_writes_the_caches_the_steps_r
     assert torch.equal(composed.generate(ids, 6, compile_prefill=options, **prompts), want)
     assert torch.equal(composed.generate(ids, 6, compile_prefill=options, compile_step={"backend": "aot_eager"},
                                          **prompts), want)
+
+
+def test_more_decoders_than_dynamos_recompile_limit_each_compile_their_step(composed, counter):
+    """Each batch size has a decoder, and each decoder's step compiles: past dynamo's recompile limit (8
+    compiled entries per code object) too, where a step sharing its wrapper's code with the others would
+    run eager."""
+    sizes = range(1, torch._dynamo.config.recompile_limit + 2)
+    for batch in sizes:
+        composed.generate(tokens((batch, 4), batch), 3, compile_step=True, **prompt("bert", batch=batch))
+    assert counter.frame_count == len(sizes)

@@ -33,6 +33,7 @@ import copy
 import functools
 import inspect
 import operator
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -172,6 +173,11 @@ class MathAttention(nn.Module):
     def __init__(self, step: fx.GraphModule):
         super().__init__()
         self.step = step
+        # A forward of its own (a copy of the code object): dynamo keeps compiled code per code object, at
+        # most `recompile_limit` (8) entries, so with one forward for every step the ninth decoder's step
+        # would run eager.
+        code = MathAttention.forward.__code__.replace()
+        self.forward = types.MethodType(types.FunctionType(code, MathAttention.forward.__globals__), self)
 
     def forward(self, *args):
         with sdpa_kernel(SDPBackend.MATH):
