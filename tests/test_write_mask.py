@@ -139,7 +139,9 @@ def _argmax_reference(composed, ids, notes, notes_mask, write, new):
 
 
 CACHES = {"recompute": {"cache": False}, "cached": {"cache": True},
-          "compiled": {"cache": True, "compile_step": {"backend": "eager"}}}
+          "compiled": {"cache": True, "compile_step": {"backend": "eager"}},
+          "compiled_prefill": {"cache": True, "compile_step": {"backend": "eager"},     # the prefill writes
+                               "compile_prefill": {"backend": "aot_eager", "dynamic": True}}}
 
 
 @pytest.mark.parametrize("how", CACHES)
