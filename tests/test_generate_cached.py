@@ -112,6 +112,19 @@ def test_cached_greedy_equals_recomputing_and_argmax_over_full_forwards(composit
         assert torch.equal(cached[i, 8:], reference[0, row.shape[1]:]), f"{name}: row {i}"
 
 
+def test_compiled_step_and_prefill_give_the_eager_tokens(composition):
+    """compile_step (dynamo) and compile_prefill through AOTAutograd (functionalized: the caches it writes in
+    place are what the compilers must keep; its shapes dynamic), rows of three lengths in groups side by
+    side: the eager cached path's tokens, in every composition of the table."""
+    name, composed = composition
+    rows = [tokens((1, L), 20 + i) for i, L in enumerate([5, 8, 6, 5])]
+    ids, mask = padded(rows, 8)
+    extra = prompts(composed, 4)
+    compiled = composed.generate(ids, 6, attention_mask=mask, compile_step={"backend": "eager"},
+                                 compile_prefill={"backend": "aot_eager", "dynamic": True}, **extra)
+    assert torch.equal(compiled, composed.generate(ids, 6, attention_mask=mask, cache=True, **extra)), name
+
+
 def test_decode_steps_give_the_logits_of_full_forwards(composition):
     """Prefill, then one token at a time through every model's cache and every link's cached keys and
     values: the logits of the fused graph over the whole sequence, position by position."""
