@@ -450,9 +450,11 @@ class CachedSteps:
         B = packed.shape[0]
         self.contexts = contexts_of(composed)
         self.groups, slots = [], {}
-        self.weights = {} if step_options is not None else autocast_copies(composed, packed.device)
         compiles = step_options is not None or prefill_options is not None
         cast = cast_weights(composed, packed.device) if compiles else None    # every decoder's compiled graphs
+        # the eager graphs (an eager step, the contexts) read the compiled graphs' copies where there are some
+        self.weights = ({} if step_options is not None else cast.copies if cast is not None
+                        else autocast_copies(composed, packed.device))
         self._named: dict[int, dict] = {}
         for length in lengths.unique().tolist():
             rows = (lengths == length).nonzero().flatten()
