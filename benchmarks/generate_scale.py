@@ -12,9 +12,11 @@ Both modes: the augment reading the anchor's tokens (`shared`, the paper's) and 
 decoders, and so its compiled step), `compiled_fused_attention` (the same step with its attention left to
 SDPA's fused kernels, `decode.MATH_ATTENTION` off, on a composition of its own), `recompute` (`cache=False`).
 Each variant's first call is reported (it traces the decode graph, and compiles), its time to the first
-token is timed warm, then the variants and transformers alternate for `--rounds` rounds and the median is
-reported. The JSON goes to stdout (and to `--out`, rewritten after each mode and batch, with `complete`
-false until the end); a line per result to stderr as it comes.
+token is timed warm, then the variants and transformers alternate for `--rounds` rounds (a call for one token,
+then one for `--new`) and the medians are reported: tokens/s of the whole call (prefill included) and the
+decode rate, `new - 1` tokens over the per-round difference of the two calls (the prefill excluded). The
+JSON goes to stdout (and to `--out`, rewritten after each first call and each mode and batch, with `complete`
+false until the end); a line per first call and per result to stderr as it comes.
 """
 from __future__ import annotations
 
@@ -125,6 +127,7 @@ def run(args, save=lambda report: None) -> dict:
                    "vocab": args.vocab, "every": args.every, "prompt": args.prompt, "new": args.new,
                    "dtype": args.dtype, "weights_gb": round(weights_gb, 3)},  # read once a token: the bandwidth bound
         "complete": False,  # until every mode and batch is measured
+        "first_calls": [],  # each variant's first call, as it ends: what a run cut short spent its time on
         "results": results,
     }
     for mode in args.modes:
@@ -154,16 +157,29 @@ def run(args, save=lambda report: None) -> dict:
                 ttft_s, _ = timed(lambda: call(1), sync)
                 first[name] = {"first_call_s": round(first_s, 3), "time_to_first_token_s": round(ttft_s, 4),
                                "tokens": int(out.shape[1] - args.prompt)}
+                report["first_calls"].append({"mode": mode, "batch": batch, "variant": name, **first[name]})
+                print(json.dumps(report["first_calls"][-1]), file=sys.stderr)  # a compile's time, as it ends
+                save(report)
             seconds = {name: [] for name in calls}
+            first_token = {name: [] for name in calls}
             for _ in range(args.rounds):
                 for name, call in calls.items():
+                    first_token[name].append(timed(lambda: call(1), sync)[0])
                     seconds[name].append(timed(lambda: call(args.new), sync)[0])
+
+            def decode_rate(name):  # the tokens after the first, over the time after it, per round
+                return (args.new - 1) / statistics.median(s - f for s, f in zip(seconds[name], first_token[name]))
             alone = args.new / statistics.median(seconds["transformers_anchor_alone"])
+            decode_alone = decode_rate("transformers_anchor_alone")
             for name in calls:
                 tps = args.new / statistics.median(seconds[name])
                 results.append({"mode": mode, "batch": batch, "variant": name, "tokens_per_s_per_sequence": round(tps, 1),
-                                "vs_anchor_alone": round(tps / alone, 3), **first[name],
-                                "seconds": [round(s, 4) for s in seconds[name]], "compose_s": round(compile_s, 1)})
+                                "vs_anchor_alone": round(tps / alone, 3),
+                                "decode_tokens_per_s_per_sequence": round(decode_rate(name), 1),
+                                "decode_vs_anchor_alone": round(decode_rate(name) / decode_alone, 3), **first[name],
+                                "seconds": [round(s, 4) for s in seconds[name]],
+                                "first_token_seconds": [round(s, 4) for s in first_token[name]],
+                                "compose_s": round(compile_s, 1)})
                 print(json.dumps(results[-1]), file=sys.stderr)
             save(report)
     report["complete"] = True

@@ -9,9 +9,11 @@ A token's share is the difference between a 48-token and a 16-token call, over 3
 and the call's own set-up cancel; each call is one torch.profiler trace (CUDA activity only).
 `--fused-attention` compiles the step without `decode.MathAttention` (SDPA picks its fused kernel).
 `--step-options` replaces STEP_COMPILE (e.g. `'{"options": {..., "max_autotune_gemm": true}}'`).
-`--linear-as-bmm` measures a candidate for steps of several rows, which inductor leaves as cuBLAS calls: each
-linear of the step as a batched product of one row per batch entry, against the weight broadcast (a view),
-which inductor's coordinate-descent decomposition turns into reductions as it does a one-row product.
+`--linear-as` measures candidates for steps of several rows, whose products inductor leaves as cuBLAS calls:
+`bmm`, each linear of the step as a batched product of one row per batch entry, against the weight broadcast
+(a view), which inductor's coordinate-descent decomposition turns into reductions as it does a one-row
+product; `sum`, each linear as `sum(w[:, None] * x[None], -1)` in fp32, an (out features, rows) reduction in
+which the rows that read a weight row are neighbours, so that a kernel reads each weight once.
 """
 from __future__ import annotations
 
@@ -67,15 +69,49 @@ def linear_as_bmm(graph: torch.fx.Graph) -> int:
     return count
 
 
-def with_linear_as_bmm(decoder_cls):
-    """Decoder.compiled, compiling a copy of the step graph rewritten by `linear_as_bmm`."""
+def linear_as_sum(graph: torch.fx.Graph) -> int:
+    """`linear(x, w[, b])` -> `sum(w[:, None] * x.reshape(-1, K)[None], -1).t()` in fp32, reshaped and cast back."""
+    aten, count = torch.ops.aten, 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target != aten.linear.default or node.kwargs:
+            continue
+        x, w, *bias = node.args
+        xv, wv = x.meta.get("val"), w.meta.get("val")
+        if xv is None or wv is None or xv.ndim != 3 or wv.ndim != 2:
+            continue
+        n, k = wv.shape
+
+        def f32(t):
+            return graph.call_function(aten._to_copy.default, (t,), {"dtype": torch.float32})
+        with graph.inserting_before(node):
+            rows = graph.call_function(aten.reshape.default, (x, [-1, k]))
+            product = graph.call_function(aten.mul.Tensor, (
+                graph.call_function(aten.unsqueeze.default, (f32(w), 1)),
+                graph.call_function(aten.unsqueeze.default, (f32(rows), 0))))
+            summed = graph.call_function(aten.sum.dim_IntList, (product, [-1]))
+            batch = graph.call_function(aten.sym_size.int, (x, 0))
+            out = graph.call_function(aten.reshape.default, (graph.call_function(aten.t.default, (summed,)), [batch, -1, n]))
+            out = graph.call_function(aten._to_copy.default, (out,), {"dtype": xv.dtype})
+            if bias and bias[0] is not None:
+                out = graph.call_function(aten.add.Tensor, (out, bias[0]))
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        count += 1
+    return count
+
+
+REWRITES = {"bmm": linear_as_bmm, "sum": linear_as_sum}
+
+
+def with_linear_as(decoder_cls, how: str):
+    """Decoder.compiled, compiling a copy of the step graph rewritten by `REWRITES[how]`."""
     compiled = decoder_cls.compiled
 
     def patched(self, options, *cast, prefill=False):
         if not prefill and "step" not in self._compiled:
             graph = torch.fx.Graph()
             graph.output(graph.graph_copy(self.to_compile.graph, {}))
-            print(f"linear_as_bmm: {linear_as_bmm(graph)} linears", file=sys.stderr)
+            print(f"linear_as_{how}: {REWRITES[how](graph)} linears", file=sys.stderr)
             self.to_compile = torch.fx.GraphModule(self.to_compile, graph, class_name="Decoder")
         return compiled(self, options, *cast, prefill=prefill)
     decoder_cls.compiled = patched
@@ -100,13 +136,13 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--fused-attention", action="store_true", help="compile the step without MathAttention")
     p.add_argument("--step-options", type=json.loads, default=None, metavar="JSON", help="compile_step (default True)")
-    p.add_argument("--linear-as-bmm", action="store_true", help="each linear of the step as a one-row bmm")
+    p.add_argument("--linear-as", choices=sorted(REWRITES), help="each linear of the step as a one-row bmm, or a sum")
     p.add_argument("--top", type=int, default=20, help="kernels listed")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     decode.MATH_ATTENTION = not args.fused_attention
-    if args.linear_as_bmm:
-        with_linear_as_bmm(decode.Decoder)
+    if args.linear_as:
+        with_linear_as(decode.Decoder, args.linear_as)
     anchor = gs.llama([2048, 22, 32, 4, 5632], 32000, torch.bfloat16, "cuda", 0)
     augment = gs.llama([1024, 16, 16, 4, 2816], 32000, torch.bfloat16, "cuda", 1)
     ids = torch.randint(3, 32000, (args.batch, 128), device="cuda",
@@ -134,7 +170,7 @@ def main(argv=None):
         "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
         "mode": args.mode, "batch": args.batch, "attention": "fused" if args.fused_attention else "math",
         "compile_step": "STEP_COMPILE" if args.step_options is None else args.step_options,
-        "linear_as_bmm": args.linear_as_bmm,
+        "linear_as": args.linear_as,
         "first_call_s": round(first_s, 1),
         "gpu_us_per_token": round(sum(us for _, us in per_token.values()), 1),
         "kernels_per_token": round(sum(n for n, _ in per_token.values()), 1),
