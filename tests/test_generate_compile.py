@@ -124,3 +124,16 @@ def test_more_decoders_than_dynamos_recompile_limit_each_compile_their_step(comp
     for batch in sizes:
         composed.generate(tokens((batch, 4), batch), 3, compile_step=True, **prompt("bert", batch=batch))
     assert counter.frame_count == len(sizes)
+
+
+def test_the_compiled_step_is_kept_in_aot_autograds_cache(composed):
+    """The step reaches inductor with nothing AOTAutograd's cache refuses (the math-attention switch is made
+    around the call), so that a new process loads the step rather than tracing it again."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import fresh_cache
+    torch._dynamo.reset()
+    counters.clear()
+    with fresh_cache():
+        composed.generate(tokens((1, 4), 7), 2, compile_step={"backend": "inductor"}, **prompt("bert", batch=1))
+    assert counters["aot_autograd"]["autograd_cache_saved"] == 1
+    assert counters["aot_autograd"]["autograd_cache_bypass"] == 0

@@ -33,7 +33,6 @@ import copy
 import functools
 import inspect
 import operator
-import types
 from dataclasses import dataclass, field
 
 import torch
@@ -58,7 +57,7 @@ from .fuse import fuse, sdpa_gqa
 from .stage import Contexts, links_into
 
 FUSE = True  # apply fuse.py's rewrites to each decode graph (benchmarks/decode_ops.py measures both)
-MATH_ATTENTION = True  # compile the step's attention as math (`MathAttention`; benchmarks/step_kernels.py measures both)
+MATH_ATTENTION = True  # compile the step's attention as math (`math_attention`; benchmarks/step_kernels.py measures both)
 
 
 def cache_kwarg(model: nn.Module) -> str | None:
@@ -163,25 +162,21 @@ class LinkCache(nn.Module):
         return self.block.attend_at(x, self.keys, self.values, cache_position)
 
 
-class MathAttention(nn.Module):
-    """A step whose attention torch.compile traces as math (matmuls and a softmax), not as a fused kernel: at
-    one query a row there is little to fuse inside the attention and much around it, which inductor fuses
-    only where it sees the math. On an H200 (TinyLlama-shaped anchor, shared augment, batch 1), cuDNN's
-    kernel took 16% of a compiled step's GPU time, and the step took 14% less without it
-    (benchmarks/results/decode_kernels_gpu.json)."""
+def math_attention(step):
+    """`step` (a compiled decode step) called with SDPA's math backend alone, so that torch.compile traces its
+    attention as math (matmuls and a softmax), not as a fused kernel: at one query a row there is little to
+    fuse inside the attention and much around it, which inductor fuses only where it sees the math. On an H200
+    (TinyLlama-shaped anchor, shared augment, batch 1), cuDNN's kernel took 16% of a compiled step's GPU time,
+    and the step took 14% less without it (benchmarks/results/decode_kernels_gpu.json).
 
-    def __init__(self, step: fx.GraphModule):
-        super().__init__()
-        self.step = step
-        # A forward of its own (a copy of the code object): dynamo keeps compiled code per code object, at
-        # most `recompile_limit` (8) entries, so with one forward for every step the ninth decoder's step
-        # would run eager.
-        code = MathAttention.forward.__code__.replace()
-        self.forward = types.MethodType(types.FunctionType(code, MathAttention.forward.__globals__), self)
-
-    def forward(self, *args):
+    The backend is chosen when the first call traces the step. It is set around each call, not inside the
+    compiled code: there dynamo would record the switch in the graph, which AOTAutograd's cache refuses, so
+    that every new process would trace the step again. torch's compile caches do not key on the backend: a
+    step compiled with another (benchmarks' fused-attention variants) compiles with those caches off."""
+    def call(*args):
         with sdpa_kernel(SDPBackend.MATH):
-            return self.step(*args)
+            return step(*args)
+    return call
 
 
 @dataclass
@@ -196,7 +191,7 @@ class Decoder:
     _compiled: dict = field(default_factory=dict, repr=False)  # "step" / "prefill" -> (options, cast key, compiled)
 
     def compiled(self, options: dict, cast=None, prefill: bool = False):
-        """`torch.compile(MathAttention(self.to_compile), **options)`, made once per decoder: its step's shapes
+        """`torch.compile(self.to_compile, **options)` under `math_attention`, made once per decoder: its step's shapes
         are fixed (but for a shared augment recomputed over the growing sequence, which recompiles). With
         `prefill`, `torch.compile(self.module, **options)` instead: the prefill, whose length is the prompt's
         (give `dynamic=True`), and whose attention over many queries is left to SDPA's kernels.
@@ -212,9 +207,10 @@ class Decoder:
             if cast is not None:
                 memo = {id(t): t for t in (*graph.parameters(), *graph.buffers())}
                 graph = copy.deepcopy(graph, {**memo, **cast.copies})
+            compiled = torch.compile(graph, **options)
             if not prefill and MATH_ATTENTION:
-                graph = MathAttention(graph)
-            made = self._compiled[role] = (dict(options), key, torch.compile(graph, **options))
+                compiled = math_attention(compiled)
+            made = self._compiled[role] = (dict(options), key, compiled)
         return made[2]
 
     @property
