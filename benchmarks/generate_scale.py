@@ -16,7 +16,8 @@ token is timed warm, then the variants and transformers alternate for `--rounds`
 then one for `--new`) and the medians are reported: tokens/s of the whole call (prefill included) and the
 decode rate, `new - 1` tokens over the per-round difference of the two calls (the prefill excluded). The
 JSON goes to stdout (and to `--out`, rewritten after each first call and each mode and batch, with `complete`
-false until the end); a line per first call and per result to stderr as it comes.
+false until the end); a line per first call and per result to stderr as it comes. `--load-cache` and
+`--save-cache` carry torch.compile's caches between processes (`compile_cache.py`).
 """
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ from pathlib import Path
 import torch
 
 import calmgraph as cg
+
+sys.path.insert(0, str(Path(__file__).parent))
+import compile_cache  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -58,6 +62,8 @@ def parse(argv=None):
                         '\'{"options": {"triton.cudagraphs": true, "combo_kernels": true}}\'')
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    p.add_argument("--load-cache", type=Path, metavar="DIR", help="torch.compile's caches a run saved (first calls are then warm)")
+    p.add_argument("--save-cache", type=Path, metavar="DIR", help="save torch.compile's caches here after each first call")
     return p.parse_args(argv)
 
 
@@ -91,10 +97,24 @@ def fused_attention(composed, ids, options, extra):
     def call(n):
         previous, decode.MATH_ATTENTION = decode.MATH_ATTENTION, False
         try:
-            return composed.generate(ids, n, **options, **extra)
+            with uncached():
+                return composed.generate(ids, n, **options, **extra)
         finally:
             decode.MATH_ATTENTION = previous
     return call
+
+
+def uncached():
+    """torch.compile without its caches (AOTAutograd's, inductor's graphs): they do not key on SDPA's backend,
+    so a step compiled with its fused attention would otherwise load the math step compiled before it."""
+    import contextlib
+
+    import torch._functorch.config
+    import torch._inductor.config
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
+    stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
+    return stack
 
 
 def timed(fn, sync):
@@ -114,6 +134,7 @@ def run(args, save=lambda report: None) -> dict:
     augment = llama(args.augment, args.vocab, dtype, device, 1)
     weights_gb = sum(p.numel() * p.element_size() for m in (anchor, augment) for p in m.parameters()) / 1e9
     results = []
+    loaded = compile_cache.load(args.load_cache)
     report = {
         "what": "tokens/s per sequence, greedy, no early stop; median of interleaved rounds",
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
@@ -126,6 +147,7 @@ def run(args, save=lambda report: None) -> dict:
                    "augment": dict(zip(("hidden", "layers", "heads", "kv_heads", "intermediate"), args.augment)),
                    "vocab": args.vocab, "every": args.every, "prompt": args.prompt, "new": args.new,
                    "dtype": args.dtype, "weights_gb": round(weights_gb, 3)},  # read once a token: the bandwidth bound
+        "compile_cache_loaded_bytes": loaded,  # 0: every first call compiled cold (inductor's own disk cache aside)
         "complete": False,  # until every mode and batch is measured
         "first_calls": [],  # each variant's first call, as it ends: what a run cut short spent its time on
         "results": results,
@@ -160,6 +182,7 @@ def run(args, save=lambda report: None) -> dict:
                 report["first_calls"].append({"mode": mode, "batch": batch, "variant": name, **first[name]})
                 print(json.dumps(report["first_calls"][-1]), file=sys.stderr)  # a compile's time, as it ends
                 save(report)
+                compile_cache.save(args.save_cache)
             seconds = {name: [] for name in calls}
             first_token = {name: [] for name in calls}
             for _ in range(args.rounds):

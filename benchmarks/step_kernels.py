@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime
 import json
 import sys
@@ -29,6 +30,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
+import compile_cache  # noqa: E402
 import generate_scale as gs  # noqa: E402 - the same models and composition
 from calmgraph.generation import decode  # noqa: E402
 
@@ -139,7 +141,10 @@ def main(argv=None):
     p.add_argument("--linear-as", choices=sorted(REWRITES), help="each linear of the step as a one-row bmm, or a sum")
     p.add_argument("--top", type=int, default=20, help="kernels listed")
     p.add_argument("--out", type=Path)
+    p.add_argument("--load-cache", type=Path, metavar="DIR", help="torch.compile's caches a run saved")
+    p.add_argument("--save-cache", type=Path, metavar="DIR", help="save torch.compile's caches here after the first call")
     args = p.parse_args(argv)
+    loaded = compile_cache.load(args.load_cache)
     decode.MATH_ATTENTION = not args.fused_attention
     if args.linear_as:
         with_linear_as(decode.Decoder, args.linear_as)
@@ -152,9 +157,11 @@ def main(argv=None):
     step = True if args.step_options is None else args.step_options
     call = lambda n: composed.generate(ids, n, cache=True, compile_step=step, **extra)  # noqa: E731
     started = time.perf_counter()
-    call(128)
+    with gs.uncached() if args.fused_attention else contextlib.nullcontext():
+        call(128)
     torch.cuda.synchronize()
     first_s = time.perf_counter() - started
+    compile_cache.save(args.save_cache)
     short, long = kernels(call, 16), kernels(call, 48)
     per_token = {name: [(n - short.get(name, [0, 0])[0]) / 32, (us - short.get(name, [0, 0.0])[1]) / 32]
                  for name, (n, us) in long.items()}
@@ -171,7 +178,7 @@ def main(argv=None):
         "mode": args.mode, "batch": args.batch, "attention": "fused" if args.fused_attention else "math",
         "compile_step": "STEP_COMPILE" if args.step_options is None else args.step_options,
         "linear_as": args.linear_as,
-        "first_call_s": round(first_s, 1),
+        "first_call_s": round(first_s, 1), "compile_cache_loaded_bytes": loaded,
         "gpu_us_per_token": round(sum(us for _, us in per_token.values()), 1),
         "kernels_per_token": round(sum(n for n, _ in per_token.values()), 1),
         "by_kind": {k: {"us": round(us, 1), "kernels": round(n, 1)} for k, (us, n) in sorted(by_kind.items())},
