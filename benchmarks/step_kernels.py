@@ -45,8 +45,9 @@ def kind(name: str) -> str:
     return next((k for k, marks in KINDS.items() if any(m in lower for m in marks)), "other")
 
 
-def linear_as_bmm(graph: torch.fx.Graph) -> int:
-    """`linear(x, w[, b])` (x of 3 dims, w of 2) -> `bmm(x.reshape(-1, 1, K), w.t().expand(R, K, N))`, reshaped."""
+def rewrite_linears(graph: torch.fx.Graph, product) -> int:
+    """Each `linear(x, w[, b])` of `graph` (x of 3 dims, w of 2) as `product(graph, x, w, dtype)` (+ b), built
+    before it; the count rewritten."""
     aten, count = torch.ops.aten, 0
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target != aten.linear.default or node.kwargs:
@@ -55,45 +56,8 @@ def linear_as_bmm(graph: torch.fx.Graph) -> int:
         xv, wv = x.meta.get("val"), w.meta.get("val")
         if xv is None or wv is None or xv.ndim != 3 or wv.ndim != 2:
             continue
-        n, k = wv.shape
-        with graph.inserting_before(node):   # the sizes as graph values: the token count is symbolic
-            rows_x = graph.call_function(aten.reshape.default, (x, [-1, 1, k]))
-            rows = graph.call_function(aten.sym_size.int, (rows_x, 0))
-            wide = graph.call_function(aten.expand.default, (graph.call_function(aten.t.default, (w,)), [rows, k, n]))
-            batch = graph.call_function(aten.sym_size.int, (x, 0))
-            out = graph.call_function(aten.reshape.default,
-                                      (graph.call_function(aten.bmm.default, (rows_x, wide)), [batch, -1, n]))
-            if bias and bias[0] is not None:
-                out = graph.call_function(aten.add.Tensor, (out, bias[0]))
-        node.replace_all_uses_with(out)
-        graph.erase_node(node)
-        count += 1
-    return count
-
-
-def linear_as_sum(graph: torch.fx.Graph) -> int:
-    """`linear(x, w[, b])` -> `sum(w[:, None] * x.reshape(-1, K)[None], -1).t()` in fp32, reshaped and cast back."""
-    aten, count = torch.ops.aten, 0
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target != aten.linear.default or node.kwargs:
-            continue
-        x, w, *bias = node.args
-        xv, wv = x.meta.get("val"), w.meta.get("val")
-        if xv is None or wv is None or xv.ndim != 3 or wv.ndim != 2:
-            continue
-        n, k = wv.shape
-
-        def f32(t):
-            return graph.call_function(aten._to_copy.default, (t,), {"dtype": torch.float32})
         with graph.inserting_before(node):
-            rows = graph.call_function(aten.reshape.default, (x, [-1, k]))
-            product = graph.call_function(aten.mul.Tensor, (
-                graph.call_function(aten.unsqueeze.default, (f32(w), 1)),
-                graph.call_function(aten.unsqueeze.default, (f32(rows), 0))))
-            summed = graph.call_function(aten.sum.dim_IntList, (product, [-1]))
-            batch = graph.call_function(aten.sym_size.int, (x, 0))
-            out = graph.call_function(aten.reshape.default, (graph.call_function(aten.t.default, (summed,)), [batch, -1, n]))
-            out = graph.call_function(aten._to_copy.default, (out,), {"dtype": xv.dtype})
+            out = product(graph, x, w, wv.shape, xv.dtype)
             if bias and bias[0] is not None:
                 out = graph.call_function(aten.add.Tensor, (out, bias[0]))
         node.replace_all_uses_with(out)
@@ -102,7 +66,33 @@ def linear_as_sum(graph: torch.fx.Graph) -> int:
     return count
 
 
-REWRITES = {"bmm": linear_as_bmm, "sum": linear_as_sum}
+def as_bmm(graph, x, w, shape, dtype):
+    """`bmm(x.reshape(-1, 1, K), w.t().expand(R, K, N))`, reshaped (the sizes as graph values: the token
+    count is symbolic)."""
+    aten, (n, k) = torch.ops.aten, shape
+    rows_x = graph.call_function(aten.reshape.default, (x, [-1, 1, k]))
+    rows = graph.call_function(aten.sym_size.int, (rows_x, 0))
+    wide = graph.call_function(aten.expand.default, (graph.call_function(aten.t.default, (w,)), [rows, k, n]))
+    batch = graph.call_function(aten.sym_size.int, (x, 0))
+    return graph.call_function(aten.reshape.default, (graph.call_function(aten.bmm.default, (rows_x, wide)), [batch, -1, n]))
+
+
+def as_sum(graph, x, w, shape, dtype):
+    """`sum(w[:, None] * x.reshape(-1, K)[None], -1).t()` in fp32, reshaped and cast back."""
+    aten, (n, k) = torch.ops.aten, shape
+
+    def f32(t):
+        return graph.call_function(aten._to_copy.default, (t,), {"dtype": torch.float32})
+    rows = graph.call_function(aten.reshape.default, (x, [-1, k]))
+    product = graph.call_function(aten.mul.Tensor, (graph.call_function(aten.unsqueeze.default, (f32(w), 1)),
+                                                    graph.call_function(aten.unsqueeze.default, (f32(rows), 0))))
+    summed = graph.call_function(aten.sum.dim_IntList, (product, [-1]))
+    batch = graph.call_function(aten.sym_size.int, (x, 0))
+    out = graph.call_function(aten.reshape.default, (graph.call_function(aten.t.default, (summed,)), [batch, -1, n]))
+    return graph.call_function(aten._to_copy.default, (out,), {"dtype": dtype})
+
+
+REWRITES = {"bmm": as_bmm, "sum": as_sum}
 
 
 def with_linear_as(decoder_cls, how: str):
@@ -113,7 +103,7 @@ def with_linear_as(decoder_cls, how: str):
         if not prefill and "step" not in self._compiled:
             graph = torch.fx.Graph()
             graph.output(graph.graph_copy(self.to_compile.graph, {}))
-            print(f"linear_as_{how}: {REWRITES[how](graph)} linears", file=sys.stderr)
+            print(f"linear_as_{how}: {rewrite_linears(graph, REWRITES[how])} linears", file=sys.stderr)
             self.to_compile = torch.fx.GraphModule(self.to_compile, graph, class_name="Decoder")
         return compiled(self, options, *cast, prefill=prefill)
     decoder_cls.compiled = patched
