@@ -1,0 +1,68 @@
+"""The GPU generation scripts, run on tiny shapes on the CPU: generate_scale.py's report, step_kernels.py's
+linear rewrites (the tokens they decode), compile_cache.py's round trip."""
+import json
+
+import torch
+
+import calmgraph.generation.decode as decode
+from benchmarks import compile_cache, generate_scale, step_kernels
+
+TINY = ["--device", "cpu", "--dtype", "fp32", "--vocab", "300", "--prompt", "6", "--new", "5", "--every", "1",
+        "--anchor", "64", "2", "4", "2", "128", "--augment", "32", "2", "4", "2", "64"]
+
+
+def test_generate_scale_quick(tmp_path):
+    out = tmp_path / "scale.json"
+    generate_scale.main([*TINY, "--batch", "1", "2", "--modes", "shared", "--variants", "cached", "recompute",
+                         "--rounds", "2", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["complete"] and report["compile_cache_loaded_bytes"] == 0
+    names = ["transformers_anchor_alone", "cached", "recompute"]
+    assert [(r["batch"], r["variant"]) for r in report["first_calls"]] == [(b, n) for b in (1, 2) for n in names]
+    assert [(r["batch"], r["variant"]) for r in report["results"]] == [(b, n) for b in (1, 2) for n in names]
+    for r in report["results"]:
+        assert r["tokens"] == 5 and len(r["seconds"]) == len(r["first_token_seconds"]) == 2
+        assert r["decode_tokens_per_s_per_sequence"] > 0 and r["tokens_per_s_per_sequence"] > 0
+        if r["variant"] == "transformers_anchor_alone":
+            assert r["vs_anchor_alone"] == r["decode_vs_anchor_alone"] == 1.0
+
+
+def test_linear_rewrites_keep_the_tokens(monkeypatch, capsys):
+    """Each linear of the compiled step rewritten as a bmm or a sum (the step run by dynamo's eager backend)
+    decodes the tokens of the step as built."""
+    anchor = generate_scale.llama([64, 2, 4, 2, 128], 300, torch.float32, "cpu", 0)
+    augment = generate_scale.llama([32, 2, 4, 2, 64], 300, torch.float32, "cpu", 1)
+    ids = torch.randint(3, 300, (3, 7), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(5)
+    expected = generate_scale.compose(anchor, augment, "shared", 1).generate(ids, 6, cache=True)
+    built = decode.Decoder.compiled
+    for how in step_kernels.REWRITES:
+        monkeypatch.setattr(decode.Decoder, "compiled", built)   # each rewrite alone; undone after the test
+        step_kernels.with_linear_as(decode.Decoder, how)
+        torch.manual_seed(5)
+        composed = generate_scale.compose(anchor, augment, "shared", 1)
+        got = composed.generate(ids, 6, cache=True, compile_step={"backend": "eager"})
+        assert f"linear_as_{how}: 29 linears" in capsys.readouterr().err   # 7 a block x 4 blocks + the head
+        assert torch.equal(got, expected)
+
+
+def test_compile_cache_round_trip(tmp_path):
+    """What one process compiled, saved in parts, loads in a fresh cache and is hit there."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import fresh_cache
+
+    def f(x):
+        return torch.sin(x) * 2 + 1
+    x = torch.randn(8)
+    with fresh_cache():
+        torch._dynamo.reset()
+        torch.compile(f)(x)
+        saved = compile_cache.save(tmp_path)
+    assert saved > 0 and list(tmp_path.glob(compile_cache.NAME + "*"))
+    assert compile_cache.load(tmp_path / "none") == 0
+    with fresh_cache():
+        torch._dynamo.reset()
+        counters.clear()
+        assert compile_cache.load(tmp_path) == saved
+        torch.testing.assert_close(torch.compile(f)(x), f(x))
+        assert counters["inductor"]["fxgraph_cache_hit"] == 1
