@@ -121,7 +121,7 @@ def test_the_compiled_step_traces_attention_as_math_and_keeps_the_tokens():
         args = (ids[:, 4:5], torch.tensor([4]), *ctx, *decoder.project(ctx))
         fused = _attention_ops(decoder.to_compile, *args)
         torch._dynamo.reset()
-        math = _attention_ops(copy.deepcopy(decoder.to_compile), *args, wrap=decode.math_attention)
+        math = _attention_ops(copy.deepcopy(decoder.to_compile), *args, wrap=decode.MathAttention)
     assert any("_scaled_dot_product_flash_attention" in op for op in fused)      # CPU's fused kernel
     assert "aten._safe_softmax.default" in math and not any("scaled_dot_product" in op for op in math)
     from torch._dynamo.backends.common import aot_autograd

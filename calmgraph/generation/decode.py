@@ -57,7 +57,7 @@ from .fuse import fuse, sdpa_gqa
 from .stage import Contexts, links_into
 
 FUSE = True  # apply fuse.py's rewrites to each decode graph (benchmarks/decode_ops.py measures both)
-MATH_ATTENTION = True  # compile the step's attention as math (`math_attention`; benchmarks/step_kernels.py measures both)
+MATH_ATTENTION = True  # compile the step's attention as math (`MathAttention`; benchmarks/step_kernels.py measures both)
 
 
 def cache_kwarg(model: nn.Module) -> str | None:
@@ -162,8 +162,8 @@ class LinkCache(nn.Module):
         return self.block.attend_at(x, self.keys, self.values, cache_position)
 
 
-def math_attention(step):
-    """`step` (a compiled decode step) called with SDPA's math backend alone, so that torch.compile traces its
+class MathAttention:
+    """A compiled decode step (`step`) called with SDPA's math backend alone, so that torch.compile traces its
     attention as math (matmuls and a softmax), not as a fused kernel: at one query a row there is little to
     fuse inside the attention and much around it, which inductor fuses only where it sees the math. On an H200
     (TinyLlama-shaped anchor, shared augment, batch 1), cuDNN's kernel took 16% of a compiled step's GPU time,
@@ -173,10 +173,13 @@ def math_attention(step):
     compiled code: there dynamo would record the switch in the graph, which AOTAutograd's cache refuses, so
     that every new process would trace the step again. torch's compile caches do not key on the backend: a
     step compiled with another (benchmarks' fused-attention variants) compiles with those caches off."""
-    def call(*args):
+
+    def __init__(self, step):
+        self.step = step
+
+    def __call__(self, *args):
         with sdpa_kernel(SDPBackend.MATH):
-            return step(*args)
-    return call
+            return self.step(*args)
 
 
 @dataclass
@@ -191,7 +194,7 @@ class Decoder:
     _compiled: dict = field(default_factory=dict, repr=False)  # "step" / "prefill" -> (options, cast key, compiled)
 
     def compiled(self, options: dict, cast=None, prefill: bool = False):
-        """`torch.compile(self.to_compile, **options)` under `math_attention`, made once per decoder: its step's shapes
+        """`torch.compile(self.to_compile, **options)` under `MathAttention`, made once per decoder: its step's shapes
         are fixed (but for a shared augment recomputed over the growing sequence, which recompiles). With
         `prefill`, `torch.compile(self.module, **options)` instead: the prefill, whose length is the prompt's
         (give `dynamic=True`), and whose attention over many queries is left to SDPA's kernels.
@@ -209,7 +212,7 @@ class Decoder:
                 graph = copy.deepcopy(graph, {**memo, **cast.copies})
             compiled = torch.compile(graph, **options)
             if not prefill and MATH_ATTENTION:
-                compiled = math_attention(compiled)
+                compiled = MathAttention(compiled)
             made = self._compiled[role] = (dict(options), key, compiled)
         return made[2]
 
