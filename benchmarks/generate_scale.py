@@ -22,6 +22,7 @@ false until the end); a line per first call and per result to stderr as it comes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import platform
@@ -31,6 +32,8 @@ import time
 from pathlib import Path
 
 import torch
+import torch._functorch.config
+import torch._inductor.config
 
 import calmgraph as cg
 
@@ -62,8 +65,10 @@ def parse(argv=None):
                         '\'{"options": {"triton.cudagraphs": true, "combo_kernels": true}}\'')
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
-    p.add_argument("--load-cache", type=Path, metavar="DIR", help="torch.compile's caches a run saved (first calls are then warm)")
-    p.add_argument("--save-cache", type=Path, metavar="DIR", help="save torch.compile's caches here after each first call")
+    p.add_argument("--load-cache", type=Path, metavar="DIR",
+                   help="torch.compile's caches a run saved (first calls are then warm)")
+    p.add_argument("--save-cache", type=Path, metavar="DIR",
+                   help="save torch.compile's caches here after each first call")
     return p.parse_args(argv)
 
 
@@ -104,17 +109,12 @@ def fused_attention(composed, ids, options, extra):
     return call
 
 
+@contextlib.contextmanager
 def uncached():
     """torch.compile without its caches (AOTAutograd's, inductor's graphs): they do not key on SDPA's backend,
     so a step compiled with its fused attention would otherwise load the math step compiled before it."""
-    import contextlib
-
-    import torch._functorch.config
-    import torch._inductor.config
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
-    stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
-    return stack
+    with torch._functorch.config.patch(enable_autograd_cache=False), torch._inductor.config.patch(fx_graph_cache=False):
+        yield
 
 
 def timed(fn, sync):
@@ -195,11 +195,11 @@ def run(args, save=lambda report: None) -> dict:
             alone = args.new / statistics.median(seconds["transformers_anchor_alone"])
             decode_alone = decode_rate("transformers_anchor_alone")
             for name in calls:
-                tps = args.new / statistics.median(seconds[name])
+                tps, decode_tps = args.new / statistics.median(seconds[name]), decode_rate(name)
                 results.append({"mode": mode, "batch": batch, "variant": name, "tokens_per_s_per_sequence": round(tps, 1),
                                 "vs_anchor_alone": round(tps / alone, 3),
-                                "decode_tokens_per_s_per_sequence": round(decode_rate(name), 1),
-                                "decode_vs_anchor_alone": round(decode_rate(name) / decode_alone, 3), **first[name],
+                                "decode_tokens_per_s_per_sequence": round(decode_tps, 1),
+                                "decode_vs_anchor_alone": round(decode_tps / decode_alone, 3), **first[name],
                                 "seconds": [round(s, 4) for s in seconds[name]],
                                 "first_token_seconds": [round(s, 4) for s in first_token[name]],
                                 "compose_s": round(compile_s, 1)})

@@ -74,7 +74,8 @@ def as_bmm(graph, x, w, shape, dtype):
     rows = graph.call_function(aten.sym_size.int, (rows_x, 0))
     wide = graph.call_function(aten.expand.default, (graph.call_function(aten.t.default, (w,)), [rows, k, n]))
     batch = graph.call_function(aten.sym_size.int, (x, 0))
-    return graph.call_function(aten.reshape.default, (graph.call_function(aten.bmm.default, (rows_x, wide)), [batch, -1, n]))
+    product = graph.call_function(aten.bmm.default, (rows_x, wide))
+    return graph.call_function(aten.reshape.default, (product, [batch, -1, n]))
 
 
 def as_sum(graph, x, w, shape, dtype):
@@ -132,7 +133,8 @@ def main(argv=None):
     p.add_argument("--top", type=int, default=20, help="kernels listed")
     p.add_argument("--out", type=Path)
     p.add_argument("--load-cache", type=Path, metavar="DIR", help="torch.compile's caches a run saved")
-    p.add_argument("--save-cache", type=Path, metavar="DIR", help="save torch.compile's caches here after the first call")
+    p.add_argument("--save-cache", type=Path, metavar="DIR",
+                   help="save torch.compile's caches here after the first call")
     args = p.parse_args(argv)
     loaded = compile_cache.load(args.load_cache)
     decode.MATH_ATTENTION = not args.fused_attention
