@@ -191,7 +191,8 @@ def run(args, save=lambda report: None) -> dict:
                     seconds[name].append(timed(lambda: call(args.new), sync)[0])
 
             def decode_rate(name):  # the tokens after the first, over the time after it, per round
-                return (args.new - 1) / statistics.median(s - f for s, f in zip(seconds[name], first_token[name]))
+                after = statistics.median(s - f for s, f in zip(seconds[name], first_token[name]))
+                return (args.new - 1) / after if after > 0 else float("nan")  # nan: under the timing noise
             alone = args.new / statistics.median(seconds["transformers_anchor_alone"])
             decode_alone = decode_rate("transformers_anchor_alone")
             for name in calls:

@@ -7,7 +7,7 @@ import torch
 import calmgraph.generation.decode as decode
 from benchmarks import compile_cache, generate_scale, step_kernels
 
-TINY = ["--device", "cpu", "--dtype", "fp32", "--vocab", "300", "--prompt", "6", "--new", "5", "--every", "1",
+TINY = ["--device", "cpu", "--dtype", "fp32", "--vocab", "300", "--prompt", "6", "--new", "24", "--every", "1",
         "--anchor", "64", "2", "4", "2", "128", "--augment", "32", "2", "4", "2", "64"]
 
 
@@ -21,7 +21,7 @@ def test_generate_scale_quick(tmp_path):
     assert [(r["batch"], r["variant"]) for r in report["first_calls"]] == [(b, n) for b in (1, 2) for n in names]
     assert [(r["batch"], r["variant"]) for r in report["results"]] == [(b, n) for b in (1, 2) for n in names]
     for r in report["results"]:
-        assert r["tokens"] == 5 and len(r["seconds"]) == len(r["first_token_seconds"]) == 2
+        assert r["tokens"] == 24 and len(r["seconds"]) == len(r["first_token_seconds"]) == 2
         assert r["decode_tokens_per_s_per_sequence"] > 0 and r["tokens_per_s_per_sequence"] > 0
         if r["variant"] == "transformers_anchor_alone":
             assert r["vs_anchor_alone"] == r["decode_vs_anchor_alone"] == 1.0
