@@ -17,7 +17,10 @@ NAME = "compile_cache.gz."
 
 
 def load(folder: Path | None) -> int:
-    """Loads the artifacts saved in `folder` (none there: nothing); their size in bytes, 0 if none."""
+    """Loads the artifacts saved in `folder` (a folder without parts: nothing); their size in bytes, 0 if none.
+    A folder that is not there is an error (a mistyped path would otherwise time a cold compile as a warm one)."""
+    if folder is not None and not Path(folder).is_dir():
+        raise FileNotFoundError(f"no compile cache folder {folder} (save one with --save-cache)")
     parts = sorted(Path(folder).glob(NAME + "*")) if folder is not None else []
     if not parts:
         return 0

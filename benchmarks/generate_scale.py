@@ -130,11 +130,11 @@ def run(args, save=lambda report: None) -> dict:
     import transformers
     device, dtype = args.device, DTYPES[args.dtype]
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    loaded = compile_cache.load(args.load_cache)  # first: a missing folder fails before the models are built
     anchor = llama(args.anchor, args.vocab, dtype, device, 0)
     augment = llama(args.augment, args.vocab, dtype, device, 1)
     weights_gb = sum(p.numel() * p.element_size() for m in (anchor, augment) for p in m.parameters()) / 1e9
     results = []
-    loaded = compile_cache.load(args.load_cache)
     report = {
         "what": "tokens/s per sequence, greedy, no early stop; median of interleaved rounds",
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),

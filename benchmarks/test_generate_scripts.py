@@ -2,6 +2,7 @@
 linear rewrites (the tokens they decode), compile_cache.py's round trip."""
 import json
 
+import pytest
 import torch
 
 import calmgraph.generation.decode as decode
@@ -59,7 +60,10 @@ def test_compile_cache_round_trip(tmp_path):
         torch.compile(f)(x)
         saved = compile_cache.save(tmp_path)
     assert saved > 0 and list(tmp_path.glob(compile_cache.NAME + "*"))
-    assert compile_cache.load(tmp_path / "none") == 0
+    with pytest.raises(FileNotFoundError, match="no compile cache folder"):
+        compile_cache.load(tmp_path / "none")
+    (tmp_path / "empty").mkdir()
+    assert compile_cache.load(tmp_path / "empty") == 0
     with fresh_cache():
         torch._dynamo.reset()
         counters.clear()

@@ -36,6 +36,7 @@ from .decode import Decoder, build_decoder, cache_kwarg, decoded_models
 from .options import DEFAULTS, Options, resolve
 from .sampling import Chooser, filter_logits, next_token  # noqa: F401 - filter_logits, next_token: public helpers
 from .stage import Contexts, Stages, context_stage, split_stages
+from .stopping import Verdicts, criteria, finish_lag, stopped
 
 _STAGES: WeakKeyDictionary = WeakKeyDictionary()  # composed -> (what it was split from, its stages, ...)
 CACHE_ROUND = 32    # the shortest KV cache; longer ones double (`cache_length`)
@@ -45,7 +46,7 @@ KEEP_DECODERS = 8   # decoders (each holds its KV caches) kept per composed mode
 # its own and tunes it (a batch-1 step 1.15-1.4x faster on an H200 than cuBLAS's); and combo kernels, which
 # launch independent kernels as one (a block's q/k/v products, gate and up: 544 -> 289 kernels a token, 1.34x
 # at batch 1 in shared mode), with no weight copied. See benchmarks/README.md, "At LLM shapes". A cold first
-# compile tunes for 1-2.5 minutes (inductor caches it on disk).
+# compile tunes for up to 7 minutes on an H200 at those shapes (inductor caches it on disk).
 STEP_COMPILE = {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True, "combo_kernels": True}}
 # torch.compile's keywords for the prefill (generate's compile_prefill=True): one compile for every prompt
 # length; no CUDA graphs (they would record a graph per length). It runs the prompt through fused kernels
@@ -206,8 +207,10 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     `<augment>_input_ids` / `<augment>_mask` feed the prompt augments (read once); `write_mask` (B, T), where
     the composition takes one, says where in the prompt its `writes: masked` blocks add (new tokens: nowhere).
     A row that emits an `eos_token_id` is finished: its later tokens are `pad_token_id` (default: the first
-    eos id); generation stops early once every row is finished. `cache`: None uses the KV caches when the anchor has
-    one (a transformers causal LM), True requires it, False recomputes the sequence at every step.
+    eos id); generation stops early once every row is finished (with a compiled step on a GPU, seen up to
+    `stopping.FINISH_LAG` steps late, so as not to wait for the GPU at each step; the steps past it are dropped).
+    `cache`: None uses the KV caches when the anchor has one (a transformers causal LM), True requires it,
+    False recomputes the sequence at every step.
     `compile_step`: run the cached decode step through `torch.compile`: True with `STEP_COMPILE` (CUDA
     graphs, coordinate-descent tuning and combo kernels), a dict with those keywords instead (e.g. `{"mode":
     "reduce-overhead"}` compiles in a third of the time and decodes slower at batch 1). Its caches are sized to
@@ -255,7 +258,7 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
             raise InputError(f"{name} compiles the KV-cache decode graph, which this call does not use (cache=False, "
                              f"or an anchor transformers does not cache); leave {name} off")
     choose = Chooser(o, input_ids, attention_mask, eos, generator)
-    criteria = _criteria(stopping_criteria)
+    stop = criteria(stopping_criteria)
 
     lengths = keep.sum(1)                                                     # (B,) real tokens per row
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)         # real tokens first, in order
@@ -282,7 +285,10 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
         steps = RecomputedSteps(composed, packed, lengths, states, o.max_new_tokens, writes)
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    new = _decode(steps, input_ids, o, choose, eos, pad, criteria, streamer, shared.vocab)
+    # a streamer or a criterion sees every step it is given: read each verdict at once for them
+    lag = 0 if streamer is not None or stop is not None else finish_lag(
+        input_ids.device, step_options is not None and isinstance(steps, CachedSteps))
+    new = _decode(steps, input_ids, o, choose, eos, pad, stop, streamer, shared.vocab, lag)
     if streamer is not None:
         streamer.end()
     return torch.cat([input_ids, new], dim=1)
@@ -362,34 +368,17 @@ def by_identity(graph: nn.Module, copies: dict[int, torch.Tensor]) -> dict[str, 
     return {name: copies[id(p)] for name, p in graph.named_parameters(remove_duplicate=False) if id(p) in copies}
 
 
-def _criteria(stopping_criteria):
-    """A callable (ids, scores) -> (B,) bools from transformers' StoppingCriteriaList, one criterion or a list."""
-    if stopping_criteria is None:
-        return None
-    if callable(stopping_criteria):
-        return stopping_criteria
-    if isinstance(stopping_criteria, (list, tuple)) and all(map(callable, stopping_criteria)):
-        return lambda ids, scores: [c(ids, scores) for c in stopping_criteria]
-    raise InputError("stopping_criteria must be a transformers StoppingCriteriaList, a callable (ids, scores) -> "
-                     f"bools, or a list of them; got {type(stopping_criteria).__name__}")
-
-
-def _stopped(verdicts, batch: int, device) -> torch.Tensor:
-    """A criterion's verdict (a bool or (B,) bools; a list of them: any) as (B,) bools."""
-    verdicts = verdicts if isinstance(verdicts, list) else [verdicts]
-    out = torch.zeros(batch, dtype=torch.bool, device=device)
-    for v in verdicts:
-        out |= torch.as_tensor(v, device=device).bool().expand(batch)
-    return out
-
-
-def _decode(steps, input_ids, o: Options, choose: Chooser, eos, pad, criteria, streamer, vocab) -> torch.Tensor:
+def _decode(steps, input_ids, o: Options, choose: Chooser, eos, pad, stop, streamer, vocab, lag: int = 0
+            ) -> torch.Tensor:
     """The loop: logits -> a token per row -> the next logits, until max_new_tokens or every row is finished.
     Only ids every model reading the sequence can embed are chosen: an anchor whose vocabulary is larger than
-    a shared augment's never emits the ids past the smaller one (it could not read them back)."""
+    a shared augment's never emits the ids past the smaller one (it could not read them back). Whether every
+    row is finished is read `lag` steps late at most (`Verdicts`); the steps made past the finish are dropped."""
     B = input_ids.shape[0]
     seen, new = input_ids, []
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    verdicts = Verdicts(lag) if eos is not None or stop is not None else None  # else: no row finishes
+    done = None
     logits = steps.first() if o.max_new_tokens else None
     for step in range(o.max_new_tokens):
         if vocab is not None and logits.shape[-1] > vocab:
@@ -397,17 +386,22 @@ def _decode(steps, input_ids, o: Options, choose: Chooser, eos, pad, criteria, s
         scores, token = choose(logits, seen)
         out = token.masked_fill(finished, pad)
         new.append(out)
-        if choose.reads_seen or criteria is not None:
+        if choose.reads_seen or stop is not None:
             seen = torch.cat([seen, out[:, None]], dim=1)
         if streamer is not None:
             streamer.put(out.cpu())
         if eos is not None:
             finished |= torch.isin(token, eos)
-        if criteria is not None:
-            finished |= _stopped(criteria(seen, scores), B, finished.device)
-        if step + 1 == o.max_new_tokens or ((eos is not None or criteria is not None) and bool(finished.all())):
-            break  # finished is checked only with an eos or criteria: it waits for the device
+        if stop is not None:
+            finished |= stopped(stop(seen, scores), B, finished.device)
+        if verdicts is not None:
+            done = verdicts.add(step, finished)
+        if done is not None or step + 1 == o.max_new_tokens:
+            break
         logits = steps.next(token, step)
+    if verdicts is not None and done is None:
+        done = verdicts.last()
+    new = new if done is None else new[:done + 1]
     return torch.stack(new, 1) if new else input_ids.new_zeros(B, 0)
 
 
