@@ -10,7 +10,11 @@ Both modes: the augment reading the anchor's tokens (`shared`, the paper's) and 
 (`prompt`, here the same tokens). Variants: `cached` (the KV-cache decode graph, eager), `compiled`
 (`compile_step=True`), `compiled_prefill` (the same with `compile_prefill=True`; it shares `compiled`'s
 decoders, and so its compiled step), `compiled_fused_attention` (the same step with its attention left to
-SDPA's fused kernels, `decode.MATH_ATTENTION` off, on a composition of its own), `recompute` (`cache=False`).
+SDPA's fused kernels, `decode.MATH_ATTENTION` off, on a composition of its own), `compiled_eos` (`compiled`
+with `--eos` as eos_token_id: a row may finish, so whether all have is checked, a few steps late as generate
+does with a compiled step on a GPU), `compiled_eos_at_once` (the same, each check read at once: the loop waits
+for the GPU at every step), `recompute` (`cache=False`). The eos variants share `compiled`'s step; `--eos`
+should be an id the rows do not emit (each variant's `tokens` says whether they did).
 Each variant's first call is reported (it traces the decode graph, and compiles), its time to the first
 token is timed warm, then the variants and transformers alternate for `--rounds` rounds (a call for one token,
 then one for `--new`) and the medians are reported: tokens/s of the whole call (prefill included) and the
@@ -58,11 +62,13 @@ def parse(argv=None):
     p.add_argument("--every", type=int, default=4, help="read every n-th augment block")
     p.add_argument("--modes", nargs="+", choices=["shared", "prompt"], default=["shared", "prompt"])
     p.add_argument("--variants", nargs="+",
-                   choices=["cached", "compiled", "compiled_prefill", "compiled_fused_attention", "recompute"],
+                   choices=["cached", "compiled", "compiled_prefill", "compiled_fused_attention", "compiled_eos",
+                            "compiled_eos_at_once", "recompute"],
                    default=["cached", "compiled", "recompute"])
     p.add_argument("--step-options", type=json.loads, default=None, metavar="JSON",
                    help='the compiled variant\'s compile_step (default true: STEP_COMPILE), e.g. '
                         '\'{"options": {"triton.cudagraphs": true, "combo_kernels": true}}\'')
+    p.add_argument("--eos", type=int, default=None, help="the eos variants' eos_token_id (default: vocab - 1)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     p.add_argument("--load-cache", type=Path, metavar="DIR",
@@ -109,6 +115,19 @@ def fused_attention(composed, ids, options, extra):
     return call
 
 
+def at_once(call):
+    """`call` with generate reading whether every row has finished at each step (`stopping.finish_lag` 0)."""
+    from calmgraph.generation import generate
+
+    def read_at_once(n):
+        previous, generate.finish_lag = generate.finish_lag, lambda device, compiled: 0
+        try:
+            return call(n)
+        finally:
+            generate.finish_lag = previous
+    return read_at_once
+
+
 @contextlib.contextmanager
 def uncached():
     """torch.compile without its caches (AOTAutograd's, inductor's graphs): they do not key on SDPA's backend,
@@ -133,6 +152,7 @@ def run(args, save=lambda report: None) -> dict:
     loaded = compile_cache.load(args.load_cache)  # first: a missing folder fails before the models are built
     anchor = llama(args.anchor, args.vocab, dtype, device, 0)
     augment = llama(args.augment, args.vocab, dtype, device, 1)
+    eos = args.vocab - 1 if args.eos is None else args.eos
     weights_gb = sum(p.numel() * p.element_size() for m in (anchor, augment) for p in m.parameters()) / 1e9
     results = []
     report = {
@@ -145,7 +165,7 @@ def run(args, save=lambda report: None) -> dict:
                      "python": platform.python_version()},
         "shapes": {"anchor": dict(zip(("hidden", "layers", "heads", "kv_heads", "intermediate"), args.anchor)),
                    "augment": dict(zip(("hidden", "layers", "heads", "kv_heads", "intermediate"), args.augment)),
-                   "vocab": args.vocab, "every": args.every, "prompt": args.prompt, "new": args.new,
+                   "vocab": args.vocab, "every": args.every, "prompt": args.prompt, "new": args.new, "eos": eos,
                    "dtype": args.dtype, "weights_gb": round(weights_gb, 3)},  # read once a token: the bandwidth bound
         "compile_cache_loaded_bytes": loaded,  # 0: every first call compiled cold (inductor's own disk cache aside)
         "complete": False,  # until every mode and batch is measured
@@ -167,11 +187,15 @@ def run(args, save=lambda report: None) -> dict:
                 options = {"cached": {"cache": True}, "compiled": {"cache": True, "compile_step": step},
                            "compiled_prefill": {"cache": True, "compile_step": step, "compile_prefill": True},
                            "compiled_fused_attention": {"cache": True, "compile_step": step},
+                           "compiled_eos": {"cache": True, "compile_step": step, "eos_token_id": eos},
+                           "compiled_eos_at_once": {"cache": True, "compile_step": step, "eos_token_id": eos},
                            "recompute": {"cache": False}}[variant]
                 if variant == "compiled_fused_attention":  # its own decoders, compiled with the flag off
                     calls[variant] = fused_attention(compose(anchor, augment, mode, args.every), ids, options, extra)
                 else:
                     calls[variant] = (lambda o: lambda n: composed.generate(ids, n, **o, **extra))(options)
+                if variant == "compiled_eos_at_once":
+                    calls[variant] = at_once(calls[variant])
             first = {}
             for name, call in calls.items():  # the first call traces the decode graph (and compiles)
                 first_s, out = timed(lambda: call(args.new), sync)

@@ -28,6 +28,18 @@ def test_generate_scale_quick(tmp_path):
             assert r["vs_anchor_alone"] == r["decode_vs_anchor_alone"] == 1.0
 
 
+def test_generate_scale_eos_variants_share_the_compiled_step(tmp_path):
+    """The eos variants (dynamo's eager backend here) decode every token with an eos that no row emits."""
+    out = tmp_path / "eos.json"
+    generate_scale.main([*TINY, "--batch", "2", "--modes", "prompt", "--variants", "compiled", "compiled_eos",
+                         "compiled_eos_at_once", "--step-options", '{"backend": "eager"}', "--rounds", "1",
+                         "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["shapes"]["eos"] == 299
+    tokens = {r["variant"]: r["tokens"] for r in report["results"]}
+    assert tokens == {"transformers_anchor_alone": 24, "compiled": 24, "compiled_eos": 24, "compiled_eos_at_once": 24}
+
+
 def test_linear_rewrites_keep_the_tokens(monkeypatch, capsys):
     """Each linear of the compiled step rewritten as a bmm or a sum (the step run by dynamo's eager backend)
     decodes the tokens of the step as built."""
