@@ -14,6 +14,10 @@ and the call's own set-up cancel; each call is one torch.profiler trace (CUDA ac
 (a view), which inductor's coordinate-descent decomposition turns into reductions as it does a one-row
 product; `sum`, each linear as `sum(w[:, None] * x[None], -1)` in fp32, an (out features, rows) reduction in
 which the rows that read a weight row are neighbours, so that a kernel reads each weight once.
+`--concat-projections`: the linears that read one input (a block's q/k/v, its gate/up) as one product over
+their weights concatenated, split after: fewer cuBLAS calls at 8 rows, for a copy of those weights (what
+inductor's `freezing` does, which loses CUDA graphs on this step: it mutates its caches).
+With `--step-options '{"options": {"triton.cudagraphs": true}}'` (no tuning) both compile in a short time.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import collections
 import contextlib
 import datetime
 import json
+import operator
 import sys
 import time
 from pathlib import Path
@@ -96,16 +101,63 @@ def as_sum(graph, x, w, shape, dtype):
 REWRITES = {"bmm": as_bmm, "sum": as_sum}
 
 
-def with_linear_as(decoder_cls, how: str):
-    """Decoder.compiled, compiling a copy of the step graph rewritten by `REWRITES[how]`."""
+def _copy(step: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A GraphModule over a copy of `step`'s graph (its weights and caches shared)."""
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(step.graph, {}))
+    return torch.fx.GraphModule(step, graph, class_name="Decoder")
+
+
+def linears_as(how: str):
+    """A step rewrite: each linear as `REWRITES[how]`."""
+    def rewrite(step):
+        step = _copy(step)
+        count = rewrite_linears(step.graph, REWRITES[how])
+        step.recompile()
+        return step, f"linear_as_{how}: {count} linears"
+    return rewrite
+
+
+def concat_projections(step: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, str]:
+    """A step rewrite: the linears without a bias that read one input (a block's q, k and v; its gate and up)
+    as one linear over their weights concatenated, split after: fewer, larger products (at batch 8, cuBLAS
+    calls) for one more copy of those weights, made here. The links' projections run in their own modules."""
+    aten, step = torch.ops.aten, _copy(step)
+    graph, groups = step.graph, collections.defaultdict(list)
+    for node in graph.nodes:
+        if (node.op == "call_function" and node.target == aten.linear.default and len(node.args) == 2
+                and not node.kwargs and node.args[1].op == "get_attr"):
+            groups[node.args[0]].append(node)              # in graph order
+    fused = merged = 0
+    for x, linears in groups.items():
+        weights = [operator.attrgetter(n.args[1].target)(step) for n in linears]
+        if len(linears) < 2 or len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1:
+            continue
+        name = f"concat_projection_{fused}"
+        step.register_buffer(name, torch.cat([w.detach() for w in weights]))
+        with graph.inserting_before(linears[0]):
+            out = graph.call_function(aten.linear.default, (x, graph.get_attr(name)))
+            parts = graph.call_function(aten.split_with_sizes.default, (out, [w.shape[0] for w in weights], -1))
+            for i, linear in enumerate(linears):
+                linear.replace_all_uses_with(graph.call_function(operator.getitem, (parts, i)))
+        for linear in linears:
+            weight = linear.args[1]
+            graph.erase_node(linear)
+            if not weight.users:
+                graph.erase_node(weight)
+        fused, merged = fused + 1, merged + len(linears)
+    step.recompile()
+    return step, f"concat_projections: {merged} linears into {fused}"
+
+
+def with_step_rewrite(decoder_cls, rewrite):
+    """Decoder.compiled, compiling `rewrite(step)` (a new GraphModule, and a line for stderr) instead of the step."""
     compiled = decoder_cls.compiled
 
     def patched(self, options, *cast, prefill=False):
         if not prefill and "step" not in self._compiled:
-            graph = torch.fx.Graph()
-            graph.output(graph.graph_copy(self.to_compile.graph, {}))
-            print(f"linear_as_{how}: {rewrite_linears(graph, REWRITES[how])} linears", file=sys.stderr)
-            self.to_compile = torch.fx.GraphModule(self.to_compile, graph, class_name="Decoder")
+            self.to_compile, said = rewrite(self.to_compile)
+            print(said, file=sys.stderr)
         return compiled(self, options, *cast, prefill=prefill)
     decoder_cls.compiled = patched
 
@@ -130,6 +182,8 @@ def main(argv=None):
     p.add_argument("--fused-attention", action="store_true", help="compile the step without MathAttention")
     p.add_argument("--step-options", type=json.loads, default=None, metavar="JSON", help="compile_step (default True)")
     p.add_argument("--linear-as", choices=sorted(REWRITES), help="each linear of the step as a one-row bmm, or a sum")
+    p.add_argument("--concat-projections", action="store_true",
+                   help="linears that read one input as one over their weights concatenated (a copy)")
     p.add_argument("--top", type=int, default=20, help="kernels listed")
     p.add_argument("--out", type=Path)
     p.add_argument("--load-cache", type=Path, metavar="DIR", help="torch.compile's caches a run saved")
@@ -138,8 +192,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     loaded = compile_cache.load(args.load_cache)
     decode.MATH_ATTENTION = not args.fused_attention
+    if args.linear_as and args.concat_projections:
+        p.error("--linear-as and --concat-projections are two rewrites of the same linears: give one")
     if args.linear_as:
-        with_linear_as(decode.Decoder, args.linear_as)
+        with_step_rewrite(decode.Decoder, linears_as(args.linear_as))
+    if args.concat_projections:
+        with_step_rewrite(decode.Decoder, concat_projections)
     anchor = gs.llama([2048, 22, 32, 4, 5632], 32000, torch.bfloat16, "cuda", 0)
     augment = gs.llama([1024, 16, 16, 4, 2816], 32000, torch.bfloat16, "cuda", 1)
     ids = torch.randint(3, 32000, (args.batch, 128), device="cuda",
@@ -169,7 +227,7 @@ def main(argv=None):
         "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
         "mode": args.mode, "batch": args.batch, "attention": "fused" if args.fused_attention else "math",
         "compile_step": "STEP_COMPILE" if args.step_options is None else args.step_options,
-        "linear_as": args.linear_as,
+        "linear_as": args.linear_as, "concat_projections": args.concat_projections,
         "first_call_s": round(first_s, 1), "compile_cache_loaded_bytes": loaded,
         "gpu_us_per_token": round(sum(us for _, us in per_token.values()), 1),
         "kernels_per_token": round(sum(n for n, _ in per_token.values()), 1),
