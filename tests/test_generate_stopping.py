@@ -19,21 +19,28 @@ def composition():
     return hf()
 
 
+STEPS = 12
+
+
+def _loop(verdicts, finished):
+    """generate's use of `verdicts` over STEPS steps, `finished(step)` the rows' state: (the step whose `add`
+    named the finish, None where `last` did; the finish)."""
+    for step in range(STEPS):
+        found = verdicts.add(step, finished(step))
+        if found is not None:
+            return step, found
+    return None, verdicts.last()
+
+
 @pytest.mark.parametrize("lag", [0, 1, 3, 10])
 @pytest.mark.parametrize("finish", [0, 4, 9, None])
 def test_a_late_verdict_names_the_step_every_row_finished_within_lag_steps(lag, finish):
     """Rows finish one by one; the finish is the first step at which all have. `add` returns it `lag` steps
     after it (on CPU no verdict lands early), or `last` when the loop ends first; never a wrong step."""
-    verdicts, steps = Verdicts(lag), 12
-    for step in range(steps):
-        finished = torch.tensor([finish is not None and step >= finish - 2, finish is not None and step >= finish])
-        found = verdicts.add(step, finished)
-        if found is not None:
-            break
-    else:
-        step, found = None, verdicts.last()
+    step, found = _loop(Verdicts(lag), lambda step: torch.tensor([finish is not None and step >= finish - 2,
+                                                                 finish is not None and step >= finish]))
     assert found == finish
-    assert step == (finish + lag if finish is not None and finish + lag < steps else None)
+    assert step == (finish + lag if finish is not None and finish + lag < STEPS else None)
 
 
 def test_the_lag_is_for_compiled_steps_on_a_gpu():
@@ -110,14 +117,9 @@ def test_a_streamer_or_a_criterion_reads_each_verdict_at_once(composition, monke
 @pytest.mark.parametrize("finish", [0, 5, None])
 def test_on_a_gpu_verdicts_land_through_pinned_copies_and_events(finish):
     """On CUDA a verdict may be read as soon as its copy lands: between 0 and lag steps late."""
-    verdicts, steps = Verdicts(FINISH_LAG), 12
-    for step in range(steps):
-        finished = torch.full((2,), finish is not None and step >= finish, device="cuda")
+    def finished(step):
         torch.cuda._sleep(1_000_000)  # a step's work, queued before its verdict
-        found = verdicts.add(step, finished)
-        if found is not None:
-            break
-    else:
-        step, found = None, verdicts.last()
+        return torch.full((2,), finish is not None and step >= finish, device="cuda")
+    step, found = _loop(Verdicts(FINISH_LAG), finished)
     assert found == finish
     assert step is None if finish is None else finish <= step <= finish + FINISH_LAG
