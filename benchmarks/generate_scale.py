@@ -130,8 +130,9 @@ def at_once(call):
 
 @contextlib.contextmanager
 def uncached():
-    """torch.compile without its caches (AOTAutograd's, inductor's graphs): they do not key on SDPA's backend,
-    so a step compiled with its fused attention would otherwise load the math step compiled before it."""
+    """torch.compile without its caches (AOTAutograd's, inductor's graphs): they do not key on SDPA's backend
+    (pytorch/pytorch#185449), so a step compiled with its fused attention would otherwise load the math step
+    compiled before it."""
     with torch._functorch.config.patch(enable_autograd_cache=False), torch._inductor.config.patch(fx_graph_cache=False):
         yield
 

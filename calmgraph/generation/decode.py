@@ -171,8 +171,9 @@ class MathAttention:
 
     The backend is chosen when the first call traces the step. It is set around each call, not inside the
     compiled code: there dynamo would record the switch in the graph, which AOTAutograd's cache refuses, so
-    that every new process would trace the step again. torch's compile caches do not key on the backend: a
-    step compiled with another (benchmarks' fused-attention variants) compiles with those caches off."""
+    that every new process would trace the step again (pytorch/pytorch#194007). torch's compile caches do not
+    key on the backend (pytorch/pytorch#185449): a step compiled with another (benchmarks' fused-attention
+    variants) compiles with those caches off."""
 
     def __init__(self, step):
         self.step = step
