@@ -122,8 +122,20 @@ def decoder_for(composed, batch: int, length: int, slot: int = 0) -> Decoder:
 
 
 def can_cache(composed) -> bool:
-    """Whether generation can use the anchor's KV cache: a transformers causal LM as the anchor."""
-    return composed.anchor_model is not None and cache_kwarg(composed.anchor_model) is not None
+    """Whether generation can use the anchor's KV cache: a transformers causal LM as the anchor (found once
+    per composed model, as its stages: it walks every module of the anchor)."""
+    entry = _entry(composed)
+    if "can_cache" not in entry:
+        entry["can_cache"] = composed.anchor_model is not None and cache_kwarg(composed.anchor_model) is not None
+    return entry["can_cache"]
+
+
+def _sharded(composed) -> str | None:
+    """The name of a parameter sharded across processes (FSDP2's DTensors), if any. None without a process
+    group, where there is none to shard across: the walk over every parameter is left out of each call."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    return next((n for n, p in composed.named_parameters() if hasattr(p, "device_mesh")), None)
 
 
 def _check_mask(attention_mask, input_ids: torch.Tensor) -> torch.Tensor:
@@ -220,7 +232,7 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     the prefill's per batch size and bucket), or a dict of its keywords.
     """
     shared = composed.signature["input_ids"]  # the smallest vocabulary and fewest positions reading the sequence
-    sharded = next((n for n, p in composed.named_parameters() if hasattr(p, "device_mesh")), None)
+    sharded = _sharded(composed)
     if sharded is not None:
         raise ParallelError(f"generate runs a whole composition in one process, but this one is sharded across "
                             f"processes (calmgraph.parallel.shard; e.g. {sharded!r}). Save its new parameters "
