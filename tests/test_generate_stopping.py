@@ -74,6 +74,18 @@ def test_late_verdicts_give_the_same_tokens_and_run_at_most_lag_steps_past_the_f
     assert ran_late == min(finish + lag, n - 1)  # the verdict of the finish read lag steps late
 
 
+def test_a_compiled_step_with_late_verdicts_gives_the_same_tokens(composition, monkeypatch):
+    """The path a GPU takes: the step through torch.compile (dynamo's eager backend here), verdicts 3 steps late."""
+    composed, _, name = composition
+    ids, prompts, n = tokens((3, 6), 21), prompt(name), 20
+    free = composed.generate(ids, n, **prompts)
+    eos = sorted({int(free[0, 6 + 2]), int(free[1, 6 + 5]), int(free[2, 6 + 7])})
+    at_once, _ = _generate(composed, ids, n, 0, monkeypatch, eos_token_id=eos, **prompts)
+    late, ran = _generate(composed, ids, n, FINISH_LAG, monkeypatch, eos_token_id=eos,
+                          compile_step={"backend": "eager"}, **prompts)
+    assert torch.equal(late, at_once) and ran == at_once.shape[1] - 6 - 1 + FINISH_LAG
+
+
 @pytest.mark.parametrize("lag", [1, 3])
 def test_rows_that_never_finish_run_to_max_new_tokens_alike(composition, lag, monkeypatch):
     composed, _, name = composition
