@@ -21,7 +21,8 @@ then one for `--new`) and the medians are reported: tokens/s of the whole call (
 decode rate, `new - 1` tokens over the per-round difference of the two calls (the prefill excluded). The
 JSON goes to stdout (and to `--out`, rewritten after each first call and each mode and batch, with `complete`
 false until the end); a line per first call and per result to stderr as it comes. `--load-cache` and
-`--save-cache` carry torch.compile's caches between processes (`compile_cache.py`).
+`--save-cache` carry torch.compile's caches between processes (`compile_cache.py`). `--concat-projections`
+compiles every step with `step_kernels.concat_projections`.
 """
 from __future__ import annotations
 
@@ -68,6 +69,8 @@ def parse(argv=None):
     p.add_argument("--step-options", type=json.loads, default=None, metavar="JSON",
                    help='the compiled variant\'s compile_step (default true: STEP_COMPILE), e.g. '
                         '\'{"options": {"triton.cudagraphs": true, "combo_kernels": true}}\'')
+    p.add_argument("--concat-projections", action="store_true",
+                   help="compile each step with step_kernels.concat_projections (a copy of those weights)")
     p.add_argument("--eos", type=int, default=None, help="the eos variants' eos_token_id (default: vocab - 1)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
@@ -160,6 +163,7 @@ def run(args, save=lambda report: None) -> dict:
         "what": "tokens/s per sequence, greedy, no early stop; median of interleaved rounds",
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "compile_step": "STEP_COMPILE" if args.step_options is None else args.step_options,
+        "concat_projections": args.concat_projections,
         "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or "cpu",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -243,6 +247,10 @@ def main(argv=None):
     def save(report):
         if args.out is not None:
             args.out.write_text(json.dumps(report, indent=1) + "\n")
+    if args.concat_projections:
+        from calmgraph.generation import decode
+        from step_kernels import concat_projections, with_step_rewrite
+        with_step_rewrite(decode.Decoder, concat_projections)
     report = run(args, save)
     save(report)
     print(json.dumps(report, indent=1))

@@ -83,15 +83,39 @@ def test_llama_like_steps_lose_the_decomposed_norms_rotary_cats_and_counter_writ
     assert len(fused) < len(plain)
 
 
-def test_the_compiled_step_keeps_repeat_kv_and_shares_the_eager_steps_caches():
+def test_the_compiled_step_reads_the_cache_through_grouped_attention_and_shares_the_eager_steps_caches():
     decoder = decoder_for(compose("llama", "shared"), 2, 12)
-    compiled = [n for n in decoder.to_compile.graph.nodes if n.target == aten.scaled_dot_product_attention.default]
-    assert compiled and not any(n.kwargs.get("enable_gqa") for n in compiled)
+    eager = [n for n in decoder.module.graph.nodes if n.target == aten.scaled_dot_product_attention.default]
+    compiled = [n for n in decoder.to_compile.graph.nodes if n.op == "call_function"]
+    assert eager and [n.target for n in compiled].count(F.grouped_attention) == len(eager)
+    assert aten.scaled_dot_product_attention.default not in [n.target for n in compiled]
+    assert not any(F._repeated_kv(n) for n in compiled)                          # no repeat_kv left
     caches = {id(b) for b in decoder.module.buffers()}
     assert caches and caches == {id(b) for b in decoder.to_compile.buffers()}
     twin = decoder.with_own_caches()
     own = {id(b) for b in twin.module.buffers()}
     assert own == {id(b) for b in twin.to_compile.buffers()} and not own & caches
+
+
+def compiled_steps(composed, ids, extra):
+    """`steps`, through the graph torch.compile gets (run eagerly)."""
+    decoder, contexts = decoder_for(composed, 2, 12), contexts_of(composed)
+    with torch.inference_mode():
+        ctx = contexts.module(ids[:, :4], *stages_of(composed).augment(**extra))
+        kv = decoder.project(ctx)
+        got = [decoder.module(ids[:, :4], torch.arange(4), *ctx, *kv)]     # the prefill is the eager graph's
+        for t in range(4, ids.shape[1]):
+            got.append(decoder.to_compile(ids[:, t:t + 1], torch.tensor([t]), *ctx, *kv))
+    return torch.cat(got, 1)
+
+
+@pytest.mark.parametrize("mode", ["shared", "prompt"])
+@pytest.mark.parametrize("anchor", ["llama", "qwen2", "mistral"])
+def test_the_compiled_steps_graph_gives_the_eager_steps_logits(anchor, mode):
+    composed = compose(anchor, mode)
+    ids, extra = ids_and_prompts(mode)
+    torch.testing.assert_close(compiled_steps(composed, ids, extra), steps(composed, ids, extra),
+                               rtol=1e-5, atol=1e-5)
 
 
 def _attention_ops(module, *args, wrap=lambda compiled: compiled) -> set[str]:
@@ -236,9 +260,9 @@ class Grouped(nn.Module):
     """SDPA over KV heads repeated for grouped queries: transformers' `repeat_kv` (head i reads KV head
     i // n), or tiled (head i reads KV head i % h: another pairing, which `enable_gqa` would get wrong)."""
 
-    def __init__(self, tiled=False):
+    def __init__(self, tiled=False, dropout=0.0):
         super().__init__()
-        self.tiled = tiled
+        self.tiled, self.dropout = tiled, dropout
 
     def forward(self, q, k, v, mask):
         def repeat(x, n=2):
@@ -246,7 +270,8 @@ class Grouped(nn.Module):
             if self.tiled:
                 return x[:, None].expand(b, n, h, s, d).reshape(b, n * h, s, d)
             return x[:, :, None].expand(b, h, n, s, d).reshape(b, h * n, s, d)
-        return torch.nn.functional.scaled_dot_product_attention(q, repeat(k), repeat(v), attn_mask=mask, scale=0.3)
+        return torch.nn.functional.scaled_dot_product_attention(q, repeat(k), repeat(v), attn_mask=mask, scale=0.3,
+                                                                dropout_p=self.dropout)
 
 
 def test_grouped_queries_read_the_cache_unrepeated_exactly_and_a_tiling_is_left_alone():
@@ -261,6 +286,63 @@ def test_grouped_queries_read_the_cache_unrepeated_exactly_and_a_tiling_is_left_
     gm = exported(Grouped(tiled=True), *args)
     before = str(gm.graph)
     assert F.sdpa_gqa(gm.graph) == 0 and str(gm.graph) == before
+
+
+def sdpa_repeated(q, k, v, mask, scale):
+    n = q.shape[1] // k.shape[1]
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(n, 1), v.repeat_interleave(n, 1), attn_mask=mask, scale=scale)
+
+
+@pytest.mark.parametrize("mask", ["none", "bool", "bool_per_head", "additive", "two_dims"])
+@pytest.mark.parametrize("queries", [1, 3])
+def test_grouped_attention_is_sdpa_over_repeated_kv_heads(mask, queries):
+    """Against SDPA over the KV heads repeated (head i reads KV head i // n), in float64: masks of one head, of
+    every head, additive, and of two dims; one query a row (a decode step) and several."""
+    g = torch.Generator().manual_seed(queries)
+    b, h, groups, s, d = 2, 6, 2, 7, 8
+    q, k, v = (torch.randn(b, heads, t, d, generator=g, dtype=torch.float64)
+               for heads, t in ((h, queries), (groups, s), (groups, s)))
+    allowed = torch.rand(b, h, queries, s, generator=g) > 0.3
+    allowed[..., -1] = True                                                      # every row attends somewhere
+    masks = {"none": None, "bool": allowed[:, :1], "bool_per_head": allowed, "two_dims": allowed[0, 0],
+             "additive": torch.randn(b, 1, queries, s, generator=g, dtype=torch.float64)}
+    for scale in (None, 0.3):
+        got = F.grouped_attention(q, k, v, masks[mask], scale)
+        torch.testing.assert_close(got, sdpa_repeated(q, k, v, masks[mask], scale), rtol=1e-12, atol=1e-12)
+
+
+def test_grouped_attention_in_bf16_is_transformers_eager_attention():
+    """In bf16, products in bf16 and the softmax in fp32, as transformers' eager attention computes it."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, heads, t, 16, generator=g).bfloat16() for heads, t in ((8, 1), (2, 9), (2, 9)))
+    allowed = torch.rand(2, 1, 1, 9, generator=g) > 0.3
+    allowed[..., -1] = True
+    additive = torch.zeros(allowed.shape, dtype=torch.bfloat16).masked_fill(~allowed, torch.finfo(torch.bfloat16).min)
+    module = nn.Module()
+    module.num_key_value_groups, module.training = 4, False
+    reference, _ = eager_attention_forward(module, q, k, v, additive, scaling=0.25)
+    got = F.grouped_attention(q, k, v, allowed, 0.25)
+    torch.testing.assert_close(got.transpose(1, 2), reference, rtol=0, atol=0)
+    exact = sdpa_repeated(*(t.double() for t in (q, k, v)), allowed, 0.25)
+    torch.testing.assert_close(got.double(), exact, rtol=2e-2, atol=2e-2)       # bf16's rounding
+
+
+def test_sdpa_over_repeated_kv_becomes_grouped_attention_and_a_tiling_or_dropout_is_left_alone():
+    torch.manual_seed(0)
+    args = (torch.randn(2, 4, 3, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8), torch.rand(3, 5) > 0.3)
+    args[3][:, -1] = True
+    gm = exported(Grouped(), *args)
+    assert F.grouped_attention_of(gm.graph) == 1
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    assert aten.expand.default not in [n.target for n in gm.graph.nodes]
+    torch.testing.assert_close(gm(*args), Grouped()(*args), rtol=1e-6, atol=1e-6)
+    for module in (Grouped(tiled=True), Grouped(dropout=0.1)):
+        gm = exported(module, *args)
+        before = str(gm.graph)
+        assert F.grouped_attention_of(gm.graph) == 0 and str(gm.graph) == before
 
 
 def test_a_gpt2_decode_graph_has_no_norm_or_rotary_to_rewrite():

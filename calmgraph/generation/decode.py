@@ -53,7 +53,7 @@ from ..signature import WRITE_MASK
 from ..tracing.entry import ENTRY
 from ..tracing.shared import trace_shared
 from ..tracing.taps import block_inputs, block_outputs
-from .fuse import fuse, sdpa_gqa
+from .fuse import fuse, grouped_attention_of, sdpa_gqa
 from .stage import Contexts, links_into
 
 FUSE = True  # apply fuse.py's rewrites to each decode graph (benchmarks/decode_ops.py measures both)
@@ -314,18 +314,27 @@ def build_decoder(composed, anchor_stage: fx.GraphModule, contexts: Contexts, ba
     keep_live(graph)
     graph.lint()
     module = to_compile = fx.GraphModule(root, graph, class_name="Decoder")
-    if FUSE:  # the eager step reads the KV caches unrepeated (`fuse.sdpa_gqa`); same root, so same caches
-        eager = fx.Graph()
-        eager.output(eager.graph_copy(graph, {}))
-        if sdpa_gqa(eager):
-            keep_live(eager)
-            module = fx.GraphModule(root, eager, class_name="Decoder")
+    if FUSE:  # both steps read the KV caches unrepeated, each its own way (fuse.py); same root, so same caches
+        module = _rewritten(module, sdpa_gqa)
+        if MATH_ATTENTION:
+            to_compile = _rewritten(to_compile, grouped_attention_of)
     step = module
     if writes is not None:  # a new token is never written: the steps run without the masked blocks
         step, to_compile = unwritten(module), unwritten(to_compile)
     names = {name: i for i, name in enumerate(contexts.names)}
     return Decoder(module, batch, max_len, [(attend[n.target], names[n.args[1].name]) for n in fixed], tuple(models),
                    to_compile, step)
+
+
+def _rewritten(decoder: fx.GraphModule, rewrite) -> fx.GraphModule:
+    """`decoder` with `rewrite(graph)` applied to a copy of its graph (itself where it rewrote nothing)."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(decoder.graph, {}))
+    if not rewrite(graph):
+        return decoder
+    keep_live(graph)
+    graph.lint()
+    return fx.GraphModule(decoder, graph, class_name="Decoder")
 
 
 def unwritten(decoder: fx.GraphModule) -> fx.GraphModule:

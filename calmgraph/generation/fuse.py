@@ -16,9 +16,14 @@ pattern and leaves any graph it does not match unchanged:
 - `roll_rotary`: rotary's `cat(-x2, x1) * sin` (neg, cat, mul) becomes `roll(x) * sin'`, with sin' = sin with
   its first half negated made once per model; exact (a sign moves from one factor to the other).
 
-`sdpa_gqa` (grouped queries read the KV cache as it is, through SDPA's `enable_gqa`) is applied to the eager
-step only (`decode.build_decoder`): with a mask, CUDA's SDPA then runs its math kernel (in fp32) rather than
-cuDNN's, which made an eager step 8-9% faster on an H200; under torch.compile it was not measured.
+Two rewrites of the attention over a KV cache are applied to one step each (`decode.build_decoder`):
+- `sdpa_gqa` (grouped queries read the KV cache as it is, through SDPA's `enable_gqa`), to the eager step:
+  with a mask, CUDA's SDPA then runs its math kernel (in fp32) rather than cuDNN's, which made an eager step
+  8-9% faster on an H200.
+- `grouped_attention`, to the step torch.compile gets, whose attention is traced as math (`MathAttention`):
+  SDPA's math casts the keys and values to fp32 and repeats them to every query head, two copies of the
+  whole cache a layer a step; transformers' eager attention (matmuls in the model's dtype, softmax in fp32)
+  on the query heads of each KV head, stacked as rows, reads the cache as it is.
 """
 from __future__ import annotations
 
@@ -251,6 +256,51 @@ def sdpa_gqa(graph: fx.Graph) -> int:
     return count
 
 
+def grouped_attention(q, k, v, mask=None, scale=None):
+    """`sdpa(q, repeat_kv(k), repeat_kv(v), mask, scale=scale)` as transformers' eager attention computes it
+    (`eager_attention_forward`: products in q's dtype, softmax in fp32 or wider), with the n query heads of each KV head
+    stacked as rows of one product, so that the cache is read as it is. q: (b, h, t, d); k, v: (b, h / n, s, d);
+    mask: None, bool (True attends) or additive, broadcastable to (b, h, t, s), of one head or h. A row that
+    attends to nothing is NaN (a decode step's query always attends to its own position)."""
+    b, h, t, d = q.shape
+    groups, length = k.shape[1], k.shape[2]
+    n = h // groups
+    rows = q.reshape(b, groups, n * t, d)
+    scores = torch.matmul(rows, k.transpose(-1, -2)) * (d ** -0.5 if scale is None else scale)
+    scores = scores.view(b, groups, n, t, length)
+    if mask is not None:
+        if mask.ndim > 2:   # its heads (one, or h) as (groups, n), or one broadcast over both
+            mask = mask.unflatten(-3, (groups, n)) if mask.shape[-3] == h else mask.unsqueeze(-3)
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+    probs = probs.to(q.dtype).view(b, groups, n * t, length)
+    return torch.matmul(probs, v).view(b, h, t, d)
+
+
+def grouped_attention_of(graph: fx.Graph) -> int:
+    """`sdpa(q, repeat_kv(k), repeat_kv(v)[, mask], scale=...)` -> `grouped_attention(q, k, v, mask, scale)`,
+    where SDPA is called with no dropout, not causal and not already grouped; the count rewritten."""
+    count = 0
+    for node in list(graph.nodes):
+        if not _is(node, aten.scaled_dot_product_attention.default) or len(node.args) < 3:
+            continue
+        names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        given = dict(zip(names, node.args[3:]), **node.kwargs)
+        if given.get("dropout_p", 0.0) != 0.0 or given.get("is_causal") or given.get("enable_gqa") \
+                or set(given) - set(names):
+            continue
+        k, v = _repeated_kv(node.args[1]), _repeated_kv(node.args[2])
+        if k is None or v is None or k[1] != v[1] or k[1] < 2:
+            continue
+        with graph.inserting_before(node):
+            grouped = graph.call_function(grouped_attention, (node.args[0], k[0], v[0], given.get("attn_mask"),
+                                                              given.get("scale")))
+        _replace(node, grouped)
+        graph.erase_node(node)
+        count += 1
+    return count
+
+
 def common_views(graph: fx.Graph) -> None:
     """One node per distinct view of a node (`unsqueeze(cos, 1)` is made again in every layer), so that what
     is derived from it once per model stays once per model."""
@@ -275,4 +325,5 @@ def fuse(graph: fx.Graph, root: nn.Module, ids: fx.Node, position: fx.Node) -> d
     return counts
 
 
-__all__ = ["fuse", "drop_noop_casts", "fuse_rms_norm", "read_positions", "roll_rotary", "sdpa_gqa"]
+__all__ = ["fuse", "drop_noop_casts", "fuse_rms_norm", "read_positions", "roll_rotary", "sdpa_gqa",
+           "grouped_attention", "grouped_attention_of"]
