@@ -81,10 +81,11 @@ class CrossAttention(nn.Module):
                 mask = mask.triu(s - t - self.window + 1)
         return self._read(q, k, v, mask, square)
 
-    def attend_at(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+    def attend_at(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, attention=None):
         """A cached decode step: x (B, T, dim) at source positions `positions` (T,); k, v (B, heads, S, dim_head)
         of source positions 0..S-1, rotated by them with rotary. A query reads no key after its own position
-        (those are not written yet) and, with a window, none before the window."""
+        (those are not written yet) and, with a window, none before the window. `attention`: SDPA's signature
+        (q, k, v, mask), in place of SDPA."""
         q = rearrange(self.to_q(self.norm(x)), "b t (h d) -> b h t d", h=self.heads)
         if self.rotary:
             q = rotate(q, positions)
@@ -92,9 +93,9 @@ class CrossAttention(nn.Module):
         mask = key <= positions[:, None]                                          # (T, S)
         if self.window is not None:
             mask = mask & (key > positions[:, None] - self.window)
-        return self._read(q, k, v, mask)
+        return self._read(q, k, v, mask, attention=attention)
 
-    def _read(self, q, k, v, mask, square: bool = False):
+    def _read(self, q, k, v, mask, square: bool = False, attention=None):
         """Attention of q over k, v (mask: True = read; square: plain causal), null key first, then W_O."""
         if self.null_kv is not None:  # one more key, first, that every query may read
             if square:
@@ -104,7 +105,10 @@ class CrossAttention(nn.Module):
             k, v = torch.cat((null_k, k), dim=-2), torch.cat((null_v, v), dim=-2)
             if mask is not None:
                 mask = F.pad(mask, (1, 0), value=True)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=square)
+        if attention is not None and not square:
+            out = attention(q, k, v, mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=square)
         if mask is not None:  # a prompt that is all padding gives no context (and not NaN)
             out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
         out = self.to_out(rearrange(out, "b h t d -> b t (h d)"))

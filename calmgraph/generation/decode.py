@@ -53,7 +53,7 @@ from ..signature import WRITE_MASK
 from ..tracing.entry import ENTRY
 from ..tracing.shared import trace_shared
 from ..tracing.taps import block_inputs, block_outputs
-from .fuse import fuse, grouped_attention_of, sdpa_gqa
+from .fuse import fuse, grouped_attention, grouped_attention_of, sdpa_gqa
 from .stage import Contexts, links_into
 
 FUSE = True  # apply fuse.py's rewrites to each decode graph (benchmarks/decode_ops.py measures both)
@@ -143,7 +143,9 @@ class LinkCache(nn.Module):
 
     forward(x, context, cache_position): x and context hold the same new positions; their keys and values
     (rotated by their positions, with rotary) are written at `cache_position`, then x attends to every
-    position written so far (the slots after it hold stale or zero values and are masked)."""
+    position written so far (the slots after it hold stale or zero values and are masked). Traced by
+    torch.compile under `MathAttention`, it attends through `fuse.grouped_attention` (the cache read in its
+    dtype, as the models' attention in that step), not through SDPA's math (the cache cast to fp32)."""
 
     def __init__(self, block: nn.Module, batch: int, max_len: int):
         super().__init__()
@@ -159,7 +161,8 @@ class LinkCache(nn.Module):
             k = rotate(k, cache_position)
         self.keys.index_copy_(2, cache_position, k.to(self.keys.dtype))   # autocast's dtype, in the block's
         self.values.index_copy_(2, cache_position, v.to(self.values.dtype))
-        return self.block.attend_at(x, self.keys, self.values, cache_position)
+        math = MATH_ATTENTION and torch.compiler.is_compiling()
+        return self.block.attend_at(x, self.keys, self.values, cache_position, grouped_attention if math else None)
 
 
 class MathAttention:
