@@ -22,7 +22,7 @@ decode rate, `new - 1` tokens over the per-round difference of the two calls (th
 JSON goes to stdout (and to `--out`, rewritten after each first call and each mode and batch, with `complete`
 false until the end); a line per first call and per result to stderr as it comes. `--load-cache` and
 `--save-cache` carry torch.compile's caches between processes (`compile_cache.py`). `--concat-projections`
-compiles every step with `step_kernels.concat_projections`.
+passes `concat_projections=True` with every `compile_step`.
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def parse(argv=None):
                    help='the compiled variant\'s compile_step (default true: STEP_COMPILE), e.g. '
                         '\'{"options": {"triton.cudagraphs": true, "combo_kernels": true}}\'')
     p.add_argument("--concat-projections", action="store_true",
-                   help="compile each step with step_kernels.concat_projections (a copy of those weights)")
+                   help="concat_projections=True with every compile_step (a copy of those weights)")
     p.add_argument("--eos", type=int, default=None, help="the eos variants' eos_token_id (default: vocab - 1)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
@@ -195,6 +195,8 @@ def run(args, save=lambda report: None) -> dict:
                            "compiled_eos": {"cache": True, "compile_step": step, "eos_token_id": eos},
                            "compiled_eos_at_once": {"cache": True, "compile_step": step, "eos_token_id": eos},
                            "recompute": {"cache": False}}[variant]
+                if args.concat_projections and "compile_step" in options:
+                    options = {**options, "concat_projections": True}
                 if variant == "compiled_fused_attention":  # its own decoders, compiled with the flag off
                     calls[variant] = fused_attention(compose(anchor, augment, mode, args.every), ids, options, extra)
                 else:
@@ -247,10 +249,6 @@ def main(argv=None):
     def save(report):
         if args.out is not None:
             args.out.write_text(json.dumps(report, indent=1) + "\n")
-    if args.concat_projections:
-        from calmgraph.generation import decode
-        from step_kernels import concat_projections, with_step_rewrite
-        with_step_rewrite(decode.Decoder, concat_projections)
     report = run(args, save)
     save(report)
     print(json.dumps(report, indent=1))

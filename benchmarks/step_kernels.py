@@ -14,9 +14,10 @@ and the call's own set-up cancel; each call is one torch.profiler trace (CUDA ac
 (a view), which inductor's coordinate-descent decomposition turns into reductions as it does a one-row
 product; `sum`, each linear as `sum(w[:, None] * x[None], -1)` in fp32, an (out features, rows) reduction in
 which the rows that read a weight row are neighbours, so that a kernel reads each weight once.
-`--concat-projections`: the linears that read one input (a block's q/k/v, its gate/up) as one product over
-their weights concatenated, split after: fewer cuBLAS calls at 8 rows, for a copy of those weights (what
-inductor's `freezing` does, which loses CUDA graphs on this step: it mutates its caches).
+`--concat-projections`: generate's `concat_projections=True`, the linears that read one input (a block's
+q/k/v, its gate/up) as one product over their weights concatenated, split after: fewer cuBLAS calls at 8
+rows, for a copy of those weights (inductor's `freezing` would make that copy, but it loses CUDA graphs on
+this step, which mutates its caches).
 With `--step-options '{"options": {"triton.cudagraphs": true}}'` (no tuning) both compile in a short time.
 """
 from __future__ import annotations
@@ -26,7 +27,6 @@ import collections
 import contextlib
 import datetime
 import json
-import operator
 import sys
 import time
 from pathlib import Path
@@ -118,38 +118,6 @@ def linears_as(how: str):
     return rewrite
 
 
-def concat_projections(step: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, str]:
-    """A step rewrite: the linears without a bias that read one input (a block's q, k and v; its gate and up)
-    as one linear over their weights concatenated, split after: fewer, larger products (at batch 8, cuBLAS
-    calls) for one more copy of those weights, made here. The links' projections run in their own modules."""
-    aten, step = torch.ops.aten, _copy(step)
-    graph, groups = step.graph, collections.defaultdict(list)
-    for node in graph.nodes:
-        if (node.op == "call_function" and node.target == aten.linear.default and len(node.args) == 2
-                and not node.kwargs and node.args[1].op == "get_attr"):
-            groups[node.args[0]].append(node)              # in graph order
-    fused = merged = 0
-    for x, linears in groups.items():
-        weights = [operator.attrgetter(n.args[1].target)(step) for n in linears]
-        if len(linears) < 2 or len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1:
-            continue
-        name = f"concat_projection_{fused}"
-        step.register_buffer(name, torch.cat([w.detach() for w in weights]))
-        with graph.inserting_before(linears[0]):
-            out = graph.call_function(aten.linear.default, (x, graph.get_attr(name)))
-            parts = graph.call_function(aten.split_with_sizes.default, (out, [w.shape[0] for w in weights], -1))
-            for i, linear in enumerate(linears):
-                linear.replace_all_uses_with(graph.call_function(operator.getitem, (parts, i)))
-        for linear in linears:
-            weight = linear.args[1]
-            graph.erase_node(linear)
-            if not weight.users:
-                graph.erase_node(weight)
-        fused, merged = fused + 1, merged + len(linears)
-    step.recompile()
-    return step, f"concat_projections: {merged} linears into {fused}"
-
-
 def with_step_rewrite(decoder_cls, rewrite):
     """Decoder.compiled, compiling `rewrite(step)` (a new GraphModule, and a line for stderr) instead of the step."""
     compiled = decoder_cls.compiled
@@ -183,7 +151,7 @@ def main(argv=None):
     p.add_argument("--step-options", type=json.loads, default=None, metavar="JSON", help="compile_step (default True)")
     p.add_argument("--linear-as", choices=sorted(REWRITES), help="each linear of the step as a one-row bmm, or a sum")
     p.add_argument("--concat-projections", action="store_true",
-                   help="linears that read one input as one over their weights concatenated (a copy)")
+                   help="generate's concat_projections=True (q/k/v and gate/up over a copy of their weights)")
     p.add_argument("--top", type=int, default=20, help="kernels listed")
     p.add_argument("--out", type=Path)
     p.add_argument("--load-cache", type=Path, metavar="DIR", help="torch.compile's caches a run saved")
@@ -196,8 +164,6 @@ def main(argv=None):
         p.error("--linear-as and --concat-projections are two rewrites of the same linears: give one")
     if args.linear_as:
         with_step_rewrite(decode.Decoder, linears_as(args.linear_as))
-    if args.concat_projections:
-        with_step_rewrite(decode.Decoder, concat_projections)
     anchor = gs.llama([2048, 22, 32, 4, 5632], 32000, torch.bfloat16, "cuda", 0)
     augment = gs.llama([1024, 16, 16, 4, 2816], 32000, torch.bfloat16, "cuda", 1)
     ids = torch.randint(3, 32000, (args.batch, 128), device="cuda",
@@ -205,7 +171,8 @@ def main(argv=None):
     extra = {"augment_input_ids": ids} if args.mode == "prompt" else {}
     composed = gs.compose(anchor, augment, args.mode, 4)
     step = True if args.step_options is None else args.step_options
-    call = lambda n: composed.generate(ids, n, cache=True, compile_step=step, **extra)  # noqa: E731
+    concat = {"concat_projections": True} if args.concat_projections else {}
+    call = lambda n: composed.generate(ids, n, cache=True, compile_step=step, **concat, **extra)  # noqa: E731
     started = time.perf_counter()
     with gs.uncached() if args.fused_attention else contextlib.nullcontext():
         call(128)

@@ -41,8 +41,8 @@ def test_generate_scale_eos_variants_share_the_compiled_step(tmp_path):
 
 
 def test_linear_rewrites_keep_the_tokens(monkeypatch, capsys):
-    """Each linear of the compiled step rewritten as a bmm or a sum, or the linears of one input concatenated
-    (the step run by dynamo's eager backend), decodes the tokens of the step as built."""
+    """Each linear of the compiled step rewritten as a bmm or a sum (the step run by dynamo's eager backend)
+    decodes the tokens of the step as built."""
     anchor = generate_scale.llama([64, 2, 4, 2, 128], 300, torch.float32, "cpu", 0)
     augment = generate_scale.llama([32, 2, 4, 2, 64], 300, torch.float32, "cpu", 1)
     ids = torch.randint(3, 300, (3, 7), generator=torch.Generator().manual_seed(0))
@@ -51,8 +51,6 @@ def test_linear_rewrites_keep_the_tokens(monkeypatch, capsys):
     built = decode.Decoder.compiled
     rewrites = {f"linear_as_{how}: 29 linears": step_kernels.linears_as(how)   # 7 a block x 4 blocks + the head
                 for how in step_kernels.REWRITES}
-    # q/k/v and gate/up of 4 blocks (the links' projections are in their own modules, not the step's linears)
-    rewrites["concat_projections: 20 linears into 8"] = step_kernels.concat_projections
     for said, rewrite in rewrites.items():
         monkeypatch.setattr(decode.Decoder, "compiled", built)   # each rewrite alone; undone after the test
         step_kernels.with_step_rewrite(decode.Decoder, rewrite)

@@ -137,3 +137,61 @@ def test_the_compiled_step_is_kept_in_aot_autograds_cache(composed):
         composed.generate(tokens((1, 4), 7), 2, compile_step={"backend": "inductor"}, **prompt("bert", batch=1))
     assert counters["aot_autograd"]["autograd_cache_saved"] == 1
     assert counters["aot_autograd"]["autograd_cache_bypass"] == 0
+
+
+def _linears(graph_module) -> int:
+    return sum(1 for n in graph_module.graph.nodes if n.target == torch.ops.aten.linear.default)
+
+
+def test_concat_projections_gives_the_same_tokens_over_one_copy_of_the_weights(counter):
+    """Llama anchor and augment, shared and prompt: the compiled step computes q/k/v and gate/up as one
+    product each, and gives the tokens of the eager step; decoders of two batch sizes share one copy."""
+    from tests.test_generate_fuse import compose, ids_and_prompts
+    for mode in ("shared", "prompt"):
+        composed = compose("llama", mode)
+        ids, extra = ids_and_prompts(mode, seed=43, length=6)
+        eager = composed.generate(ids, 6, cache=True, **extra)
+        assert torch.equal(composed.generate(ids, 6, compile_step=True, concat_projections=True, **extra), eager)
+        one = {k: v for k, v in extra.items()} if mode == "shared" else {k: v[:1] for k, v in extra.items()}
+        assert torch.equal(composed.generate(ids[:1], 6, compile_step=True, concat_projections=True, **one),
+                           composed.generate(ids[:1], 6, cache=True, **one))
+        compiled = [decoder_for(composed, b, 12)._compiled["step"][2] for b in (2, 1)]   # MathAttention(compiled)
+        graphs = [c.step._orig_mod for c in compiled]                  # what torch.compile was given
+        plain = _linears(decoder_for(composed, 2, 12).to_compile)
+        blocks = 4 + 4 if mode == "shared" else 4                      # the decoded models' blocks
+        assert _linears(graphs[0]) == plain - 3 * blocks               # 5 linears a block become 2
+        joined = [{id(b) for n, b in g.named_buffers() if n.startswith("concat_projection")} for g in graphs]
+        assert len(joined[0]) == 2 * blocks and joined[0] == joined[1]
+
+
+def test_concat_projections_follow_weights_changed_in_place(counter):
+    """A weight changed after a compiled call (trained further, loaded) is read by the next call: the
+    concatenated copy is refreshed, and the tokens are those of the eager step on the new weights."""
+    from tests.test_generate_fuse import compose, ids_and_prompts
+    composed = compose("llama", "shared", fuse=True)
+    ids, extra = ids_and_prompts("shared", seed=44, length=6)
+    before = composed.generate(ids, 6, compile_step=True, concat_projections=True)
+    layers = composed.traced_model("anchor").model.layers
+    weights = [w for layer in layers for w in (layer.mlp.up_proj.weight, layer.self_attn.v_proj.weight)]
+    saved = [w.detach().clone() for w in weights]
+    try:
+        with torch.no_grad():
+            for i, w in enumerate(weights):
+                w.normal_(0, 1.0, generator=torch.Generator().manual_seed(i))
+        after = composed.generate(ids, 6, compile_step=True, concat_projections=True)
+        assert torch.equal(after, composed.generate(ids, 6, cache=True))
+        assert not torch.equal(after, before)                            # the change reaches the tokens
+    finally:
+        with torch.no_grad():
+            for w, kept in zip(weights, saved):
+                w.copy_(kept)
+
+
+def test_concat_projections_needs_a_compiled_step():
+    from tests.test_generate_fuse import compose
+    composed = compose("llama", "shared")
+    ids = tokens((1, 4), 5)
+    with pytest.raises(cg.errors.InputError, match="compile_step=True"):
+        composed.generate(ids, 2, concat_projections=True)
+    with pytest.raises(cg.errors.InputError, match="True or False"):
+        composed.generate(ids, 2, compile_step=True, concat_projections="yes")

@@ -53,7 +53,7 @@ from ..signature import WRITE_MASK
 from ..tracing.entry import ENTRY
 from ..tracing.shared import trace_shared
 from ..tracing.taps import block_inputs, block_outputs
-from .fuse import fuse, grouped_attention, grouped_attention_of, sdpa_gqa
+from .fuse import concat_projections, fuse, grouped_attention, grouped_attention_of, sdpa_gqa
 from .stage import Contexts, links_into
 
 FUSE = True  # apply fuse.py's rewrites to each decode graph (benchmarks/decode_ops.py measures both)
@@ -197,7 +197,7 @@ class Decoder:
     step: fx.GraphModule                # the eager step after prefill (`module`, or without what it never writes)
     _compiled: dict = field(default_factory=dict, repr=False)  # "step" / "prefill" -> (options, cast key, compiled)
 
-    def compiled(self, options: dict, cast=None, prefill: bool = False):
+    def compiled(self, options: dict, cast=None, prefill: bool = False, concat=None):
         """`torch.compile(self.to_compile, **options)` under `MathAttention`, made once per decoder: its step's shapes
         are fixed (but for a shared augment recomputed over the growing sequence, which recompiles). With
         `prefill`, `torch.compile(self.module, **options)` instead: the prefill, whose length is the prompt's
@@ -205,15 +205,19 @@ class Decoder:
 
         `cast` (generate under autocast: `generate.CastWeights`, with `key` and `copies`, by the id of each
         weight): what is compiled is a twin holding those copies in place of the weights (its caches and
-        other weights shared), so that no step casts them again."""
+        other weights shared), so that no step casts them again. `concat` (a step only; generate's
+        `concat_projections`: `generate.ConcatWeights`, weights -> one tensor of them concatenated): the step
+        compiled is rewritten by `fuse.concat_projections` over those tensors."""
         role = "prefill" if prefill else "step"
-        key = None if cast is None else cast.key
+        key = (None if cast is None else cast.key, concat is not None and not prefill)
         made = self._compiled.get(role)
         if made is None or made[:2] != (options, key):
             graph = self.module if prefill else self.to_compile
             if cast is not None:
                 memo = {id(t): t for t in (*graph.parameters(), *graph.buffers())}
                 graph = copy.deepcopy(graph, {**memo, **cast.copies})
+            if key[1]:
+                graph = _concatenated(graph, concat)
             compiled = torch.compile(graph, **options)
             if not prefill and MATH_ATTENTION:
                 compiled = MathAttention(compiled)
@@ -338,6 +342,25 @@ def _rewritten(decoder: fx.GraphModule, rewrite) -> fx.GraphModule:
     keep_live(graph)
     graph.lint()
     return fx.GraphModule(decoder, graph, class_name="Decoder")
+
+
+def _concatenated(step: fx.GraphModule, concat) -> fx.GraphModule:
+    """`step` with `fuse.concat_projections` applied to a copy of its graph, each group's weights read from
+    `concat(weights)`, a buffer of the new module (the rest shared)."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(step.graph, {}))
+    module = fx.GraphModule(step, graph, class_name="Decoder")
+
+    names: list[str] = []
+
+    def buffer(weights):
+        names.append(f"concat_projection_{len(names)}")
+        module.register_buffer(names[-1], concat(weights), persistent=False)
+        return names[-1]
+    concat_projections(graph, lambda linear: operator.attrgetter(linear.args[1].target)(module), buffer)
+    graph.lint()
+    module.recompile()
+    return module
 
 
 def unwritten(decoder: fx.GraphModule) -> fx.GraphModule:

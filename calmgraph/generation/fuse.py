@@ -24,9 +24,14 @@ Two rewrites of the attention over a KV cache are applied to one step each (`dec
   SDPA's math casts the keys and values to fp32 and repeats them to every query head, two copies of the
   whole cache a layer a step; transformers' eager attention (matmuls in the model's dtype, softmax in fp32)
   on the query heads of each KV head, stacked as rows, reads the cache as it is.
+
+`concat_projections` (generate's `concat_projections=True`) makes a compiled step's q/k/v and gate/up one
+product each, over a copy of their weights: at 8 rows, where inductor leaves each product to cuBLAS, fewer
+and larger calls.
 """
 from __future__ import annotations
 
+import operator
 from operator import attrgetter
 
 import torch
@@ -301,6 +306,38 @@ def grouped_attention_of(graph: fx.Graph) -> int:
     return count
 
 
+def projection_groups(graph: fx.Graph, weight) -> list[list[fx.Node]]:
+    """The bias-free linears that read one input with weights of one dtype, device and width (`weight(node)`
+    is a linear's weight): a block's q/k/v, its gate/up. Groups of two or more, each in graph order."""
+    groups: dict[fx.Node, list[fx.Node]] = {}
+    for node in graph.nodes:
+        if _is(node, aten.linear.default) and len(node.args) == 2 and not node.kwargs \
+                and isinstance(node.args[1], fx.Node) and node.args[1].op == "get_attr":
+            groups.setdefault(node.args[0], []).append(node)
+    return [linears for linears in groups.values() if len(linears) > 1
+            and len({(w.dtype, w.device, w.shape[1]) for w in map(weight, linears)}) == 1]
+
+
+def concat_projections(graph: fx.Graph, weight, concatenated) -> int:
+    """Each of `projection_groups` as one linear over its weights concatenated, split after: fewer, larger
+    products. `concatenated(weights)` returns the path of a tensor holding them (the caller keeps it); the
+    count of groups rewritten."""
+    groups = projection_groups(graph, weight)
+    for linears in groups:
+        weights = [weight(n) for n in linears]
+        with graph.inserting_before(linears[0]):
+            out = graph.call_function(aten.linear.default, (linears[0].args[0], graph.get_attr(concatenated(weights))))
+            parts = graph.call_function(aten.split_with_sizes.default, (out, [w.shape[0] for w in weights], -1))
+            for i, linear in enumerate(linears):
+                _replace(linear, graph.call_function(operator.getitem, (parts, i)))
+        for linear in linears:
+            read = linear.args[1]
+            graph.erase_node(linear)
+            if not read.users:
+                graph.erase_node(read)
+    return len(groups)
+
+
 def common_views(graph: fx.Graph) -> None:
     """One node per distinct view of a node (`unsqueeze(cos, 1)` is made again in every layer), so that what
     is derived from it once per model stays once per model."""
@@ -326,4 +363,4 @@ def fuse(graph: fx.Graph, root: nn.Module, ids: fx.Node, position: fx.Node) -> d
 
 
 __all__ = ["fuse", "drop_noop_casts", "fuse_rms_norm", "read_positions", "roll_rotary", "sdpa_gqa",
-           "grouped_attention", "grouped_attention_of"]
+           "grouped_attention", "grouped_attention_of", "projection_groups", "concat_projections"]

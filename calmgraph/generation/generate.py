@@ -202,6 +202,7 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
              eos_token_id: int | Sequence[int] | None = None, attention_mask: torch.Tensor | None = None,
              pad_token_id: int | None = None, generator: torch.Generator | None = None,
              cache: bool | None = None, compile_step: bool | dict = False, *, compile_prefill: bool | dict = False,
+             concat_projections: bool = False,
              do_sample: bool | None = None,
              min_new_tokens: int | None = None, repetition_penalty: float | None = None,
              generation_config=None, stopping_criteria=None, streamer=None, **prompt_inputs) -> torch.Tensor:
@@ -227,6 +228,10 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     graphs, coordinate-descent tuning and combo kernels), a dict with those keywords instead (e.g. `{"mode":
     "reduce-overhead"}` compiles in a third of the time and decodes slower at batch 1). Its caches are sized to
     a bucket (`cache_length`: 32, 64, 128... positions), so it compiles once per batch size and bucket.
+    `concat_projections` (with `compile_step`): the compiled step computes each block's q/k/v, and its gate
+    and up, as one product over their weights concatenated (`fuse.concat_projections`), which costs a copy of
+    those weights (about 64% of a Llama's), made once per composed model; at 8 rows on an H200 the step took
+    0.82x the GPU time (benchmarks/README.md, "At LLM shapes").
     `compile_prefill`: run what reads the prompts through `torch.compile` too (the cached prefill, and the
     prompt augments' stage): True with `PREFILL_COMPILE` (dynamic shapes: one compile for every prompt length;
     the prefill's per batch size and bucket), or a dict of its keywords.
@@ -247,6 +252,10 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
         raise InputError(f"cache must be None (use the anchor's KV cache when it has one), True or False; got {cache!r}")
     step_options = _compile_options(compile_step, "compile_step", STEP_COMPILE)
     prefill_options = _compile_options(compile_prefill, "compile_prefill", PREFILL_COMPILE)
+    if not isinstance(concat_projections, bool):
+        raise InputError(f"concat_projections must be True or False; got {concat_projections!r}")
+    if concat_projections and step_options is None:
+        raise InputError("concat_projections rewrites the compiled decode step; pass compile_step=True with it")
     if generator is not None and (not isinstance(generator, torch.Generator)
                                   or generator.device.type != input_ids.device.type):
         got = f"one on {generator.device}" if isinstance(generator, torch.Generator) else repr(generator)
@@ -288,7 +297,7 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     if cache is not False and can_cache(composed) and o.max_new_tokens > 0:
         try:
             steps = CachedSteps(composed, packed, lengths, states, o.max_new_tokens, step_options, writes,
-                                prefill_options)
+                                prefill_options, concat_projections)
         except CalmGraphError as e:  # TraceError included: the cache could not be traced
             if cache:
                 raise
@@ -351,6 +360,44 @@ def cast_weights(composed, device: torch.device) -> CastWeights | None:
     else:
         cast.refresh()
     return cast
+
+
+class ConcatWeights:
+    """Weights concatenated for compiled steps (generate's `concat_projections`), one tensor per group of
+    weights, which every decoder of the composed model shares: by the ids of the weights (it holds them, so
+    that the ids stay theirs). `refresh` copies them again in place (CUDA graphs keep the addresses) where a
+    weight may have changed since: one whose version moved, or one without a version (made in inference
+    mode: an autocast copy, refreshed at each call)."""
+
+    def __init__(self):
+        self.made: dict[tuple, tuple[list[torch.Tensor], list[int] | None, torch.Tensor]] = {}
+
+    @staticmethod
+    def _versions(weights) -> list[int] | None:
+        return None if any(w.is_inference() for w in weights) else [w._version for w in weights]
+
+    def __call__(self, weights: list[torch.Tensor]) -> torch.Tensor:
+        key = tuple(map(id, weights))
+        if key not in self.made:
+            with torch.no_grad():
+                self.made[key] = (list(weights), self._versions(weights), torch.cat([w.detach() for w in weights]))
+        return self.made[key][2]
+
+    def refresh(self) -> None:
+        for key, (weights, versions, joined) in self.made.items():
+            now = self._versions(weights)
+            if now is None or now != versions:
+                with torch.no_grad():
+                    torch.cat([w.detach() for w in weights], out=joined)
+                self.made[key] = (weights, now, joined)
+
+
+def concat_weights(composed) -> ConcatWeights:
+    """The composed model's `ConcatWeights`, refreshed."""
+    entry = _entry(composed)
+    concat = entry.setdefault("concat", ConcatWeights())
+    concat.refresh()
+    return concat
 
 
 def autocast_copies(composed, device: torch.device) -> dict[int, torch.Tensor]:
@@ -452,12 +499,13 @@ class CachedSteps:
     lengths in step (so a step's logits, hence its samples, processors and streamer, cover every row)."""
 
     def __init__(self, composed, packed, lengths, states, max_new_tokens, step_options: dict | None = None,
-                 writes: torch.Tensor | None = None, prefill_options: dict | None = None):
+                 writes: torch.Tensor | None = None, prefill_options: dict | None = None, concat: bool = False):
         B = packed.shape[0]
         self.contexts = contexts_of(composed)
         self.groups, slots = [], {}
         compiles = step_options is not None or prefill_options is not None
         cast = cast_weights(composed, packed.device) if compiles else None    # every decoder's compiled graphs
+        joined = concat_weights(composed) if concat else None                # after cast: it may join cast copies
         # the eager graphs (an eager step, the contexts) read the compiled graphs' copies where there are some
         self.weights = ({} if step_options is not None else cast.copies if cast is not None
                         else autocast_copies(composed, packed.device))
@@ -480,7 +528,8 @@ class CachedSteps:
                                 "writes": (writes[rows, :length],) if takes else (),
                                 "no_writes": (writes.new_zeros(len(rows), 1),) if takes else (),
                                 "ctx": ctx, "kv": decoder.project(ctx),            # prompt links: once
-                                "step": decoder.step if step_options is None else decoder.compiled(step_options, cast),
+                                "step": decoder.step if step_options is None else decoder.compiled(step_options, cast,
+                                                                                                    concat=joined),
                                 "prefill": None if prefill_options is None else decoder.compiled(prefill_options, cast,
                                                                                                  prefill=True)})
         self.batch = B
