@@ -339,6 +339,22 @@ def test_eager_generate_under_autocast_casts_each_linear_weight_once(which, cach
     assert fewer < every_step
 
 
+@pytest.mark.parametrize("mode", ["shared", "prompt"])
+def test_llama_augments_decode_under_autocast(mode):
+    """A Llama anchor and a Llama augment under autocast: each decoded model's cache writes cast its keys and
+    values to the cache's dtype (a cast that the decode graph's rewrites, which see the traced dtypes, must
+    not take for a no-op). Eager, compiled, and with concatenated projections: the tokens of full forwards."""
+    from tests.test_generate_fuse import compose, ids_and_prompts
+    composed = compose("llama", mode)
+    ids, extra = ids_and_prompts(mode, seed=45, length=5)
+    step = {"backend": "eager"}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = greedy_by_full_forwards(composed, ids, 5, extra)
+        assert torch.equal(composed.generate(ids, 5, cache=True, **extra), expected)
+        assert torch.equal(composed.generate(ids, 5, compile_step=step, **extra), expected)
+        assert torch.equal(composed.generate(ids, 5, compile_step=step, concat_projections=True, **extra), expected)
+
+
 def test_rows_of_two_lengths_compile_on_one_set_of_cast_weights(llama_gpt2_bert):
     """Under autocast, rows of two prompt lengths decode side by side, a decoder each: both decoders' compiled
     steps and prefills hold the same half-size copies of the weights (one set per composition, not one per

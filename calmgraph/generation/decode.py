@@ -315,9 +315,9 @@ def build_decoder(composed, anchor_stage: fx.GraphModule, contexts: Contexts, ba
                     write_mask=writes)
     splice(merged, [n.meta[LINK_KEY] for n in stage_links], list(models), blocks=root.get_submodule(ROOT))
     attend = _reroute(graph, root, kv, models, batch, max_len)
-    cast_cache_writes(graph, root)
     if FUSE:
         fuse(graph, root, ids, position)
+    cast_cache_writes(graph, root)   # after fuse: a cast that is a no-op as traced is not under autocast
     keep_live(graph)
     graph.lint()
     module = to_compile = fx.GraphModule(root, graph, class_name="Decoder")
