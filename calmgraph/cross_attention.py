@@ -65,7 +65,8 @@ class CrossAttention(nn.Module):
         k, v = rearrange(self.to_kv(c), "b s (two h d) -> two b h s d", two=2, h=self.heads)
         return k, v
 
-    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_mask: torch.Tensor | None = None):
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_mask: torch.Tensor | None = None,
+               attention=None):
         if k.shape[0] != x.shape[0]:  # checked here, where the two sides meet (stages split before it)
             raise InputError(f"a prompt holds {k.shape[0]} sequences but input_ids {x.shape[0]}; "
                              "pass one prompt per sequence")
@@ -79,7 +80,7 @@ class CrossAttention(nn.Module):
             mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
             if self.window is not None:  # ... and no further back than window - 1 positions
                 mask = mask.triu(s - t - self.window + 1)
-        return self._read(q, k, v, mask, square)
+        return self._read(q, k, v, mask, square, attention)
 
     def attend_at(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, attention=None):
         """A cached decode step: x (B, T, dim) at source positions `positions` (T,); k, v (B, heads, S, dim_head)

@@ -132,22 +132,25 @@ def _attention_ops(module, *args, wrap=lambda compiled: compiled) -> set[str]:
     return {op for op in seen if "attention" in op or "softmax" in op}
 
 
-def test_the_compiled_step_traces_attention_as_math_and_keeps_the_tokens(monkeypatch):
+@pytest.mark.parametrize("mode", ["shared", "prompt"])
+def test_the_compiled_step_traces_attention_as_math_and_keeps_the_tokens(mode, monkeypatch):
     """Every attention of the compiled step reaches the compiler as matmuls and a softmax, which inductor fuses
     with what surrounds them: the models' through `grouped_attention` (a graph rewrite), the links' through it
-    too (`LinkCache` while compiling). With MATH_ATTENTION off, a step holds SDPA's fused kernel."""
-    composed = compose("llama", "shared")
-    ids, extra = ids_and_prompts("shared", seed=42, length=6)
+    too (`LinkCache` and `Attend` while compiling). With MATH_ATTENTION off, a step holds SDPA's fused kernel."""
+    composed = compose("llama", mode)
+    ids, extra = ids_and_prompts(mode, seed=42, length=6)
     eager = composed.generate(ids, 5, cache=True, **extra)
 
     def ops(decoder, rows, wrap=decode.MathAttention):
         torch._dynamo.reset()
         with torch.inference_mode():
-            ctx = contexts_of(composed).module(ids[:rows, :4], *stages_of(composed).augment(**extra))
+            rows_extra = {k: v[:rows] for k, v in extra.items()}
+            ctx = contexts_of(composed).module(ids[:rows, :4], *stages_of(composed).augment(**rows_extra))
             args = (ids[:rows, 4:5], torch.tensor([4]), *ctx, *decoder.project(ctx))
             return _attention_ops(copy.deepcopy(decoder.to_compile), *args, wrap=wrap)
     math = ops(decoder_for(composed, 2, 12), 2)
     assert "aten._softmax.default" in math and not any("scaled_dot_product" in op for op in math)
+    assert "aten._safe_softmax.default" not in math                    # what SDPA's math decomposes to
     monkeypatch.setattr(decode, "MATH_ATTENTION", False)
     fused = ops(decoder_for(composed, 1, 12), 1, wrap=lambda compiled: compiled)   # built without the rewrite
     assert any("_scaled_dot_product_flash_attention" in op for op in fused)      # CPU's fused kernel

@@ -128,14 +128,15 @@ def trace_cached(entry: CachedEntry) -> fx.GraphModule:
 
 
 class Attend(nn.Module):
-    """A cross-attention block's attention alone, on keys and values computed once."""
+    """A cross-attention block's attention alone, on keys and values computed once (traced by torch.compile
+    under `MathAttention`, through `fuse.grouped_attention`, as `LinkCache`)."""
 
     def __init__(self, block: nn.Module):
         super().__init__()
         self.block = block
 
     def forward(self, x, k, v, context_mask=None):
-        return self.block.attend(x, k, v, context_mask)
+        return self.block.attend(x, k, v, context_mask, _math())
 
 
 class LinkCache(nn.Module):
@@ -161,8 +162,13 @@ class LinkCache(nn.Module):
             k = rotate(k, cache_position)
         self.keys.index_copy_(2, cache_position, k.to(self.keys.dtype))   # autocast's dtype, in the block's
         self.values.index_copy_(2, cache_position, v.to(self.values.dtype))
-        math = MATH_ATTENTION and torch.compiler.is_compiling()
-        return self.block.attend_at(x, self.keys, self.values, cache_position, grouped_attention if math else None)
+        return self.block.attend_at(x, self.keys, self.values, cache_position, _math())
+
+
+def _math():
+    """The attention a link's block reads its keys and values with: `fuse.grouped_attention` while
+    torch.compile traces a step under `MathAttention` (the keys and values read in their dtype), else SDPA."""
+    return grouped_attention if MATH_ATTENTION and torch.compiler.is_compiling() else None
 
 
 class MathAttention:
