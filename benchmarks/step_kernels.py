@@ -122,11 +122,11 @@ def with_step_rewrite(decoder_cls, rewrite):
     """Decoder.compiled, compiling `rewrite(step)` (a new GraphModule, and a line for stderr) instead of the step."""
     compiled = decoder_cls.compiled
 
-    def patched(self, options, *cast, prefill=False):
+    def patched(self, options, *cast, prefill=False, **others):
         if not prefill and "step" not in self._compiled:
             self.to_compile, said = rewrite(self.to_compile)
             print(said, file=sys.stderr)
-        return compiled(self, options, *cast, prefill=prefill)
+        return compiled(self, options, *cast, prefill=prefill, **others)
     decoder_cls.compiled = patched
 
 
