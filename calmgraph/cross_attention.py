@@ -82,11 +82,12 @@ class CrossAttention(nn.Module):
                 mask = mask.triu(s - t - self.window + 1)
         return self._read(q, k, v, mask, square, attention)
 
-    def attend_at(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, attention=None):
+    def attend_at(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, attention=None,
+                  keep: torch.Tensor | None = None):
         """A cached decode step: x (B, T, dim) at source positions `positions` (T,); k, v (B, heads, S, dim_head)
         of source positions 0..S-1, rotated by them with rotary. A query reads no key after its own position
         (those are not written yet) and, with a window, none before the window. `attention`: SDPA's signature
-        (q, k, v, mask), in place of SDPA."""
+        (q, k, v, mask), in place of SDPA. `keep` (B, S): False at positions that hold padding, not read."""
         q = rearrange(self.to_q(self.norm(x)), "b t (h d) -> b h t d", h=self.heads)
         if self.rotary:
             q = rotate(q, positions)
@@ -94,6 +95,8 @@ class CrossAttention(nn.Module):
         mask = key <= positions[:, None]                                          # (T, S)
         if self.window is not None:
             mask = mask & (key > positions[:, None] - self.window)
+        if keep is not None:
+            mask = mask & keep[:, None, None, :]                                  # (B, 1, T, S)
         return self._read(q, k, v, mask, attention=attention)
 
     def _read(self, q, k, v, mask, square: bool = False, attention=None):

@@ -14,6 +14,7 @@ fused graph, and the links are spliced at them with the composed model's own cro
     logits = decoder.module(new_ids, cache_position, *ctx, *kv)        # (B, new, vocab)
     logits = decoder.module(new_ids, cache_position, *ctx, *kv, write_mask)   # with `writes: masked` links
     logits = decoder.step(token, position, *ctx, *kv[, zeros])  # after prefill: no masked block (`unwritten`)
+    logits = decoder.module(..., keep)                     # a ragged decoder: False at padded slots (last)
 
 A link from a shared augment decoded in the graph (`LinkCache`) keeps its source's projected keys and
 values for every position so far, writes the new positions' at each step, and attends over them by
@@ -26,6 +27,10 @@ length, and its shapes do not change from step to step. Its `cache_position` hol
 (the prompt's, then one new position a step). `fuse.py` rewrites the graph so that a step runs fewer ops
 (on a GPU, where an eager step is bound by kernel launches, fewer launches): fused RMSNorm, rotary by
 `roll`, cache positions read from `cache_position` rather than rebuilt in every layer.
+
+A ragged decoder (`build_decoder(..., ragged=True)`) decodes rows of several prompt lengths together, each
+left-padded to end at the same slot: its models must be `shift_invariant` (a row's positions are its slots,
+shifted by its padding), and every attention reads `keep` (`pad_masks`, `LinkCache`).
 """
 from __future__ import annotations
 
@@ -57,6 +62,7 @@ from .fuse import concat_projections, fuse, grouped_attention, grouped_attention
 from .stage import Contexts, links_into
 
 FUSE = True  # apply fuse.py's rewrites to each decode graph (benchmarks/decode_ops.py measures both)
+KEEP = "keep"   # a ragged decoder's last input: (batch, max_len), False at the slots that hold padding
 MATH_ATTENTION = True  # compile the step's attention as math (`MathAttention`; benchmarks/step_kernels.py measures both)
 
 
@@ -156,13 +162,13 @@ class LinkCache(nn.Module):
         self.register_buffer("keys", torch.zeros(shape, dtype=weight.dtype, device=weight.device), persistent=False)
         self.register_buffer("values", torch.zeros(shape, dtype=weight.dtype, device=weight.device), persistent=False)
 
-    def forward(self, x, context, cache_position):
+    def forward(self, x, context, cache_position, keep=None):
         k, v = self.block.context_kv(context)
         if self.block.rotary:
             k = rotate(k, cache_position)
         self.keys.index_copy_(2, cache_position, k.to(self.keys.dtype))   # autocast's dtype, in the block's
         self.values.index_copy_(2, cache_position, v.to(self.values.dtype))
-        return self.block.attend_at(x, self.keys, self.values, cache_position, _math())
+        return self.block.attend_at(x, self.keys, self.values, cache_position, _math(), keep)
 
 
 def _math():
@@ -202,6 +208,7 @@ class Decoder:
     to_compile: fx.GraphModule          # the step torch.compile gets (`module`, or a variant on its caches)
     step: fx.GraphModule                # the eager step after prefill (`module`, or without what it never writes)
     _compiled: dict = field(default_factory=dict, repr=False)  # "step" / "prefill" -> (options, cast key, compiled)
+    ragged: bool = False                # it takes `keep` (last): rows of several prompt lengths, left-padded
 
     def compiled(self, options: dict, cast=None, prefill: bool = False, concat=None):
         """`torch.compile(self.to_compile, **options)` under `MathAttention`, made once per decoder: its step's shapes
@@ -240,7 +247,8 @@ class Decoder:
         this decoder's, so that nothing is traced twice."""
         memo = {id(p): p for p in self.module.parameters()}
         module, to_compile, step = copy.deepcopy((self.module, self.to_compile, self.step), memo)  # one memo: caches stay shared
-        return Decoder(module, self.batch, self.max_len, self.precomputed, self.models, to_compile, step)
+        return Decoder(module, self.batch, self.max_len, self.precomputed, self.models, to_compile, step,
+                       ragged=self.ragged)
 
     def project(self, contexts: tuple) -> list[torch.Tensor]:
         """The keys and values of the prompt links, in the order the decoder takes them."""
@@ -262,6 +270,55 @@ def decoded_models(composed) -> tuple[str, ...]:
     if shared and all(cache_kwarg(source_model(composed, m)) is not None for m in shared):
         return tuple(m for m in order if m in shared or m == anchor)
     return (anchor,)
+
+
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # rotary whose frequencies do not depend on the length
+
+
+def shift_invariant(model: nn.Module) -> bool:
+    """Whether the model's outputs do not change when every position of a row moves by the same amount: a
+    rotary model (attention reads only position differences) with no absolute position embedding and static
+    frequencies (dynamic and long-rope scaling change them with the length). Rows of several prompt lengths
+    then decode in one decoder, each row's prompt ending at the same slot (left-padded)."""
+    config = getattr(model, "config", None)
+    if config is None or not is_transformers(model):
+        return False
+    config = config.get_text_config()
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else None
+    names = [type(m).__name__ for m in model.modules()]
+    absolute = any(n.endswith(("PositionalEmbedding", "PositionEmbedding")) for n in names) or any(
+        name.split(".")[-1] in ("wpe", "embed_positions", "position_embeddings") for name, _ in model.named_modules())
+    return kind in STATIC_ROPE and any(n.endswith("RotaryEmbedding") for n in names) and not absolute
+
+
+def padded_mask(mask: torch.Tensor, keep: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+    """A model's attention mask (True attends; (B or 1, 1, T, L)) that also reads no padded slot (`keep`:
+    (B, L), False at padding), but for a query's own slot, so that a padded query attends to something (its
+    output is never read; a row that attends to nothing would be NaN)."""
+    own = torch.arange(keep.shape[-1], device=keep.device) == cache_position[:, None]      # (T, L)
+    return mask & (keep[:, None, None, :] | own)
+
+
+def pad_masks(graph: fx.Graph, keep: fx.Node, position: fx.Node) -> None:
+    """Every attention of the models in `graph` (SDPA, each with a boolean mask) reads `padded_mask`; a
+    TraceError where one has none (a model that lets SDPA mask causally by itself, or an additive mask)."""
+    made: dict[fx.Node, fx.Node] = {}
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target != torch.ops.aten.scaled_dot_product_attention.default:
+            continue
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        val = mask.meta.get("val") if isinstance(mask, fx.Node) else None
+        if val is None or val.dtype != torch.bool or node.kwargs.get("is_causal") or len(node.args) > 5:
+            raise TraceError(f"{node.name} attends without a boolean mask to add padding to")
+        if mask not in made:
+            with graph.inserting_after(mask):
+                made[mask] = graph.call_function(padded_mask, (mask, keep, position))
+            made[mask].meta["val"] = val
+        if len(node.args) > 3:
+            node.args = (*node.args[:3], made[mask], *node.args[4:])
+        else:
+            node.kwargs = {**node.kwargs, "attn_mask": made[mask]}
 
 
 def _traced(composed, name: str, batch: int, max_len: int) -> tuple[fx.GraphModule, list[fx.Node]]:
@@ -287,10 +344,11 @@ def _traced(composed, name: str, batch: int, max_len: int) -> tuple[fx.GraphModu
 
 
 def build_decoder(composed, anchor_stage: fx.GraphModule, contexts: Contexts, batch: int, max_len: int,
-                  models: tuple[str, ...] | None = None) -> Decoder:
+                  models: tuple[str, ...] | None = None, ragged: bool = False) -> Decoder:
     """The decode graph of `models` (default: the anchor alone) for `batch` rows and `max_len` positions;
     it takes the values `contexts` returns (the anchor stage's nodes it names), then the prompt links' keys
-    and values."""
+    and values. `ragged`: it also takes `keep` (batch, max_len), False at the slots that hold padding, which
+    no attention reads (the models' and the links from decoded models)."""
     anchor = composed.spec.anchor.name
     models = models or (anchor,)
     graph, root = fx.Graph(), nn.Module()
@@ -303,6 +361,7 @@ def build_decoder(composed, anchor_stage: fx.GraphModule, contexts: Contexts, ba
     kv = {n.target: (graph.placeholder(f"k_{i}"), graph.placeholder(f"v_{i}")) for i, n in enumerate(fixed)}
     masked = any(n.meta[LINK_KEY].config.writes == "masked" for n in stage_links)
     writes = graph.placeholder(WRITE_MASK) if masked else None   # of the step's positions
+    keep = graph.placeholder(KEEP) if ragged else None
     taps = {}
     for name in models:  # build order: a model's sources are in the graph before it
         gm, model_taps = _traced(composed, name, batch, max_len)
@@ -310,6 +369,8 @@ def build_decoder(composed, anchor_stage: fx.GraphModule, contexts: Contexts, ba
         env, out = inline(graph, gm.graph, name, (ids, position))
         taps[name] = [env[t] for t in model_taps]
     graph.output(out)  # the anchor's, last
+    if ragged:
+        pad_masks(graph, keep, position)
 
     # a link from outside the decoded models reads what it read in the anchor stage, now a decoder input
     for node in stage_links:
@@ -320,7 +381,7 @@ def build_decoder(composed, anchor_stage: fx.GraphModule, contexts: Contexts, ba
                     masks={n.meta[LINK_KEY].source: inputs[n.args[2].name] for n in stage_links if len(n.args) > 2},
                     write_mask=writes)
     splice(merged, [n.meta[LINK_KEY] for n in stage_links], list(models), blocks=root.get_submodule(ROOT))
-    attend = _reroute(graph, root, kv, models, batch, max_len)
+    attend = _reroute(graph, root, kv, models, batch, max_len, keep)
     if FUSE:
         fuse(graph, root, ids, position)
     cast_cache_writes(graph, root)   # after fuse: a cast that is a no-op as traced is not under autocast
@@ -336,7 +397,7 @@ def build_decoder(composed, anchor_stage: fx.GraphModule, contexts: Contexts, ba
         step, to_compile = unwritten(module), unwritten(to_compile)
     names = {name: i for i, name in enumerate(contexts.names)}
     return Decoder(module, batch, max_len, [(attend[n.target], names[n.args[1].name]) for n in fixed], tuple(models),
-                   to_compile, step)
+                   to_compile, step, ragged=ragged)
 
 
 def _rewritten(decoder: fx.GraphModule, rewrite) -> fx.GraphModule:
@@ -435,9 +496,10 @@ def keep_live(graph: fx.Graph) -> None:
             graph.erase_node(node)
 
 
-def _reroute(graph: fx.Graph, root: nn.Module, kv: dict, models, batch: int, max_len: int) -> dict[str, str]:
+def _reroute(graph: fx.Graph, root: nn.Module, kv: dict, models, batch: int, max_len: int,
+             keep: fx.Node | None = None) -> dict[str, str]:
     """Prompt links attend to their keys and values (tap, context, mask -> tap, k, v, mask); links from a
-    decoded model read their `LinkCache` (tap, context -> tap, context, cache_position). Returns the
+    decoded model read their `LinkCache` (tap, context -> tap, context, cache_position[, keep]). Returns the
     prompt links' Attend paths."""
     position = next(n for n in graph.nodes if n.op == "placeholder" and n.target == "cache_position")
     root.add_module("attend", nn.Module())
@@ -454,5 +516,5 @@ def _reroute(graph: fx.Graph, root: nn.Module, kv: dict, models, batch: int, max
             node.target, node.args = attend[node.target], (node.args[0], *kv[node.target], *node.args[2:])
         elif node.meta[LINK_KEY].source in models:
             root.link_cache.add_module(name, LinkCache(block, batch, max_len))
-            node.target, node.args = f"link_cache.{name}", (*node.args[:2], position)
+            node.target, node.args = f"link_cache.{name}", (*node.args[:2], position, *([keep] if keep else []))
     return attend

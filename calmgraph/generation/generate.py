@@ -29,10 +29,11 @@ from weakref import WeakKeyDictionary
 import torch
 import torch.nn as nn
 
-from ..errors import CalmGraphError, InputError, ParallelError
+from ..cross_attention import CrossAttention
+from ..errors import CalmGraphError, InputError, ParallelError, TraceError
 from ..passes.merge import check_token_ids, prompt_mask, write_mask
 from ..signature import WRITE_MASK
-from .decode import Decoder, build_decoder, cache_kwarg, decoded_models
+from .decode import Decoder, build_decoder, cache_kwarg, decoded_models, shift_invariant, source_model
 from .options import DEFAULTS, Options, resolve
 from .sampling import Chooser, filter_logits, next_token  # noqa: F401 - filter_logits, next_token: public helpers
 from .stage import Contexts, Stages, context_stage, split_stages
@@ -100,25 +101,40 @@ def cache_length(length: int, positions: int | None = None) -> int:
     return bucket if positions is None or bucket <= positions else max(length, positions)
 
 
-def decoder_for(composed, batch: int, length: int, slot: int = 0) -> Decoder:
+def decoder_for(composed, batch: int, length: int, slot: int = 0, ragged: bool = False) -> Decoder:
     """The KV-cache decode graph for `batch` rows and at least `length` positions (built once per batch
-    size, cache length, device and dtype; the last few are kept). Groups of rows decoded side by side with
-    the same batch size and cache length take slots 1, 2...: copies with caches of their own."""
+    size, cache length, device, dtype and raggedness; the last few are kept). Groups of rows decoded side by
+    side with the same batch size and cache length take slots 1, 2...: copies with caches of their own.
+    `ragged`: rows of several prompt lengths, left-padded (`build_decoder`)."""
     weight = next(composed.parameters())
     max_len = cache_length(length, composed.signature["input_ids"].positions)
-    key = (batch, max_len, weight.device, weight.dtype)
+    key = (batch, max_len, weight.device, weight.dtype, ragged)
     entry = _entry(composed)
     decoders = entry["decoders"]
     if (*key, slot) not in decoders:
         if slot:
-            decoders[(*key, slot)] = decoder_for(composed, batch, length).with_own_caches()
+            decoders[(*key, slot)] = decoder_for(composed, batch, length, 0, ragged).with_own_caches()
         else:
             contexts = contexts_of(composed)
             decoders[(*key, 0)] = build_decoder(composed, stages_of(composed).anchor, contexts, batch, max_len,
-                                                entry["models"])
+                                                entry["models"], ragged)
         while len(decoders) > KEEP_DECODERS:
             decoders.pop(next(iter(decoders)))
     return decoders[(*key, slot)]
+
+
+def ragged_ok(composed) -> bool:
+    """Whether rows of several prompt lengths decode in one decoder, each row's positions shifted by its
+    padding: every decoded model is `decode.shift_invariant`, and no link both rotates its queries and keys
+    and has a null key (unrotated, it makes the scores depend on the query's own position). Found once per
+    composed model; `CachedSteps` also falls back to a decoder per length if the padding cannot be added."""
+    entry = _entry(composed)
+    if "ragged" not in entry:
+        contexts_of(composed)                                            # finds the decoded models
+        links = [m for m in composed.modules() if isinstance(m, CrossAttention)]
+        entry["ragged"] = (all(shift_invariant(source_model(composed, m)) for m in entry["models"])
+                           and not any(link.rotary and link.null_kv is not None for link in links))
+    return entry["ragged"]
 
 
 def can_cache(composed) -> bool:
@@ -510,13 +526,26 @@ class CachedSteps:
         self.weights = ({} if step_options is not None else cast.copies if cast is not None
                         else autocast_copies(composed, packed.device))
         self._named: dict[int, dict] = {}
-        for length in lengths.unique().tolist():
-            rows = (lengths == length).nonzero().flatten()
+        positions_cap = composed.signature["input_ids"].positions
+        spans = [((lengths == n).nonzero().flatten(), n, None) for n in lengths.unique().tolist()]
+        if len(spans) > 1 and writes is None and not self.contexts.reads_sequence and ragged_ok(composed):
+            width = int(lengths.max())
+            try:
+                decoder_for(composed, B, width + max_new_tokens, 0, ragged=True)
+                spans = [(torch.arange(B, device=packed.device), width, lengths)]   # one decoder, left-padded
+            except TraceError:  # an attention the padding cannot be added to: a decoder per length
+                _entry(composed)["ragged"] = False
+        for rows, length, ragged in spans:
             group = tuple(s[rows] if isinstance(s, torch.Tensor) and s.ndim and s.shape[0] == B else s for s in states)
-            size = (len(rows), cache_length(length + max_new_tokens, composed.signature["input_ids"].positions))
+            size = (len(rows), cache_length(length + max_new_tokens, positions_cap), ragged is not None)
             slots[size] = slots.get(size, -1) + 1                            # side by side: caches of its own
-            decoder = decoder_for(composed, len(rows), length + max_new_tokens, slots[size])
-            seq = packed[rows, :length]
+            decoder = decoder_for(composed, len(rows), length + max_new_tokens, slots[size], ragged is not None)
+            seq, keep = packed[rows, :length], ()
+            if ragged is not None:  # each row's prompt ends at slot `length`; no attention reads the slots before it
+                slot = torch.arange(length, device=packed.device) - (length - ragged)[:, None]
+                real = slot >= 0
+                seq = packed.gather(1, slot.clamp(min=0)).masked_fill(~real, 0)
+                keep = (torch.cat([real, real.new_ones(B, decoder.max_len - length)], 1),)
             ctx = self._run(self.contexts.module, seq, *group)
             # each step's position is a view of this: made on the host every step, it would be a pageable
             # copy, which waits for the device and so stops the host from running ahead of the GPU
@@ -527,6 +556,7 @@ class CachedSteps:
                                 "positions": positions,
                                 "writes": (writes[rows, :length],) if takes else (),
                                 "no_writes": (writes.new_zeros(len(rows), 1),) if takes else (),
+                                "keep": keep,
                                 "ctx": ctx, "kv": decoder.project(ctx),            # prompt links: once
                                 "step": decoder.step if step_options is None else decoder.compiled(step_options, cast,
                                                                                                     concat=joined),
@@ -556,7 +586,8 @@ class CachedSteps:
 
     def first(self):
         def prefill(g):
-            args = (g["seq"], torch.arange(g["length"], device=g["seq"].device), *g["ctx"], *g["kv"], *g["writes"])
+            args = (g["seq"], torch.arange(g["length"], device=g["seq"].device), *g["ctx"], *g["kv"], *g["writes"],
+                    *g["keep"])
             return (self._run(g["decoder"].module, *args) if g["prefill"] is None else g["prefill"](*args))[:, -1]
         return self._gather(prefill)
 
@@ -567,5 +598,5 @@ class CachedSteps:
                 g["seq"] = torch.cat([g["seq"], new], dim=1)
                 g["ctx"] = self._run(self.contexts.module, g["seq"], *g["states"])
             position = g["positions"][step:step + 1]
-            return self._run(g["step"], new, position, *g["ctx"], *g["kv"], *g["no_writes"])[:, -1]
+            return self._run(g["step"], new, position, *g["ctx"], *g["kv"], *g["no_writes"], *g["keep"])[:, -1]
         return self._gather(advance)
