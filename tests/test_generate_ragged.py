@@ -130,3 +130,25 @@ def test_shift_invariance_is_rotary_with_static_frequencies_and_no_absolute_posi
     assert not decode.shift_invariant(t.LlamaForCausalLM(dynamic))        # frequencies follow the length
     assert not decode.shift_invariant(t.GPT2LMHeadModel(t.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=64)))
     assert not decode.shift_invariant(torch.nn.Linear(2, 2))
+
+
+def test_a_sliding_window_anchor_decodes_ragged():
+    """Mistral with a sliding window of 3 (shorter than the prompts; it changes the logits): the window
+    counts slots, which within a row are its positions shifted, so each row's tokens are its own."""
+    def composition(window):
+        torch.manual_seed(0)
+        models = {"anchor": support._llama_like("MistralForCausalLM", "MistralConfig", 48, 4, sliding_window=window),
+                  "aug": support.llama(dim=32)}
+        spec = {"anchor": {"name": "anchor"}, "augments": [{"name": "aug"}],
+                "edges": [{"source": "aug", "target": "anchor", "layers": {"every": 2}}]}
+        composed = cg.compile(spec, models={k: m.eval() for k, m in models.items()})
+        support.randomize_new_parameters(composed, seed=0, std=0.3)
+        return composed
+    composed = composition(3)
+    ids, mask, _ = ragged("shared", seed=51)
+    with torch.no_grad():
+        assert not torch.allclose(composed(ids), composition(None)(ids), atol=1e-4)   # the window is read
+    out = composed.generate(ids, 5, attention_mask=mask)
+    assert ragged_decoders(composed, 3)
+    assert torch.equal(out[:, -5:], alone(composed, ids, mask, {}, 5))
+    assert torch.equal(out, composed.generate(ids, 5, attention_mask=mask, cache=False))

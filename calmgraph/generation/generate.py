@@ -535,14 +535,14 @@ class CachedSteps:
                 spans = [(torch.arange(B, device=packed.device), width, lengths)]   # one decoder, left-padded
             except TraceError:  # an attention the padding cannot be added to: a decoder per length
                 _entry(composed)["ragged"] = False
-        for rows, length, ragged in spans:
+        for rows, length, padded in spans:         # padded: each row's length, or None
             group = tuple(s[rows] if isinstance(s, torch.Tensor) and s.ndim and s.shape[0] == B else s for s in states)
-            size = (len(rows), cache_length(length + max_new_tokens, positions_cap), ragged is not None)
+            size = (len(rows), cache_length(length + max_new_tokens, positions_cap), padded is not None)
             slots[size] = slots.get(size, -1) + 1                            # side by side: caches of its own
-            decoder = decoder_for(composed, len(rows), length + max_new_tokens, slots[size], ragged is not None)
+            decoder = decoder_for(composed, len(rows), length + max_new_tokens, slots[size], padded is not None)
             seq, keep = packed[rows, :length], ()
-            if ragged is not None:  # each row's prompt ends at slot `length`; no attention reads the slots before it
-                slot = torch.arange(length, device=packed.device) - (length - ragged)[:, None]
+            if padded is not None:  # each row's prompt ends at slot `length`; no attention reads the slots before it
+                slot = torch.arange(length, device=packed.device) - (length - padded)[:, None]
                 real = slot >= 0
                 seq = packed.gather(1, slot.clamp(min=0)).masked_fill(~real, 0)
                 keep = (torch.cat([real, real.new_ones(B, decoder.max_len - length)], 1),)
