@@ -400,10 +400,16 @@ def build_decoder(composed, anchor_stage: fx.GraphModule, contexts: Contexts, ba
                    to_compile, step, ragged=ragged)
 
 
+def _graph_copy(module: fx.GraphModule) -> fx.Graph:
+    """A copy of `module`'s graph (same targets: a GraphModule over it shares the module's attributes)."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(module.graph, {}))
+    return graph
+
+
 def _rewritten(decoder: fx.GraphModule, rewrite) -> fx.GraphModule:
     """`decoder` with `rewrite(graph)` applied to a copy of its graph (itself where it rewrote nothing)."""
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(decoder.graph, {}))
+    graph = _graph_copy(decoder)
     if not rewrite(graph):
         return decoder
     keep_live(graph)
@@ -414,8 +420,7 @@ def _rewritten(decoder: fx.GraphModule, rewrite) -> fx.GraphModule:
 def _concatenated(step: fx.GraphModule, concat) -> fx.GraphModule:
     """`step` with `fuse.concat_projections` applied to a copy of its graph, each group's weights read from
     `concat(weights)`, a buffer of the new module (the rest shared)."""
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(step.graph, {}))
+    graph = _graph_copy(step)
     module = fx.GraphModule(step, graph, class_name="Decoder")
 
     names: list[str] = []
@@ -434,8 +439,7 @@ def unwritten(decoder: fx.GraphModule) -> fx.GraphModule:
     """The decode graph for steps after prefill, where `write_mask` is 0: each `writes: masked` block adds
     nothing, so it goes, with what only it reads (its link cache; an augment no other link reads, with its
     KV cache writes). It still takes the write_mask, unused, so both graphs are called alike. Same caches."""
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(decoder.graph, {}))
+    graph = _graph_copy(decoder)
     for node in [n for n in graph.nodes if n.op == "call_function" and n.target is masked]:
         for user in list(node.users):   # the residual sum: total + masked delta
             if user.target is not operator.add or user.args[1] is not node:
