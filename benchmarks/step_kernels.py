@@ -152,8 +152,6 @@ def main(argv=None):
     p.add_argument("--linear-as", choices=sorted(REWRITES), help="each linear of the step as a one-row bmm, or a sum")
     p.add_argument("--concat-projections", action="store_true",
                    help="generate's concat_projections=True (q/k/v and gate/up over a copy of their weights)")
-    p.add_argument("--skinny-linears", action=argparse.BooleanOptionalAction, default=True,
-                   help="products of few rows as calmgraph's split-K kernel (decode.SKINNY_LINEARS)")
     p.add_argument("--top", type=int, default=20, help="kernels listed")
     p.add_argument("--out", type=Path)
     p.add_argument("--load-cache", type=Path, metavar="DIR", help="torch.compile's caches a run saved")
@@ -162,7 +160,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     loaded = compile_cache.load(args.load_cache)
     decode.MATH_ATTENTION = not args.fused_attention
-    decode.SKINNY_LINEARS = args.skinny_linears
     if args.linear_as and args.concat_projections:
         p.error("--linear-as and --concat-projections are two rewrites of the same linears: give one")
     if args.linear_as:
@@ -200,7 +197,7 @@ def main(argv=None):
         "mode": args.mode, "batch": args.batch, "attention": "fused" if args.fused_attention else "math",
         "compile_step": "STEP_COMPILE" if args.step_options is None else args.step_options,
         "linear_as": args.linear_as, "concat_projections": args.concat_projections,
-        "skinny_linears": args.skinny_linears, "fraction_of_tokens_equal_to_eager": same,
+        "fraction_of_tokens_equal_to_eager": same,
         "first_call_s": round(first_s, 1), "compile_cache_loaded_bytes": loaded,
         "gpu_us_per_token": round(sum(us for _, us in per_token.values()), 1),
         "kernels_per_token": round(sum(n for n, _ in per_token.values()), 1),

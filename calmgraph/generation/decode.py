@@ -58,13 +58,12 @@ from ..signature import WRITE_MASK
 from ..tracing.entry import ENTRY
 from ..tracing.shared import trace_shared
 from ..tracing.taps import block_inputs, block_outputs
-from .fuse import concat_projections, fuse, grouped_attention, grouped_attention_of, sdpa_gqa, skinny_linears
+from .fuse import concat_projections, fuse, grouped_attention, grouped_attention_of, sdpa_gqa
 from .stage import Contexts, links_into
 
 FUSE = True  # apply fuse.py's rewrites to each decode graph (benchmarks/decode_ops.py measures both)
 KEEP = "keep"   # a ragged decoder's last input: (batch, max_len), False at the slots that hold padding
 MATH_ATTENTION = True  # compile the step's attention as math (`MathAttention`; benchmarks/step_kernels.py measures both)
-SKINNY_LINEARS = True  # compile a GPU step's products of few rows as kernels.skinny_partials (fuse.skinny_linears)
 
 
 def cache_kwarg(model: nn.Module) -> str | None:
@@ -232,8 +231,6 @@ class Decoder:
                 graph = copy.deepcopy(graph, {**memo, **cast.copies})
             if key[1]:
                 graph = _concatenated(graph, concat)
-            if not prefill and SKINNY_LINEARS:
-                graph = _skinny(graph)
             compiled = torch.compile(graph, **options)
             if not prefill and MATH_ATTENTION:
                 compiled = MathAttention(compiled)
@@ -436,18 +433,6 @@ def _concatenated(step: fx.GraphModule, concat) -> fx.GraphModule:
     graph.lint()
     module.recompile()
     return module
-
-
-def _skinny(step: fx.GraphModule) -> fx.GraphModule:
-    """`step` with `fuse.skinny_linears` applied to a copy of its graph (itself where it rewrote nothing: a
-    CPU step, more rows, no Triton)."""
-    from .kernels import available, processors
-    devices = {t.device for t in step.parameters()} | {t.device for t in step.buffers()}
-    gpu = next((d for d in devices if available(d)), None)
-    if gpu is None:
-        return step
-    weight = lambda linear: operator.attrgetter(linear.args[1].target)(step) if linear.args[1].op == "get_attr" else None  # noqa: E731
-    return _rewritten(step, lambda graph: skinny_linears(graph, weight, processors(gpu)))
 
 
 def unwritten(decoder: fx.GraphModule) -> fx.GraphModule:

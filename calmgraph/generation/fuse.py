@@ -28,10 +28,6 @@ Two rewrites of the attention over a KV cache are applied to one step each (`dec
 `concat_projections` (generate's `concat_projections=True`) makes a compiled step's q/k/v and gate/up one
 product each, over a copy of their weights: at 8 rows, where inductor leaves each product to cuBLAS, fewer
 and larger calls.
-
-`skinny_linears` makes a compiled step's products of at most 16 rows on a GPU `kernels.skinny_partials`,
-which reads each weight with every processor (cuBLAS tiles a product of few rows by its columns alone); on
-by default (`decode.SKINNY_LINEARS`).
 """
 from __future__ import annotations
 
@@ -342,27 +338,6 @@ def concat_projections(graph: fx.Graph, weight, concatenated) -> int:
     return len(groups)
 
 
-def skinny_linears(graph: fx.Graph, weight, processors: int) -> int:
-    """Each `linear(x, w[, b])` whose weight `weight(node)` is a half-precision CUDA matrix, its rows
-    contiguous, as `kernels.linear`, which torch.compile traces into `kernels.skinny_partials` where x has
-    few rows (the rows are the shapes it compiles for, symbolic here); the count rewritten."""
-    from . import kernels  # here: Triton is imported when a step is compiled, not with calmgraph
-    count = 0
-    for node in list(graph.nodes):
-        if not _is(node, aten.linear.default) or node.kwargs:
-            continue
-        w = weight(node)
-        if (not isinstance(w, torch.Tensor) or w.ndim != 2 or w.dtype not in kernels.HALF
-                or not kernels.available(w.device) or w.stride(-1) != 1):
-            continue
-        x, read, *bias = node.args
-        with graph.inserting_before(node):
-            _replace(node, graph.call_function(kernels.linear, (x, read, bias[0] if bias else None, processors)))
-        graph.erase_node(node)
-        count += 1
-    return count
-
-
 def common_views(graph: fx.Graph) -> None:
     """One node per distinct view of a node (`unsqueeze(cos, 1)` is made again in every layer), so that what
     is derived from it once per model stays once per model."""
@@ -388,4 +363,4 @@ def fuse(graph: fx.Graph, root: nn.Module, ids: fx.Node, position: fx.Node) -> d
 
 
 __all__ = ["fuse", "drop_noop_casts", "fuse_rms_norm", "read_positions", "roll_rotary", "sdpa_gqa",
-           "grouped_attention", "grouped_attention_of", "projection_groups", "concat_projections", "skinny_linears"]
+           "grouped_attention", "grouped_attention_of", "projection_groups", "concat_projections"]
