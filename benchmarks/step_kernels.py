@@ -37,7 +37,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).parent))
 import compile_cache  # noqa: E402
 import generate_scale as gs  # noqa: E402 - the same models and composition
-from calmgraph.generation import decode, fuse  # noqa: E402
+from calmgraph.generation import decode  # noqa: E402
 
 KINDS = {"attention": ("cudnn", "fmha", "flash", "attention"),
          "gemm": ("gemv", "gemm", "nvjet", "cutlass", "sm90", "splitk")}
@@ -118,23 +118,6 @@ def linears_as(how: str):
     return rewrite
 
 
-def attention_as_sums(q, k, v, mask=None, scale=None):
-    """`fuse.grouped_attention` with its two products as broadcast products summed in fp32, which inductor
-    computes as reductions fused with the softmax (a product of several rows a KV head is a cuBLAS call)."""
-    b, h, t, d = q.shape
-    groups, length = k.shape[1], k.shape[2]
-    n = h // groups
-    rows = q.reshape(b, groups, n * t, 1, d).float()
-    scores = (rows * k.unsqueeze(2).float()).sum(-1) * (d ** -0.5 if scale is None else scale)
-    scores = scores.view(b, groups, n, t, length)
-    if mask is not None:
-        if mask.ndim > 2:
-            mask = mask.unflatten(-3, (groups, n)) if mask.shape[-3] == h else mask.unsqueeze(-3)
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    probs = torch.softmax(scores, dim=-1).to(q.dtype).float().view(b, groups, n * t, length, 1)
-    return (probs * v.unsqueeze(2).float()).sum(-2).to(q.dtype).view(b, h, t, d)
-
-
 def with_step_rewrite(decoder_cls, rewrite):
     """Decoder.compiled, compiling `rewrite(step)` (a new GraphModule, and a line for stderr) instead of the step."""
     compiled = decoder_cls.compiled
@@ -169,8 +152,6 @@ def main(argv=None):
     p.add_argument("--linear-as", choices=sorted(REWRITES), help="each linear of the step as a one-row bmm, or a sum")
     p.add_argument("--concat-projections", action="store_true",
                    help="generate's concat_projections=True (q/k/v and gate/up over a copy of their weights)")
-    p.add_argument("--attention-as-sums", action="store_true",
-                   help="the step's grouped attention as products summed in fp32 (inductor's reductions)")
     p.add_argument("--top", type=int, default=20, help="kernels listed")
     p.add_argument("--out", type=Path)
     p.add_argument("--load-cache", type=Path, metavar="DIR", help="torch.compile's caches a run saved")
@@ -179,8 +160,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     loaded = compile_cache.load(args.load_cache)
     decode.MATH_ATTENTION = not args.fused_attention
-    if args.attention_as_sums:
-        fuse.grouped_attention = decode.grouped_attention = attention_as_sums
     if args.linear_as and args.concat_projections:
         p.error("--linear-as and --concat-projections are two rewrites of the same linears: give one")
     if args.linear_as:
@@ -218,7 +197,7 @@ def main(argv=None):
         "mode": args.mode, "batch": args.batch, "attention": "fused" if args.fused_attention else "math",
         "compile_step": "STEP_COMPILE" if args.step_options is None else args.step_options,
         "linear_as": args.linear_as, "concat_projections": args.concat_projections,
-        "attention_as_sums": args.attention_as_sums, "fraction_of_tokens_equal_to_eager": same,
+        "fraction_of_tokens_equal_to_eager": same,
         "first_call_s": round(first_s, 1), "compile_cache_loaded_bytes": loaded,
         "gpu_us_per_token": round(sum(us for _, us in per_token.values()), 1),
         "kernels_per_token": round(sum(n for n, _ in per_token.values()), 1),
