@@ -183,3 +183,16 @@ def test_a_shared_augment_that_reads_ahead_is_recomputed_and_the_anchor_still_ca
         cached = composed.generate(ids, 6, cache=True)
     for i in range(2):
         assert torch.equal(cached[i], argmax_by_full_forwards(composed, ids[i:i + 1], 6, {})[0])
+
+
+def test_the_decoders_used_last_are_kept(monkeypatch):
+    """Past KEEP_DECODERS, the decoder used least recently goes: one used at every call stays, however old."""
+    from calmgraph.generation import generate
+    monkeypatch.setattr(generate, "KEEP_DECODERS", 2)
+    composed = compose("llama", {"l": ("llama", 32, "shared")}, [("l", "anchor", {"every": 2})])
+    often = decoder_for(composed, 1, 8)
+    decoder_for(composed, 2, 8)
+    assert decoder_for(composed, 1, 8) is often          # used again: now the newest
+    decoder_for(composed, 3, 8)                          # one too many: batch 2's goes
+    assert [key[0] for key in generate._entry(composed)["decoders"]] == [1, 3]
+    assert decoder_for(composed, 1, 8) is often

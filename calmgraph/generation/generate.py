@@ -103,7 +103,7 @@ def cache_length(length: int, positions: int | None = None) -> int:
 
 def decoder_for(composed, batch: int, length: int, slot: int = 0, ragged: bool = False) -> Decoder:
     """The KV-cache decode graph for `batch` rows and at least `length` positions (built once per batch
-    size, cache length, device, dtype and raggedness; the last few are kept). Groups of rows decoded side by
+    size, cache length, device, dtype and raggedness; the KEEP_DECODERS used last are kept). Groups of rows decoded side by
     side with the same batch size and cache length take slots 1, 2...: copies with caches of their own.
     `ragged`: rows of several prompt lengths, left-padded (`build_decoder`)."""
     weight = next(composed.parameters())
@@ -120,6 +120,7 @@ def decoder_for(composed, batch: int, length: int, slot: int = 0, ragged: bool =
                                                 entry["models"], ragged)
         while len(decoders) > KEEP_DECODERS:
             decoders.pop(next(iter(decoders)))
+    decoders[(*key, slot)] = decoders.pop((*key, slot))  # the last used last: the first to go is the least used
     return decoders[(*key, slot)]
 
 
