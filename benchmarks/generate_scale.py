@@ -23,6 +23,9 @@ JSON goes to stdout (and to `--out`, rewritten after each first call and each mo
 false until the end); a line per first call and per result to stderr as it comes. `--load-cache` and
 `--save-cache` carry torch.compile's caches between processes (`compile_cache.py`). `--concat-projections`
 passes `concat_projections=True` with every `compile_step`.
+`--ragged N`: row i's prompt is `--prompt` - i * N tokens, left-padded (an attention mask; transformers' run
+gets it too), which generate decodes in one decoder where the models allow (`generation.generate.ragged_ok`);
+the `*_per_length` variants decode the same rows with a decoder per prompt length, as generate did before.
 """
 from __future__ import annotations
 
@@ -64,7 +67,7 @@ def parse(argv=None):
     p.add_argument("--modes", nargs="+", choices=["shared", "prompt"], default=["shared", "prompt"])
     p.add_argument("--variants", nargs="+",
                    choices=["cached", "compiled", "compiled_prefill", "compiled_fused_attention", "compiled_eos",
-                            "compiled_eos_at_once", "recompute"],
+                            "compiled_eos_at_once", "recompute", "cached_per_length", "compiled_per_length"],
                    default=["cached", "compiled", "recompute"])
     p.add_argument("--step-options", type=json.loads, default=None, metavar="JSON",
                    help='the compiled variant\'s compile_step (default true: STEP_COMPILE), e.g. '
@@ -72,6 +75,8 @@ def parse(argv=None):
     p.add_argument("--concat-projections", action="store_true",
                    help="concat_projections=True with every compile_step (a copy of those weights)")
     p.add_argument("--eos", type=int, default=None, help="the eos variants' eos_token_id (default: vocab - 1)")
+    p.add_argument("--ragged", type=int, default=0, metavar="N",
+                   help="row i's prompt N * i tokens shorter, left-padded (default 0: one length)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     p.add_argument("--load-cache", type=Path, metavar="DIR",
@@ -131,6 +136,34 @@ def at_once(call):
     return read_at_once
 
 
+def twin_of(composed, anchor, augment, mode, every):
+    """A second composition of the same models with `composed`'s new parameters (decoders of its own)."""
+    twin = compose(anchor, augment, mode, every)
+    with torch.no_grad():
+        for (name, p), (other, q) in zip(twin.named_new_parameters(), composed.named_new_parameters(), strict=True):
+            assert name == other
+            p.copy_(q)
+    return twin
+
+
+def per_length(composed, call):
+    """`call` with generate decoding each prompt length in a decoder of its own (`ragged_ok` false meanwhile).
+    Its one-token and `--new`-token calls need a decoder per length each (their caches differ in size): more
+    than generate keeps (KEEP_DECODERS), which would then trace them again at each call; it keeps them all."""
+    from calmgraph.generation import generate
+    generate.KEEP_DECODERS = max(generate.KEEP_DECODERS, 64)
+
+    def each_length(n):
+        generate.ragged_ok(composed)
+        entry = generate._entry(composed)
+        previous, entry["ragged"] = entry["ragged"], False
+        try:
+            return call(n)
+        finally:
+            entry["ragged"] = previous
+    return each_length
+
+
 @contextlib.contextmanager
 def uncached():
     """torch.compile without its caches (AOTAutograd's, inductor's graphs): they do not key on SDPA's backend
@@ -170,7 +203,8 @@ def run(args, save=lambda report: None) -> dict:
                      "python": platform.python_version()},
         "shapes": {"anchor": dict(zip(("hidden", "layers", "heads", "kv_heads", "intermediate"), args.anchor)),
                    "augment": dict(zip(("hidden", "layers", "heads", "kv_heads", "intermediate"), args.augment)),
-                   "vocab": args.vocab, "every": args.every, "prompt": args.prompt, "new": args.new, "eos": eos,
+                   "vocab": args.vocab, "every": args.every, "prompt": args.prompt, "ragged": args.ragged,
+                   "new": args.new, "eos": eos,
                    "dtype": args.dtype, "weights_gb": round(weights_gb, 3)},  # read once a token: the bandwidth bound
         "compile_cache_loaded_bytes": loaded,  # 0: every first call compiled cold (inductor's own disk cache aside)
         "complete": False,  # until every mode and batch is measured
@@ -181,12 +215,19 @@ def run(args, save=lambda report: None) -> dict:
         started = time.perf_counter()
         composed = compose(anchor, augment, mode, args.every)
         compile_s = time.perf_counter() - started
+        twin = None
         for batch in args.batch:
             ids = torch.randint(3, args.vocab, (batch, args.prompt), device=device,
                                 generator=torch.Generator(device).manual_seed(batch))
             extra = {"augment_input_ids": ids} if mode == "prompt" else {}
+            # row i's first ragged * i tokens are padding
+            mask = (torch.arange(args.prompt, device=device) >= args.ragged * torch.arange(batch, device=device)[:, None])
+            if not mask.any(1).all():
+                sys.exit(f"--ragged {args.ragged}: row {batch - 1}'s prompt of {args.prompt} tokens is all padding")
+            if args.ragged:
+                extra["attention_mask"] = mask.long()
             calls = {"transformers_anchor_alone": lambda n: anchor.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0)}
+                ids, attention_mask=mask.long(), max_new_tokens=n, do_sample=False, pad_token_id=0)}
             for variant in args.variants:
                 step = True if args.step_options is None else args.step_options
                 options = {"cached": {"cache": True}, "compiled": {"cache": True, "compile_step": step},
@@ -194,7 +235,8 @@ def run(args, save=lambda report: None) -> dict:
                            "compiled_fused_attention": {"cache": True, "compile_step": step},
                            "compiled_eos": {"cache": True, "compile_step": step, "eos_token_id": eos},
                            "compiled_eos_at_once": {"cache": True, "compile_step": step, "eos_token_id": eos},
-                           "recompute": {"cache": False}}[variant]
+                           "recompute": {"cache": False}, "cached_per_length": {"cache": True},
+                           "compiled_per_length": {"cache": True, "compile_step": step}}[variant]
                 if args.concat_projections and "compile_step" in options:
                     options = {**options, "concat_projections": True}
                 if variant == "compiled_fused_attention":  # its own decoders, compiled with the flag off
@@ -203,6 +245,9 @@ def run(args, save=lambda report: None) -> dict:
                     calls[variant] = (lambda o: lambda n: composed.generate(ids, n, **o, **extra))(options)
                 if variant == "compiled_eos_at_once":
                     calls[variant] = at_once(calls[variant])
+                if variant.endswith("_per_length"):  # on a twin: its decoders and the others' do not evict each other's
+                    twin = twin or twin_of(composed, anchor, augment, mode, args.every)
+                    calls[variant] = per_length(twin, (lambda o, t: lambda n: t.generate(ids, n, **o, **extra))(options, twin))
             first = {}
             for name, call in calls.items():  # the first call traces the decode graph (and compiles)
                 first_s, out = timed(lambda: call(args.new), sync)

@@ -40,6 +40,33 @@ def test_generate_scale_eos_variants_share_the_compiled_step(tmp_path):
     assert tokens == {"transformers_anchor_alone": 24, "compiled": 24, "compiled_eos": 24, "compiled_eos_at_once": 24}
 
 
+def test_generate_scale_ragged_rows(tmp_path):
+    """--ragged: rows of 6, 4 and 2 prompt tokens, one decoder and a decoder per length, beside transformers
+    given the same padding."""
+    out = tmp_path / "ragged.json"
+    generate_scale.main([*TINY, "--batch", "3", "--ragged", "2", "--modes", "shared", "--variants", "cached",
+                         "cached_per_length", "--rounds", "1", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["complete"] and report["shapes"]["ragged"] == 2
+    assert {r["variant"]: r["tokens"] for r in report["results"]} == {
+        "transformers_anchor_alone": 24, "cached": 24, "cached_per_length": 24}
+
+
+def test_per_length_decodes_the_ragged_rows_tokens_with_a_decoder_per_length():
+    from calmgraph.generation.generate import _entry
+    anchor = generate_scale.llama([64, 2, 4, 2, 128], 300, torch.float32, "cpu", 0)
+    augment = generate_scale.llama([32, 2, 4, 2, 64], 300, torch.float32, "cpu", 1)
+    composed = generate_scale.compose(anchor, augment, "shared", 1)
+    ids = torch.randint(3, 300, (3, 7), generator=torch.Generator().manual_seed(0))
+    mask = (torch.arange(7) >= 2 * torch.arange(3)[:, None]).long()
+    call = lambda n: composed.generate(ids, n, cache=True, attention_mask=mask)  # noqa: E731
+    one = call(5)
+    assert [key[:2] for key in _entry(composed)["decoders"]] == [(3, 32)]        # the three rows in one
+    assert torch.equal(generate_scale.per_length(composed, call)(5), one)
+    assert sorted(key[:2] for key in _entry(composed)["decoders"]) == [(1, 32)] * 3 + [(3, 32)]
+    assert _entry(composed)["ragged"]                                            # restored after the call
+
+
 def test_linear_rewrites_keep_the_tokens(monkeypatch, capsys):
     """Each linear of the compiled step rewritten as a bmm or a sum (the step run by dynamo's eager backend)
     decodes the tokens of the step as built."""
