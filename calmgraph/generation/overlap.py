@@ -87,12 +87,12 @@ def is_side(name: str) -> bool:
 
 
 class Overlapped:
-    """Runs a `split` step, each segment through `compile(submodule)`; on a GPU the side's segments on a
+    """Runs a `split` step, each segment through `compile_segment(submodule)`; on a GPU the side's segments on a
     stream of their own, each anchor segment after the side segment it reads (events), both joined at the end."""
 
-    def __init__(self, parts: fx.GraphModule, compile=lambda module: module):
+    def __init__(self, parts: fx.GraphModule, compile_segment=lambda module: module):
         self.parts = parts
-        self.run = {name: compile(module) for name, module in parts.named_children()}
+        self.run = {name: compile_segment(module) for name, module in parts.named_children()}
         self.side = None
 
     def __call__(self, *args):
