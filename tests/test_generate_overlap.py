@@ -110,3 +110,24 @@ def test_on_a_gpu_two_streams_captured_as_one_graph_give_the_eager_tokens(monkey
     finally:
         composed.to("cpu")
     assert all(torch.equal(g, e) for g, e in zip(got, eager))
+
+
+def _graph(side_reads_anchor: bool):
+    """x -> a1 (the anchor's), s1 (the augment's), link(a1, s1) into the anchor: the smallest step to split."""
+    from types import SimpleNamespace
+    graph = torch.fx.Graph()
+    x, wa, ws = graph.placeholder("x"), graph.get_attr("wa"), graph.get_attr("ws")
+    a1 = graph.call_function(torch.mul, (x, wa))
+    s1 = graph.call_function(torch.mul, (a1 if side_reads_anchor else x, ws))
+    link = graph.call_module("link", (a1, s1))
+    graph.output(link)
+    a1.meta[MODEL_KEY], s1.meta[MODEL_KEY] = "anchor", "aug"
+    link.meta[LINK_KEY] = SimpleNamespace(target="anchor")
+    return graph, a1, s1, link
+
+
+def test_the_side_starts_with_the_step_or_the_step_is_not_split():
+    graph, a1, s1, link = _graph(side_reads_anchor=False)
+    assert overlap.segments(graph, {"aug"}) == {a1: 2, s1: 1, link: 4}
+    graph, *_ = _graph(side_reads_anchor=True)     # the side would wait for the anchor: no overlap to gain
+    assert overlap.segments(graph, {"aug"}) is None

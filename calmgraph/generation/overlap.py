@@ -38,7 +38,8 @@ def _side_of(node: fx.Node, side: set[str]) -> bool:
 def segments(graph: fx.Graph, side: set[str]) -> dict[fx.Node, int] | None:
     """Each compute node's segment: PROLOGUE, 2 i + 1 for the side's i-th, 2 i + 2 for the anchor's i-th
     (so the ids count up the order they may run in). None where the graph does not split so: no link from the
-    side into the anchor, or an anchor node reading a side node other than through a link."""
+    side into the anchor, an anchor node reading a side node other than through a link, or a side node
+    reading one of the anchor's."""
     nodes = [n for n in graph.nodes if n.op not in ("placeholder", "get_attr", "output")]
     inputs_only: set[fx.Node] = set()   # positions and masks: read by both sides, made once before them
     for n in nodes:
@@ -49,6 +50,9 @@ def segments(graph: fx.Graph, side: set[str]) -> dict[fx.Node, int] | None:
                  and any(a in on_side for a in n.all_input_nodes)]
     if not crossings or not all(LINK_KEY in n.meta and n.op == "call_module" for n in crossings):
         return None
+    if any(a.op not in ("placeholder", "get_attr") and a not in on_side and a not in inputs_only
+           for n in on_side for a in n.all_input_nodes):
+        return None                   # the side would wait for the anchor's stream: nothing to overlap
     # the side's i-th segment: what the i-th crossing link reads and no earlier one
     segment: dict[fx.Node, int] = {n: PROLOGUE for n in inputs_only}
     for i, link in enumerate(crossings):
