@@ -88,6 +88,17 @@ def test_generate_with_the_step_split_gives_the_tokens(monkeypatch):
     assert made and all(isinstance(getattr(m, "step", m), overlap.Overlapped) for m in made)
 
 
+def test_inductor_compiles_each_segment_and_the_tokens_hold(monkeypatch):
+    """Each segment through inductor (on the CPU): the weights and KV caches reach a segment as its inputs,
+    the caches written in place, over two calls."""
+    composed = compose("llama", "shared")
+    ids, _ = ids_and_prompts("shared")
+    eager = [composed.generate(x, 6, cache=True) for x in (ids, ids.flip(0))]
+    monkeypatch.setattr(decode, "OVERLAP", True)
+    assert all(torch.equal(composed.generate(x, 6, cache=True, compile_step={}), e)
+               for x, e in zip((ids, ids.flip(0)), eager))
+
+
 def test_segments_compile_without_cuda_graphs():
     assert overlap.uncaptured({"options": {"triton.cudagraphs": True, "combo_kernels": True}}) == {
         "options": {"triton.cudagraphs": False, "combo_kernels": True}}
