@@ -152,18 +152,19 @@ def twin_of(composed, anchor, augment, mode, every):
 def per_length(composed, call):
     """`call` with generate decoding each prompt length in a decoder of its own (`ragged_ok` false meanwhile).
     Its one-token and `--new`-token calls need a decoder per length each (their caches differ in size): more
-    than generate keeps (KEEP_DECODERS), which would then trace them again at each call; it keeps them all."""
+    than generate keeps (KEEP_DECODERS), which would then trace them again at each call; during its calls (the
+    only ones that build this composition's decoders) generate keeps them all."""
     from calmgraph.generation import generate
-    generate.KEEP_DECODERS = max(generate.KEEP_DECODERS, 64)
 
     def each_length(n):
         generate.ragged_ok(composed)
         entry = generate._entry(composed)
-        previous, entry["ragged"] = entry["ragged"], False
+        previous = entry["ragged"], generate.KEEP_DECODERS
+        entry["ragged"], generate.KEEP_DECODERS = False, max(previous[1], 64)
         try:
             return call(n)
         finally:
-            entry["ragged"] = previous
+            entry["ragged"], generate.KEEP_DECODERS = previous
     return each_length
 
 

@@ -78,12 +78,7 @@ def segments(graph: fx.Graph, side: set[str]) -> dict[fx.Node, int] | None:
 def split(step: fx.GraphModule, side: set[str]) -> fx.GraphModule | None:
     """`step` as a graph of segment submodules (`submod_<segment>`), or None (`segments`)."""
     segment = segments(step.graph, side)
-    if segment is None:
-        return None
-
-    def which(node: fx.Node) -> int:
-        return segment[node] if node in segment else PROLOGUE
-    return split_module(step, step, which)
+    return None if segment is None else split_module(step, step, segment.__getitem__)
 
 
 def is_side(name: str) -> bool:
