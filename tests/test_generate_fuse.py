@@ -181,6 +181,41 @@ def test_fused_steps_equal_unfused_steps_exactly_on_cpu(anchor, mode, dtype):
     assert torch.equal(steps(fused, ids, extra), steps(plain, ids, extra))
 
 
+def _under_autocast(family: str, fuse: bool):
+    """A `family` anchor (tests/families.py) with a Llama augment, and its step's logits under bf16 autocast,
+    from a decoder built under autocast with or without the rewrites."""
+    from tests.families import small_model
+    torch.manual_seed(0)
+    models = {"anchor": small_model(family).eval(), "aug": support.llama(dim=32).eval()}
+    spec = {"anchor": {"name": "anchor"}, "augments": [{"name": "aug", "input": "shared"}],
+            "edges": [{"source": "aug", "target": "anchor", "layers": {"every": 1}}]}
+    composed = cg.compile(spec, models=models)
+    support.randomize_new_parameters(composed, seed=0, std=0.3)
+    ids, extra = ids_and_prompts("shared")
+    previous, decode.FUSE = decode.FUSE, fuse
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return composed, steps(composed, ids, extra)
+    finally:
+        decode.FUSE = previous
+
+
+@pytest.mark.parametrize("family", ["qwen3", "olmo2", "gemma2"])
+def test_under_autocast_the_rewrites_leave_the_step_exact(family):
+    """Qwen3's and OLMo2's q/k norms and Gemma2's norms after attention cast a linear's output up to float32
+    and back: no-ops as traced in float32, real casts of bfloat16 under autocast. A step run under autocast
+    is built without the rewrites that judge dtypes as traced (with them, its logits were a bfloat16 rounding
+    off those of the step without rewrites); the step run without autocast keeps them."""
+    composed, fused = _under_autocast(family, fuse=True)
+    _, plain = _under_autocast(family, fuse=False)
+    assert torch.equal(fused, plain)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = [n.target for n in decoder_for(composed, 2, 12).module.graph.nodes]
+    outside = [n.target for n in decoder_for(composed, 2, 12).module.graph.nodes]
+    assert aten.rms_norm.default not in under and aten.to.dtype in under
+    assert aten.rms_norm.default in outside and outside.count(aten.to.dtype) < under.count(aten.to.dtype)
+
+
 @pytest.mark.parametrize("mode", ["shared", "prompt"])
 @pytest.mark.parametrize("anchor", ANCHORS)
 def test_fused_greedy_tokens_equal_recomputing(anchor, mode):

@@ -368,7 +368,8 @@ def test_rows_of_two_lengths_compile_on_one_set_of_cast_weights(llama_gpt2_bert)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = composed.generate(ids, 5, attention_mask=mask, compile_step=step, compile_prefill=step, **prompts)
         assert torch.equal(got, composed.generate(ids, 5, attention_mask=mask, **prompts))
-    made = [decoder_for(composed, 1, 11, slot)._compiled[role][2] for slot in (0, 1) for role in ("step", "prefill")]
+        made = [decoder_for(composed, 1, 11, slot)._compiled[role][2]  # under autocast: its decoders
+                for slot in (0, 1) for role in ("step", "prefill")]
     held = [{id(p) for p in getattr(m, "step", m)._orig_mod.parameters() if p.dtype == torch.bfloat16}
             for m in made]   # a step's compiled module is inside decode.MathAttention
     assert held[0] and all(h == held[0] for h in held)

@@ -37,7 +37,7 @@ def alone(composed, ids, mask, extra, new, **options):
 
 
 def ragged_decoders(composed, batch):
-    return [k for k in _entry(composed)["decoders"] if k[0] == batch and k[4]]
+    return [k for k in _entry(composed)["decoders"] if k[0] == batch and k[5]]
 
 
 @pytest.mark.parametrize("mode", ["shared", "prompt"])

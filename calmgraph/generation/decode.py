@@ -354,11 +354,12 @@ def _traced(composed, name: str, batch: int, max_len: int) -> tuple[fx.GraphModu
 
 
 def build_decoder(composed, anchor_stage: fx.GraphModule, contexts: Contexts, batch: int, max_len: int,
-                  models: tuple[str, ...] | None = None, ragged: bool = False) -> Decoder:
+                  models: tuple[str, ...] | None = None, ragged: bool = False, autocast: bool = False) -> Decoder:
     """The decode graph of `models` (default: the anchor alone) for `batch` rows and `max_len` positions;
     it takes the values `contexts` returns (the anchor stage's nodes it names), then the prompt links' keys
     and values. `ragged`: it also takes `keep` (batch, max_len), False at the slots that hold padding, which
-    no attention reads (the models' and the links from decoded models)."""
+    no attention reads (the models' and the links from decoded models). `autocast`: the step will run under
+    autocast, in dtypes other than those traced (`fuse.fuse`'s `traced_dtypes`)."""
     anchor = composed.spec.anchor.name
     models = models or (anchor,)
     graph, root = fx.Graph(), nn.Module()
@@ -393,7 +394,7 @@ def build_decoder(composed, anchor_stage: fx.GraphModule, contexts: Contexts, ba
     splice(merged, [n.meta[LINK_KEY] for n in stage_links], list(models), blocks=root.get_submodule(ROOT))
     attend = _reroute(graph, root, kv, models, batch, max_len, keep)
     if FUSE:
-        fuse(graph, root, ids, position)
+        fuse(graph, root, ids, position, traced_dtypes=not autocast)
     cast_cache_writes(graph, root)   # after fuse: a cast that is a no-op as traced is not under autocast
     keep_live(graph)
     graph.lint()

@@ -4,7 +4,8 @@ An eager step at LLM shapes is bound by launches, not arithmetic (benchmarks/REA
 and torch.export leaves each model's code as it was written, op by op. Each rewrite here matches one traced
 pattern and leaves any graph it does not match unchanged:
 
-- `drop_noop_casts`: `x.to(dtype)` where x has that dtype already (an alias, no op).
+- `drop_noop_casts`: `x.to(dtype)` where x has that dtype already (an alias, no op). This one and the next
+  judge dtypes as traced, so a step run under autocast is built without them (`fuse(traced_dtypes=False)`).
 - `fuse_rms_norm`: transformers' RMSNorm, `x * rsqrt(mean(x ** 2, -1) + eps)` in float32 and cast back, is
   `aten.rms_norm` (one `_fused_rms_norm` kernel on CUDA), on the model's own dtype: the fused op computes in
   float32 and rounds once, as the decomposition does. Its weight is folded in only where no rounding lies
@@ -352,10 +353,15 @@ def common_views(graph: fx.Graph) -> None:
                 seen[key] = node
 
 
-def fuse(graph: fx.Graph, root: nn.Module, ids: fx.Node, position: fx.Node) -> dict[str, int]:
+def fuse(graph: fx.Graph, root: nn.Module, ids: fx.Node, position: fx.Node, traced_dtypes: bool = True
+         ) -> dict[str, int]:
     """Every rewrite, in order (`root` holds the graph's attributes); how many times each applied. The caller
-    removes what became dead."""
-    counts = {"drop_noop_casts": drop_noop_casts(graph), "fuse_rms_norm": fuse_rms_norm(graph, root),
+    removes what became dead. `traced_dtypes=False` (a step run under autocast) leaves out the two rewrites
+    that read the traced dtypes: there a linear's output is narrower than traced, so a cast that is a no-op
+    as traced is not (a Qwen3 or OLMo2 q/k norm casts a projection's output up), and the norm's input is no
+    longer the float32 that the fused op may take for it."""
+    counts = {"drop_noop_casts": drop_noop_casts(graph) if traced_dtypes else 0,
+              "fuse_rms_norm": fuse_rms_norm(graph, root) if traced_dtypes else 0,
               "read_positions": read_positions(graph, ids, position)}
     common_views(graph)
     counts["roll_rotary"] = roll_rotary(graph)

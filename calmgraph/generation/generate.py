@@ -103,12 +103,14 @@ def cache_length(length: int, positions: int | None = None) -> int:
 
 def decoder_for(composed, batch: int, length: int, slot: int = 0, ragged: bool = False) -> Decoder:
     """The KV-cache decode graph for `batch` rows and at least `length` positions (built once per batch
-    size, cache length, device, dtype and raggedness; the KEEP_DECODERS used last are kept). Groups of rows decoded side by
+    size, cache length, device, dtype, autocast dtype and raggedness; the KEEP_DECODERS used last are kept). Groups of rows decoded side by
     side with the same batch size and cache length take slots 1, 2...: copies with caches of their own.
     `ragged`: rows of several prompt lengths, left-padded (`build_decoder`)."""
     weight = next(composed.parameters())
     max_len = cache_length(length, composed.signature["input_ids"].positions)
-    key = (batch, max_len, weight.device, weight.dtype, ragged)
+    autocast = torch.get_autocast_dtype(weight.device.type) if torch.is_autocast_enabled(weight.device.type) \
+        else None
+    key = (batch, max_len, weight.device, weight.dtype, autocast, ragged)
     entry = _entry(composed)
     decoders = entry["decoders"]
     if (*key, slot) not in decoders:
@@ -117,7 +119,7 @@ def decoder_for(composed, batch: int, length: int, slot: int = 0, ragged: bool =
         else:
             contexts = contexts_of(composed)
             decoders[(*key, 0)] = build_decoder(composed, stages_of(composed).anchor, contexts, batch, max_len,
-                                                entry["models"], ragged)
+                                                entry["models"], ragged, autocast is not None)
         while len(decoders) > KEEP_DECODERS:
             decoders.pop(next(iter(decoders)))
     decoders[(*key, slot)] = decoders.pop((*key, slot))  # the last used last: the first to go is the least used
