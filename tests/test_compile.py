@@ -356,3 +356,33 @@ def test_deepcopy_and_loss(ids):
         logits = composed(ids)
         expected = torch.nn.functional.cross_entropy(logits[:, 5:-1].reshape(-1, VOCAB), ids[:, 6:].reshape(-1))
         torch.testing.assert_close(composed.loss(ids, label_mask=mask), expected)
+
+
+def _gates_closed(family: str, dtype: torch.dtype):
+    """A `family` anchor (tests/families.py) in `dtype` with a Llama augment, compiled: new gates at zero."""
+    from tests.families import small_model
+    from tests.support import llama
+    torch.manual_seed(0)
+    models = {"base": small_model(family).eval().to(dtype), "aug": llama(dim=32).eval().to(dtype)}
+    return cg.compile(spec({"name": "aug"}, edges=[every("aug", 1)]), models=models), models["base"]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_under_autocast_a_float32_trace_keeps_float32_where_a_model_casts_back(family):
+    """torch.export writes the dtypes it saw into the graph. Qwen3's q/k norms cast a projection's output up
+    to float32 and back to its input's dtype: traced in float32, 'back' is float32, so under bf16 autocast
+    the fused graph rounds there once less than the model run eagerly (README, "What compiling does to your
+    models"). Llama's norms read the residual stream (float32 under autocast): the anchor's logits exactly.
+    Compiled from bfloat16 models, the graph has the model's own roundings: exactly the anchor's."""
+    ids = torch.randint(3, 96, (2, 11), generator=torch.Generator().manual_seed(40))
+    composed, anchor = _gates_closed(family, torch.float32)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, eager = composed(ids), anchor(ids).logits
+    if family == "llama":
+        assert torch.equal(fused, eager)
+    else:
+        assert not torch.equal(fused, eager)
+        torch.testing.assert_close(fused.float(), eager.float(), atol=2 ** -7 * eager.abs().max().item(), rtol=0)
+    composed, anchor = _gates_closed(family, torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(composed(ids), anchor(ids).logits)
