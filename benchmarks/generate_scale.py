@@ -86,7 +86,13 @@ def parse(argv=None):
                    help="torch.compile's caches a run saved (first calls are then warm)")
     p.add_argument("--save-cache", type=Path, metavar="DIR",
                    help="save torch.compile's caches here after each first call")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    last, most = max(args.batch) - 1, (args.prompt - 1) // max(max(args.batch) - 1, 1)
+    if not 0 <= args.ragged <= most:
+        why = "is not a number of tokens" if args.ragged < 0 else \
+            f"row {last}'s prompt of {args.prompt} tokens would be all padding"
+        p.error(f"--ragged {args.ragged}: {why}; give --ragged from 0 to {most}")
+    return args
 
 
 def llama(shape, vocab, dtype, device, seed):
@@ -239,8 +245,6 @@ def run(args, save=lambda report: None) -> dict:
             extra = {"augment_input_ids": ids} if mode == "prompt" else {}
             # row i's first ragged * i tokens are padding
             mask = (torch.arange(args.prompt, device=device) >= args.ragged * torch.arange(batch, device=device)[:, None])
-            if not mask.any(1).all():
-                sys.exit(f"--ragged {args.ragged}: row {batch - 1}'s prompt of {args.prompt} tokens is all padding")
             if args.ragged:
                 extra["attention_mask"] = mask.long()
             calls = {"transformers_anchor_alone": lambda n: anchor.generate(

@@ -129,3 +129,12 @@ def test_compile_cache_round_trip(tmp_path):
         assert compile_cache.load(tmp_path) == saved
         torch.testing.assert_close(torch.compile(f)(x), f(x))
         assert counters["inductor"]["fxgraph_cache_hit"] == 1
+
+
+@pytest.mark.parametrize("ragged, why", [("3", "row 2's prompt of 6 tokens would be all padding"),
+                                         ("-1", "is not a number of tokens")])
+def test_generate_scale_refuses_a_ragged_shift_it_cannot_run_before_building_anything(ragged, why, capsys):
+    with pytest.raises(SystemExit) as exit:
+        generate_scale.main([*TINY, "--batch", "1", "3", "--ragged", ragged])
+    assert exit.value.code == 2
+    assert f"--ragged {ragged}: {why}; give --ragged from 0 to 2" in capsys.readouterr().err
