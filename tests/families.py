@@ -186,7 +186,59 @@ def check(family: str, role: str) -> dict:
     return record
 
 
-def check_isolated(family: str, role: str, timeout: float = 120, memory_gb: int = 6) -> dict:
+def check_generate(family: str, role: str, new: int = 5) -> dict:
+    """Generate from one family in one role, beside a small Llama (both with transformers caches, the
+    family's cache turned on), with the new parameters randomised: which path `generate` takes (a KV cache
+    for which models, or recomputing, and why), whether its greedy tokens are those of full forwards, and
+    whether rows of 6 and 4 prompt tokens (left-padded) decoded together get the tokens each gets alone."""
+    import time
+
+    import calmgraph as cg
+    from reference import randomize_new_parameters
+    from calmgraph.generation import generate as generation
+    started = time.perf_counter()
+    try:
+        model, llama = small_model(family), small_model("llama", seed=1)
+    except Unbuildable as e:
+        return {"status": "skipped", "detail": str(e)}
+    for m in (model, llama):
+        m.config.use_cache = True
+    record = {"arch": type(model).__name__}
+    try:
+        models = {"base": model, "other": llama} if role == "anchor" else {"base": llama, "other": model}
+        composed = cg.compile(family_spec(), models)
+        randomize_new_parameters(composed)
+        ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            expected = ids
+            for _ in range(new):
+                expected = torch.cat([expected, composed(expected)[:, -1].argmax(-1, keepdim=True)], 1)
+            got = composed.generate(ids, new)
+            mask = torch.ones_like(ids)
+            mask[1, :2] = 0                                     # row 1: a prompt of 4 tokens, left-padded
+            together = composed.generate(ids, new, attention_mask=mask)[:, -new:]
+            alone = torch.cat([composed.generate(ids[:1], new)[:, -new:], composed.generate(ids[1:, 2:], new)[:, -new:]])
+        fallback = [str(w.message) for w in caught if "without the anchor's KV cache" in str(w.message)]
+        entry = generation._entry(composed)
+        record.update(cached=[] if fallback else list(entry.get("models", ())), ragged=bool(entry.get("ragged")),
+                      recomputes=fallback[0][:300] if fallback else None,
+                      greedy=torch.equal(got, expected), padded=torch.equal(together, alone))
+        if not record["greedy"]:   # a near-tie of the full forward's logits, or a wrong step
+            at = int((got != expected).any(0).nonzero()[0])
+            with torch.no_grad():
+                top = composed(expected[:, :at])[:, -1].topk(2).values
+            record["margin"] = float((top[:, 0] - top[:, 1]).min())
+        record["status"] = "works" if record["greedy"] and record["padded"] else "wrong"
+    except cg.CalmGraphError as e:
+        record.update(status="calmgraph error", detail=f"{type(e).__name__}: {e}"[:300])
+    except Exception as e:  # noqa: BLE001 - a crash outside calmgraph's errors is a bug to record
+        record.update(status="crash", detail=f"{type(e).__name__}: {e}"[:300])
+    record["seconds"] = round(time.perf_counter() - started, 1)
+    return record
+
+
+def check_isolated(family: str, role: str, timeout: float = 120, memory_gb: int = 6, check=check) -> dict:
     """`check` in a forked process with a time and memory limit: one family cannot stall the sweep."""
     import multiprocessing as mp
     import resource
@@ -248,6 +300,7 @@ if __name__ == "__main__":  # python tests/families.py [family ...] > sweep.json
         sys.exit()
     import transformers  # noqa: F401 - imported once, before forking
     import calmgraph  # noqa: F401
-    for fam in sys.argv[1:] or causal_lm_families():
+    how = check_generate if sys.argv[1:2] == ["--generate"] else check  # ... tests/families.py --generate [family ...]
+    for fam in [a for a in sys.argv[1:] if a != "--generate"] or causal_lm_families():
         for side in ("anchor", "augment"):
-            print(json.dumps({"family": fam, "role": side, **check_isolated(fam, side)}), flush=True)
+            print(json.dumps({"family": fam, "role": side, **check_isolated(fam, side, check=how)}), flush=True)

@@ -185,6 +185,27 @@ def test_a_shared_augment_that_reads_ahead_is_recomputed_and_the_anchor_still_ca
         assert torch.equal(cached[i], argmax_by_full_forwards(composed, ids[i:i + 1], 6, {})[0])
 
 
+def test_a_trace_that_does_not_decode_as_the_model_computes_is_refused_and_generate_recomputes():
+    """BERT as a causal decoder (`is_decoder`) traces around a static cache, but its embeddings slice their
+    positions from the cache's length, which the trace keeps as 0: its first step failed deep in torch.
+    The decode trace is checked against the model's own forward when it is built: `cache=True` is a
+    TraceError saying why, and by default generate warns and recomputes, with full forwards' tokens."""
+    from tests.families import small_model
+    torch.manual_seed(0)
+    models = {"anchor": small_model("bert"), "aug": support.llama(dim=32).eval()}
+    models["anchor"].config.use_cache = True
+    spec = {"anchor": {"name": "anchor"}, "augments": [{"name": "aug"}],
+            "edges": [{"source": "aug", "target": "anchor", "layers": {"every": 1}}]}
+    composed = cg.compile(spec, models=models)
+    support.randomize_new_parameters(composed, std=0.3)
+    ids = tokens((2, 5), 62) % 96
+    with pytest.raises(cg.errors.TraceError, match="'anchor' traced with a static KV cache does not decode as it"):
+        composed.generate(ids, 4, cache=True)
+    with pytest.warns(UserWarning, match="generating without the anchor's KV cache"):
+        out = composed.generate(ids, 4)
+    assert torch.equal(out, argmax_by_full_forwards(composed, ids, 4, {}))
+
+
 def test_the_decoders_used_last_are_kept(monkeypatch):
     """Past KEEP_DECODERS, the decoder used least recently goes: one used at every call stays, however old."""
     from calmgraph.generation import generate

@@ -152,3 +152,24 @@ def test_a_sliding_window_anchor_decodes_ragged():
     assert ragged_decoders(composed, 3)
     assert torch.equal(out[:, -5:], alone(composed, ids, mask, {}, 5))
     assert torch.equal(out, composed.generate(ids, 5, attention_mask=mask, cache=False))
+
+
+def test_an_anchor_with_eager_attention_keeps_a_decoder_per_length():
+    """Gemma2 attends by hand (eager attention, for its softcapping): an additive mask the padding is not
+    added to, so one ragged decoder read the padded slots and 4 of these 12 prompt pairs decoded other
+    tokens than each row alone. Its rows decode in a decoder per length, each with its own tokens."""
+    from tests.families import small_model
+    torch.manual_seed(0)
+    models = {"anchor": small_model("gemma2"), "aug": support.llama(dim=32).eval()}
+    assert models["anchor"].config._attn_implementation == "eager"
+    spec = {"anchor": {"name": "anchor"}, "augments": [{"name": "aug"}],
+            "edges": [{"source": "aug", "target": "anchor", "layers": {"every": 1}}]}
+    composed = cg.compile(spec, models=models)
+    support.randomize_new_parameters(composed)
+    for seed in range(12):
+        ids = torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(seed))
+        mask = torch.ones_like(ids)
+        mask[1, :2] = 0
+        out = composed.generate(ids, 8, attention_mask=mask)
+        assert torch.equal(out[:, -8:], alone(composed, ids, mask, {}, 8))
+    assert not ragged_decoders(composed, 2) and _entry(composed)["ragged"] is False

@@ -310,9 +310,21 @@ def padded_mask(mask: torch.Tensor, keep: torch.Tensor, cache_position: torch.Te
     return mask & (keep[:, None, None, :] | own)
 
 
-def pad_masks(graph: fx.Graph, keep: fx.Node, position: fx.Node) -> None:
+SOFTMAX = (torch.ops.aten.softmax.int, torch.ops.aten._softmax.default, torch.ops.aten._safe_softmax.default)
+
+
+def pad_masks(graph: fx.Graph, keep: fx.Node, position: fx.Node, max_len: int) -> None:
     """Every attention of the models in `graph` (SDPA, each with a boolean mask) reads `padded_mask`; a
-    TraceError where one has none (a model that lets SDPA mask causally by itself, or an additive mask)."""
+    TraceError where one has none (a model that lets SDPA mask causally by itself, or an additive mask), or
+    where a model computes its attention by hand (transformers' eager attention, as Gemma2's softcapping
+    needs: a softmax of (batch, heads, queries, cache slots) scores, whose additive mask would still read
+    the padding)."""
+    for node in graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "call_function" and node.target in SOFTMAX and isinstance(val, torch.Tensor) \
+                and val.ndim == 4 and val.shape[-1] == max_len:
+            raise TraceError(f"{node.name} is an attention computed without SDPA (eager attention): its mask "
+                             "cannot take the padding")
     made: dict[fx.Node, fx.Node] = {}
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target != torch.ops.aten.scaled_dot_product_attention.default:
@@ -329,6 +341,30 @@ def pad_masks(graph: fx.Graph, keep: fx.Node, position: fx.Node) -> None:
             node.args = (*node.args[:3], made[mask], *node.args[4:])
         else:
             node.kwargs = {**node.kwargs, "attn_mask": made[mask]}
+
+
+def check_decodes(gm: fx.GraphModule, model: nn.Module, name: str, batch: int) -> None:
+    """A prefill of 2 positions, then a step at position 2, through the traced `gm`, give the model's own
+    logits over the 3 tokens. A trace can bake what the model derived from the cache as constants (BERT's
+    embeddings slice their positions from the cache's length, traced as 0): its first step then fails or
+    reads the wrong positions. The caches' 3 written slots are overwritten by the next prefill."""
+    vocab = model.config.get_text_config().vocab_size
+    device = next(p for p in model.parameters() if p.is_floating_point()).device
+    ids = (torch.arange(batch * 3, device=device).view(batch, 3) * 7919) % max(vocab - 3, 1) + 3
+    run = fx.Interpreter(gm).run   # the graph: a shared trace leaves gm's code as traced (`tracing/shared.py`)
+    try:
+        with torch.no_grad():
+            steps = torch.cat([run(ids[:, :2], torch.arange(2, device=device)),
+                               run(ids[:, 2:], torch.tensor([2], device=device))], dim=1)
+            full = model(input_ids=ids, use_cache=False).logits
+        error = (steps.float() - full.float()).abs().max().item() / max(full.float().abs().max().item(), 1e-6)
+        why = None if error <= (1e-3 if full.element_size() >= 4 else 5e-2) else \
+            f"its logits at positions 0-2 are {error:.2g} (relative) off its own forward's"
+    except Exception as e:  # noqa: BLE001 - the reason, in one line
+        why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+    if why is not None:
+        raise TraceError(f"{name!r} traced with a static KV cache does not decode as it computes ({why}); "
+                         "generate(..., cache=False) recomputes instead")
 
 
 def _traced(composed, name: str, batch: int, max_len: int) -> tuple[fx.GraphModule, list[fx.Node]]:
@@ -349,6 +385,7 @@ def _traced(composed, name: str, batch: int, max_len: int) -> tuple[fx.GraphModu
         raise TraceError(f"could not trace {name!r} with a static KV cache: {type(e).__name__}: "
                          f"{(str(e).strip().splitlines() or [''])[0][:300]}; generate(..., cache=False) "
                          "recomputes instead") from None
+    check_decodes(gm, model, name, batch)
     outputs = block_outputs(gm.graph, blocks)
     return gm, outputs if model_spec.tap == "output" else block_inputs(gm.graph, blocks, outputs)
 
@@ -381,7 +418,7 @@ def build_decoder(composed, anchor_stage: fx.GraphModule, contexts: Contexts, ba
         taps[name] = [env[t] for t in model_taps]
     graph.output(out)  # the anchor's, last
     if ragged:
-        pad_masks(graph, keep, position)
+        pad_masks(graph, keep, position, max_len)
 
     # a link from outside the decoded models reads what it read in the anchor stage, now a decoder input
     for node in stage_links:
