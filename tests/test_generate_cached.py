@@ -217,3 +217,38 @@ def test_the_decoders_used_last_are_kept(monkeypatch):
     decoder_for(composed, 3, 8)                          # one too many: batch 2's goes
     assert [key[0] for key in generate._entry(composed)["decoders"]] == [1, 3]
     assert decoder_for(composed, 1, 8) is often
+
+
+def test_dead_code_elimination_keeps_writes_through_views_of_what_is_read():
+    """A fresh tensor filled through slices of it (latent attention assembles its keys so) and read after:
+    the writes stay; a write into a tensor nothing reads goes."""
+    from calmgraph.generation.decode import keep_live
+    aten = torch.ops.aten
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    fresh = graph.call_function(aten.new_empty.default, (x, [2, 4]))
+    left = graph.call_function(aten.slice.Tensor, (fresh, 1, 0, 2))
+    graph.call_function(aten.copy_.default, (left, x))
+    right = graph.call_function(aten.slice.Tensor, (fresh, 1, 2, 4))
+    graph.call_function(aten.fill_.Scalar, (right, 7.0))
+    unread = graph.call_function(aten.new_empty.default, (x, [2, 4]))
+    graph.call_function(aten.fill_.Scalar, (unread, 1.0))
+    graph.output(graph.call_function(aten.mul.Tensor, (fresh, 2.0)))
+    keep_live(graph)
+    module = torch.fx.GraphModule(torch.nn.Module(), graph)
+    x = torch.arange(4.0).view(2, 2)
+    assert torch.equal(module(x), torch.cat([x, torch.full((2, 2), 7.0)], 1) * 2)
+    assert sum(n.target is aten.new_empty.default for n in graph.nodes) == 1
+
+
+@pytest.mark.parametrize("family, role", [("minicpm3", "augment"), ("deepseek_v3", "anchor"), ("falcon", "anchor")])
+def test_latent_and_multi_query_attention_decode_with_their_caches(family, role):
+    """Latent attention (MiniCPM3, DeepSeek-V3) caches keys and values of different widths, and Falcon's
+    multi-query attention one key-value head, where the config's head count and width said otherwise: the
+    static caches are sized from a one-token forward (`decode.cache_shapes`), so they decode with a cache
+    (they recomputed, after a failed trace). MiniCPM3 assembles its keys through slices of a fresh tensor,
+    writes the dead-code pass used to drop (its steps then read uninitialised memory)."""
+    from tests.families import check_generate
+    record = check_generate(family, role)
+    assert record["status"] == "works" and record["greedy"] and record["padded"], record
+    assert set(record["cached"]) == {"base", "other"}

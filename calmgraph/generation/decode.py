@@ -78,6 +78,24 @@ def cache_kwarg(model: nn.Module) -> str | None:
     return next((k for k in CACHE_KWARGS if k in params), None)
 
 
+def cache_shapes(model: nn.Module, kwarg: str, config) -> list[tuple[int, int, int] | None] | None:
+    """Per layer, the (heads, key dim, value dim) the model's attention caches, read from a one-token forward
+    into a dynamic cache: what the config says is not always that (latent attention's keys and values differ
+    in width; Falcon's multi-query attention keeps one head). None where that forward fails."""
+    from transformers.cache_utils import DynamicCache
+    device = next(p for p in model.parameters() if p.is_floating_point()).device
+    try:
+        cache = DynamicCache(config=config)
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=True, **{kwarg: cache})
+    except Exception:  # noqa: BLE001 - the config's shapes, then; tracing says what fails
+        return None
+    return [(layer.keys.shape[1], layer.keys.shape[-1], layer.values.shape[-1])
+            if isinstance(getattr(layer, "keys", None), torch.Tensor) and layer.keys.ndim == 4
+            and isinstance(getattr(layer, "values", None), torch.Tensor) and layer.values.ndim == 4 else None
+            for layer in cache.layers]
+
+
 class CachedEntry(nn.Module):
     """forward(input_ids, cache_position) -> logits of those positions, reading and updating the cache."""
 
@@ -94,7 +112,14 @@ class CachedEntry(nn.Module):
             if isinstance(layer, StaticSlidingWindowLayer):
                 self.cache.layers[i] = StaticLayer(max_len)
         weight = next(p for p in model.parameters() if p.is_floating_point())
-        self.cache.early_initialization(batch, *get_head_shapes(config), weight.dtype, weight.device)
+        shapes = cache_shapes(model, self.kwarg, config)
+        if shapes is None:
+            self.cache.early_initialization(batch, *get_head_shapes(config), weight.dtype, weight.device)
+        for layer, shape in zip(self.cache.layers, shapes or ()):
+            if shape is not None and isinstance(layer, StaticLayer):
+                heads, k_dim, v_dim = shape
+                empty = functools.partial(torch.zeros, dtype=weight.dtype, device=weight.device)
+                layer.lazy_initialization(empty(batch, heads, 0, k_dim), empty(batch, heads, 0, v_dim))
         for i, layer in enumerate(self.cache.layers):  # buffers, so that the traced graph owns them
             self.register_buffer(f"key_cache_{i}", layer.keys, persistent=False)
             self.register_buffer(f"value_cache_{i}", layer.values, persistent=False)
@@ -528,14 +553,34 @@ def cast_cache_writes(graph: fx.Graph, root: nn.Module) -> None:
         node.args = tuple(args)
 
 
+def _written_base(node: fx.Node) -> fx.Node | None:
+    """What an in-place op writes, through any views of it (a slice of a fresh tensor, of a cache buffer), if
+    `node` is one: the node those views were taken of."""
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None or not schema.arguments or not node.args:
+        return None
+    alias = schema.arguments[0].alias_info
+    if alias is None or not alias.is_write or not isinstance(node.args[0], fx.Node):
+        return None
+    base = node.args[0]
+    while base.op == "call_function" and base.args and isinstance(base.args[0], fx.Node):
+        view = getattr(base.target, "_schema", None)   # a view returns an alias of its first argument
+        if view is None or not view.returns or view.returns[0].alias_info is None \
+                or view.returns[0].alias_info.is_write:
+            break
+        base = base.args[0]
+    return base
+
+
 def keep_live(graph: fx.Graph) -> None:
-    """Dead-code elimination that sees the caches: a node stays if the output needs it, and a cache write
-    stays while something that stays reads that cache. So an augment's head goes, and so do the layers
-    after its last tapped block, cache writes included."""
+    """Dead-code elimination that sees writes: a node stays if the output needs it, and an in-place write
+    stays while something that stays reads what it writes (a cache; a fresh tensor filled through slices, as
+    latent attention assembles its keys). So an augment's head goes, and so do the layers after its last
+    tapped block, cache writes included."""
     writers: dict[fx.Node, list[fx.Node]] = {}
     for node in graph.nodes:
-        if (buffer := _writes(node)) is not None:
-            writers.setdefault(buffer, []).append(node)
+        if (base := _written_base(node)) is not None:
+            writers.setdefault(base, []).append(node)
     live, todo = set(), [next(n for n in graph.nodes if n.op == "output")]
     while todo:
         node = todo.pop()
