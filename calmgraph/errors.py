@@ -40,7 +40,11 @@ class ModelError(CalmGraphError, ValueError):
 
 
 class TraceError(CalmGraphError, ValueError):
-    """No front end could turn a model into a torch.fx graph."""
+    """No front end could turn a model into a torch.fx graph. `model`: its name, where one model is the cause."""
+
+    def __init__(self, *args, model: str | None = None):
+        super().__init__(*args)
+        self.model = model
 
 
 class InputError(CalmGraphError, ValueError):

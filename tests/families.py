@@ -292,11 +292,50 @@ def table(records: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def generation_table(records: list[dict]) -> str:
+    """The generation section's tables of docs/families.md (records of `check_generate`)."""
+    import re
+    by_family: dict[str, dict] = {}
+    for r in records:
+        by_family.setdefault(r["family"], {})[r["role"]] = r
+
+    def path(r):
+        if r["status"] == "skipped":
+            return "skipped"
+        if r["status"] != "works":
+            return r["status"]
+        if ("base" if r["role"] == "anchor" else "other") not in r["cached"]:   # the family's own model
+            return "recomputes"
+        return "cached" + ("" if r.get("ragged") else ", a decoder per length")
+
+    def why(r):   # the reason, without the per-model name and sizes
+        text = r.get("recomputes") or r.get("detail") or \
+            "takes no cache generate decodes with (no cache argument, or an attention that reads ahead)"
+        text = text.removeprefix("generating without the anchor's KV cache: ").replace("\n", " ")
+        text = re.sub(r"(model )?'(base|other)'", "the model", text).split("; generate(")[0]
+        return re.sub(r"\d+", "N", text).replace("|", "/")[:160]
+
+    rows = ["| family | as anchor | as augment |", "|---|---|---|"]
+    reasons: dict[str, list[str]] = {}
+    for fam in sorted(by_family):
+        a, g = by_family[fam].get("anchor"), by_family[fam].get("augment")
+        if a is None or g is None or a["status"] == g["status"] == "skipped":
+            continue
+        rows.append(f"| {fam} | {path(a)} | {path(g)} |")
+        for r in (a, g):
+            if path(r) not in ("cached", "cached, a decoder per length", "skipped"):
+                reasons.setdefault(f"{path(r)}: {why(r)}", []).append(f"{fam} ({r['role']})")
+    lines = ["| why | families |", "|---|---|"]
+    lines += [f"| {k} | {', '.join(v)} |" for k, v in sorted(reasons.items(), key=lambda kv: -len(kv[1]))]
+    return "\n".join(rows) + "\n\n" + "\n".join(lines)
+
+
 if __name__ == "__main__":  # python tests/families.py [family ...] > sweep.jsonl: one JSON record a line
     import json
     import sys
-    if sys.argv[1:2] == ["--table"]:  # python tests/families.py --table sweep.jsonl > table.md
-        print(table([json.loads(line) for path in sys.argv[2:] for line in open(path)]))
+    if sys.argv[1] in ("--table", "--generation-table"):  # python tests/families.py --table sweep.jsonl > table.md
+        records = [json.loads(line) for path in sys.argv[2:] for line in open(path) if line.startswith("{")]
+        print((table if sys.argv[1] == "--table" else generation_table)(records))
         sys.exit()
     import transformers  # noqa: F401 - imported once, before forking
     import calmgraph  # noqa: F401

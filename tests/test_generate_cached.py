@@ -219,6 +219,28 @@ def test_the_decoders_used_last_are_kept(monkeypatch):
     assert decoder_for(composed, 1, 8) is often
 
 
+def test_a_shared_augment_that_does_not_decode_leaves_the_anchor_decoded_alone():
+    """BERT as a causal decoder in the augment's place: its trace fails the check, so the anchor is decoded
+    alone with its cache and BERT reruns over the sequence at each step (it made the whole call recompute),
+    with a warning; full forwards' tokens, and later calls keep to it without tracing BERT again."""
+    from tests.families import small_model
+    torch.manual_seed(0)
+    models = {"anchor": support.llama(dim=32).eval(), "aug": small_model("bert")}
+    models["aug"].config.use_cache = True
+    spec = {"anchor": {"name": "anchor"}, "augments": [{"name": "aug"}],
+            "edges": [{"source": "aug", "target": "anchor", "layers": [[0, 1], [1, 3]]}]}
+    composed = cg.compile(spec, models=models)
+    support.randomize_new_parameters(composed, std=0.3)
+    ids = tokens((2, 5), 63) % 96
+    with pytest.warns(UserWarning, match="decoding the anchor alone with a KV cache.*'aug' traced with a static"):
+        out = composed.generate(ids, 4, cache=True)
+    assert torch.equal(out, argmax_by_full_forwards(composed, ids, 4, {}))
+    assert decoder_for(composed, 2, 9).models == ("anchor",) and contexts_of(composed).reads_sequence
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(composed.generate(ids, 4), out)
+
+
 def test_dead_code_elimination_keeps_writes_through_views_of_what_is_read():
     """A fresh tensor filled through slices of it (latent attention assembles its keys so) and read after:
     the writes stay; a write into a tensor nothing reads goes."""

@@ -389,7 +389,7 @@ def check_decodes(gm: fx.GraphModule, model: nn.Module, name: str, batch: int) -
         why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
     if why is not None:
         raise TraceError(f"{name!r} traced with a static KV cache does not decode as it computes ({why}); "
-                         "generate(..., cache=False) recomputes instead")
+                         "generate(..., cache=False) recomputes instead", model=name)
 
 
 def _traced(composed, name: str, batch: int, max_len: int) -> tuple[fx.GraphModule, list[fx.Node]]:
@@ -409,7 +409,7 @@ def _traced(composed, name: str, batch: int, max_len: int) -> tuple[fx.GraphModu
     except Exception as e:  # noqa: BLE001 - the model's own reason, in one line
         raise TraceError(f"could not trace {name!r} with a static KV cache: {type(e).__name__}: "
                          f"{(str(e).strip().splitlines() or [''])[0][:300]}; generate(..., cache=False) "
-                         "recomputes instead") from None
+                         "recomputes instead", model=name) from None
     check_decodes(gm, model, name, batch)
     outputs = block_outputs(gm.graph, blocks)
     return gm, outputs if model_spec.tap == "output" else block_inputs(gm.graph, blocks, outputs)

@@ -21,6 +21,7 @@ are not written to (the decode step's write_mask is zeros).
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -88,9 +89,23 @@ def augment_stage(composed, options: dict | None = None):
 def contexts_of(composed) -> Contexts:
     entry = _entry(composed)
     if "contexts" not in entry:
-        entry["models"] = decoded_models(composed)
+        entry.setdefault("models", decoded_models(composed))
         entry["contexts"] = context_stage(stages_of(composed).anchor, set(entry["models"]))
     return entry["contexts"]
+
+
+def decode_anchor_alone(composed) -> bool:
+    """After a decode graph of the anchor and its shared augments failed (a trace, or its check): decode the
+    anchor alone, the shared augments rerun over the sequence at each step, as for augments without a cache.
+    False where the anchor was decoded alone already."""
+    entry, anchor = _entry(composed), (composed.spec.anchor.name,)
+    if entry.get("models", decoded_models(composed)) == anchor:
+        return False
+    entry["models"] = anchor
+    for made in ("contexts", "ragged"):
+        entry.pop(made, None)
+    entry["decoders"].clear()
+    return True
 
 
 def cache_length(length: int, positions: int | None = None) -> int:
@@ -314,9 +329,17 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
 
     steps = None
     if cache is not False and can_cache(composed) and o.max_new_tokens > 0:
+        cached = functools.partial(CachedSteps, composed, packed, lengths, states, o.max_new_tokens, step_options,
+                                   writes, prefill_options, concat_projections)
         try:
-            steps = CachedSteps(composed, packed, lengths, states, o.max_new_tokens, step_options, writes,
-                                prefill_options, concat_projections)
+            try:
+                steps = cached()
+            except TraceError as e:   # a shared augment's: the anchor alone, if it was not already
+                if e.model == composed.spec.anchor.name or e.model is None or not decode_anchor_alone(composed):
+                    raise
+                warnings.warn(f"decoding the anchor alone with a KV cache; the shared augments rerun over the "
+                              f"sequence at each step: {e}", stacklevel=3)
+                steps = cached()
         except CalmGraphError as e:  # TraceError included: the cache could not be traced
             if cache:
                 raise
