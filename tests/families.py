@@ -219,10 +219,12 @@ def check_generate(family: str, role: str, new: int = 5) -> dict:
             mask[1, :2] = 0                                     # row 1: a prompt of 4 tokens, left-padded
             together = composed.generate(ids, new, attention_mask=mask)[:, -new:]
             alone = torch.cat([composed.generate(ids[:1], new)[:, -new:], composed.generate(ids[1:, 2:], new)[:, -new:]])
-        fallback = [str(w.message) for w in caught if "without the anchor's KV cache" in str(w.message)]
+        said = [str(w.message) for w in caught]
+        fallback = [m for m in said if "without the anchor's KV cache" in m]
+        demoted = [m for m in said if m.startswith("decoding the anchor alone")]   # a shared augment failed
         entry = generation._entry(composed)
         record.update(cached=[] if fallback else list(entry.get("models", ())), ragged=bool(entry.get("ragged")),
-                      recomputes=fallback[0][:300] if fallback else None,
+                      recomputes=(fallback or [m.split(": ", 1)[-1] for m in demoted] or [None])[0],
                       greedy=torch.equal(got, expected), padded=torch.equal(together, alone))
         if not record["greedy"]:   # a near-tie of the full forward's logits, or a wrong step
             at = int((got != expected).any(0).nonzero()[0])

@@ -17,7 +17,8 @@ import torch.nn as nn
 
 import calmgraph as cg
 from calmgraph.blocks import find_blocks
-from families import (VOCAB, Unbuildable, causal_lm_families, family_models, family_spec, partner, small_model)
+from families import (VOCAB, Unbuildable, causal_lm_families, check_generate, family_models, family_spec, partner,
+                      small_model)
 from reference import (block_modules, config_block_list, eager_reference, randomize_new_parameters, run_model)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "handwritten_gpt"))
@@ -92,6 +93,22 @@ def test_family(family, role, ids):
     assert find_blocks(model)[0].name.rpartition(".")[0] == config_block_list(model)[0]
     composed = cg.compile(family_spec(), models)
     assert_composes(composed, models, ids, exact=not (role == "anchor" and family in NOT_BITWISE))
+
+
+# How generate decodes each family of the fast subset beside a small Llama (docs/families.md, "Generation"):
+# with its own KV cache, or recomputed over the sequence at each step (BERT's and OPT's cached traces fail
+# the check against their own forward).
+RECOMPUTED = {"bert", "opt"}
+
+
+@pytest.mark.parametrize("role", ["anchor", "augment"])
+@pytest.mark.parametrize("family", FAST)
+def test_family_generates(family, role):
+    """Greedy tokens of full forwards; left-padded rows of two lengths decoded together get each row's own
+    tokens; the family's model decodes with its cache unless listed above (`families.check_generate`)."""
+    record = check_generate(family, role)
+    assert record["status"] == "works", record
+    assert (("base" if role == "anchor" else "other") in record["cached"]) == (family not in RECOMPUTED), record
 
 
 # -- hand-written and x-transformers decoders ---------------------------------------------------------------
