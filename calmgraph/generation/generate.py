@@ -118,8 +118,9 @@ def cache_length(length: int, positions: int | None = None) -> int:
 
 def decoder_for(composed, batch: int, length: int, slot: int = 0, ragged: bool = False) -> Decoder:
     """The KV-cache decode graph for `batch` rows and at least `length` positions (built once per batch
-    size, cache length, device, dtype, autocast dtype and raggedness; the KEEP_DECODERS used last are kept). Groups of rows decoded side by
-    side with the same batch size and cache length take slots 1, 2...: copies with caches of their own.
+    size, cache length, device, dtype, autocast dtype and raggedness; the KEEP_DECODERS used last are kept).
+    Groups of rows decoded side by side with the same batch size and cache length take slots 1, 2...: copies
+    with caches of their own.
     `ragged`: rows of several prompt lengths, left-padded (`build_decoder`)."""
     weight = next(composed.parameters())
     max_len = cache_length(length, composed.signature["input_ids"].positions)
