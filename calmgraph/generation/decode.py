@@ -373,11 +373,11 @@ def check_decodes(gm: fx.GraphModule, model: nn.Module, name: str, batch: int) -
     logits over the 3 tokens. A trace can bake what the model derived from the cache as constants (BERT's
     embeddings slice their positions from the cache's length, traced as 0): its first step then fails or
     reads the wrong positions. The caches' 3 written slots are overwritten by the next prefill."""
-    vocab = model.config.get_text_config().vocab_size
     device = next(p for p in model.parameters() if p.is_floating_point()).device
-    ids = (torch.arange(batch * 3, device=device).view(batch, 3) * 7919) % max(vocab - 3, 1) + 3
     run = fx.Interpreter(gm).run   # the graph: a shared trace leaves gm's code as traced (`tracing/shared.py`)
     try:
+        vocab = model.get_input_embeddings().weight.shape[0]   # ids the model embeds
+        ids = (torch.arange(batch * 3, device=device).view(batch, 3) * 7919) % max(vocab - 3, 1) + 3
         with torch.no_grad():
             steps = torch.cat([run(ids[:, :2], torch.arange(2, device=device)),
                                run(ids[:, 2:], torch.tensor([2], device=device))], dim=1)
