@@ -218,7 +218,8 @@ def check_generate(family: str, role: str, new: int = 5) -> dict:
             mask = torch.ones_like(ids)
             mask[1, :2] = 0                                     # row 1: a prompt of 4 tokens, left-padded
             together = composed.generate(ids, new, attention_mask=mask)[:, -new:]
-            alone = torch.cat([composed.generate(ids[:1], new)[:, -new:], composed.generate(ids[1:, 2:], new)[:, -new:]])
+            alone = torch.cat([composed.generate(ids[:1], new)[:, -new:],
+                               composed.generate(ids[1:, 2:], new)[:, -new:]])
         said = [str(w.message) for w in caught]
         fallback = [m for m in said if "without the anchor's KV cache" in m]
         demoted = [m for m in said if m.startswith("decoding the anchor alone")]   # a shared augment failed
@@ -335,7 +336,7 @@ def generation_table(records: list[dict]) -> str:
 if __name__ == "__main__":  # python tests/families.py [family ...] > sweep.jsonl: one JSON record a line
     import json
     import sys
-    if sys.argv[1] in ("--table", "--generation-table"):  # python tests/families.py --table sweep.jsonl > table.md
+    if sys.argv[1:2] in (["--table"], ["--generation-table"]):  # ... tests/families.py --table sweep.jsonl > table.md
         records = [json.loads(line) for path in sys.argv[2:] for line in open(path) if line.startswith("{")]
         print((table if sys.argv[1] == "--table" else generation_table)(records))
         sys.exit()
