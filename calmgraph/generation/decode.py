@@ -400,17 +400,22 @@ def _traced(composed, name: str, batch: int, max_len: int) -> tuple[fx.GraphModu
                          "has no KV cache to generate with; generate(..., cache=False) recomputes instead")
     model = alias_on(source, composed, name)
     blocks = find_blocks(model, model_spec.blocks)
+    # traced in the model's dtypes, as the fused graph is: a step run under autocast is autocast op by op
+    # (`build_decoder`'s `autocast`), and the trace does not depend on the call that first needs it
+    plain = torch.autocast(next(model.parameters()).device.type, enabled=False)
     try:
-        entry = CachedEntry(model, batch, max_len)
-        state = [{"keys": layer.keys, "values": layer.values, "length": layer.cumulative_length}
-                 for layer in entry.cache.layers]
-        # identical blocks share one trace, as in the fused graph: each copy reads its own cache layer
-        gm = trace_shared(entry, blocks, lambda: trace_cached(entry), state) or trace_cached(entry)
+        with plain:
+            entry = CachedEntry(model, batch, max_len)
+            state = [{"keys": layer.keys, "values": layer.values, "length": layer.cumulative_length}
+                     for layer in entry.cache.layers]
+            # identical blocks share one trace, as in the fused graph: each copy reads its own cache layer
+            gm = trace_shared(entry, blocks, lambda: trace_cached(entry), state) or trace_cached(entry)
     except Exception as e:  # noqa: BLE001 - the model's own reason, in one line
         raise TraceError(f"could not trace {name!r} with a static KV cache: {type(e).__name__}: "
                          f"{(str(e).strip().splitlines() or [''])[0][:300]}; generate(..., cache=False) "
                          "recomputes instead", model=name) from None
-    check_decodes(gm, model, name, batch)
+    with plain:
+        check_decodes(gm, model, name, batch)
     outputs = block_outputs(gm.graph, blocks)
     return gm, outputs if model_spec.tap == "output" else block_inputs(gm.graph, blocks, outputs)
 
