@@ -529,14 +529,19 @@ def unwritten(decoder: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(decoder, graph, class_name="Decoder")
 
 
-def _writes(node: fx.Node) -> fx.Node | None:
-    """The buffer (a get_attr node) an in-place op writes, if `node` is one."""
+def _written(node: fx.Node) -> fx.Node | None:
+    """The node an in-place op writes (its first argument), if `node` is one."""
     schema = getattr(node.target, "_schema", None)
     if node.op != "call_function" or schema is None or not schema.arguments or not node.args:
         return None
-    alias = schema.arguments[0].alias_info
-    first = node.args[0]
-    return first if alias is not None and alias.is_write and isinstance(first, fx.Node) and first.op == "get_attr" else None
+    alias, first = schema.arguments[0].alias_info, node.args[0]
+    return first if alias is not None and alias.is_write and isinstance(first, fx.Node) else None
+
+
+def _writes(node: fx.Node) -> fx.Node | None:
+    """The buffer (a get_attr node) an in-place op writes, if `node` is one."""
+    written = _written(node)
+    return written if written is not None and written.op == "get_attr" else None
 
 
 def cast_cache_writes(graph: fx.Graph, root: nn.Module) -> None:
@@ -561,14 +566,8 @@ def cast_cache_writes(graph: fx.Graph, root: nn.Module) -> None:
 def _written_base(node: fx.Node) -> fx.Node | None:
     """What an in-place op writes, through any views of it (a slice of a fresh tensor, of a cache buffer), if
     `node` is one: the node those views were taken of."""
-    schema = getattr(node.target, "_schema", None)
-    if node.op != "call_function" or schema is None or not schema.arguments or not node.args:
-        return None
-    alias = schema.arguments[0].alias_info
-    if alias is None or not alias.is_write or not isinstance(node.args[0], fx.Node):
-        return None
-    base = node.args[0]
-    while base.op == "call_function" and base.args and isinstance(base.args[0], fx.Node):
+    base = _written(node)
+    while base is not None and base.op == "call_function" and base.args and isinstance(base.args[0], fx.Node):
         view = getattr(base.target, "_schema", None)   # a view returns an alias of its first argument
         if view is None or not view.returns or view.returns[0].alias_info is None \
                 or view.returns[0].alias_info.is_write:

@@ -99,7 +99,7 @@ def decode_anchor_alone(composed) -> bool:
     anchor alone, the shared augments rerun over the sequence at each step, as for augments without a cache.
     False where the anchor was decoded alone already."""
     entry, anchor = _entry(composed), (composed.spec.anchor.name,)
-    if entry.get("models", decoded_models(composed)) == anchor:
+    if (entry.get("models") or decoded_models(composed)) == anchor:
         return False
     entry["models"] = anchor
     for made in ("contexts", "ragged"):
