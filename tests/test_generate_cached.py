@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import calmgraph as cg
+from calmgraph.generation import decode
 from calmgraph.generation.generate import contexts_of, decoder_for, stages_of
 from tests import support
 
@@ -261,6 +262,26 @@ def test_dead_code_elimination_keeps_writes_through_views_of_what_is_read():
     x = torch.arange(4.0).view(2, 2)
     assert torch.equal(module(x), torch.cat([x, torch.full((2, 2), 7.0)], 1) * 2)
     assert sum(n.target is aten.new_empty.default for n in graph.nodes) == 1
+
+
+@pytest.mark.parametrize("family, role", [("bart", "anchor"), ("marian", "augment")])
+def test_a_decoder_with_unused_cross_attention_decodes_with_its_cache(family, role):
+    """BART's family as a causal LM holds each layer's attention over an encoder (`encoder_attn`, not causal),
+    which it runs only given encoder states: it is no reason to recompute (it was), and the model decodes
+    with its cache and gives full forwards' tokens, padded rows included."""
+    from tests.families import check_generate
+    record = check_generate(family, role)
+    assert record["status"] == "works" and record["greedy"] and record["padded"], record
+    assert set(record["cached"]) == {"base", "other"}
+
+
+def test_a_self_attention_that_reads_ahead_takes_no_cache():
+    """The exemption is for attention over an encoder: a self-attention that is not causal still refuses."""
+    from tests.families import small_model
+    model = small_model("bart")
+    assert decode.cache_kwarg(model) is not None
+    model.model.decoder.layers[0].self_attn.is_causal = False
+    assert decode.cache_kwarg(model) is None
 
 
 @pytest.mark.parametrize("family, role", [("minicpm3", "augment"), ("deepseek_v3", "anchor"), ("falcon", "anchor")])

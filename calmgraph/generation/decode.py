@@ -68,11 +68,18 @@ MATH_ATTENTION = True  # compile the step's attention as math (`MathAttention`; 
 OVERLAP = False  # compile a step's decoded shared augments apart, on a CUDA stream of their own (overlap.py)
 
 
+# A decoder layer's attention over an encoder's states, by its name in transformers (BART's family, Whisper;
+# BERT's): not causal, yet a causal LM runs it only when given encoder states, which generate never passes.
+CROSS_ATTENTION = ("encoder_attn", "crossattention")
+
+
 def cache_kwarg(model: nn.Module) -> str | None:
     """The name under which a transformers causal LM takes a KV cache, or None if it is not one. A model with
-    an attention that says it is not causal (BERT's, which reads ahead) takes a cache argument too, but no
-    cache decodes it a token at a time."""
-    if not is_transformers(model) or any(getattr(m, "is_causal", True) is False for m in model.modules()):
+    a self-attention that says it is not causal (BERT's as an encoder, which reads ahead) takes a cache
+    argument too, but no cache decodes it a token at a time. (Each trace is checked besides: `check_decodes`.)"""
+    if not is_transformers(model) or any(getattr(m, "is_causal", True) is False
+                                         and name.rpartition(".")[2] not in CROSS_ATTENTION
+                                         for name, m in model.named_modules()):
         return None
     params = inspect.signature(model.forward).parameters
     return next((k for k in CACHE_KWARGS if k in params), None)
