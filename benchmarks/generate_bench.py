@@ -68,11 +68,13 @@ def decoders(cfg):
         attn_layers=Decoder(dim=dim, depth=depth, heads=cfg["heads"])).eval()
 
 
-def build(cfg, calm_pytorch: bool = True):
-    """(CALM-pytorch's CALM, or None without `calm_pytorch`; the calmgraph composition; the layer pairs)."""
+def build(cfg, calm_pytorch: bool = True, dtype: torch.dtype = torch.float32):
+    """(CALM-pytorch's CALM, or None without `calm_pytorch`; the calmgraph composition; the layer pairs).
+    The models are cast to `dtype` before compiling (the graph keeps the dtypes it was traced in)."""
     torch.manual_seed(0)
     decoder = decoders(cfg)
     anchor, augment = decoder(cfg["anchor_dim"], cfg["anchor_depth"]), decoder(cfg["augment_dim"], cfg["augment_depth"])
+    anchor, augment = anchor.to(dtype), augment.to(dtype)
     # CALM-pytorch's default wiring (CALM.__init__): augment blocks 1, 5, ... -> anchor blocks 1, 1 + k, ...
     n = -(-cfg["augment_depth"] // 4)
     step = cfg["anchor_depth"] // min(n, cfg["anchor_depth"])

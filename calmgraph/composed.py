@@ -4,10 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .device import retarget_module
+from .device import dtype_constants, retarget_module
+from .errors import ModelError
 from .passes.base import CompileState, PruneReport, TapPoint
 from .plan import ROOT, Link
 from .signature import InputSignature
@@ -72,12 +74,30 @@ class ComposedModel(fx.GraphModule):
         return self._models[0].get(name)
 
     def _apply(self, fn, recurse=True):
-        """`.to()`, `.cuda()`, `.cpu()`...: the graph's device constants follow the parameters (`device.py`)."""
+        """`.to()`, `.cuda()`, `.cpu()`...: the graph's device constants follow the parameters (`device.py`).
+        A cast of the models' weights to another floating dtype is refused where the graph holds the traced
+        dtypes as constants (torch.export's): it would break at the first product, so nothing is cast."""
+        self._check_dtype(fn)
         super()._apply(fn, recurse)
         device = next((t.device for t in (*self.parameters(), *self.buffers())), None)
         if device is not None:
             retarget_module(self, device)
         return self
+
+    def _check_dtype(self, fn) -> None:
+        frozen = next((t for name, t in self.named_parameters()
+                       if t.is_floating_point() and not name.startswith(f"{ROOT}.")), None)
+        if frozen is None:
+            return
+        to = fn(torch.empty(0, dtype=frozen.dtype, device=frozen.device)).dtype   # what the call would cast to
+        baked = dtype_constants(self) if to != frozen.dtype else set()
+        if baked:
+            raise ModelError(
+                f"cannot cast this composition's models from {frozen.dtype} to {to}: their graph was traced in "
+                f"{frozen.dtype} and holds its casts as constants ({', '.join(sorted(map(str, baked)))}), so it "
+                f"would not run in {to}. Compile from models in {to} instead (`model.to({to})` before "
+                "`cg.compile`, or `dtype:` in the spec) and copy the new blocks over "
+                "(`new.xattn.load_state_dict(composed.xattn.state_dict())`), or run under `torch.autocast`.")
 
     def new_parameters(self) -> Iterator[nn.Parameter]:
         """The only trainable parameters: those of the cross-attention blocks."""

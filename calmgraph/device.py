@@ -1,7 +1,11 @@
 """Device constants follow the model: torch.export writes the device it traced on into the graph (factory
 calls like `arange(..., device=cpu)`, `to(x, cpu)`, metadata checks), so a composition compiled on the CPU
 and moved with `.to("cuda")` would still build those tensors on the CPU. `ComposedModel` calls `retarget`
-after every move, on its graph and on the graphs nested in it (torch.export's higher-order op bodies)."""
+after every move, on its graph and on the graphs nested in it (torch.export's higher-order op bodies).
+
+Dtype constants cannot follow so: a norm traced from float32 casts up to float32 and back to its input's
+dtype, both written as float32, and which of the two a cast was is gone. `dtype_constants` finds them, so
+that a cast of the weights to another dtype is refused rather than run into a dtype clash."""
 from __future__ import annotations
 
 import torch
@@ -27,6 +31,27 @@ def retarget(graph: fx.Graph, device: torch.device) -> bool:
             node.args, node.kwargs = args, kwargs
             changed = True
     return changed
+
+
+def _dtypes(value) -> set[torch.dtype]:
+    if isinstance(value, torch.dtype):
+        return {value} if value.is_floating_point else set()
+    if isinstance(value, (list, tuple)):
+        return set().union(*map(_dtypes, value)) if value else set()
+    if isinstance(value, dict):
+        return _dtypes(tuple(value.values()))
+    return set()
+
+
+def dtype_constants(module: nn.Module) -> set[torch.dtype]:
+    """The floating dtypes written as constants into the graphs of `module` (itself and those nested)."""
+    found: set[torch.dtype] = set()
+    for m in module.modules():
+        if isinstance(m, fx.GraphModule):
+            for node in m.graph.nodes:
+                if node.op in ("call_function", "call_method"):
+                    found |= _dtypes(node.args) | _dtypes(node.kwargs)
+    return found
 
 
 def retarget_module(module: nn.Module, device: torch.device) -> None:

@@ -321,6 +321,32 @@ def test_moving_the_composition_moves_the_devices_written_into_its_graph(ids):
     assert all(p.device.type == "cpu" for p in models["base"].parameters())   # the user's model stays put
 
 
+def test_casting_the_models_of_a_graph_that_holds_its_dtypes_is_refused_and_changes_nothing(ids):
+    """torch.export writes dtypes as constants too, and a norm's cast up to float32 and back to its input's
+    dtype are both float32 when traced in float32: `.to(torch.bfloat16)` gave a graph that failed at its
+    first product deep in torch. It is a ModelError saying to compile from models in that dtype, raised
+    before any tensor is cast; moving, and casting only the new blocks, still work."""
+    models = {"base": DECODERS["llama"](), "kv": gpt(dim=32, depth=2)}
+    composed = cg.compile(spec({"name": "kv"}, edges=[every("kv", 1)]), models=models)
+    before = {k: v.clone() for k, v in composed.state_dict().items()}
+    for cast in (lambda c: c.to(torch.bfloat16), lambda c: c.half(), lambda c: c.double(),
+                 lambda c: c.to("cpu", torch.float16)):
+        with pytest.raises(cg.errors.ModelError, match=r"from torch.float32 to torch.(b?float16|float64).*"
+                                                       r"Compile from models in"):
+            cast(composed)
+    after = composed.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+    assert composed.to("cpu").float() is composed                  # no dtype change: allowed
+    composed.xattn.to(torch.bfloat16)                                # the new blocks alone: allowed
+    assert {p.dtype for p in composed.new_parameters()} == {torch.bfloat16}
+    # compiled from bf16 models instead, the graph runs in bf16
+    cast = {n: m.to(torch.bfloat16) for n, m in models.items()}
+    again = cg.compile(spec({"name": "kv"}, edges=[every("kv", 1)]), models=cast)
+    again.xattn.load_state_dict(composed.xattn.state_dict())
+    with torch.no_grad():
+        assert again(ids).dtype == torch.bfloat16
+
+
 def test_tap_points_list_blocks_in_order():
     points = cg.tap_points(DECODERS["llama"](dim=48, depth=3))
     assert [(p.index, p.name, p.dim) for p in points] == [(i, f"model.layers.{i}", 48) for i in range(3)]
