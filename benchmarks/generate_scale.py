@@ -15,8 +15,8 @@ with `--eos` as eos_token_id: a row may finish, so whether all have is checked, 
 does with a compiled step on a GPU), `compiled_eos_at_once` (the same, each check read at once: the loop waits
 for the GPU at every step), `recompute` (`cache=False`). The eos variants share `compiled`'s step; `--eos`
 should be an id the rows do not emit (each variant's `tokens` says whether they did).
-Each variant's first call is reported (it traces the decode graph, and compiles), its time to the first
-token is timed warm, then the variants and transformers alternate for `--rounds` rounds (a call for one token,
+Each variant's first call is reported (it traces the decode graph, and compiles; beside `compiled`, the
+fraction of its tokens equal to `compiled`'s), its time to the first token is timed warm, then the variants and transformers alternate for `--rounds` rounds (a call for one token,
 then one for `--new`) and the medians are reported: tokens/s of the whole call (prefill included) and the
 decode rate, `new - 1` tokens over the per-round difference of the two calls (the prefill excluded). The
 JSON goes to stdout (and to `--out`, rewritten after each first call and each mode and batch, with `complete`
@@ -274,13 +274,16 @@ def run(args, save=lambda report: None) -> dict:
                     calls[variant] = (lambda o, t: lambda n: t.generate(ids, n, **o, **extra))(options, twin)
                     calls[variant] = (per_length(twin, calls[variant]) if variant.endswith("_per_length")
                                       else overlapped(calls[variant]))
-            first = {}
+            first, outs = {}, {}
             for name, call in calls.items():  # the first call traces the decode graph (and compiles)
                 first_s, out = timed(lambda: call(args.new), sync)
+                outs[name] = out[:, -args.new:]
                 call(1)  # one new token: its own (smaller) cache bucket, built here, off the clock
                 ttft_s, _ = timed(lambda: call(1), sync)
                 first[name] = {"first_call_s": round(first_s, 3), "time_to_first_token_s": round(ttft_s, 4),
                                "tokens": int(out.shape[1] - args.prompt)}
+                if name != "compiled" and "compiled" in outs and outs[name].shape == outs["compiled"].shape:
+                    first[name]["tokens_equal_to_compiled"] = round(float((outs[name] == outs["compiled"]).float().mean()), 4)
                 report["first_calls"].append({"mode": mode, "batch": batch, "variant": name, **first[name]})
                 print(json.dumps(report["first_calls"][-1]), file=sys.stderr)  # a compile's time, as it ends
                 save(report)
