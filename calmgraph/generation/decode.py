@@ -38,6 +38,7 @@ import copy
 import functools
 import inspect
 import operator
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -243,6 +244,9 @@ class Decoder:
     step: fx.GraphModule                # the eager step after prefill (`module`, or without what it never writes)
     _compiled: dict = field(default_factory=dict, repr=False)  # "step" / "prefill" -> (options, cast key, compiled)
     ragged: bool = False                # it takes `keep` (last): rows of several prompt lengths, left-padded
+    # callable (an eager graph, a compiled step) -> the roles ("prefill", "step") in which it gave the
+    # recomputing path's logits (`check.py`)
+    checked: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
 
     def compiled(self, options: dict, cast=None, prefill: bool = False, concat=None):
         """`torch.compile(self.to_compile, **options)` under `MathAttention`, made once per decoder: its step's shapes
@@ -375,6 +379,17 @@ def pad_masks(graph: fx.Graph, keep: fx.Node, position: fx.Node, max_len: int) -
             node.kwargs = {**node.kwargs, "attn_mask": made[mask]}
 
 
+def off_by(got: torch.Tensor, want: torch.Tensor, loose: bool) -> float | None:
+    """The largest difference of two sets of logits relative to the largest logit, where it is past what
+    rounding explains (1e-3; `loose`, for 16-bit floats: 5e-2), else None. NaN is past it; equal values
+    (infinities too) differ by 0."""
+    got, want = got.float(), want.float()
+    finite = want[want.isfinite()]
+    error = (torch.where(got == want, 0.0, got - want).abs().max().item()
+             / max(finite.abs().max().item() if finite.numel() else 0.0, 1e-6))
+    return None if error <= (5e-2 if loose else 1e-3) else error
+
+
 def check_decodes(gm: fx.GraphModule, model: nn.Module, name: str, batch: int) -> None:
     """A prefill of 2 positions, then a step at position 2, through the traced `gm`, give the model's own
     logits over the 3 tokens. A trace can bake what the model derived from the cache as constants (BERT's
@@ -389,9 +404,8 @@ def check_decodes(gm: fx.GraphModule, model: nn.Module, name: str, batch: int) -
             steps = torch.cat([run(ids[:, :2], torch.arange(2, device=device)),
                                run(ids[:, 2:], torch.tensor([2], device=device))], dim=1)
             full = model(input_ids=ids, use_cache=False).logits
-        error = (steps.float() - full.float()).abs().max().item() / max(full.float().abs().max().item(), 1e-6)
-        why = None if error <= (1e-3 if full.element_size() >= 4 else 5e-2) else \
-            f"its logits at positions 0-2 are {error:.2g} (relative) off its own forward's"
+        error = off_by(steps, full, loose=full.element_size() < 4)
+        why = None if error is None else f"its logits at positions 0-2 are {error:.2g} (relative) off its own forward's"
     except Exception as e:  # noqa: BLE001 - the reason, in one line
         why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
     if why is not None:

@@ -6,7 +6,8 @@ cache (`decode.py`); so does every shared augment that is a transformers causal 
 one keeps its keys and values: a step costs one token through every model. A shared augment without such
 a cache makes the shared augments run over the sequence so far at each step instead (only the anchor is
 cached). Any other anchor (`cache=False`, or one transformers does not cache) recomputes the anchor stage
-over the whole sequence at each step.
+over the whole sequence at each step. Each decode graph's first prefill and first step are checked against
+that recomputing path (`check.py`).
 
 Padding. Prompts may come padded (left padding, as tokenizers give them for generation, with an
 `attention_mask`). Rather than thread a mask and position ids into every model (custom models take
@@ -31,9 +32,10 @@ import torch
 import torch.nn as nn
 
 from ..cross_attention import CrossAttention
-from ..errors import CalmGraphError, InputError, ParallelError, TraceError
+from ..errors import CalmGraphError, InputError, InternalError, ParallelError, TraceError
 from ..passes.merge import check_token_ids, prompt_mask, write_mask
 from ..signature import WRITE_MASK
+from .check import UNSOUND, Checked
 from .decode import Decoder, build_decoder, cache_kwarg, decoded_models, shift_invariant, source_model
 from .options import DEFAULTS, Options, resolve
 from .sampling import Chooser, filter_logits, next_token  # noqa: F401 - filter_logits, next_token: public helpers
@@ -329,7 +331,13 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     states = augment_stage(composed, prefill_options)(**prompts)              # prompt augments: once
 
     steps = None
-    if cache is not False and can_cache(composed) and o.max_new_tokens > 0:
+    recompute = functools.partial(RecomputedSteps, composed, packed, lengths, states, o.max_new_tokens, writes)
+    unsound = _entry(composed).get(UNSOUND) if cache is not False and can_cache(composed) else None
+    if unsound is not None:   # a decode graph of this composition failed its check (`check.py`)
+        if cache:
+            raise InternalError(f"{unsound}. generate(..., cache=False) recomputes")
+        warnings.warn(f"generating without the KV cache: {unsound}", stacklevel=3)
+    elif cache is not False and can_cache(composed) and o.max_new_tokens > 0:
         cached = functools.partial(CachedSteps, composed, packed, lengths, states, o.max_new_tokens, step_options,
                                    writes, prefill_options, concat_projections)
         try:
@@ -346,7 +354,9 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
                 raise
             warnings.warn(f"generating without the anchor's KV cache: {e}", stacklevel=3)
     if steps is None:
-        steps = RecomputedSteps(composed, packed, lengths, states, o.max_new_tokens, writes)
+        steps = recompute()
+    elif not (steps.checked("prefill") and steps.checked("step")):
+        steps = Checked(steps, recompute(), _entry(composed), strict=bool(cache))
     if streamer is not None:
         streamer.put(input_ids.cpu())
     # a streamer or a criterion sees every step it is given: read each verdict at once for them
@@ -610,6 +620,21 @@ class CachedSteps:
                 logits = part.new_empty(self.batch, part.shape[-1])
             logits[g["rows"]] = part
         return logits
+
+    @staticmethod
+    def _callable(g: dict, role: str):
+        if role == "step":
+            return g["step"]
+        return g["decoder"].module if g["prefill"] is None else g["prefill"]
+
+    def checked(self, role: str) -> bool:
+        """Whether every group's `role` ("prefill" or "step") callable has given the recomputing path's
+        logits once (`check.Checked`)."""
+        return all(role in g["decoder"].checked.get(self._callable(g, role), ()) for g in self.groups)
+
+    def mark_checked(self, role: str) -> None:
+        for g in self.groups:
+            g["decoder"].checked.setdefault(self._callable(g, role), set()).add(role)
 
     def first(self):
         def prefill(g):
