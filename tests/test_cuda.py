@@ -41,3 +41,18 @@ def test_generate_refuses_out_of_vocabulary_ids_on_the_host(composition):
     torch.cuda.synchronize()
     composed.to("cpu")
     assert out.shape == (2, 5 + 4) and int(out.max()) < SMALL_VOCAB
+
+
+def test_compiled_on_the_cpu_a_rotary_region_runs_without_autocast_on_the_gpu():
+    """transformers' rotary embeddings turn autocast off (`torch.autocast(device_type, enabled=False)`),
+    which torch.export may keep as a region naming the device type it traced on. Compiled on the CPU and moved
+    to the GPU, the region must turn off the GPU's autocast: it turned off the CPU's, so its angles were
+    computed in bf16 (torch 2.11: an `_assert_tensor_metadata` in the region then failed). With the gates at
+    zero, the anchor's logits under CUDA autocast are the anchor's own, run eagerly there."""
+    from tests.test_compile import _gates_closed
+    composed, anchor = _gates_closed("llama", torch.float32)
+    composed, anchor = composed.to("cuda"), anchor.to("cuda")
+    ids = torch.randint(3, 96, (2, 60), generator=torch.Generator().manual_seed(3)).cuda()
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        fused, eager = composed(ids), anchor(ids).logits
+    torch.testing.assert_close(fused.float(), eager.float(), atol=2 ** -7 * eager.abs().max().item(), rtol=0)
