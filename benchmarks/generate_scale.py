@@ -16,8 +16,8 @@ does with a compiled step on a GPU), `compiled_eos_at_once` (the same, each chec
 for the GPU at every step), `recompute` (`cache=False`). The eos variants share `compiled`'s step; `--eos`
 should be an id the rows do not emit (each variant's `tokens` says whether they did).
 Each variant's first call is reported (it traces the decode graph, and compiles; beside `compiled`, the
-fraction of its tokens equal to `compiled`'s), its time to the first token is timed warm, then the variants and transformers alternate for `--rounds` rounds (a call for one token,
-then one for `--new`) and the medians are reported: tokens/s of the whole call (prefill included) and the
+fraction of its tokens equal to `compiled`'s), its time to the first token is timed warm, then the variants
+and transformers alternate for `--rounds` rounds (a call for one token, then one for `--new`) and the medians are reported: tokens/s of the whole call (prefill included) and the
 decode rate, `new - 1` tokens over the per-round difference of the two calls (the prefill excluded). The
 JSON goes to stdout (and to `--out`, rewritten after each first call and each mode and batch, with `complete`
 false until the end); a line per first call and per result to stderr as it comes. `--load-cache` and
@@ -26,8 +26,6 @@ passes `concat_projections=True` with every `compile_step`.
 `--ragged N`: row i's prompt is `--prompt` - i * N tokens, left-padded (an attention mask; transformers' run
 gets it too), which generate decodes in one decoder where the models allow (`generation.generate.ragged_ok`);
 the `*_per_length` variants decode the same rows with a decoder per prompt length, as generate did before.
-`compiled_overlap`: `compiled` with `decode.OVERLAP` (the step's decoded shared augments compiled apart and run
-on a CUDA stream of their own, `generation/overlap.py`; as `compiled` in prompt mode, which has none).
 """
 from __future__ import annotations
 
@@ -69,8 +67,7 @@ def parse(argv=None):
     p.add_argument("--modes", nargs="+", choices=["shared", "prompt"], default=["shared", "prompt"])
     p.add_argument("--variants", nargs="+",
                    choices=["cached", "compiled", "compiled_prefill", "compiled_fused_attention", "compiled_eos",
-                            "compiled_eos_at_once", "recompute", "cached_per_length", "compiled_per_length",
-                            "compiled_overlap"],
+                            "compiled_eos_at_once", "recompute", "cached_per_length", "compiled_per_length"],
                    default=["cached", "compiled", "recompute"])
     p.add_argument("--step-options", type=json.loads, default=None, metavar="JSON",
                    help='the compiled variant\'s compile_step (default true: STEP_COMPILE), e.g. '
@@ -174,19 +171,6 @@ def per_length(composed, call):
     return each_length
 
 
-def overlapped(call):
-    """`call` with `decode.OVERLAP` on: the step's decoded shared augments on a CUDA stream of their own."""
-    from calmgraph.generation import decode
-
-    def on_two_streams(n):
-        previous, decode.OVERLAP = decode.OVERLAP, True
-        try:
-            return call(n)
-        finally:
-            decode.OVERLAP = previous
-    return on_two_streams
-
-
 @contextlib.contextmanager
 def uncached():
     """torch.compile without its caches (AOTAutograd's, inductor's graphs): they do not key on SDPA's backend
@@ -257,8 +241,7 @@ def run(args, save=lambda report: None) -> dict:
                            "compiled_eos": {"cache": True, "compile_step": step, "eos_token_id": eos},
                            "compiled_eos_at_once": {"cache": True, "compile_step": step, "eos_token_id": eos},
                            "recompute": {"cache": False}, "cached_per_length": {"cache": True},
-                           "compiled_per_length": {"cache": True, "compile_step": step},
-                           "compiled_overlap": {"cache": True, "compile_step": step}}[variant]
+                           "compiled_per_length": {"cache": True, "compile_step": step}}[variant]
                 if args.concat_projections and "compile_step" in options:
                     options = {**options, "concat_projections": True}
                 if variant == "compiled_fused_attention":  # its own decoders, compiled with the flag off
@@ -267,13 +250,11 @@ def run(args, save=lambda report: None) -> dict:
                     calls[variant] = (lambda o: lambda n: composed.generate(ids, n, **o, **extra))(options)
                 if variant == "compiled_eos_at_once":
                     calls[variant] = at_once(calls[variant])
-                if variant.endswith("_per_length") or variant == "compiled_overlap":  # on a twin: its decoders
-                    if variant not in twins:                                       # and the others' stay apart
+                if variant.endswith("_per_length"):  # on a twin: its decoders and the others' stay apart
+                    if variant not in twins:
                         twins[variant] = twin_of(composed, anchor, augment, mode, args.every)
                     twin = twins[variant]
-                    calls[variant] = (lambda o, t: lambda n: t.generate(ids, n, **o, **extra))(options, twin)
-                    calls[variant] = (per_length(twin, calls[variant]) if variant.endswith("_per_length")
-                                      else overlapped(calls[variant]))
+                    calls[variant] = per_length(twin, (lambda o, t: lambda n: t.generate(ids, n, **o, **extra))(options, twin))
             first, outs = {}, {}
             for name, call in calls.items():  # the first call traces the decode graph (and compiles)
                 first_s, out = timed(lambda: call(args.new), sync)

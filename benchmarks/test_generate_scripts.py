@@ -59,17 +59,6 @@ def test_generate_scale_ragged_rows(tmp_path):
         "transformers_anchor_alone": 24, "cached": 24, "cached_per_length": 24}
 
 
-def test_generate_scale_overlap_variant_decodes_every_token(tmp_path):
-    """compiled_overlap (dynamo's eager backend here): the step split at its links, on a twin composition."""
-    out = tmp_path / "overlap.json"
-    generate_scale.main([*TINY, "--batch", "2", "--modes", "shared", "--variants", "compiled", "compiled_overlap",
-                         "--step-options", '{"backend": "eager"}', "--rounds", "1", "--out", str(out)])
-    report = json.loads(out.read_text())
-    assert {r["variant"]: r["tokens"] for r in report["results"]} == {
-        "transformers_anchor_alone": 24, "compiled": 24, "compiled_overlap": 24}
-    assert not decode.OVERLAP                                                    # restored after each call
-
-
 def test_per_length_decodes_the_ragged_rows_tokens_with_a_decoder_per_length():
     from calmgraph.generation.generate import _entry
     anchor = generate_scale.llama([64, 2, 4, 2, 128], 300, torch.float32, "cpu", 0)

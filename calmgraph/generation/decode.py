@@ -60,13 +60,11 @@ from ..tracing.entry import ENTRY
 from ..tracing.shared import trace_shared
 from ..tracing.taps import block_inputs, block_outputs
 from .fuse import concat_projections, fuse, grouped_attention, grouped_attention_of, sdpa_gqa
-from . import overlap
 from .stage import Contexts, links_into
 
 FUSE = True  # apply fuse.py's rewrites to each decode graph (benchmarks/decode_ops.py measures both)
 KEEP = "keep"   # a ragged decoder's last input: (batch, max_len), False at the slots that hold padding
 MATH_ATTENTION = True  # compile the step's attention as math (`MathAttention`; benchmarks/step_kernels.py measures both)
-OVERLAP = False  # compile a step's decoded shared augments apart, on a CUDA stream of their own (overlap.py)
 
 
 # A decoder layer's attention over an encoder's states, by its name in transformers (BART's family, Whisper;
@@ -258,11 +256,9 @@ class Decoder:
         weight): what is compiled is a twin holding those copies in place of the weights (its caches and
         other weights shared), so that no step casts them again. `concat` (a step only; generate's
         `concat_projections`: `generate.ConcatWeights`, weights -> one tensor of them concatenated): the step
-        compiled is rewritten by `fuse.concat_projections` over those tensors. With `OVERLAP` (a step whose
-        decoded shared augments `overlap.split` cuts apart): `overlap.Overlapped` over the segments, each
-        compiled without CUDA graphs, the whole captured as one on a GPU (`overlap.Captured`)."""
+        compiled is rewritten by `fuse.concat_projections` over those tensors."""
         role = "prefill" if prefill else "step"
-        key = (None if cast is None else cast.key, concat is not None and not prefill, OVERLAP and not prefill)
+        key = (None if cast is None else cast.key, concat is not None and not prefill)
         made = self._compiled.get(role)
         if made is None or made[:2] != (options, key):
             graph = self.module if prefill else self.to_compile
@@ -271,13 +267,7 @@ class Decoder:
                 graph = copy.deepcopy(graph, {**memo, **cast.copies})
             if key[1]:
                 graph = _concatenated(graph, concat)
-            parts = overlap.split(graph, set(self.models[:-1])) if OVERLAP and not prefill else None
-            if parts is not None:
-                compiled = overlap.Overlapped(parts, lambda segment: torch.compile(segment, **overlap.uncaptured(options)))
-                if any(t.is_cuda for t in graph.parameters()):
-                    compiled = overlap.Captured(compiled)
-            else:
-                compiled = torch.compile(graph, **options)
+            compiled = torch.compile(graph, **options)
             if not prefill and MATH_ATTENTION:
                 compiled = MathAttention(compiled)
             made = self._compiled[role] = (dict(options), key, compiled)
