@@ -223,10 +223,13 @@ def check_generate(family: str, role: str, new: int = 5) -> dict:
         said = [str(w.message) for w in caught]
         fallback = [m for m in said if "without the anchor's KV cache" in m]
         demoted = [m for m in said if m.startswith("decoding the anchor alone")]   # a shared augment failed
+        unsound = [m for m in said if "off the recomputing path's" in m]       # the first-use check failed
         entry = generation._entry(composed)
         record.update(cached=[] if fallback else list(entry.get("models", ())), ragged=bool(entry.get("ragged")),
                       recomputes=(fallback or [m.split(": ", 1)[-1] for m in demoted] or [None])[0],
                       greedy=torch.equal(got, expected), padded=torch.equal(together, alone))
+        if unsound:
+            record["unsound"] = unsound[0][:300]
         if not record["greedy"]:   # a near-tie of the full forward's logits, or a wrong step
             at = int((got != expected).any(0).nonzero()[0])
             with torch.no_grad():
