@@ -19,13 +19,6 @@ def _moved(value, device: torch.device):
     return value
 
 
-# torch.export's region of a `with torch.autocast(device_type, ...)` (transformers' rotary embeddings turn
-# autocast off to compute their angles in float32): its device type is a string, and a region traced on the
-# CPU and run on a GPU would turn off the CPU's autocast only.
-_AUTOCAST_REGION = torch.ops.higher_order.wrap_with_autocast
-_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia")   # where torch.autocast runs
-
-
 def retarget(graph: fx.Graph, device: torch.device) -> bool:
     """Point every device constant in `graph` at `device`; True if any changed."""
     changed = False
@@ -33,8 +26,6 @@ def retarget(graph: fx.Graph, device: torch.device) -> bool:
         if node.op not in ("call_function", "call_method"):
             continue
         args = tuple(_moved(a, device) for a in node.args)
-        if node.target is _AUTOCAST_REGION and device.type in _AUTOCAST_DEVICES and args[0] != device.type:
-            args = (device.type, *args[1:])
         kwargs = {k: _moved(v, device) for k, v in node.kwargs.items()}
         if args != node.args or kwargs != node.kwargs:
             node.args, node.kwargs = args, kwargs

@@ -321,20 +321,6 @@ def test_moving_the_composition_moves_the_devices_written_into_its_graph(ids):
     assert all(p.device.type == "cpu" for p in models["base"].parameters())   # the user's model stays put
 
 
-def test_moving_the_composition_moves_the_device_type_of_an_autocast_region():
-    """torch.export may keep a `with torch.autocast(device_type, enabled=False)` region (transformers'
-    rotary embeddings) as a higher-order op naming the device type as a string: it moves with the rest, or
-    the region traced on the CPU would turn off the CPU's autocast only (tests/test_cuda.py runs it)."""
-    from calmgraph.device import retarget
-    graph = torch.fx.Graph()
-    x = graph.placeholder("x")
-    region = graph.call_function(torch.ops.higher_order.wrap_with_autocast, ("cpu", None, False, None, "body", x))
-    graph.output(region)
-    assert retarget(graph, torch.device("cuda", 0)) and region.args[0] == "cuda"
-    assert not retarget(graph, torch.device("cuda", 1))                # the type only: nothing to change
-    assert not retarget(graph, torch.device("meta")) and region.args[0] == "cuda"   # autocast has no meta
-
-
 def test_casting_the_models_of_a_graph_that_holds_its_dtypes_is_refused_and_changes_nothing(ids):
     """torch.export writes dtypes as constants too, and a norm's cast up to float32 and back to its input's
     dtype are both float32 when traced in float32: `.to(torch.bfloat16)` gave a graph that failed at its

@@ -173,3 +173,26 @@ def test_an_anchor_with_eager_attention_keeps_a_decoder_per_length():
         out = composed.generate(ids, 8, attention_mask=mask)
         assert torch.equal(out[:, -8:], alone(composed, ids, mask, {}, 8))
     assert not ragged_decoders(composed, 2) and _entry(composed)["ragged"] is False
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "flint"])
+def test_an_anchor_with_attention_sinks_keeps_a_decoder_per_length(family):
+    """GPT-OSS and Flint attend by hand with a learned sink per head: a softmax over the cache slots and one
+    slot more, which the test for eager attention missed (it looked for the slots alone), so one ragged
+    decoder read the padded slots. The tokens came out the same, but the first-use check found the padded
+    row's logits 1e-3 off the recomputing path's. Their rows decode in a decoder per length, checked."""
+    from tests.families import small_model
+    torch.manual_seed(0)
+    models = {"anchor": small_model(family), "aug": support.llama(dim=32).eval()}
+    spec = {"anchor": {"name": "anchor"}, "augments": [{"name": "aug"}],
+            "edges": [{"source": "aug", "target": "anchor", "layers": {"every": 1}}]}
+    composed = cg.compile(spec, models=models)
+    support.randomize_new_parameters(composed)
+    ids = torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = composed.generate(ids, 6, attention_mask=mask, cache=True)   # a failed check: InternalError
+    assert torch.equal(out[:, -6:], alone(composed, ids, mask, {}, 6))
+    assert not ragged_decoders(composed, 2) and _entry(composed)["ragged"] is False

@@ -66,7 +66,6 @@ FUSE = True  # apply fuse.py's rewrites to each decode graph (benchmarks/decode_
 KEEP = "keep"   # a ragged decoder's last input: (batch, max_len), False at the slots that hold padding
 MATH_ATTENTION = True  # compile the step's attention as math (`MathAttention`; benchmarks/step_kernels.py measures both)
 
-
 # A decoder layer's attention over an encoder's states, by its name in transformers (BART's family, Whisper;
 # BERT's): not causal, yet a causal LM runs it only when given encoder states, which generate never passes.
 CROSS_ATTENTION = ("encoder_attn", "crossattention")
@@ -344,11 +343,11 @@ def pad_masks(graph: fx.Graph, keep: fx.Node, position: fx.Node, max_len: int) -
     TraceError where one has none (a model that lets SDPA mask causally by itself, or an additive mask), or
     where a model computes its attention by hand (transformers' eager attention, as Gemma2's softcapping
     needs: a softmax of (batch, heads, queries, cache slots) scores, whose additive mask would still read
-    the padding)."""
+    the padding; GPT-OSS's and Flint's take one more, a learned sink per head)."""
     for node in graph.nodes:
         val = node.meta.get("val")
         if node.op == "call_function" and node.target in SOFTMAX and isinstance(val, torch.Tensor) \
-                and val.ndim == 4 and val.shape[-1] == max_len:
+                and val.ndim == 4 and val.shape[-1] >= max_len:
             raise TraceError(f"{node.name} is an attention computed without SDPA (eager attention): its mask "
                              "cannot take the padding")
     made: dict[fx.Node, fx.Node] = {}
