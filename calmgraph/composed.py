@@ -89,7 +89,10 @@ class ComposedModel(fx.GraphModule):
                        if t.is_floating_point() and not name.startswith(f"{ROOT}.")), None)
         if frozen is None:
             return
-        to = fn(torch.empty(0, dtype=frozen.dtype, device=frozen.device)).dtype   # what the call would cast to
+        try:   # what the call would cast to, on an empty tensor
+            to = fn(torch.empty(0, dtype=frozen.dtype, device=frozen.device)).dtype
+        except Exception:  # noqa: BLE001 - a function for other tensors (a wrapper's): let the call itself say
+            return
         baked = dtype_constants(self) if to != frozen.dtype else set()
         if baked:
             raise ModelError(
