@@ -42,6 +42,7 @@ def _faulty(monkeypatch, role: str):
 
 @pytest.mark.parametrize("role", ["module", "step"])
 def test_a_faulty_decode_graph_is_caught_at_its_first_use_and_the_call_recomputes(monkeypatch, role):
+    """A prefill or step whose logits are off: a warning naming it, that call's tokens from recomputing."""
     composed = _llama_gpt2()
     _faulty(monkeypatch, role)
     ids = tokens((2, 5), 3)
