@@ -222,7 +222,7 @@ def run(args, save=lambda report: None) -> dict:
         started = time.perf_counter()
         composed = compose(anchor, augment, mode, args.every)
         compile_s = time.perf_counter() - started
-        twins = {}
+        twin = None
         for batch in args.batch:
             ids = torch.randint(3, args.vocab, (batch, args.prompt), device=device,
                                 generator=torch.Generator(device).manual_seed(batch))
@@ -250,10 +250,8 @@ def run(args, save=lambda report: None) -> dict:
                     calls[variant] = (lambda o: lambda n: composed.generate(ids, n, **o, **extra))(options)
                 if variant == "compiled_eos_at_once":
                     calls[variant] = at_once(calls[variant])
-                if variant.endswith("_per_length"):  # on a twin: its decoders and the others' stay apart
-                    if variant not in twins:
-                        twins[variant] = twin_of(composed, anchor, augment, mode, args.every)
-                    twin = twins[variant]
+                if variant.endswith("_per_length"):  # on a twin: its decoders and the others' do not evict each other's
+                    twin = twin or twin_of(composed, anchor, augment, mode, args.every)
                     calls[variant] = per_length(twin, (lambda o, t: lambda n: t.generate(ids, n, **o, **extra))(options, twin))
             first, outs = {}, {}
             for name, call in calls.items():  # the first call traces the decode graph (and compiles)

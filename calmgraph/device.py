@@ -33,24 +33,18 @@ def retarget(graph: fx.Graph, device: torch.device) -> bool:
     return changed
 
 
-def _dtypes(value) -> set[torch.dtype]:
-    if isinstance(value, torch.dtype):
-        return {value} if value.is_floating_point else set()
-    if isinstance(value, (list, tuple)):
-        return set().union(*map(_dtypes, value)) if value else set()
-    if isinstance(value, dict):
-        return _dtypes(tuple(value.values()))
-    return set()
-
-
 def dtype_constants(module: nn.Module) -> set[torch.dtype]:
     """The floating dtypes written as constants into the graphs of `module` (itself and those nested)."""
     found: set[torch.dtype] = set()
+
+    def note(value):
+        if isinstance(value, torch.dtype) and value.is_floating_point:
+            found.add(value)
     for m in module.modules():
         if isinstance(m, fx.GraphModule):
             for node in m.graph.nodes:
                 if node.op in ("call_function", "call_method"):
-                    found |= _dtypes(node.args) | _dtypes(node.kwargs)
+                    fx.node.map_aggregate((node.args, node.kwargs), note)
     return found
 
 

@@ -332,12 +332,13 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
 
     steps = None
     recompute = functools.partial(RecomputedSteps, composed, packed, lengths, states, o.max_new_tokens, writes)
-    unsound = _entry(composed).get(UNSOUND) if cache is not False and can_cache(composed) else None
+    cacheable = cache is not False and can_cache(composed)
+    unsound = _entry(composed).get(UNSOUND) if cacheable else None
     if unsound is not None:   # a decode graph of this composition failed its check (`check.py`)
         if cache:
             raise InternalError(f"{unsound}. generate(..., cache=False) recomputes")
         warnings.warn(f"generating without the KV cache: {unsound}", stacklevel=3)
-    elif cache is not False and can_cache(composed) and o.max_new_tokens > 0:
+    elif cacheable and o.max_new_tokens > 0:
         cached = functools.partial(CachedSteps, composed, packed, lengths, states, o.max_new_tokens, step_options,
                                    writes, prefill_options, concat_projections)
         try:
