@@ -23,6 +23,8 @@ JSON goes to stdout (and to `--out`, rewritten after each first call and each mo
 false until the end); a line per first call and per result to stderr as it comes. `--load-cache` and
 `--save-cache` carry torch.compile's caches between processes (`compile_cache.py`). `--concat-projections`
 passes `concat_projections=True` with every `compile_step`.
+`compiled_alt`: the step compiled with `--alt-step-options` instead, on a second composition (decoders of its
+own), timed beside `compiled` in the same rounds.
 `--ragged N`: row i's prompt is `--prompt` - i * N tokens, left-padded (an attention mask; transformers' run
 gets it too), which generate decodes in one decoder where the models allow (`generation.generate.ragged_ok`);
 the `*_per_length` variants decode the same rows with a decoder per prompt length, as generate did before.
@@ -67,11 +69,15 @@ def parse(argv=None):
     p.add_argument("--modes", nargs="+", choices=["shared", "prompt"], default=["shared", "prompt"])
     p.add_argument("--variants", nargs="+",
                    choices=["cached", "compiled", "compiled_prefill", "compiled_fused_attention", "compiled_eos",
-                            "compiled_eos_at_once", "recompute", "cached_per_length", "compiled_per_length"],
+                            "compiled_eos_at_once", "recompute", "cached_per_length", "compiled_per_length",
+                            "compiled_alt"],
                    default=["cached", "compiled", "recompute"])
     p.add_argument("--step-options", type=json.loads, default=None, metavar="JSON",
                    help='the compiled variant\'s compile_step (default true: STEP_COMPILE), e.g. '
                         '\'{"options": {"triton.cudagraphs": true, "combo_kernels": true}}\'')
+    p.add_argument("--alt-step-options", type=json.loads, default=None, metavar="JSON",
+                   help="the compiled_alt variant's compile_step: the step compiled another way, on a twin composition, "
+                        "timed beside compiled")
     p.add_argument("--concat-projections", action="store_true",
                    help="concat_projections=True with every compile_step (a copy of those weights)")
     p.add_argument("--eos", type=int, default=None, help="the eos variants' eos_token_id (default: vocab - 1)")
@@ -84,6 +90,8 @@ def parse(argv=None):
     p.add_argument("--save-cache", type=Path, metavar="DIR",
                    help="save torch.compile's caches here after each first call")
     args = p.parse_args(argv)
+    if ("compiled_alt" in args.variants) != (args.alt_step_options is not None):
+        p.error("the compiled_alt variant and --alt-step-options come together: give both or neither")
     last, most = max(args.batch) - 1, (args.prompt - 1) // max(max(args.batch) - 1, 1)
     if not 0 <= args.ragged <= most:
         why = "is not a number of tokens" if args.ragged < 0 else \
@@ -203,6 +211,7 @@ def run(args, save=lambda report: None) -> dict:
         "what": "tokens/s per sequence, greedy, no early stop; median of interleaved rounds",
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "compile_step": "STEP_COMPILE" if args.step_options is None else args.step_options,
+        "alt_step_options": args.alt_step_options,
         "concat_projections": args.concat_projections,
         "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or "cpu",
@@ -241,7 +250,8 @@ def run(args, save=lambda report: None) -> dict:
                            "compiled_eos": {"cache": True, "compile_step": step, "eos_token_id": eos},
                            "compiled_eos_at_once": {"cache": True, "compile_step": step, "eos_token_id": eos},
                            "recompute": {"cache": False}, "cached_per_length": {"cache": True},
-                           "compiled_per_length": {"cache": True, "compile_step": step}}[variant]
+                           "compiled_per_length": {"cache": True, "compile_step": step},
+                           "compiled_alt": {"cache": True, "compile_step": args.alt_step_options}}[variant]
                 if args.concat_projections and "compile_step" in options:
                     options = {**options, "concat_projections": True}
                 if variant == "compiled_fused_attention":  # its own decoders, compiled with the flag off
@@ -250,9 +260,11 @@ def run(args, save=lambda report: None) -> dict:
                     calls[variant] = (lambda o: lambda n: composed.generate(ids, n, **o, **extra))(options)
                 if variant == "compiled_eos_at_once":
                     calls[variant] = at_once(calls[variant])
-                if variant.endswith("_per_length"):  # on a twin: its decoders and the others' do not evict each other's
+                if variant.endswith("_per_length") or variant == "compiled_alt":  # on a twin: decoders of its own
                     twin = twin or twin_of(composed, anchor, augment, mode, args.every)
-                    calls[variant] = per_length(twin, (lambda o, t: lambda n: t.generate(ids, n, **o, **extra))(options, twin))
+                    calls[variant] = (lambda o, t: lambda n: t.generate(ids, n, **o, **extra))(options, twin)
+                    if variant.endswith("_per_length"):
+                        calls[variant] = per_length(twin, calls[variant])
             first, outs = {}, {}
             for name, call in calls.items():  # the first call traces the decode graph (and compiles)
                 first_s, out = timed(lambda: call(args.new), sync)

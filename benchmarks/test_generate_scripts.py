@@ -47,6 +47,21 @@ def test_generate_scale_eos_variants_share_the_compiled_step(tmp_path):
     assert tokens == {"transformers_anchor_alone": 24, "compiled": 24, "compiled_eos": 24, "compiled_eos_at_once": 24}
 
 
+def test_generate_scale_alt_step_options_compile_a_second_step_beside(tmp_path):
+    """compiled_alt: another compile of the step, on a twin composition, gives the compiled variant's tokens."""
+    out = tmp_path / "alt.json"
+    eager = '{"backend": "eager"}'
+    generate_scale.main([*TINY, "--batch", "2", "--modes", "shared", "--variants", "compiled", "compiled_alt",
+                         "--step-options", eager, "--alt-step-options", '{"backend": "aot_eager"}', "--rounds", "1",
+                         "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["alt_step_options"] == {"backend": "aot_eager"}
+    alt = next(f for f in report["first_calls"] if f["variant"] == "compiled_alt")
+    assert alt["tokens"] == 24 and alt["tokens_equal_to_compiled"] == 1.0
+    with pytest.raises(SystemExit):
+        generate_scale.parse([*TINY, "--variants", "compiled_alt"])
+
+
 def test_generate_scale_ragged_rows(tmp_path):
     """--ragged: rows of 6, 4 and 2 prompt tokens, one decoder and a decoder per length, beside transformers
     given the same padding."""

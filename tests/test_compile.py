@@ -1,6 +1,8 @@
 """The core compiler: identity at init, parity with an eager reference, gradients, masks, wiring, pruning."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.fx as fx
@@ -410,5 +412,46 @@ def test_under_autocast_a_float32_trace_keeps_float32_where_a_model_casts_back(f
         assert not torch.equal(fused, eager)
         torch.testing.assert_close(fused.float(), eager.float(), atol=2 ** -7 * eager.abs().max().item(), rtol=0)
     composed, anchor = _gates_closed(family, torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(composed(ids), anchor(ids).logits)
+
+
+class _MatmulRotary(torch.nn.Module):
+    """Rotary angles as transformers up to 5.17 computed them: a no-grad forward (a nested graph in torch.export's
+    trace) whose one-term matmul runs with autocast off, a region a trace without autocast does not record."""
+
+    def __init__(self, rotary):
+        super().__init__()
+        self.register_buffer("inv_freq", rotary.inv_freq.clone(), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, x, position_ids):
+        inv_freq = self.inv_freq[None, :, None].float().expand(position_ids.shape[0], -1, 1)
+        with torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else \
+                contextlib.nullcontext():
+            freqs = (inv_freq @ position_ids[:, None, :].float()).transpose(1, 2)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos, sin = emb.cos(), emb.sin()
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def test_under_autocast_angles_computed_with_autocast_off_stay_float32():
+    """The trace's one-term matmul becomes a multiply, and export's dtype asserts in the nested graph go: under
+    bf16 autocast the anchor's logits are exactly its own eager run's, whose angles stay float32 (before, the
+    nested graph's assert refused the bf16 product: "Tensor dtype mismatch")."""
+    ids = torch.randint(3, 96, (2, 40), generator=torch.Generator().manual_seed(41))
+    from tests.families import small_model
+    from tests.support import llama
+    torch.manual_seed(0)
+    anchor = small_model("llama").eval()
+    anchor.model.rotary_emb = _MatmulRotary(anchor.model.rotary_emb)
+    models = {"base": anchor, "aug": llama(dim=32).eval()}
+    composed = cg.compile(spec({"name": "aug"}, edges=[every("aug", 1)]), models=models)
+    nested = [m for m in composed.modules() if isinstance(m, fx.GraphModule) and m is not composed]
+    assert not [n for m in [composed, *nested] for n in m.graph.nodes
+                if n.target in (torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten.matmul.default)]
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, eager = composed(ids), anchor(ids).logits
+    assert torch.equal(fused, eager)
     with torch.inference_mode():
         assert torch.equal(composed(ids), anchor(ids).logits)

@@ -21,6 +21,7 @@ import calmgraph.generation.decode as decode
 from calmgraph.generation import fuse as F
 from calmgraph.generation.generate import contexts_of, decoder_for, stages_of
 from calmgraph.tracing import shared
+from calmgraph.tracing.frontends import exported_module
 from tests import support
 
 warnings.filterwarnings("ignore", category=UserWarning)
@@ -229,7 +230,8 @@ def test_fused_greedy_tokens_equal_recomputing(anchor, mode):
 
 
 def exported(module, *args):
-    return torch.export.export(module.eval(), args, strict=False).module()
+    """As the decode graph is traced: export's dtype asserts dropped (`frontends.exported_module`)."""
+    return exported_module(torch.export.export(module.eval(), args, strict=False))
 
 
 class Rms(nn.Module):

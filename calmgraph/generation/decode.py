@@ -57,6 +57,7 @@ from ..passes.splice import masked, splice
 from ..plan import LINK_KEY, ROOT
 from ..signature import WRITE_MASK
 from ..tracing.entry import ENTRY
+from ..tracing.frontends import exported_module
 from ..tracing.shared import trace_shared
 from ..tracing.taps import block_inputs, block_outputs
 from .fuse import concat_projections, fuse, grouped_attention, grouped_attention_of, sdpa_gqa
@@ -156,13 +157,8 @@ def alias_on(source: nn.Module, composed: nn.Module, prefix: str) -> nn.Module:
 def trace_cached(entry: CachedEntry) -> fx.GraphModule:
     ids = torch.zeros(entry.cache.layers[0].keys.shape[0], 2, dtype=torch.long, device=entry.cache.layers[0].keys.device)
     auto = torch.export.Dim.AUTO
-    program = torch.export.export(entry, (ids, torch.arange(2, device=ids.device)), strict=False,
-                                  dynamic_shapes=({1: auto}, {0: auto}))
-    gm = program.module()
-    for node in list(gm.graph.nodes):
-        if node.op == "call_module" and node.target == "_guards_fn":
-            gm.graph.erase_node(node)
-    return gm
+    return exported_module(torch.export.export(entry, (ids, torch.arange(2, device=ids.device)), strict=False,
+                                               dynamic_shapes=({1: auto}, {0: auto})))
 
 
 class Attend(nn.Module):

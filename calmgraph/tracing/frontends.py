@@ -56,12 +56,48 @@ def trace_export(entry: Entry, blocks: list[Block], inputs: tuple, leaf_modules=
 def _export(entry: Entry, inputs: tuple) -> fx.GraphModule:
     # batch and sequence are dynamic; an image's channels and size are fixed by the model
     dims = tuple({0: torch.export.Dim.AUTO, **({1: torch.export.Dim.AUTO} if t.ndim == 2 else {})} for t in inputs)
-    program = torch.export.export(entry, inputs, strict=False, dynamic_shapes=dims)
+    return exported_module(torch.export.export(entry, inputs, strict=False, dynamic_shapes=dims))
+
+
+def exported_module(program: torch.export.ExportedProgram) -> fx.GraphModule:
+    """An exported program as a graph to rewrite and to run under autocast, its nested graphs (export's no-grad
+    regions) included:
+    - export's input guards go: they check the original signature, which the passes change;
+    - so do its dtype asserts (`_assert_tensor_metadata`, before each cast): they pin the dtypes of the trace,
+      which autocast changes by design (a float32 trace run under bf16 autocast);
+    - a product over a one-element axis becomes the multiply it is (exact). Rotary embeddings compute their
+      angles that way with autocast turned off, a region transformers' `maybe_autocast` leaves out of a trace
+      made without autocast; as a multiply, autocast leaves the angles in float32, as the model meant.
+    """
     gm = program.module()
-    for node in list(gm.graph.nodes):  # export's input guards check the original signature; we change it
+    for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
             gm.graph.erase_node(node)
+    for module in gm.modules():
+        if isinstance(module, fx.GraphModule):
+            for node in list(module.graph.nodes):
+                if node.target is torch.ops.aten._assert_tensor_metadata.default and not node.users:
+                    module.graph.erase_node(node)
+                elif node.target in _PRODUCTS and _one_term(*node.args):
+                    with module.graph.inserting_after(node):
+                        mul = module.graph.call_function(torch.ops.aten.mul.Tensor, node.args)
+                    mul.meta.update(node.meta)
+                    node.replace_all_uses_with(mul)
+                    module.graph.erase_node(node)
+            module.recompile()
     return gm
+
+
+_PRODUCTS = {torch.ops.aten.matmul.default, torch.ops.aten.bmm.default, torch.ops.aten.mm.default}
+
+
+def _one_term(a, b) -> bool:
+    """Whether a @ b sums over one element: (..., n, 1) @ (..., 1, m), same dtype, so a * b is the same."""
+    a, b = (x.meta.get("val") if isinstance(x, fx.Node) else None for x in (a, b))
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.ndim < 2 or b.ndim < 2:
+        return False
+    return a.dtype == b.dtype and is_concrete_int(a.shape[-1]) and a.shape[-1] == 1 and \
+        is_concrete_int(b.shape[-2]) and b.shape[-2] == 1
 
 
 def check_dynamic(gm: fx.GraphModule, inputs: tuple) -> None:
