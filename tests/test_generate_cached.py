@@ -276,12 +276,25 @@ def test_a_decoder_with_unused_cross_attention_decodes_with_its_cache(family, ro
 
 
 def test_a_self_attention_that_reads_ahead_takes_no_cache():
-    """The exemption is for attention over an encoder: a self-attention that is not causal still refuses."""
+    """The exemptions are for attention over an encoder and for a decoder's self-attention: one that is not
+    causal outside a decoder (BERT's as an encoder) still refuses."""
     from tests.families import small_model
     model = small_model("bart")
     assert decode.cache_kwarg(model) is not None
     model.model.decoder.layers[0].self_attn.is_causal = False
+    assert decode.cache_kwarg(model) is not None
+    model.model.decoder.layers[0].self_attn.is_decoder = False
     assert decode.cache_kwarg(model) is None
+
+
+@pytest.mark.parametrize("role", ["anchor", "augment"])
+def test_a_decoder_self_attention_that_says_it_is_not_causal_decodes_with_its_cache(role):
+    """BigBird-Pegasus's decoder self-attention says `is_causal=False`, yet its decoder passes it a causal mask:
+    it decodes with its cache (it recomputed), and gives full forwards' tokens, padded rows included."""
+    from tests.families import check_generate
+    record = check_generate("bigbird_pegasus", role)
+    assert record["status"] == "works" and record["greedy"] and record["padded"], record
+    assert set(record["cached"]) == {"base", "other"}
 
 
 @pytest.mark.parametrize("family, role", [("minicpm3", "augment"), ("deepseek_v3", "anchor"), ("falcon", "anchor")])

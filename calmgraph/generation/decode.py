@@ -75,8 +75,10 @@ CROSS_ATTENTION = ("encoder_attn", "crossattention")
 def cache_kwarg(model: nn.Module) -> str | None:
     """The name under which a transformers causal LM takes a KV cache, or None if it is not one. A model with
     a self-attention that says it is not causal (BERT's as an encoder, which reads ahead) takes a cache
-    argument too, but no cache decodes it a token at a time. (Each trace is checked besides: `check_decodes`.)"""
+    argument too, but no cache decodes it a token at a time; one that says it sits in a decoder (BigBird-Pegasus's,
+    whose decoder passes it a causal mask) is causal. (Each trace is checked besides: `check_decodes`.)"""
     if not is_transformers(model) or any(getattr(m, "is_causal", True) is False
+                                         and getattr(m, "is_decoder", False) is not True
                                          and name.rpartition(".")[2] not in CROSS_ATTENTION
                                          for name, m in model.named_modules()):
         return None
