@@ -308,3 +308,22 @@ def test_latent_and_multi_query_attention_decode_with_their_caches(family, role)
     record = check_generate(family, role)
     assert record["status"] == "works" and record["greedy"] and record["padded"], record
     assert set(record["cached"]) == {"base", "other"}
+
+
+def test_under_autocast_angles_computed_with_autocast_off_decode_as_recomputed():
+    """The decode graph is traced as the compile's trace is (`frontends.exported_module`): an anchor whose
+    rotary angles are a one-term matmul with autocast off (transformers up to 5.17) decodes under bf16 autocast
+    with its cache (`cache=True`: the first-use check must pass) and gives the recomputing path's tokens."""
+    from tests.families import small_model
+    from tests.test_compile import _MatmulRotary
+    torch.manual_seed(0)
+    anchor = small_model("llama").eval()
+    anchor.model.rotary_emb = _MatmulRotary(anchor.model.rotary_emb)
+    spec = {"anchor": {"name": "anchor"}, "augments": [{"name": "aug", "input": "shared"}],
+            "edges": [{"source": "aug", "target": "anchor", "layers": {"every": 1}}]}
+    composed = cg.compile(spec, models={"anchor": anchor, "aug": support.llama(dim=32).eval()})
+    support.randomize_new_parameters(composed, seed=0, std=0.3)
+    ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cached = composed.generate(ids, 6, cache=True)
+        assert torch.equal(cached, composed.generate(ids, 6, cache=False))
