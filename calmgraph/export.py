@@ -28,6 +28,7 @@ from torch.export import Dim
 from .errors import ExportError
 from .files import check_targets, write_folder, write_text, write_with
 from .tracing.entry import model_device
+from .tracing.frontends import drop_dtype_asserts
 
 
 FORMATS = ("pt2", "onnx")
@@ -44,11 +45,14 @@ def dynamic_shapes(composed) -> tuple[dict, ...]:
 
 
 def export_program(composed) -> torch.export.ExportedProgram:
-    """The composition as a torch.export program whose inputs are keywords named by its signature."""
+    """The composition as a torch.export program whose inputs are keywords named by its signature. It runs
+    under autocast as the composition does: export's dtype asserts, written again here, go."""
     _check_weights(composed)
     names = composed.signature.names
-    return torch.export.export(composed, (), dict(zip(names, example_inputs(composed))), strict=False,
-                               dynamic_shapes=dict(zip(names, dynamic_shapes(composed))))
+    program = torch.export.export(composed, (), dict(zip(names, example_inputs(composed))), strict=False,
+                                  dynamic_shapes=dict(zip(names, dynamic_shapes(composed))))
+    drop_dtype_asserts(program.graph_module)
+    return program
 
 
 def export(composed, path: str | Path, format: str = "pt2", *, overwrite: bool = False) -> Path:

@@ -171,3 +171,20 @@ def test_windowed_rotary_blocks_export_and_run_at_other_shapes(tmp_path, null_kv
         ids = torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(shape[1]))
         with torch.no_grad():
             torch.testing.assert_close(program(input_ids=ids), composed(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_pt2_of_a_float32_composition_runs_under_autocast_as_the_composition(tmp_path):
+    """torch.export writes a dtype assert before each cast, pinning the trace's dtypes; Qwen3's q/k norms cast
+    a projection's output, which autocast makes bf16, so the `.pt2` refused to run under autocast. They are
+    dropped as in the composition's own graph: under CPU bf16 autocast the artifact gives the composition's
+    logits exactly."""
+    from tests.test_compile import _gates_closed
+    composed, _ = _gates_closed("qwen3", torch.float32)
+    path = composed.export(tmp_path / "c.pt2")
+    program = torch.export.load(str(path)).module()
+    assert torch.ops.aten._assert_tensor_metadata.default not in [n.target for n in program.graph.nodes]
+    ids = torch.randint(3, 96, (2, 11), generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        assert torch.equal(program(input_ids=ids), composed(ids))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(program(input_ids=ids), composed(ids))

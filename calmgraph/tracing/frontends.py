@@ -63,8 +63,7 @@ def exported_module(program: torch.export.ExportedProgram) -> fx.GraphModule:
     """An exported program as a graph to rewrite and to run under autocast, its nested graphs (export's no-grad
     regions) included:
     - export's input guards go: they check the original signature, which the passes change;
-    - so do its dtype asserts (`_assert_tensor_metadata`, before each cast): they pin the dtypes of the trace,
-      which autocast changes by design (a float32 trace run under bf16 autocast);
+    - so do its dtype asserts (`drop_dtype_asserts`);
     - a product over a one-element axis becomes the multiply it is (exact). Rotary embeddings compute their
       angles that way with autocast turned off, a region transformers' `maybe_autocast` leaves out of a trace
       made without autocast; as a multiply, autocast leaves the angles in float32, as the model meant.
@@ -73,19 +72,32 @@ def exported_module(program: torch.export.ExportedProgram) -> fx.GraphModule:
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
             gm.graph.erase_node(node)
-    for module in gm.modules():
-        if isinstance(module, fx.GraphModule):
-            for node in list(module.graph.nodes):
-                if node.target is torch.ops.aten._assert_tensor_metadata.default and not node.users:
-                    module.graph.erase_node(node)
-                elif node.target in _PRODUCTS and _one_term(*node.args):
-                    with module.graph.inserting_after(node):
-                        mul = module.graph.call_function(torch.ops.aten.mul.Tensor, node.args)
-                    mul.meta.update(node.meta)
-                    node.replace_all_uses_with(mul)
-                    module.graph.erase_node(node)
-            module.recompile()
+    drop_dtype_asserts(gm)
+    for module in _graph_modules(gm):
+        for node in list(module.graph.nodes):
+            if node.target in _PRODUCTS and _one_term(*node.args):
+                with module.graph.inserting_after(node):
+                    mul = module.graph.call_function(torch.ops.aten.mul.Tensor, node.args)
+                mul.meta.update(node.meta)
+                node.replace_all_uses_with(mul)
+                module.graph.erase_node(node)
+        module.recompile()
     return gm
+
+
+def drop_dtype_asserts(gm: fx.GraphModule) -> None:
+    """torch.export writes an `_assert_tensor_metadata` before each cast, pinning the dtype its input had in
+    the trace. Autocast changes those dtypes by design (a float32 trace run under bf16 autocast), so they go,
+    in nested graphs too."""
+    for module in _graph_modules(gm):
+        for node in list(module.graph.nodes):
+            if node.target is torch.ops.aten._assert_tensor_metadata.default and not node.users:
+                module.graph.erase_node(node)
+        module.recompile()
+
+
+def _graph_modules(gm: fx.GraphModule) -> list[fx.GraphModule]:
+    return [m for m in gm.modules() if isinstance(m, fx.GraphModule)]
 
 
 _PRODUCTS = {torch.ops.aten.matmul.default, torch.ops.aten.bmm.default, torch.ops.aten.mm.default}
