@@ -47,11 +47,12 @@ def spec_file(file: Path) -> Path:
 def save_new(composed, path: str | Path, *, overwrite: bool = False) -> Path:
     """Write the new parameters to `path` (a folder, or a `.safetensors` file) and the spec beside them.
     Sharded: call it on every process; the shards are gathered and process 0 writes."""
+    from .parallel import sharded
     named = list(composed.named_new_parameters())
-    sharded = any(hasattr(p, "full_tensor") for _, p in named)
     tensors = {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().contiguous()
                for name, p in named}
-    if sharded and torch.distributed.get_rank() != 0:
+    # the new parameters may all be whole here (FSDP leaves the root's gathered after a forward): ask the model
+    if sharded(composed) is not None and torch.distributed.get_rank() != 0:
         return _file(path)
     spec = composed.recorded_spec() if hasattr(composed, "recorded_spec") else composed.spec
     return write_new(tensors, _file(path), spec, overwrite=overwrite)

@@ -22,7 +22,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.fx as fx
@@ -33,6 +33,9 @@ from .errors import CheckpointError, ModelError, ParallelError
 from .passes.outline import BLOCK_KEY
 from .passes.splice import INITIAL
 from .plan import ROOT
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 
 def block_paths(composed: fx.GraphModule) -> list[str]:
@@ -98,6 +101,16 @@ def shard(composed: fx.GraphModule, mesh=None, **fsdp_options) -> fx.GraphModule
         fully_shard(composed.get_submodule(path), mesh=mesh, **fsdp_options)
     fully_shard(composed, mesh=mesh, **fsdp_options)
     return composed
+
+
+def sharded(module: nn.Module) -> tuple[str, DeviceMesh] | None:
+    """The name of a parameter sharded across processes (FSDP2's DTensors), if any, and its device mesh. None
+    without a process group, where there is none to shard across: the walk over every parameter is left out
+    of each call. (After a forward, FSDP leaves the root's own weights gathered: whole, not DTensors.)"""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return next(((n, p.device_mesh) for n, p in module.named_parameters() if hasattr(p, "device_mesh")), None)
 
 
 def local_numel(module: nn.Module) -> int:
@@ -200,7 +213,8 @@ def _traced_meta_buffers(composed, model: str) -> list[str]:
 def _repoint_traced(composed, before: dict[int, str], tensors: dict, extra: dict[str, dict]) -> None:
     """The traced models (which generation traces again) hold the loaded tensors, as after a compile on real
     weights: each tensor the composition shared with them, and their buffers it does not use (e.g. rotary
-    `original_inv_freq`) as recomputed. Sharded weights are not theirs: a sharded composition does not generate."""
+    `original_inv_freq`) as recomputed. Sharded weights are not theirs: a sharded composition generates through
+    its own forward (`generation/lockstep.py`), never through them."""
     for model in composed.spec.models:
         traced = composed.traced_model(model.name)
         if traced is None:

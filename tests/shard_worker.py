@@ -1,6 +1,8 @@
 """Run by tests/test_outline.py under torchrun (2 CPU processes, gloo): a Llama + Qwen2 composition,
 sharded with FSDP2 (`calmgraph.parallel.shard`), with and without activation checkpointing. Each rank
-takes its half of the batch; rank 0 writes what it saw (outputs, full gradients, parameter counts)."""
+takes its half of the batch; rank 0 writes what it saw (outputs, full gradients, parameter counts, the
+tokens each rank generated for its rows, the logits after generating). The new parameters are saved
+after a forward, which leaves FSDP's root gathered."""
 from __future__ import annotations
 
 import sys
@@ -10,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.test_outline import composition, grads_of_loss  # noqa: E402
+from tests.test_outline import composition, generate_calls, grads_of_loss  # noqa: E402
 from tests.torchrun import finish  # noqa: E402
 
 from calmgraph.parallel import checkpoint_blocks, local_numel, shard  # noqa: E402
@@ -30,21 +32,38 @@ def run(checkpointing: bool, out: Path) -> dict:
     full = {n: g.full_tensor() if hasattr(g, "full_tensor") else g for n, g in grads.items()}
     frozen_local = sum((p.to_local() if hasattr(p, "to_local") else p).numel()
                        for p in composed.parameters() if not p.requires_grad)
-    gathered = [None] * world
+    gathered, after = [None] * world, [None] * world
     dist.all_gather_object(gathered, {"logits": logits, "local": local_numel(composed), "frozen_local": frozen_local})
-    try:  # refused, naming what to do, with nothing run
-        composed.generate(rows[:, :4], 2)
-        refused = None
-    except Exception as e:  # noqa: BLE001 - the test reads its type and message
-        refused = (type(e).__name__, isinstance(e, ValueError), str(e))
+    generated = generate(composed, rows)
+    dist.all_gather_object(after, composed(rows).detach())
     saved = composed.save_new(out.with_name(f"new_{checkpointing}.safetensors"))   # every rank; rank 0 writes
-    return {"total": total, "frozen_total": frozen_total, "ranks": gathered, "grads": full, "generate": refused,
-            "saved": str(saved)}
+    return {"total": total, "frozen_total": frozen_total, "ranks": gathered, "grads": full, "generate": generated,
+            "after": after, "saved": str(saved)}
+
+
+def generate(composed, rows: torch.Tensor, **inputs) -> dict:
+    """Each rank generates for its own rows (`generate_calls`: the ranks decode for different numbers of
+    steps); what a sharded composition cannot do is refused, naming what to do, with nothing run."""
+    rank = dist.get_rank()
+    refused = {}
+    for keyword in ("cache", "compile_step"):
+        try:
+            composed.generate(rows, 2, **{keyword: True}, **inputs)
+            refused[keyword] = None
+        except Exception as e:  # noqa: BLE001 - the test reads its type and message
+            refused[keyword] = (type(e).__name__, isinstance(e, ValueError), str(e))
+    tokens = {name: composed.generate(*args, **kw, **inputs) for name, (args, kw) in generate_calls(rows, rank).items()}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, tokens)
+    return {"refused": refused, "ranks": gathered}
 
 
 def main(out: str) -> None:
     dist.init_process_group("gloo")
     results = {name: run(ck, Path(out)) for name, ck in (("plain", False), ("checkpointed", True))}
+    composed, ids = composition(prompt=True)       # a prompt augment: its stage runs once a call
+    rows = ids.chunk(dist.get_world_size())[dist.get_rank()]
+    results["prompt"] = generate(shard(composed), rows, kv_input_ids=rows.flip(1))
     if dist.get_rank() == 0:
         torch.save(results, out)
     finish()

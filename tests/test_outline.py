@@ -57,11 +57,29 @@ def _compile(spec, models, *, outline: bool = True):
     return composed
 
 
-def composition():
-    """The Llama + Qwen2 composition and a batch of ids, made the same way in every process."""
-    composed = _compile(EVERY_2, _models("llama+qwen2"))
+def composition(prompt: bool = False):
+    """The Llama + Qwen2 composition and a batch of ids, made the same way in every process. `prompt`: the
+    Qwen2 reads a context of its own (`input: prompt`) rather than the anchor's sequence."""
+    spec = EVERY_2 if not prompt else {**EVERY_2, "augments": [{"name": "kv", "input": "prompt"}]}
+    composed = _compile(spec, _models("llama+qwen2"))
     ids = torch.randint(0, VOCAB, (BATCH, 9), generator=torch.Generator().manual_seed(1))
     return composed, ids
+
+
+def generate_calls(rows: torch.Tensor, rank: int) -> dict[str, tuple[tuple, dict]]:
+    """The generate calls each rank of the sharded run makes on its own rows, each rank's differing so that
+    the ranks decode for different numbers of steps: {name: (args, keywords)}."""
+    padded = rows.clone()
+    padded[0, :2] = 0
+    mask = torch.ones_like(rows)
+    mask[0, :2] = 0                                    # row 0 left-padded by two
+    return {
+        "greedy": ((rows, 3 + 3 * rank), {}),
+        "none_on_rank_0": ((rows, 4 * rank), {}),
+        "padded": ((padded, 4), {"attention_mask": mask}),
+        "sampled": ((rows, 5), {"do_sample": True, "top_k": 5, "generator": torch.Generator().manual_seed(10 + rank)}),
+        "stopped": ((rows, 8), {"stopping_criteria": lambda ids, scores: ids.shape[1] >= rows.shape[1] + 1 + 2 * rank}),
+    }
 
 
 def grads_of_loss(composed, ids) -> dict[str, torch.Tensor]:
@@ -321,9 +339,9 @@ def test_fsdp_on_two_processes_matches_one(sharded, variant):
     assert result["grads"].keys() == want.keys()
     for n, g in result["grads"].items():
         assert torch.allclose(g, want[n], rtol=GRAD_RTOL, atol=GRAD_ATOL), (n, (g - want[n]).abs().max())
-    name, is_value_error, message = result["generate"]   # a sharded composition does not generate: it says so
-    assert name == "ParallelError" and is_value_error and "save_new" in message and "load_new" in message
-    # ... and what it says works: the saved new parameters are the whole ones, and load into one process
+    # generating left the sharded model as it was (and its root gathered: the save below came after it)
+    assert all(torch.equal(a, r["logits"]) for a, r in zip(result["after"], ranks, strict=True))
+    # the saved new parameters are the whole ones, and load into one process
     fresh, _ = composition()
     with torch.no_grad():
         for p in fresh.new_parameters():
@@ -331,6 +349,27 @@ def test_fsdp_on_two_processes_matches_one(sharded, variant):
     cg.load_new(fresh, result["saved"])
     assert all(torch.equal(a, b) for a, b in zip(fresh.new_parameters(), composed.new_parameters(), strict=True))
     assert torch.equal(fresh.generate(ids[:, :4], 3), composed.generate(ids[:, :4], 3))
+
+
+@pytest.mark.parametrize("variant", ["plain", "checkpointed", "prompt"])
+def test_a_sharded_composition_generates_each_ranks_rows_as_one_process_does(sharded, variant):
+    """Each rank generated for its own rows, the ranks for different numbers of steps (one for none at all):
+    the tokens are one process's, greedy and sampled, padded and stopped early."""
+    composed, ids = composition(prompt=variant == "prompt")
+    result = sharded[variant] if variant == "prompt" else sharded[variant]["generate"]
+    for rank, got in enumerate(result["ranks"]):
+        rows = ids.chunk(len(result["ranks"]))[rank]
+        inputs = {"kv_input_ids": rows.flip(1)} if variant == "prompt" else {}
+        calls = generate_calls(rows, rank)
+        assert got.keys() == calls.keys()
+        for name, (args, kw) in calls.items():
+            want = composed.generate(*args, **kw, **inputs, cache=False)
+            assert torch.equal(got[name], want), (rank, name, got[name], want)
+        assert torch.equal(got["greedy"], composed.generate(*calls["greedy"][0], **inputs))   # the cached path's
+    lengths = [{name: t.shape[1] for name, t in r.items()} for r in result["ranks"]]
+    assert lengths[0]["greedy"] != lengths[1]["greedy"] and lengths[0]["none_on_rank_0"] == ids.shape[1]
+    for keyword, (name, is_value_error, message) in result["refused"].items():   # what it cannot do, it says
+        assert name == "ParallelError" and is_value_error and "sharded" in message and "save_new" in message, keyword
 
 
 class _NoGradLayer(nn.Module):

@@ -35,6 +35,8 @@ from ..cross_attention import CrossAttention
 from ..errors import CalmGraphError, InputError, InternalError, ParallelError, TraceError
 from ..passes.merge import check_token_ids, prompt_mask, write_mask
 from ..signature import WRITE_MASK
+from .. import parallel
+from . import lockstep
 from .check import UNSOUND, Checked
 from .decode import Decoder, build_decoder, cache_kwarg, decoded_models, shift_invariant, source_model
 from .options import DEFAULTS, Options, resolve
@@ -167,14 +169,6 @@ def can_cache(composed) -> bool:
     return entry["can_cache"]
 
 
-def _sharded(composed) -> str | None:
-    """The name of a parameter sharded across processes (FSDP2's DTensors), if any. None without a process
-    group, where there is none to shard across: the walk over every parameter is left out of each call."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return None
-    return next((n for n, p in composed.named_parameters() if hasattr(p, "device_mesh")), None)
-
-
 def _check_mask(attention_mask, input_ids: torch.Tensor) -> torch.Tensor:
     if attention_mask is None:
         return torch.ones_like(input_ids, dtype=torch.bool)
@@ -272,14 +266,11 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     `compile_prefill`: run what reads the prompts through `torch.compile` too (the cached prefill, and the
     prompt augments' stage): True with `PREFILL_COMPILE` (dynamic shapes: one compile for every prompt length;
     the prefill's per batch size and bucket), or a dict of its keywords.
+    On a composition sharded with `calmgraph.parallel.shard`, every process calls it for its own prompts, and
+    each recomputes the sequence at each step, in lockstep with the others (`lockstep.py`).
     """
     shared = composed.signature["input_ids"]  # the smallest vocabulary and fewest positions reading the sequence
-    sharded = _sharded(composed)
-    if sharded is not None:
-        raise ParallelError(f"generate runs a whole composition in one process, but this one is sharded across "
-                            f"processes (calmgraph.parallel.shard; e.g. {sharded!r}). Save its new parameters "
-                            "(composed.save_new(path)), then generate from the composition compiled unsharded, "
-                            "after cg.load_new(composed, path)")
+    sharded = parallel.sharded(composed)
     check_token_ids(input_ids, "input_ids")
     o = resolve(generation_config, dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                         do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -311,6 +302,12 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
         raise InputError(f"cache=True, but the anchor {composed.spec.anchor.name!r} "
                          f"({type(composed.anchor_model).__name__}) is not a transformers causal LM, which is what "
                          "the KV cache is traced from; leave cache unset to recompute instead")
+    if sharded is not None and (cache or step_options is not None or prefill_options is not None):
+        raise ParallelError(f"this composition is sharded across processes (e.g. {sharded[0]!r}), so it generates by "
+                            "recomputing the sequence at each step; the KV-cache decode graphs (cache=True, "
+                            "compile_step, compile_prefill) are traced from whole models. Leave those unset, or "
+                            "save the new parameters (composed.save_new) and generate from the composition compiled "
+                            "unsharded, after cg.load_new")
     for name, given in (("compile_step", step_options), ("compile_prefill", prefill_options)):
         if given is not None and (cache is False or not can_cache(composed)):
             raise InputError(f"{name} compiles the KV-cache decode graph, which this call does not use (cache=False, "
@@ -328,18 +325,40 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     packed = input_ids.gather(1, order)[:, :width].masked_fill(~keep.gather(1, order)[:, :width], 0)
     if writes is not None:  # packed like the ids
         writes = writes.gather(1, order)[:, :width].masked_fill(~keep.gather(1, order)[:, :width], 0)
-    states = augment_stage(composed, prefill_options)(**prompts)              # prompt augments: once
+    steps = _steps(composed, packed, lengths, prompts, writes, o.max_new_tokens, cache, step_options,
+                   prefill_options, concat_projections, sharded)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    # a streamer or a criterion sees every step it is given: read each verdict at once for them
+    lag = 0 if streamer is not None or stop is not None else finish_lag(
+        input_ids.device, step_options is not None and isinstance(steps, CachedSteps))
+    new = _decode(steps, input_ids, o, choose, eos, pad, stop, streamer, shared.vocab, lag)
+    if isinstance(steps, lockstep.Lockstep):
+        steps.drain()
+    if streamer is not None:
+        streamer.end()
+    return torch.cat([input_ids, new], dim=1)
 
+
+def _steps(composed, packed, lengths, prompts, writes, max_new_tokens, cache, step_options, prefill_options,
+           concat_projections, sharded):
+    """The steps a call decodes through: cached (checked against the recomputing path at first use) where the
+    composition's models decode with a KV cache, else recomputing; on a sharded composition, in lockstep."""
+    if sharded is not None:
+        run = lockstep.forward_of(composed, prompts, writes is not None)
+        return lockstep.Lockstep(RecomputedSteps(composed, packed, lengths, (), max_new_tokens, writes, run),
+                                 sharded[1])
+    states = augment_stage(composed, prefill_options)(**prompts)              # prompt augments: once
     steps = None
-    recompute = functools.partial(RecomputedSteps, composed, packed, lengths, states, o.max_new_tokens, writes)
+    recompute = functools.partial(RecomputedSteps, composed, packed, lengths, states, max_new_tokens, writes)
     cacheable = cache is not False and can_cache(composed)
     unsound = _entry(composed).get(UNSOUND) if cacheable else None
     if unsound is not None:   # a decode graph of this composition failed its check (`check.py`)
         if cache:
             raise InternalError(f"{unsound}. generate(..., cache=False) recomputes")
-        warnings.warn(f"generating without the KV cache: {unsound}", stacklevel=3)
-    elif cacheable and o.max_new_tokens > 0:
-        cached = functools.partial(CachedSteps, composed, packed, lengths, states, o.max_new_tokens, step_options,
+        warnings.warn(f"generating without the KV cache: {unsound}", stacklevel=4)
+    elif cacheable and max_new_tokens > 0:
+        cached = functools.partial(CachedSteps, composed, packed, lengths, states, max_new_tokens, step_options,
                                    writes, prefill_options, concat_projections)
         try:
             try:
@@ -348,25 +367,17 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
                 if e.model == composed.spec.anchor.name or e.model is None or not decode_anchor_alone(composed):
                     raise
                 warnings.warn(f"decoding the anchor alone with a KV cache; the shared augments rerun over the "
-                              f"sequence at each step: {e}", stacklevel=3)
+                              f"sequence at each step: {e}", stacklevel=4)
                 steps = cached()
         except CalmGraphError as e:  # TraceError included: the cache could not be traced
             if cache:
                 raise
-            warnings.warn(f"generating without the anchor's KV cache: {e}", stacklevel=3)
+            warnings.warn(f"generating without the anchor's KV cache: {e}", stacklevel=4)
     if steps is None:
         steps = recompute()
     elif not (steps.checked("prefill") and steps.checked("step")):
         steps = Checked(steps, recompute(), _entry(composed), strict=bool(cache))
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
-    # a streamer or a criterion sees every step it is given: read each verdict at once for them
-    lag = 0 if streamer is not None or stop is not None else finish_lag(
-        input_ids.device, step_options is not None and isinstance(steps, CachedSteps))
-    new = _decode(steps, input_ids, o, choose, eos, pad, stop, streamer, shared.vocab, lag)
-    if streamer is not None:
-        streamer.end()
-    return torch.cat([input_ids, new], dim=1)
+    return steps
 
 
 def autocast_weights(composed, device: torch.device) -> tuple[torch.dtype | None, list[nn.Parameter]]:
@@ -521,14 +532,15 @@ def _decode(steps, input_ids, o: Options, choose: Chooser, eos, pad, stop, strea
 class RecomputedSteps:
     """Each step runs the anchor stage over the whole sequence; rows are read at their own last position."""
 
-    def __init__(self, composed, packed, lengths, states, max_new_tokens, writes=None):
+    def __init__(self, composed, packed, lengths, states, max_new_tokens, writes=None, run=None):
         B, width = packed.shape
         self.rows, self.lengths, self.width, self.states = torch.arange(B, device=packed.device), lengths, width, states
         self.buf = packed  # grows as tokens come (doubling), not to max_new_tokens at once: a row may stop early
         self.writes = writes  # write_mask, packed like buf; 0 past the prompt
-        self.anchor = stages_of(composed).anchor
+        # `run`: the anchor stage's call made another way (`lockstep.forward_of`), on the weights as they are
+        self.anchor = stages_of(composed).anchor if run is None else run
         # under autocast: each linear weight cast once, not at every step
-        self.weights = by_identity(self.anchor, autocast_copies(composed, packed.device))
+        self.weights = by_identity(self.anchor, autocast_copies(composed, packed.device)) if run is None else {}
 
     def _logits(self, n: int):
         args = (self.buf[:, :n], *(() if self.writes is None else (self.writes[:, :n],)), *self.states)
@@ -546,6 +558,10 @@ class RecomputedSteps:
                 self.writes = torch.cat([self.writes, torch.zeros_like(self.writes)], dim=1)
         self.buf[self.rows, self.lengths + step] = token
         return self._logits(self.width + step + 1)[self.rows, self.lengths + step]
+
+    def idle(self) -> None:
+        """A forward of one position, whose logits nobody reads (`lockstep.Lockstep.drain`)."""
+        self._logits(1)
 
 
 class CachedSteps:
