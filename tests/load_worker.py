@@ -2,7 +2,8 @@
 `hf:` folders compiled on the meta device, then a FineTuner with `parallel="fsdp"`, which shards it and
 loads each rank's shards (`parallel.load_sharded`). Each rank measures its memory at setup (peak resident
 set over the resident set after imports, and over that after compiling); then the logits of the whole
-batch, the new parameters as loaded, and the training run (each rank half of the global batch). Rank 0
+batch, the new parameters as loaded, the tokens each rank generates for its half of the batch, and the
+training run (each rank half of the global batch). Rank 0
 writes what every rank saw."""
 from __future__ import annotations
 
@@ -54,9 +55,11 @@ def main(folder: str, out: str) -> None:
         logits = tuner.model(batch_ids())
     tuner.model.reshard()  # a forward without backward leaves the root's weights gathered
     new = {n: p.full_tensor() for n, p in tuner.model.named_new_parameters()}
+    generated = [None] * dist.get_world_size()   # each rank's rows, before training
+    dist.all_gather_object(generated, tuner.model.generate(batch_ids().chunk(dist.get_world_size())[dist.get_rank()], 4))
     history = tuner.train()
     if dist.get_rank() == 0:
-        torch.save({"ranks": ranks, "logits": logits, "new": new, "history": history}, out)
+        torch.save({"ranks": ranks, "logits": logits, "new": new, "generated": generated, "history": history}, out)
     finish()
 
 

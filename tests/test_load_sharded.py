@@ -227,6 +227,9 @@ def test_the_sharded_load_computes_and_trains_as_one_process_on_real_weights(big
     with torch.no_grad():
         assert torch.allclose(sharded_run["logits"], real(batch_ids()), rtol=1e-5, atol=1e-5)
     same_tensors(list(sharded_run["new"].items()), list(real.named_new_parameters()))
+    halves = batch_ids().chunk(len(sharded_run["generated"]))
+    for rows, got in zip(halves, sharded_run["generated"], strict=True):   # against the cached path
+        assert torch.equal(got, real.generate(rows, 4))
     history = FineTuner(real, Tokens(), train_config()).train()
     for got, want in zip(sharded_run["history"], history, strict=True):
         assert got["step"] == want["step"] and got["loss"] == pytest.approx(want["loss"], rel=1e-5)
