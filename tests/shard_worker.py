@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.test_outline import composition, generate_calls, grads_of_loss  # noqa: E402
+from tests.test_outline import composition, generate_calls, grads_of_loss, sharded_inputs  # noqa: E402
 from tests.torchrun import finish  # noqa: E402
 
 from calmgraph.parallel import checkpoint_blocks, local_numel, shard  # noqa: E402
@@ -61,9 +61,10 @@ def generate(composed, rows: torch.Tensor, **inputs) -> dict:
 def main(out: str) -> None:
     dist.init_process_group("gloo")
     results = {name: run(ck, Path(out)) for name, ck in (("plain", False), ("checkpointed", True))}
-    composed, ids = composition(prompt=True)       # a prompt augment: its stage runs once a call
-    rows = ids.chunk(dist.get_world_size())[dist.get_rank()]
-    results["prompt"] = generate(shard(composed), rows, kv_input_ids=rows.flip(1))
+    for variant in ("prompt", "masked"):          # a prompt augment; blocks that write where write_mask says
+        composed, ids = composition(prompt=variant == "prompt", masked=variant == "masked")
+        rows = ids.chunk(dist.get_world_size())[dist.get_rank()]
+        results[variant] = generate(shard(composed), rows, **sharded_inputs(variant, rows))
     if dist.get_rank() == 0:
         torch.save(results, out)
     finish()

@@ -57,10 +57,13 @@ def _compile(spec, models, *, outline: bool = True):
     return composed
 
 
-def composition(prompt: bool = False):
+def composition(prompt: bool = False, masked: bool = False):
     """The Llama + Qwen2 composition and a batch of ids, made the same way in every process. `prompt`: the
-    Qwen2 reads a context of its own (`input: prompt`) rather than the anchor's sequence."""
+    Qwen2 reads a context of its own (`input: prompt`) rather than the anchor's sequence; `masked`: its
+    blocks add only where the call's `write_mask` says (`writes: masked`)."""
     spec = EVERY_2 if not prompt else {**EVERY_2, "augments": [{"name": "kv", "input": "prompt"}]}
+    if masked:
+        spec = {**spec, "cross_attention": {"writes": "masked"}}
     composed = _compile(spec, _models("llama+qwen2"))
     ids = torch.randint(0, VOCAB, (BATCH, 9), generator=torch.Generator().manual_seed(1))
     return composed, ids
@@ -351,15 +354,22 @@ def test_fsdp_on_two_processes_matches_one(sharded, variant):
     assert torch.equal(fresh.generate(ids[:, :4], 3), composed.generate(ids[:, :4], 3))
 
 
-@pytest.mark.parametrize("variant", ["plain", "checkpointed", "prompt"])
+def sharded_inputs(variant: str, rows: torch.Tensor) -> dict:
+    """The inputs besides the ids of the sharded run's `prompt` and `masked` compositions."""
+    if variant == "prompt":
+        return {"kv_input_ids": rows.flip(1)}
+    return {"write_mask": (rows % 2 == 0).long()} if variant == "masked" else {}
+
+
+@pytest.mark.parametrize("variant", ["plain", "checkpointed", "prompt", "masked"])
 def test_a_sharded_composition_generates_each_ranks_rows_as_one_process_does(sharded, variant):
     """Each rank generated for its own rows, the ranks for different numbers of steps (one for none at all):
     the tokens are one process's, greedy and sampled, padded and stopped early."""
-    composed, ids = composition(prompt=variant == "prompt")
-    result = sharded[variant] if variant == "prompt" else sharded[variant]["generate"]
+    composed, ids = composition(prompt=variant == "prompt", masked=variant == "masked")
+    result = sharded[variant]["generate"] if variant in ("plain", "checkpointed") else sharded[variant]
     for rank, got in enumerate(result["ranks"]):
         rows = ids.chunk(len(result["ranks"]))[rank]
-        inputs = {"kv_input_ids": rows.flip(1)} if variant == "prompt" else {}
+        inputs = sharded_inputs(variant, rows)
         calls = generate_calls(rows, rank)
         assert got.keys() == calls.keys()
         for name, (args, kw) in calls.items():
