@@ -6,6 +6,7 @@ after a forward, which leaves FSDP's root gathered."""
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -52,10 +53,13 @@ def generate(composed, rows: torch.Tensor, **inputs) -> dict:
             refused[keyword] = None
         except Exception as e:  # noqa: BLE001 - the test reads its type and message
             refused[keyword] = (type(e).__name__, isinstance(e, ValueError), str(e))
-    tokens = {name: composed.generate(*args, **kw, **inputs) for name, (args, kw) in generate_calls(rows, rank).items()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tokens = {name: composed.generate(*args, **kw, **inputs) for name, (args, kw) in generate_calls(rows, rank).items()}
+    said = sorted({str(w.message) for w in caught if "KV cache" in str(w.message)})
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, tokens)
-    return {"refused": refused, "ranks": gathered}
+    return {"refused": refused, "ranks": gathered, "warned": said}
 
 
 def main(out: str) -> None:

@@ -378,6 +378,7 @@ def test_a_sharded_composition_generates_each_ranks_rows_as_one_process_does(sha
         assert torch.equal(got["greedy"], composed.generate(*calls["greedy"][0], **inputs))   # the cached path's
     lengths = [{name: t.shape[1] for name, t in r.items()} for r in result["ranks"]]
     assert lengths[0]["greedy"] != lengths[1]["greedy"] and lengths[0]["none_on_rank_0"] == ids.shape[1]
+    assert len(result["warned"]) == 1 and "sharded" in result["warned"][0]    # that it recomputes, it says
     for keyword, (name, is_value_error, message) in result["refused"].items():   # what it cannot do, it says
         assert name == "ParallelError" and is_value_error and "sharded" in message and "save_new" in message, keyword
 

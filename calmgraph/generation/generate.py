@@ -345,6 +345,10 @@ def _steps(composed, packed, lengths, prompts, writes, max_new_tokens, cache, st
     """The steps a call decodes through: cached (checked against the recomputing path at first use) where the
     composition's models decode with a KV cache, else recomputing; on a sharded composition, in lockstep."""
     if sharded is not None:
+        if cache is None and can_cache(composed):
+            warnings.warn("generating without the KV cache: this composition is sharded across processes, and the "
+                          "decode graphs are traced from whole models; each step recomputes the sequence",
+                          stacklevel=4)
         run = lockstep.forward_of(composed, prompts, writes is not None)
         return lockstep.Lockstep(RecomputedSteps(composed, packed, lengths, (), max_new_tokens, writes, run),
                                  sharded[1])
