@@ -1,4 +1,4 @@
-"""Each decode graph's first prefill and first step are checked against the recomputing path
+"""Each decode graph's first prefill and first steps are checked against the recomputing path
 (`generation/check.py`): a fault in the assembled graph gives a warning and full forwards' tokens, not other
 tokens; a sound graph is checked once."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import calmgraph as cg
-from calmgraph.generation import generate as generation
+from calmgraph.generation import check, generate as generation
 from tests.test_generate_cached import argmax_by_full_forwards, compose, tokens
 
 
@@ -81,8 +81,38 @@ def test_a_sound_decode_graph_is_checked_once(monkeypatch):
     monkeypatch.setattr(generation, "RecomputedSteps", Counted)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        first = composed.generate(ids, 4, cache=True)
-    assert calls == [5, 6]                       # the prompt, then prompt + 1: the prefill and the first step
-    decoder = generation.decoder_for(composed, 2, 9)
+        first = composed.generate(ids, 5, cache=True)
+    assert calls == [5, 6, 7, 8]                 # the prompt, then prompt + 1, + 2, + 3: the prefill, 3 steps
+    decoder = generation.decoder_for(composed, 2, 10)
     assert decoder.checked[decoder.module] >= {"prefill"} and decoder.checked[decoder.step] >= {"step"}
-    assert torch.equal(composed.generate(ids, 4, cache=True), first) and calls == [5, 6]
+    assert torch.equal(composed.generate(ids, 5, cache=True), first) and calls == [5, 6, 7, 8]
+
+
+class _WrongFrom(torch.nn.Module):
+    """A step whose logits are rolled along the vocabulary from its `nth` run on (as a CUDA graph's replays
+    could be, its warm-up and recording right)."""
+
+    def __init__(self, step: torch.nn.Module, nth: int):
+        super().__init__()
+        self.inner, self.nth, self.runs = step, nth, 0
+
+    def forward(self, *args):
+        self.runs += 1
+        out = self.inner(*args)
+        return torch.roll(out, 1, -1) if self.runs >= self.nth else out
+
+
+def test_a_step_that_goes_wrong_at_its_third_run_is_caught(monkeypatch):
+    composed = _llama_gpt2()
+    build = generation.build_decoder
+
+    def faulty(*args, **kwargs):
+        decoder = build(*args, **kwargs)
+        decoder.step = _WrongFrom(decoder.step, check.STEPS_CHECKED)
+        return decoder
+    monkeypatch.setattr(generation, "build_decoder", faulty)
+    ids = tokens((2, 5), 3)
+    with pytest.warns(UserWarning, match="decode graph's step gives logits"):
+        got = composed.generate(ids, 6)
+    for i in range(2):
+        assert torch.equal(got[i], argmax_by_full_forwards(composed, ids[i:i + 1], 6, {})[0])

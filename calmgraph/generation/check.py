@@ -4,9 +4,9 @@
 inlined into one graph, the cross-attention blocks spliced in, `fuse.py`'s rewrites, the dead-code pass,
 padding masks for ragged rows, and the compiled step. A fault there gives other tokens, silently (the
 dead-code pass once dropped writes MiniCPM3's keys went through; its steps read uninitialised memory). So
-the first prefill and the first step through each prefill and step callable are compared with the anchor
-stage run over the whole sequence; once each agrees, it runs unchecked. On a difference the call goes on
-recomputing (or, with `cache=True`, raises), and the composition recomputes from then on.
+the first prefill and the first `STEPS_CHECKED` steps through each prefill and step callable are compared
+with the anchor stage run over the whole sequence; once each agrees, it runs unchecked. On a difference the
+call goes on recomputing (or, with `cache=True`, raises), and the composition recomputes from then on.
 """
 from __future__ import annotations
 
@@ -18,10 +18,14 @@ from ..errors import InternalError
 from .decode import off_by
 
 UNSOUND = "unsound"  # the generate entry's key: why the composition's decode graphs are not used
+# Steps compared in a call before a step callable counts as checked: a step compiled with CUDA graphs runs
+# its first call as a warm-up, records its graph at the second and replays it from the third, and a fault
+# may show in any of the three (an input the graph reads from a stale address shows only in a replay).
+STEPS_CHECKED = 3
 
 
 class Checked:
-    """`cached` (a `CachedSteps`) whose unchecked prefills and first step are compared with `recomputed`
+    """`cached` (a `CachedSteps`) whose unchecked prefills and first steps are compared with `recomputed`
     (a `RecomputedSteps` over the same rows); `entry`: the composition's generate entry."""
 
     def __init__(self, cached, recomputed, entry: dict, strict: bool):
@@ -55,10 +59,11 @@ class Checked:
     def next(self, token: torch.Tensor, step: int) -> torch.Tensor:
         if self.failed:
             return self.recomputed.next(token, step)
-        if step or self.cached.checked("step"):
+        if step >= STEPS_CHECKED or self.cached.checked("step"):
             return self.cached.next(token, step)
         got, want = self.cached.next(token, step), self.recomputed.next(token, step)
         if not self._agree(got, want, "step"):
             return want
-        self.cached.mark_checked("step")
+        if step + 1 == STEPS_CHECKED:   # a call that ends sooner leaves the next call to check it again
+            self.cached.mark_checked("step")
         return got

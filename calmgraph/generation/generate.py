@@ -6,7 +6,7 @@ cache (`decode.py`); so does every shared augment that is a transformers causal 
 one keeps its keys and values: a step costs one token through every model. A shared augment without such
 a cache makes the shared augments run over the sequence so far at each step instead (only the anchor is
 cached). Any other anchor (`cache=False`, or one transformers does not cache) recomputes the anchor stage
-over the whole sequence at each step. Each decode graph's first prefill and first step are checked against
+over the whole sequence at each step. Each decode graph's first prefill and first three steps are checked against
 that recomputing path (`check.py`).
 
 Padding. Prompts may come padded (left padding, as tokenizers give them for generation, with an
