@@ -72,8 +72,8 @@ def exported_module(program: torch.export.ExportedProgram) -> fx.GraphModule:
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
             gm.graph.erase_node(node)
-    drop_dtype_asserts(gm)
     for module in _graph_modules(gm):
+        _drop_asserts(module.graph)
         for node in list(module.graph.nodes):
             if node.target in _PRODUCTS and _one_term(*node.args):
                 with module.graph.inserting_after(node):
@@ -90,10 +90,14 @@ def drop_dtype_asserts(gm: fx.GraphModule) -> None:
     the trace. Autocast changes those dtypes by design (a float32 trace run under bf16 autocast), so they go,
     in nested graphs too."""
     for module in _graph_modules(gm):
-        for node in list(module.graph.nodes):
-            if node.target is torch.ops.aten._assert_tensor_metadata.default and not node.users:
-                module.graph.erase_node(node)
+        _drop_asserts(module.graph)
         module.recompile()
+
+
+def _drop_asserts(graph: fx.Graph) -> None:
+    for node in list(graph.nodes):
+        if node.target is torch.ops.aten._assert_tensor_metadata.default and not node.users:
+            graph.erase_node(node)
 
 
 def _graph_modules(gm: fx.GraphModule) -> list[fx.GraphModule]:
