@@ -351,7 +351,7 @@ def _steps(composed, packed, lengths, prompts, writes, max_new_tokens, cache, st
                           stacklevel=4)
         run = lockstep.forward_of(composed, prompts, writes is not None)
         return lockstep.Lockstep(RecomputedSteps(composed, packed, lengths, (), max_new_tokens, writes, run),
-                                 sharded[1])
+                                 sharded[1], packed.device)
     states = augment_stage(composed, prefill_options)(**prompts)              # prompt augments: once
     steps = None
     recompute = functools.partial(RecomputedSteps, composed, packed, lengths, states, max_new_tokens, writes)

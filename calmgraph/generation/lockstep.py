@@ -39,9 +39,10 @@ class Lockstep:
     shards the composition (its last dimension: the ranks whose gathers a forward joins). `drain` runs the
     forwards the other ranks still need once this rank's decoding is over."""
 
-    def __init__(self, steps, mesh: DeviceMesh):
+    def __init__(self, steps, mesh: DeviceMesh, device: torch.device):
         self.steps, self.group = steps, mesh.get_group(mesh.ndim - 1)
-        self.device = torch.device(mesh.device_type)   # gloo: the CPU; NCCL: the rank's GPU
+        # the flag goes where the mesh's collectives run: the CPU (gloo), else the rank's device, the ids'
+        self.device = torch.device("cpu") if mesh.device_type == "cpu" else device
 
     def _any(self, decoding: bool) -> bool:
         """Whether any rank still decodes (every rank calls this once a round)."""
