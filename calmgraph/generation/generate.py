@@ -6,8 +6,9 @@ cache (`decode.py`); so does every shared augment that is a transformers causal 
 one keeps its keys and values: a step costs one token through every model. A shared augment without such
 a cache makes the shared augments run over the sequence so far at each step instead (only the anchor is
 cached). Any other anchor (`cache=False`, or one transformers does not cache) recomputes the anchor stage
-over the whole sequence at each step. Each decode graph's first prefill and first three steps are checked against
-that recomputing path (`check.py`).
+over the whole sequence at each step. Each decode graph's first prefill and first three steps are checked
+against that recomputing path (`check.py`). A composition sharded across processes recomputes, each process
+its own prompts, in lockstep (`lockstep.py`).
 
 Padding. Prompts may come padded (left padding, as tokenizers give them for generation, with an
 `attention_mask`). Rather than thread a mask and position ids into every model (custom models take
@@ -31,11 +32,11 @@ from weakref import WeakKeyDictionary
 import torch
 import torch.nn as nn
 
+from .. import parallel
 from ..cross_attention import CrossAttention
 from ..errors import CalmGraphError, InputError, InternalError, ParallelError, TraceError
 from ..passes.merge import check_token_ids, prompt_mask, write_mask
 from ..signature import WRITE_MASK
-from .. import parallel
 from . import lockstep
 from .check import UNSOUND, Checked
 from .decode import Decoder, build_decoder, cache_kwarg, decoded_models, shift_invariant, source_model
