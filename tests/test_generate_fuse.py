@@ -98,6 +98,36 @@ def test_the_compiled_step_reads_the_cache_through_grouped_attention_and_shares_
     assert own == {id(b) for b in twin.to_compile.buffers()} and not own & caches
 
 
+def test_the_eager_graphs_read_their_weights_flat_the_same_tensors_with_the_same_logits():
+    """`decode.flat_attributes`: no dotted attribute path left for fx's code to walk at each call; the
+    tensors are the graph torch.compile gets (no copy), and a twin with the paths gives the same logits."""
+    composed = compose("llama", "shared")
+    decoder = decoder_for(composed, 2, 12)
+    for graph in (decoder.module, decoder.step):
+        reads = [n.target for n in graph.graph.nodes if n.op == "get_attr"]
+        assert reads and not any("." in t for t in reads)
+    held = {id(t) for t in (*decoder.to_compile.parameters(), *decoder.to_compile.buffers())}
+    assert {id(t) for t in (*decoder.module.parameters(), *decoder.module.buffers())} <= held
+    dotted = torch.fx.GraphModule(decoder.to_compile, _with_paths(decoder.module, decoder.to_compile))
+    ids, extra = ids_and_prompts("shared")
+    want = steps(composed, ids, extra)
+    flat, decoder.module = decoder.module, dotted
+    try:
+        assert torch.equal(steps(composed, ids, extra), want)
+    finally:
+        decoder.module = flat
+
+
+def _with_paths(flat: torch.fx.GraphModule, pathed: torch.fx.GraphModule) -> torch.fx.Graph:
+    """`flat`'s graph with each attribute read by its path in `pathed` (which holds the same tensors)."""
+    path = {id(t): name for name, t in (*pathed.named_parameters(), *pathed.named_buffers())}
+    graph = copy.deepcopy(flat.graph)
+    for node in graph.nodes:
+        if node.op == "get_attr" and isinstance(getattr(flat, node.target), torch.Tensor):
+            node.target = path[id(getattr(flat, node.target))]
+    return graph
+
+
 def compiled_steps(composed, ids, extra):
     """`steps`, through the graph torch.compile gets (run eagerly)."""
     decoder, contexts = decoder_for(composed, 2, 12), contexts_of(composed)

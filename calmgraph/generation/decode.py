@@ -57,7 +57,7 @@ from ..passes.splice import masked, splice
 from ..plan import LINK_KEY, ROOT
 from ..signature import WRITE_MASK
 from ..tracing.entry import ENTRY
-from ..tracing.frontends import exported_module
+from ..tracing.frontends import exported_module, get_attr
 from ..tracing.shared import trace_shared
 from ..tracing.taps import block_inputs, block_outputs
 from .fuse import concat_projections, fuse, grouped_attention, grouped_attention_of, sdpa_gqa
@@ -482,6 +482,8 @@ def build_decoder(composed, anchor_stage: fx.GraphModule, contexts: Contexts, ba
     if writes is not None:  # a new token is never written: the steps run without the masked blocks
         step, to_compile = unwritten(module), unwritten(to_compile)
     names = {name: i for i, name in enumerate(contexts.names)}
+    # the graphs run eager read their weights flat; torch.compile gets `to_compile` as the rewrites left it
+    module, step = flat_attributes(module), flat_attributes(step)
     return Decoder(module, batch, max_len, [(attend[n.target], names[n.args[1].name]) for n in fixed], tuple(models),
                    to_compile, step, ragged=ragged)
 
@@ -501,6 +503,39 @@ def _rewritten(decoder: fx.GraphModule, rewrite) -> fx.GraphModule:
     keep_live(graph)
     graph.lint()
     return fx.GraphModule(decoder, graph, class_name="Decoder")
+
+
+def flat_attributes(decoder: fx.GraphModule) -> fx.GraphModule:
+    """A twin of `decoder` (the same tensors and submodules) whose `get_attr` nodes read attributes of the
+    root itself. fx's code reads a dotted target one `nn.Module.__getattr__` at a time, a few microseconds a
+    weight at each call: an eager step at LLM shapes reads hundreds and is bound by the host. The submodules
+    it calls keep their paths (`Decoder.project` finds the links by them)."""
+    graph, root, flat = _graph_copy(decoder), nn.Module(), {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            _set_path(root, node.target, decoder.get_submodule(node.target))
+        elif node.op == "get_attr":
+            value = get_attr(decoder, node.target)
+            name = flat.setdefault(id(value), (f"_attr{len(flat)}", value))[0]
+            if isinstance(value, nn.Parameter):
+                root.register_parameter(name, value)
+            elif isinstance(value, torch.Tensor):
+                root.register_buffer(name, value, persistent=False)
+            else:
+                setattr(root, name, value)   # a nested graph a higher-order op runs
+            node.target = name
+    graph.lint()
+    return fx.GraphModule(root, graph, class_name="Decoder")
+
+
+def _set_path(root: nn.Module, path: str, module: nn.Module) -> None:
+    owner = root
+    *parents, name = path.split(".")
+    for part in parents:
+        if not hasattr(owner, part):
+            owner.add_module(part, nn.Module())
+        owner = getattr(owner, part)
+    owner.add_module(name, module)
 
 
 def _concatenated(step: fx.GraphModule, concat) -> fx.GraphModule:
