@@ -108,6 +108,9 @@ def test_the_eager_graphs_read_their_weights_flat_the_same_tensors_with_the_same
         assert reads and not any("." in t for t in reads)
     held = {id(t) for t in (*decoder.to_compile.parameters(), *decoder.to_compile.buffers())}
     assert {id(t) for t in (*decoder.module.parameters(), *decoder.module.buffers())} <= held
+    twin = decoder.with_own_caches()     # rows decoded beside: caches of their own, the weights not copied
+    weights = {id(p) for p in decoder.module.parameters()}
+    assert all({id(p) for p in g.parameters()} == weights for g in (twin.module, twin.to_compile))
     dotted = torch.fx.GraphModule(decoder.to_compile, _with_paths(decoder.module, decoder.to_compile))
     ids, extra = ids_and_prompts("shared")
     want = steps(composed, ids, extra)
