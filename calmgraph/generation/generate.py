@@ -32,9 +32,9 @@ from weakref import WeakKeyDictionary
 import torch
 import torch.nn as nn
 
-from .. import parallel
 from ..cross_attention import CrossAttention
 from ..errors import CalmGraphError, InputError, InternalError, ParallelError, TraceError
+from ..parallel import sharded as sharded_parameter
 from ..passes.merge import check_token_ids, prompt_mask, write_mask
 from ..signature import WRITE_MASK
 from . import lockstep
@@ -271,7 +271,7 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     each recomputes the sequence at each step, in lockstep with the others (`lockstep.py`).
     """
     shared = composed.signature["input_ids"]  # the smallest vocabulary and fewest positions reading the sequence
-    sharded = parallel.sharded(composed)
+    sharded = sharded_parameter(composed)
     check_token_ids(input_ids, "input_ids")
     o = resolve(generation_config, dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                         do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
