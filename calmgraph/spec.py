@@ -58,7 +58,7 @@ LayerRef = Annotated[Union[int, str], PlainValidator(_layer_ref)]
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    def __init__(self, **data: Any):  # built alone in Python: its problems as one calmgraph error too
+    def __init__(self, /, **data: Any):  # built alone in Python: its problems as one calmgraph error too
         try:
             super().__init__(**data)
         except ValidationError as e:
@@ -260,7 +260,7 @@ class CompositionSpec(_Spec):
     edges: list[EdgeSpec] = Field(min_length=1)
     cross_attention: CrossAttentionSpec = CrossAttentionSpec()
 
-    def __init__(self, **data: Any):  # every problem, located, as one calmgraph error
+    def __init__(self, /, **data: Any):  # every problem, located, as one calmgraph error
         check_data(data)  # bounded first: an alias bomb or deep nesting never reaches pydantic
         try:
             super().__init__(**data)

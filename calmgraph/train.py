@@ -122,7 +122,7 @@ class TrainConfig(BaseModel):
     def _path(cls, v):
         return os.fspath(v) if isinstance(v, os.PathLike) else v
 
-    def __init__(self, **data: Any):
+    def __init__(self, /, **data: Any):  # `self` positional-only: a key named "self" is an unknown key
         try:
             super().__init__(**data)
         except ValidationError as e:

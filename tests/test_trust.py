@@ -514,6 +514,18 @@ def test_any_data_is_a_spec_or_a_spec_error(data):
         assert all(isinstance(p.loc, str) for p in e.problems) and len(str(e)) < 20_000
 
 
+def test_a_key_named_self_is_an_unknown_key():
+    """Found by the fuzz test below: the specs' `__init__(self, **data)` took a key "self" for its own
+    argument (a TypeError, exit 3 on the command line)."""
+    from calmgraph.train import TrainConfig
+    for build in (lambda: cg.load_spec({"self": "base", "anchor": {"name": "a"}}),
+                  lambda: cg.CompositionSpec(self=1), lambda: cg.spec.CrossAttentionSpec(self=2)):
+        with pytest.raises(cg.SpecError, match="self: unknown key"):
+            build()
+    with pytest.raises(cg.errors.ConfigError, match="self: unknown key"):
+        TrainConfig(self=1)
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=DATA)
 def test_the_cli_never_exits_3_on_a_spec_file(data, tmp_path_factory, capsys):
