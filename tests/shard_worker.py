@@ -62,6 +62,41 @@ def generate(composed, rows: torch.Tensor, **inputs) -> dict:
     return {"refused": refused, "ranks": gathered, "warned": said}
 
 
+class _BrokenStreamer:
+    """Raises at the second step's tokens (its first `put` is the prompt)."""
+
+    def __init__(self):
+        self.puts = 0
+
+    def put(self, value):
+        self.puts += 1
+        if self.puts == 3:
+            raise RuntimeError("the streamer broke")
+
+    def end(self):
+        pass
+
+
+def failures(composed, rows: torch.Tensor) -> dict:
+    """A call one rank refuses (rank 1's ids are out of the vocabulary), then one that fails on one rank
+    mid-decode (rank 0's streamer raises): each rank's error, and the tokens of a call after both."""
+    rank = dist.get_rank()
+    bad = rows.clone()
+    bad[0, 0] = 10 ** 6
+    seen = {}
+    for name, (ids, kw) in {"refused": (bad if rank == 1 else rows, {}),
+                            "streamer": (rows, {"streamer": _BrokenStreamer()} if rank == 0 else {})}.items():
+        try:
+            composed.generate(ids, 6, **kw)
+            seen[name] = None
+        except Exception as e:  # noqa: BLE001 - the test reads its type and message
+            seen[name] = (type(e).__name__, str(e))
+    seen["after"] = composed.generate(rows, 3 + rank)             # the ranks are still in step
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, seen)
+    return gathered
+
+
 def main(out: str) -> None:
     dist.init_process_group("gloo")
     results = {name: run(ck, Path(out)) for name, ck in (("plain", False), ("checkpointed", True))}
@@ -69,6 +104,8 @@ def main(out: str) -> None:
         composed, ids = composition(prompt=variant == "prompt", masked=variant == "masked")
         rows = ids.chunk(dist.get_world_size())[dist.get_rank()]
         results[variant] = generate(shard(composed), rows, **sharded_inputs(variant, rows))
+    composed, ids = composition()
+    results["failures"] = failures(shard(composed), ids.chunk(dist.get_world_size())[dist.get_rank()])
     if dist.get_rank() == 0:
         torch.save(results, out)
     finish()

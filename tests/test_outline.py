@@ -383,6 +383,20 @@ def test_a_sharded_composition_generates_each_ranks_rows_as_one_process_does(sha
         assert name == "ParallelError" and is_value_error and "sharded" in message and "save_new" in message, keyword
 
 
+def test_a_rank_whose_call_raises_stops_the_others_calls(sharded):
+    """A generate call refused on one rank, or failing there mid-decode, raises a ParallelError on the other
+    (which would otherwise wait for that rank's next forward); the ranks stay in step for the next call."""
+    composed, ids = composition()
+    ranks = sharded["failures"]
+    assert ranks[1]["refused"][0] == "InputError"
+    assert ranks[0]["streamer"] == ("RuntimeError", "the streamer broke")
+    for rank, case in ((0, "refused"), (1, "streamer")):
+        name, message = ranks[rank][case]
+        assert name == "ParallelError" and "another process" in message, (rank, case, message)
+    for rank, got in enumerate(ranks):
+        assert torch.equal(got["after"], composed.generate(ids.chunk(2)[rank], 3 + rank, cache=False))
+
+
 class _NoGradLayer(nn.Module):
     """A block with a `torch.no_grad()` region, which torch.export lifts into a subgraph of the model."""
 

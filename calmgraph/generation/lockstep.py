@@ -4,7 +4,8 @@ own prompts, as in data-parallel evaluation, through the recomputing path.
 FSDP gathers a block's weights from every rank when the block runs, so each rank must run as many forwards
 as the others, whatever its prompts, its `max_new_tokens` and the step at which its rows finish. Before each
 forward the ranks agree (an all-reduce of one flag) whether any of them still decodes; a rank with nothing
-left to decode runs a forward of one position and discards it, until none decodes.
+left to decode runs a forward of one position and discards it, until none decodes. A rank whose call raises
+(bad input, a streamer's error) says so in the same all-reduce, and the others' calls raise too.
 
 Each step runs the composition's own forward, whose FSDP hooks gather the root's weights (embeddings,
 heads, the cross-attention blocks) as the blocks' hooks gather theirs; the prompt augments rerun with it.
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from ..errors import ParallelError
 from ..signature import WRITE_MASK
 
 if TYPE_CHECKING:
@@ -34,30 +36,59 @@ def forward_of(composed, prompts: dict, writes: bool):
     return run
 
 
-class Lockstep:
-    """A rank's steps (`RecomputedSteps`), each forward run in step with the other ranks of the `mesh` that
-    shards the composition (its last dimension: the ranks whose gathers a forward joins). `drain` runs the
-    forwards the other ranks still need once this rank's decoding is over."""
+DONE, DECODING, FAILED = 0, 1, 2   # a rank's state at a round: the round's MAX is what every rank reads
 
-    def __init__(self, steps, mesh: DeviceMesh, device: torch.device):
-        self.steps, self.group = steps, mesh.get_group(mesh.ndim - 1)
-        # the flag goes where the mesh's collectives run: the CPU (gloo), else the rank's device, the ids'
-        self.device = torch.device("cpu") if mesh.device_type == "cpu" else device
 
-    def _any(self, decoding: bool) -> bool:
-        """Whether any rank still decodes (every rank calls this once a round)."""
-        flag = torch.tensor([int(decoding)], device=self.device)
+class Rounds:
+    """The ranks of the `mesh` that shards a composition agreeing, one all-reduce a round, whether any of them
+    still decodes (its last dimension: the ranks whose gathers a forward joins). Made before anything in a
+    call can be refused: a rank whose call raises (`fail`) tells the others at their next round, where they
+    raise a ParallelError, rather than leave them waiting for a forward it will not run."""
+
+    def __init__(self, mesh: DeviceMesh):
+        self.group = mesh.get_group(mesh.ndim - 1)
+        # the flag goes where the mesh's collectives run: the CPU (gloo), else the rank's current device
+        self.device = torch.device("cpu") if mesh.device_type == "cpu" else \
+            torch.device(mesh.device_type, torch.get_device_module(mesh.device_type).current_device())
+        self.over = False   # every rank has agreed that none decodes, or that one failed: no round is left
+
+    def _max(self, state: int) -> int:
+        flag = torch.tensor([state], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(flag.item())
+        return int(flag.item())
+
+    def any_decoding(self, decoding: bool) -> bool:
+        """Whether any rank still decodes (every rank calls this once a round, or `fail`)."""
+        state = self._max(DECODING if decoding else DONE)
+        self.over = state != DECODING
+        if state == FAILED:
+            raise ParallelError("the generate call of another process sharing this sharded composition raised (its "
+                                "own error says why); this process's call stops with it, as no process can run a "
+                                "forward without the others")
+        return state == DECODING
+
+    def fail(self) -> None:
+        """This rank's call raised: the others' next round says so (unless the rounds are over)."""
+        if not self.over:
+            self.over = True
+            self._max(FAILED)
+
+
+class Lockstep:
+    """A rank's steps (`RecomputedSteps`), each forward run in step with the other ranks (`Rounds`). `drain`
+    runs the forwards the other ranks still need once this rank's decoding is over."""
+
+    def __init__(self, steps, rounds: Rounds):
+        self.steps, self.rounds = steps, rounds
 
     def first(self):
-        self._any(True)
+        self.rounds.any_decoding(True)
         return self.steps.first()
 
     def next(self, token, step):
-        self._any(True)
+        self.rounds.any_decoding(True)
         return self.steps.next(token, step)
 
     def drain(self) -> None:
-        while self._any(False):
+        while self.rounds.any_decoding(False):
             self.steps.idle()
