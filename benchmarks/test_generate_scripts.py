@@ -1,5 +1,5 @@
 """The GPU generation scripts, run on tiny shapes on the CPU: generate_scale.py's report, step_kernels.py's
-linear rewrites (the tokens they decode), compile_cache.py's round trip."""
+linear rewrites (the tokens they decode), compile_cache.py's round trip, decode_trace_time.py's report."""
 import json
 import math
 import statistics
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import calmgraph.generation.decode as decode
-from benchmarks import compile_cache, generate_scale, step_kernels
+from benchmarks import compile_cache, decode_trace_time, generate_scale, step_kernels
 
 TINY = ["--device", "cpu", "--dtype", "fp32", "--vocab", "300", "--prompt", "6", "--new", "24", "--every", "1",
         "--anchor", "64", "2", "4", "2", "128", "--augment", "32", "2", "4", "2", "64"]
@@ -142,3 +142,13 @@ def test_generate_scale_refuses_a_ragged_shift_it_cannot_run_before_building_any
         generate_scale.main([*TINY, "--batch", "1", "3", "--ragged", ragged])
     assert exit.value.code == 2
     assert f"--ragged {ragged}: {why}; give --ragged from 0 to 2" in capsys.readouterr().err
+
+
+def test_decode_trace_time_builds_both_decoders(tmp_path, monkeypatch):
+    """Its models' weights are real numbers: generate checks each decode trace against the model's forward."""
+    monkeypatch.setitem(decode_trace_time.SHAPES, "tiny", (64, 4, 4, 2, 128))   # every 4th block read
+    out = tmp_path / "trace.json"
+    assert decode_trace_time.main(["--pair", "tiny+tiny", "--repeats", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["decoded"] == ["augment", "anchor"]
+    assert all(len(v) == 2 and all(s > 0 for s in v) for v in result["seconds"].values())
