@@ -24,7 +24,8 @@ false until the end); a line per first call and per result to stderr as it comes
 `--save-cache` carry torch.compile's caches between processes (`compile_cache.py`). `--concat-projections`
 passes `concat_projections=True` with every `compile_step`.
 `compiled_alt`: the step compiled with `--alt-step-options` instead, on a second composition (decoders of its
-own), timed beside `compiled` in the same rounds.
+own), timed beside `compiled` in the same rounds; `--alt-concat-projections` gives it `concat_projections=True`
+alone (`--alt-step-options true`: the same compile options, so the pair measures the concatenation).
 `--ragged N`: row i's prompt is `--prompt` - i * N tokens, left-padded (an attention mask; transformers' run
 gets it too), which generate decodes in one decoder where the models allow (`generation.generate.ragged_ok`);
 the `*_per_length` variants decode the same rows with a decoder per prompt length, as generate did before.
@@ -80,6 +81,8 @@ def parse(argv=None):
                         "timed beside compiled")
     p.add_argument("--concat-projections", action="store_true",
                    help="concat_projections=True with every compile_step (a copy of those weights)")
+    p.add_argument("--alt-concat-projections", action="store_true",
+                   help="concat_projections=True with the compiled_alt variant's compile_step alone")
     p.add_argument("--eos", type=int, default=None, help="the eos variants' eos_token_id (default: vocab - 1)")
     p.add_argument("--ragged", type=int, default=0, metavar="N",
                    help="row i's prompt N * i tokens shorter, left-padded (default 0: one length)")
@@ -92,6 +95,8 @@ def parse(argv=None):
     args = p.parse_args(argv)
     if ("compiled_alt" in args.variants) != (args.alt_step_options is not None):
         p.error("the compiled_alt variant and --alt-step-options come together: give both or neither")
+    if args.alt_concat_projections and "compiled_alt" not in args.variants:
+        p.error("--alt-concat-projections changes the compiled_alt variant: add it to --variants")
     last, most = max(args.batch) - 1, (args.prompt - 1) // max(max(args.batch) - 1, 1)
     if not 0 <= args.ragged <= most:
         why = "is not a number of tokens" if args.ragged < 0 else \
@@ -213,6 +218,7 @@ def run(args, save=lambda report: None) -> dict:
         "compile_step": "STEP_COMPILE" if args.step_options is None else args.step_options,
         "alt_step_options": args.alt_step_options,
         "concat_projections": args.concat_projections,
+        "alt_concat_projections": args.alt_concat_projections,
         "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or "cpu",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -252,7 +258,8 @@ def run(args, save=lambda report: None) -> dict:
                            "recompute": {"cache": False}, "cached_per_length": {"cache": True},
                            "compiled_per_length": {"cache": True, "compile_step": step},
                            "compiled_alt": {"cache": True, "compile_step": args.alt_step_options}}[variant]
-                if args.concat_projections and "compile_step" in options:
+                if "compile_step" in options and (args.concat_projections or
+                                                  (variant == "compiled_alt" and args.alt_concat_projections)):
                     options = {**options, "concat_projections": True}
                 if variant == "compiled_fused_attention":  # its own decoders, compiled with the flag off
                     calls[variant] = fused_attention(compose(anchor, augment, mode, args.every), ids, options, extra)

@@ -60,6 +60,27 @@ def test_generate_scale_alt_step_options_compile_a_second_step_beside(tmp_path):
     assert alt["tokens"] == 24 and alt["tokens_equal_to_compiled"] == 1.0
     with pytest.raises(SystemExit):
         generate_scale.parse([*TINY, "--variants", "compiled_alt"])
+    with pytest.raises(SystemExit):
+        generate_scale.parse([*TINY, "--variants", "compiled", "--alt-concat-projections"])
+
+
+def test_generate_scale_alt_concat_projections_concatenate_the_alt_step_alone(tmp_path, monkeypatch):
+    """--alt-concat-projections: compiled_alt's step computes each block's q/k/v and gate/up as one product
+    each (fewer linears in the step it compiles), with the compiled step's tokens."""
+    from calmgraph.generation import decode
+    seen = []
+    concatenated = decode._concatenated
+    monkeypatch.setattr(decode, "_concatenated", lambda step, concat: seen.append(step) or concatenated(step, concat))
+    out = tmp_path / "alt.json"
+    eager = '{"backend": "eager"}'
+    generate_scale.main([*TINY, "--batch", "1", "--modes", "shared", "--variants", "compiled", "compiled_alt",
+                         "--step-options", eager, "--alt-step-options", eager, "--alt-concat-projections",
+                         "--rounds", "1", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["alt_concat_projections"] is True and report["concat_projections"] is False
+    assert len(seen) == 1                                       # compiled_alt's decoder alone
+    alt = next(f for f in report["first_calls"] if f["variant"] == "compiled_alt")
+    assert alt["tokens_equal_to_compiled"] == 1.0
 
 
 def test_generate_scale_ragged_rows(tmp_path):
