@@ -20,6 +20,7 @@ import calmgraph as cg
 import calmgraph.compiler as compiler
 from calmgraph.blocks import Block, find_blocks
 from calmgraph.errors import ParallelError
+from calmgraph.generation import lockstep
 from calmgraph.parallel import block_paths, checkpoint_blocks, checkpointed, shard
 from calmgraph.plan import MODEL_KEY
 from calmgraph.passes.outline import BLOCK_KEY, Outline, outline_blocks
@@ -395,6 +396,26 @@ def test_a_rank_whose_call_raises_stops_the_others_calls(sharded):
         assert name == "ParallelError" and "another process" in message, (rank, case, message)
     for rank, got in enumerate(ranks):
         assert torch.equal(got["after"], composed.generate(ids.chunk(2)[rank], 3 + rank, cache=False))
+
+
+class _Mesh:
+    """What `lockstep.Rounds` reads of a DeviceMesh."""
+
+    ndim = 1
+
+    def __init__(self, device_type: str):
+        self.device_type = device_type
+
+    def get_group(self, dim: int):
+        return None
+
+
+def test_the_lockstep_flag_goes_where_the_mesh_runs_its_collectives():
+    """gloo: the CPU, wherever the ids are; another device type: the ids' device (the rank's own, which the
+    current device need not be)."""
+    ids = torch.zeros(1, 2, dtype=torch.long, device="meta")
+    assert lockstep.Rounds(_Mesh("cpu"), ids).device == torch.device("cpu")
+    assert lockstep.Rounds(_Mesh("meta"), ids).device == ids.device
 
 
 class _NoGradLayer(nn.Module):

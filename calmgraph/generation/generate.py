@@ -273,7 +273,7 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     shared = composed.signature["input_ids"]  # the smallest vocabulary and fewest positions reading the sequence
     sharded = sharded_parameter(composed)
     # a sharded call runs its forwards in step with the other processes', which it tells if it raises
-    rounds = lockstep.Rounds(sharded[1]) if sharded is not None else None
+    rounds = lockstep.Rounds(sharded[1], input_ids) if sharded is not None else None
     try:
         check_token_ids(input_ids, "input_ids")
         o = resolve(generation_config, dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,

@@ -45,11 +45,17 @@ class Rounds:
     call can be refused: a rank whose call raises (`fail`) tells the others at their next round, where they
     raise a ParallelError, rather than leave them waiting for a forward it will not run."""
 
-    def __init__(self, mesh: DeviceMesh):
+    def __init__(self, mesh: DeviceMesh, ids=None):
         self.group = mesh.get_group(mesh.ndim - 1)
-        # the flag goes where the mesh's collectives run: the CPU (gloo), else the rank's current device
-        self.device = torch.device("cpu") if mesh.device_type == "cpu" else \
-            torch.device(mesh.device_type, torch.get_device_module(mesh.device_type).current_device())
+        # the flag goes where the mesh's collectives run: the CPU (gloo), else the rank's device: the ids'
+        # where they are on one of the mesh's type (they may not be a tensor yet: nothing is checked), else
+        # the current one
+        if mesh.device_type == "cpu":
+            self.device = torch.device("cpu")
+        elif isinstance(ids, torch.Tensor) and ids.device.type == mesh.device_type:
+            self.device = ids.device
+        else:
+            self.device = torch.device(mesh.device_type, torch.get_device_module(mesh.device_type).current_device())
         self.over = False   # every rank has agreed that none decodes, or that one failed: no round is left
 
     def _max(self, state: int) -> int:
