@@ -510,32 +510,16 @@ def flat_attributes(decoder: fx.GraphModule) -> fx.GraphModule:
     root itself. fx's code reads a dotted target one `nn.Module.__getattr__` at a time, a few microseconds a
     weight at each call: an eager step at LLM shapes reads hundreds and is bound by the host. The submodules
     it calls keep their paths (`Decoder.project` finds the links by them)."""
-    graph, root, flat = _graph_copy(decoder), nn.Module(), {}
+    graph, attributes, flat = _graph_copy(decoder), {}, {}
     for node in graph.nodes:
         if node.op == "call_module":
-            _set_path(root, node.target, decoder.get_submodule(node.target))
+            attributes[node.target] = decoder.get_submodule(node.target)
         elif node.op == "get_attr":
             value = get_attr(decoder, node.target)
-            name = flat.setdefault(id(value), (f"_attr{len(flat)}", value))[0]
-            if isinstance(value, nn.Parameter):
-                root.register_parameter(name, value)
-            elif isinstance(value, torch.Tensor):
-                root.register_buffer(name, value, persistent=False)
-            else:
-                setattr(root, name, value)   # a nested graph a higher-order op runs
-            node.target = name
+            node.target = flat.setdefault(id(value), f"_attr{len(flat)}")
+            attributes[node.target] = value
     graph.lint()
-    return fx.GraphModule(root, graph, class_name="Decoder")
-
-
-def _set_path(root: nn.Module, path: str, module: nn.Module) -> None:
-    owner = root
-    *parents, name = path.split(".")
-    for part in parents:
-        if not hasattr(owner, part):
-            owner.add_module(part, nn.Module())
-        owner = getattr(owner, part)
-    owner.add_module(name, module)
+    return fx.GraphModule(attributes, graph, class_name="Decoder")   # fx installs each at its target
 
 
 def _concatenated(step: fx.GraphModule, concat) -> fx.GraphModule:

@@ -331,7 +331,7 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
         if writes is not None:  # packed like the ids
             writes = writes.gather(1, order)[:, :width].masked_fill(~keep.gather(1, order)[:, :width], 0)
         steps = _steps(composed, packed, lengths, prompts, writes, o.max_new_tokens, cache, step_options,
-                       prefill_options, concat_projections, sharded, rounds)
+                       prefill_options, concat_projections, rounds)
         if streamer is not None:
             streamer.put(input_ids.cpu())
         # a streamer or a criterion sees every step it is given: read each verdict at once for them
@@ -350,10 +350,10 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
 
 
 def _steps(composed, packed, lengths, prompts, writes, max_new_tokens, cache, step_options, prefill_options,
-           concat_projections, sharded, rounds):
+           concat_projections, rounds):
     """The steps a call decodes through: cached (checked against the recomputing path at first use) where the
     composition's models decode with a KV cache, else recomputing; on a sharded composition, in lockstep."""
-    if sharded is not None:
+    if rounds is not None:
         if cache is None and can_cache(composed):
             warnings.warn("generating without the KV cache: this composition is sharded across processes, and the "
                           "decode graphs are traced from whole models; each step recomputes the sequence",
