@@ -31,8 +31,9 @@ def test_generate_scale_quick(tmp_path):
         if abs(after) > 1e-3:   # else the report's 4-decimal seconds cannot tell its sign
             decode = r["decode_tokens_per_s_per_sequence"]
             assert decode == pytest.approx(23 / after, rel=0.02) if after > 0 else math.isnan(decode)
-        if r["variant"] == "transformers_anchor_alone":
-            assert r["vs_anchor_alone"] == r["decode_vs_anchor_alone"] == 1.0
+        if r["variant"] == "transformers_anchor_alone":   # its decode rate is NaN where the rounds' timings tied
+            assert r["vs_anchor_alone"] == 1.0
+            assert r["decode_vs_anchor_alone"] == 1.0 or math.isnan(r["decode_tokens_per_s_per_sequence"])
 
 
 def test_generate_scale_eos_variants_share_the_compiled_step(tmp_path):
