@@ -270,74 +270,25 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     On a composition sharded with `calmgraph.parallel.shard`, every process calls it for its own prompts, and
     each recomputes the sequence at each step, in lockstep with the others (`lockstep.py`).
     """
-    shared = composed.signature["input_ids"]  # the smallest vocabulary and fewest positions reading the sequence
     sharded = sharded_parameter(composed)
     # a sharded call runs its forwards in step with the other processes', which it tells if it raises
     rounds = lockstep.Rounds(sharded[1], input_ids) if sharded is not None else None
     try:
-        check_token_ids(input_ids, "input_ids")
-        o = resolve(generation_config, dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                                            do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                                            repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
-                                            pad_token_id=pad_token_id))
-        if not (cache is None or isinstance(cache, bool)):
-            raise InputError("cache must be None (use the anchor's KV cache when it has one), True or False; "
-                             f"got {cache!r}")
-        step_options = _compile_options(compile_step, "compile_step", STEP_COMPILE)
-        prefill_options = _compile_options(compile_prefill, "compile_prefill", PREFILL_COMPILE)
-        if not isinstance(concat_projections, bool):
-            raise InputError(f"concat_projections must be True or False; got {concat_projections!r}")
-        if concat_projections and step_options is None:
-            raise InputError("concat_projections rewrites the compiled decode step; pass compile_step=True with it")
-        if generator is not None and (not isinstance(generator, torch.Generator)
-                                      or generator.device.type != input_ids.device.type):
-            got = f"one on {generator.device}" if isinstance(generator, torch.Generator) else repr(generator)
-            raise InputError(f"generator must be a torch.Generator on the ids' device ({input_ids.device}); got {got}")
-        keep = _check_mask(attention_mask, input_ids)
-        check_token_ids(input_ids.masked_fill(~keep, 0), "input_ids", shared.vocab)  # padding is never read
-        prompts = _prompt_inputs(composed, prompt_inputs, input_ids.shape[0])
-        writes = prompts.pop(WRITE_MASK, None)
-        if writes is not None:
-            writes = write_mask(input_ids, writes, WRITE_MASK).to(input_ids.device)
-        eos_ids = [o.eos_token_id] if isinstance(o.eos_token_id, int) else list(o.eos_token_id or ())
-        _check_eos(eos_ids, shared.vocab)
-        eos = torch.tensor(eos_ids, device=input_ids.device) if eos_ids else None
-        pad = o.pad_token_id if o.pad_token_id is not None else (int(eos[0]) if eos is not None else 0)
-        if cache and not can_cache(composed):
-            raise InputError(f"cache=True, but the anchor {composed.spec.anchor.name!r} "
-                             f"({type(composed.anchor_model).__name__}) is not a transformers causal LM, which is what "
-                             "the KV cache is traced from; leave cache unset to recompute instead")
-        if sharded is not None and (cache or step_options is not None or prefill_options is not None):
-            raise ParallelError(f"this composition is sharded across processes (e.g. {sharded[0]!r}), so it "
-                                "generates by recomputing the sequence at each step; the KV-cache decode graphs "
-                                "(cache=True, compile_step, compile_prefill) are traced from whole models. Leave those "
-                                "unset, or save the new parameters (composed.save_new) and generate from the "
-                                "composition compiled unsharded, after cg.load_new")
-        for name, given in (("compile_step", step_options), ("compile_prefill", prefill_options)):
-            if given is not None and (cache is False or not can_cache(composed)):
-                raise InputError(f"{name} compiles the KV-cache decode graph, which this call does not use "
-                                 f"(cache=False, or an anchor transformers does not cache); leave {name} off")
-        choose = Chooser(o, input_ids, attention_mask, eos, generator)
-        stop = criteria(stopping_criteria)
-
-        lengths = keep.sum(1)                                                     # (B,) real tokens per row
-        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)         # real tokens first, in order
-        width = int(lengths.max())
-        if shared.positions is not None and width + o.max_new_tokens > shared.positions:
-            raise InputError(f"a prompt of {width} tokens and max_new_tokens={o.max_new_tokens} need "
-                             f"{width + o.max_new_tokens} positions, but the models reading the sequence have "
-                             f"{shared.positions}; lower max_new_tokens to at most {max(shared.positions - width, 0)}")
-        packed = input_ids.gather(1, order)[:, :width].masked_fill(~keep.gather(1, order)[:, :width], 0)
-        if writes is not None:  # packed like the ids
-            writes = writes.gather(1, order)[:, :width].masked_fill(~keep.gather(1, order)[:, :width], 0)
-        steps = _steps(composed, packed, lengths, prompts, writes, o.max_new_tokens, cache, step_options,
-                       prefill_options, concat_projections, rounds)
+        given = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
+                     temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                     eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        call = _checked_call(composed, input_ids, generation_config, given, sharded, generator, attention_mask, cache,
+                             compile_step, compile_prefill, concat_projections, stopping_criteria, prompt_inputs)
+        packed, lengths, writes = _packed(input_ids, call)
+        steps = _steps(composed, packed, lengths, call.prompts, writes, call.options.max_new_tokens, cache,
+                       call.step_options, call.prefill_options, concat_projections, rounds)
         if streamer is not None:
             streamer.put(input_ids.cpu())
         # a streamer or a criterion sees every step it is given: read each verdict at once for them
-        lag = 0 if streamer is not None or stop is not None else finish_lag(
-            input_ids.device, step_options is not None and isinstance(steps, CachedSteps))
-        new = _decode(steps, input_ids, o, choose, eos, pad, stop, streamer, shared.vocab, lag)
+        lag = 0 if streamer is not None or call.stop is not None else finish_lag(
+            input_ids.device, call.step_options is not None and isinstance(steps, CachedSteps))
+        new = _decode(steps, input_ids, call.options, call.choose, call.eos, call.pad, call.stop, streamer,
+                      composed.signature["input_ids"].vocab, lag)
         if rounds is not None:
             steps.drain()
     except Exception:
@@ -347,6 +298,90 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     if streamer is not None:
         streamer.end()
     return torch.cat([input_ids, new], dim=1)
+
+
+@dataclass
+class _Call:
+    """A generate call's arguments, checked and resolved."""
+    options: Options
+    step_options: dict | None
+    prefill_options: dict | None
+    keep: torch.Tensor               # (B, T) bool: the prompt's real tokens
+    prompts: dict                    # the prompt augments' inputs
+    writes: torch.Tensor | None      # write_mask, where the composition takes one
+    eos: torch.Tensor | None
+    pad: int
+    choose: Chooser
+    stop: object                     # the stopping criteria, or None
+
+
+def _checked_call(composed, input_ids, generation_config, given: dict, sharded, generator, attention_mask, cache,
+                  compile_step, compile_prefill, concat_projections, stopping_criteria, prompt_inputs) -> _Call:
+    """Every argument checked before anything runs or is allocated (an `InputError` naming the argument);
+    `given`: the generation options passed as keywords, which win over `generation_config`'s."""
+    shared = composed.signature["input_ids"]  # the smallest vocabulary and fewest positions reading the sequence
+    check_token_ids(input_ids, "input_ids")
+    o = resolve(generation_config, given)
+    if not (cache is None or isinstance(cache, bool)):
+        raise InputError("cache must be None (use the anchor's KV cache when it has one), True or False; "
+                         f"got {cache!r}")
+    step_options = _compile_options(compile_step, "compile_step", STEP_COMPILE)
+    prefill_options = _compile_options(compile_prefill, "compile_prefill", PREFILL_COMPILE)
+    if not isinstance(concat_projections, bool):
+        raise InputError(f"concat_projections must be True or False; got {concat_projections!r}")
+    if concat_projections and step_options is None:
+        raise InputError("concat_projections rewrites the compiled decode step; pass compile_step=True with it")
+    if generator is not None and (not isinstance(generator, torch.Generator)
+                                  or generator.device.type != input_ids.device.type):
+        got = f"one on {generator.device}" if isinstance(generator, torch.Generator) else repr(generator)
+        raise InputError(f"generator must be a torch.Generator on the ids' device ({input_ids.device}); got {got}")
+    keep = _check_mask(attention_mask, input_ids)
+    check_token_ids(input_ids.masked_fill(~keep, 0), "input_ids", shared.vocab)  # padding is never read
+    prompts = _prompt_inputs(composed, prompt_inputs, input_ids.shape[0])
+    writes = prompts.pop(WRITE_MASK, None)
+    if writes is not None:
+        writes = write_mask(input_ids, writes, WRITE_MASK).to(input_ids.device)
+    eos_ids = [o.eos_token_id] if isinstance(o.eos_token_id, int) else list(o.eos_token_id or ())
+    _check_eos(eos_ids, shared.vocab)
+    eos = torch.tensor(eos_ids, device=input_ids.device) if eos_ids else None
+    pad = o.pad_token_id if o.pad_token_id is not None else (int(eos[0]) if eos is not None else 0)
+    if cache and not can_cache(composed):
+        raise InputError(f"cache=True, but the anchor {composed.spec.anchor.name!r} "
+                         f"({type(composed.anchor_model).__name__}) is not a transformers causal LM, which is what "
+                         "the KV cache is traced from; leave cache unset to recompute instead")
+    if sharded is not None and (cache or step_options is not None or prefill_options is not None):
+        raise ParallelError(f"this composition is sharded across processes (e.g. {sharded[0]!r}), so it "
+                            "generates by recomputing the sequence at each step; the KV-cache decode graphs "
+                            "(cache=True, compile_step, compile_prefill) are traced from whole models. Leave those "
+                            "unset, or save the new parameters (composed.save_new) and generate from the "
+                            "composition compiled unsharded, after cg.load_new")
+    for name, given in (("compile_step", step_options), ("compile_prefill", prefill_options)):
+        if given is not None and (cache is False or not can_cache(composed)):
+            raise InputError(f"{name} compiles the KV-cache decode graph, which this call does not use "
+                             f"(cache=False, or an anchor transformers does not cache); leave {name} off")
+    choose = Chooser(o, input_ids, attention_mask, eos, generator)
+    stop = criteria(stopping_criteria)
+    width = int(keep.sum(1).max())
+    if shared.positions is not None and width + o.max_new_tokens > shared.positions:
+        raise InputError(f"a prompt of {width} tokens and max_new_tokens={o.max_new_tokens} need "
+                         f"{width + o.max_new_tokens} positions, but the models reading the sequence have "
+                         f"{shared.positions}; lower max_new_tokens to at most {max(shared.positions - width, 0)}")
+    return _Call(o, step_options, prefill_options, keep, prompts, writes, eos, pad, choose, stop)
+
+
+def _packed(input_ids: torch.Tensor, call: _Call):
+    """Each row's real tokens moved to its front (`packed`, (B, width), zeros after them), their count
+    (`lengths`, (B,)), and the write mask moved with them."""
+    keep = call.keep
+    lengths = keep.sum(1)
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)         # real tokens first, in order
+    width = int(lengths.max())
+    real = keep.gather(1, order)[:, :width]
+    packed = input_ids.gather(1, order)[:, :width].masked_fill(~real, 0)
+    writes = call.writes
+    if writes is not None:
+        writes = writes.gather(1, order)[:, :width].masked_fill(~real, 0)
+    return packed, lengths, writes
 
 
 def _steps(composed, packed, lengths, prompts, writes, max_new_tokens, cache, step_options, prefill_options,
