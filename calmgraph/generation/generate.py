@@ -263,7 +263,7 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     `concat_projections` (with `compile_step`): the compiled step computes each block's q/k/v, and its gate
     and up, as one product over their weights concatenated (`fuse.concat_projections`), which costs a copy of
     those weights (about 64% of a Llama's), made once per composed model; at 8 rows on an H200 the step took
-    0.82x the GPU time (benchmarks/README.md, "At LLM shapes").
+    0.82x the GPU time, at one row on an H100 it made 1.21x the tokens/s (benchmarks/README.md, "At LLM shapes").
     `compile_prefill`: run what reads the prompts through `torch.compile` too (the cached prefill, and the
     prompt augments' stage): True with `PREFILL_COMPILE` (dynamic shapes: one compile for every prompt length;
     the prefill's per batch size and bucket), or a dict of its keywords.
