@@ -355,8 +355,8 @@ def _checked_call(composed, input_ids, generation_config, given: dict, sharded, 
                             "(cache=True, compile_step, compile_prefill) are traced from whole models. Leave those "
                             "unset, or save the new parameters (composed.save_new) and generate from the "
                             "composition compiled unsharded, after cg.load_new")
-    for name, given in (("compile_step", step_options), ("compile_prefill", prefill_options)):
-        if given is not None and (cache is False or not can_cache(composed)):
+    for name, compiled in (("compile_step", step_options), ("compile_prefill", prefill_options)):
+        if compiled is not None and (cache is False or not can_cache(composed)):
             raise InputError(f"{name} compiles the KV-cache decode graph, which this call does not use "
                              f"(cache=False, or an anchor transformers does not cache); leave {name} off")
     choose = Chooser(o, input_ids, attention_mask, eos, generator)
