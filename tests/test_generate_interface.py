@@ -297,13 +297,13 @@ def test_linear_weights_leave_tied_weights_and_linear_subclasses_alone():
             self.mha_out = torch.nn.modules.linear.NonDynamicallyQuantizableLinear(4, 4)
             self.half = torch.nn.Linear(4, 4).to(torch.bfloat16)         # not float32: nothing to cast
 
-    from calmgraph.generation.generate import linear_weights
+    from calmgraph.generation.copies import linear_weights
     model = Model()
     assert linear_weights(model, torch.device("cpu")) == {id(model.proj.weight), id(model.proj.bias)}
 
 
 def test_autocast_copies_are_the_casts_autocast_makes(small):
-    from calmgraph.generation.generate import autocast_copies
+    from calmgraph.generation.copies import autocast_copies
     composed, _, _ = small
     cpu = torch.device("cpu")
     assert autocast_copies(composed, cpu) == {}                          # autocast off
@@ -325,7 +325,7 @@ def test_eager_generate_under_autocast_casts_each_linear_weight_once(which, cach
     composed model's weights by names of its own (found by identity). The decode graph's caches hold the
     models' dtype: each write casts its keys and values to it (they came in bfloat16, and `index_copy_`
     refused them). Same tokens as full forwards under autocast, fewer casts, no warning."""
-    import calmgraph.generation.generate as generation
+    import calmgraph.generation.copies as copies
     composed, _, name = request.getfixturevalue(which)
     ids, prompts = tokens((2, 4), 9), prompt(name, batch=2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -334,7 +334,7 @@ def test_eager_generate_under_autocast_casts_each_linear_weight_once(which, cach
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             got, fewer = casts(lambda: composed.generate(ids, 6, cache=cache, **prompts))
-        monkeypatch.setattr(generation, "autocast_copies", lambda module, device: {})
+        monkeypatch.setattr(copies, "autocast_copies", lambda module, device: {})
         again, every_step = casts(lambda: composed.generate(ids, 6, cache=cache, **prompts))
     assert torch.equal(got, expected) and torch.equal(again, expected)
     assert fewer < every_step
@@ -383,14 +383,14 @@ def test_a_compiled_step_under_autocast_runs_on_weights_cast_once_and_refreshed_
     shared; one copy for both), so no step casts them again: fewer casts than compiled on the float32 weights,
     the same tokens as full forwards, no warning. The copies are refreshed at each call: a weight changed
     between two calls changes the next call's tokens as it changes full forwards'."""
-    import calmgraph.generation.generate as generation
+    import calmgraph.generation.copies as copies
     composed, _, name = llama_gpt2_bert
     ids, prompts = tokens((2, 4), 9), prompt(name, batch=2)
     step = {"backend": "eager"}
     compiled = dict.fromkeys(compiles, step)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = greedy_by_full_forwards(composed, ids, 6, prompts)
-        monkeypatch.setattr(generation, "autocast_weights", lambda module, device: (None, []))
+        monkeypatch.setattr(copies, "autocast_weights", lambda module, device: (None, []))
         generate = lambda: composed.generate(ids, 6, cache=True, **compiled, **prompts)  # noqa: E731
         generate()                                 # compiles: dynamo's tracing casts too; counted: a later call
         again, every_step = casts(generate)
@@ -401,7 +401,7 @@ def test_a_compiled_step_under_autocast_runs_on_weights_cast_once_and_refreshed_
             got, fewer = casts(generate)
         assert torch.equal(got, expected) and torch.equal(again, expected)
         assert fewer < every_step
-        cast = {id(w) for w in generation.autocast_weights(composed, torch.device("cpu"))[1]}
+        cast = {id(w) for w in copies.autocast_weights(composed, torch.device("cpu"))[1]}
         weight = next(p for n, p in reversed(list(composed.named_parameters()))   # the anchor's last MLP
                       if n.endswith("down_proj.weight") and id(p) in cast)
         before = weight.detach().clone()
