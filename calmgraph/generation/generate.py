@@ -286,8 +286,7 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
         # a streamer or a criterion sees every step it is given: read each verdict at once for them
         lag = 0 if streamer is not None or call.stop is not None else finish_lag(
             input_ids.device, call.step_options is not None and isinstance(steps, CachedSteps))
-        new = _decode(steps, input_ids, call.options, call.choose, call.eos, call.pad, call.stop, streamer,
-                      composed.signature["input_ids"].vocab, lag)
+        new = _decode(steps, input_ids, call, streamer, composed.signature["input_ids"].vocab, lag)
         if rounds is not None:
             steps.drain()
     except Exception:
@@ -426,12 +425,12 @@ def _steps(composed, packed, lengths, prompts, writes, max_new_tokens, cache, st
     return steps
 
 
-def _decode(steps, input_ids, o: Options, choose: Chooser, eos, pad, stop, streamer, vocab, lag: int = 0
-            ) -> torch.Tensor:
+def _decode(steps, input_ids, call: _Call, streamer, vocab, lag: int = 0) -> torch.Tensor:
     """The loop: logits -> a token per row -> the next logits, until max_new_tokens or every row is finished.
     Only ids every model reading the sequence can embed are chosen: an anchor whose vocabulary is larger than
     a shared augment's never emits the ids past the smaller one (it could not read them back). Whether every
     row is finished is read `lag` steps late at most (`Verdicts`); the steps made past the finish are dropped."""
+    o, choose, eos, pad, stop = call.options, call.choose, call.eos, call.pad, call.stop
     B = input_ids.shape[0]
     seen, new = input_ids, []
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
