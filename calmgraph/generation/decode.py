@@ -249,8 +249,8 @@ class Decoder:
         `prefill`, `torch.compile(self.module, **options)` instead: the prefill, whose length is the prompt's
         (give `dynamic=True`), and whose attention over many queries is left to SDPA's kernels.
 
-        `cast` (generate under autocast: `copies.CastWeights`, with `key` and `copies`, by the id of each
-        weight): what is compiled is a twin holding those copies in place of the weights (its caches and
+        `cast` (generate under autocast: a `copies.CastWeights`, its `key` and its cast `copies` by the id of
+        each weight): what is compiled is a twin holding those copies in place of the weights (its caches and
         other weights shared), so that no step casts them again. `concat` (a step only; generate's
         `concat_projections`: `copies.ConcatWeights`, weights -> one tensor of them concatenated): the step
         compiled is rewritten by `fuse.concat_projections` over those tensors."""

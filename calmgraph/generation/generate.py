@@ -509,7 +509,7 @@ class CachedSteps:
         self.groups, slots = [], {}
         compiles = step_options is not None or prefill_options is not None
         entry = _entry(composed)
-        cast = copies.cast_weights(composed, packed.device, entry) if compiles else None  # every decoder's graphs'
+        cast = copies.cast_weights(composed, packed.device, entry) if compiles else None  # every compiled graph's
         joined = copies.concat_weights(entry) if concat else None    # after cast: it may join cast copies
         # the eager graphs (an eager step, the contexts) read the compiled graphs' copies where there are some
         self.weights = ({} if step_options is not None else cast.copies if cast is not None
