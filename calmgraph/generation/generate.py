@@ -305,6 +305,8 @@ class _Call:
     step_options: dict | None
     prefill_options: dict | None
     keep: torch.Tensor               # (B, T) bool: the prompt's real tokens
+    lengths: torch.Tensor            # (B,) real tokens per row
+    width: int                       # the longest row's
     prompts: dict                    # the prompt augments' inputs
     writes: torch.Tensor | None      # write_mask, where the composition takes one
     eos: torch.Tensor | None
@@ -359,27 +361,26 @@ def _checked_call(composed, input_ids, generation_config, given: dict, sharded, 
                              f"(cache=False, or an anchor transformers does not cache); leave {name} off")
     choose = Chooser(o, input_ids, attention_mask, eos, generator)
     stop = criteria(stopping_criteria)
-    width = int(keep.sum(1).max())
+    lengths = keep.sum(1)
+    width = int(lengths.max())
     if shared.positions is not None and width + o.max_new_tokens > shared.positions:
         raise InputError(f"a prompt of {width} tokens and max_new_tokens={o.max_new_tokens} need "
                          f"{width + o.max_new_tokens} positions, but the models reading the sequence have "
                          f"{shared.positions}; lower max_new_tokens to at most {max(shared.positions - width, 0)}")
-    return _Call(o, step_options, prefill_options, keep, prompts, writes, eos, pad, choose, stop)
+    return _Call(o, step_options, prefill_options, keep, lengths, width, prompts, writes, eos, pad, choose, stop)
 
 
 def _packed(input_ids: torch.Tensor, call: _Call):
     """Each row's real tokens moved to its front (`packed`, (B, width), zeros after them), their count
     (`lengths`, (B,)), and the write mask moved with them."""
-    keep = call.keep
-    lengths = keep.sum(1)
+    keep, width = call.keep, call.width
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)         # real tokens first, in order
-    width = int(lengths.max())
     real = keep.gather(1, order)[:, :width]
     packed = input_ids.gather(1, order)[:, :width].masked_fill(~real, 0)
     writes = call.writes
     if writes is not None:
         writes = writes.gather(1, order)[:, :width].masked_fill(~real, 0)
-    return packed, lengths, writes
+    return packed, call.lengths, writes
 
 
 def _steps(composed, packed, lengths, prompts, writes, max_new_tokens, cache, step_options, prefill_options,
