@@ -1,9 +1,9 @@
-"""Greedy tokens of `composed.generate` three ways on the benchmark's Llama composition: recomputing, with
-the KV cache, and with the cached step under torch.compile (CUDA graphs on a GPU). They should agree: in
-float32 exactly; in bf16 (the models cast, or float32 models under autocast) each path rounds in its own order,
-so a near-tie can turn a token and the rest of its row: `first_difference` says where, and
-`at_first_difference` how near a tie the recomputing path's choice was there (the gap between its two largest
-logits, beside one rounding of the largest).
+"""Greedy tokens of `composed.generate` four ways on the benchmark's Llama composition: recomputing, with
+the KV cache, with the cached step under torch.compile (CUDA graphs on a GPU), and that step with
+`concat_projections=True`. They should agree: in float32 exactly; in bf16 (the models cast, or float32 models
+under autocast) each path rounds in its own order, so a near-tie can turn a token and the rest of its row:
+`first_difference` says where, and `at_first_difference` how near a tie the recomputing path's choice was
+there (the gap between its two largest logits, beside one rounding of the largest).
 
     python benchmarks/generate_check.py --device cuda --out benchmarks/results/generate_check_gpu.json
     python benchmarks/generate_check.py --device cuda --dtype bf16          # or: --autocast bf16
@@ -58,7 +58,9 @@ def main():
         with autocast:
             runs = {name: composed.generate(prompt, cfg["new"], augment_input_ids=prompt, **kw)[:, -cfg["new"]:]
                     for name, kw in (("recompute", {"cache": False}), ("cache", {"cache": True}),
-                                     ("compiled", {"cache": True, "compile_step": True}))}
+                                     ("compiled", {"cache": True, "compile_step": True}),
+                                     ("compiled_concat", {"cache": True, "compile_step": True,
+                                                          "concat_projections": True}))}
         same = {name: float((out == runs["recompute"]).float().mean()) for name, out in runs.items()}
         first = {name: first_difference(out, runs["recompute"]) for name, out in runs.items()}
         with autocast, torch.no_grad():
