@@ -25,8 +25,7 @@ false until the end); a line per first call and per result to stderr as it comes
 passes `concat_projections=True` with every `compile_step`.
 `compiled_alt`: the step compiled with `--alt-step-options` instead, on a second composition (decoders of its
 own), timed beside `compiled` in the same rounds; `--alt-concat-projections` gives it `concat_projections=True`
-alone (`--alt-step-options true`: the same compile options, so the pair measures the concatenation);
-`--alt-side-stream` runs its shared augments on a second CUDA stream (`generation/streams.py`).
+alone (`--alt-step-options true`: the same compile options, so the pair measures the concatenation).
 `--ragged N`: row i's prompt is `--prompt` - i * N tokens, left-padded (an attention mask; transformers' run
 gets it too), which generate decodes in one decoder where the models allow (`generation.generate.ragged_ok`);
 the `*_per_length` variants decode the same rows with a decoder per prompt length, as generate did before.
@@ -84,9 +83,6 @@ def parse(argv=None):
                    help="concat_projections=True with every compile_step (a copy of those weights)")
     p.add_argument("--alt-concat-projections", action="store_true",
                    help="concat_projections=True with the compiled_alt variant's compile_step alone")
-    p.add_argument("--alt-side-stream", action="store_true",
-                   help="the compiled_alt variant's step with its shared augments on a second CUDA stream "
-                        "(decode.SIDE_STREAM)")
     p.add_argument("--eos", type=int, default=None, help="the eos variants' eos_token_id (default: vocab - 1)")
     p.add_argument("--ragged", type=int, default=0, metavar="N",
                    help="row i's prompt N * i tokens shorter, left-padded (default 0: one length)")
@@ -99,8 +95,8 @@ def parse(argv=None):
     args = p.parse_args(argv)
     if ("compiled_alt" in args.variants) != (args.alt_step_options is not None):
         p.error("the compiled_alt variant and --alt-step-options come together: give both or neither")
-    if (args.alt_concat_projections or args.alt_side_stream) and "compiled_alt" not in args.variants:
-        p.error("--alt-concat-projections and --alt-side-stream change the compiled_alt variant: add it to --variants")
+    if args.alt_concat_projections and "compiled_alt" not in args.variants:
+        p.error("--alt-concat-projections changes the compiled_alt variant: add it to --variants")
     last, most = max(args.batch) - 1, (args.prompt - 1) // max(max(args.batch) - 1, 1)
     if not 0 <= args.ragged <= most:
         why = "is not a number of tokens" if args.ragged < 0 else \
@@ -144,19 +140,6 @@ def fused_attention(composed, ids, options, extra):
         finally:
             decode.MATH_ATTENTION = previous
     return call
-
-
-def side_stream(call):
-    """`call` with `decode.SIDE_STREAM` on while it runs (what a step reads when it compiles)."""
-    from calmgraph.generation import decode
-
-    def on_two_streams(n):
-        previous, decode.SIDE_STREAM = decode.SIDE_STREAM, True
-        try:
-            return call(n)
-        finally:
-            decode.SIDE_STREAM = previous
-    return on_two_streams
 
 
 def at_once(call):
@@ -236,7 +219,6 @@ def run(args, save=lambda report: None) -> dict:
         "alt_step_options": args.alt_step_options,
         "concat_projections": args.concat_projections,
         "alt_concat_projections": args.alt_concat_projections,
-        "alt_side_stream": args.alt_side_stream,
         "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or "cpu",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -290,8 +272,6 @@ def run(args, save=lambda report: None) -> dict:
                     calls[variant] = (lambda o, t: lambda n: t.generate(ids, n, **o, **extra))(options, twin)
                     if variant.endswith("_per_length"):
                         calls[variant] = per_length(twin, calls[variant])
-                    if variant == "compiled_alt" and args.alt_side_stream:
-                        calls[variant] = side_stream(calls[variant])
             first, outs = {}, {}
             for name, call in calls.items():  # the first call traces the decode graph (and compiles)
                 first_s, out = timed(lambda: call(args.new), sync)

@@ -60,14 +60,12 @@ from ..tracing.entry import ENTRY
 from ..tracing.frontends import exported_module, get_attr
 from ..tracing.shared import trace_shared
 from ..tracing.taps import block_inputs, block_outputs
-from . import streams   # a module import: streams imports this one
 from .fuse import concat_projections, fuse, grouped_attention, grouped_attention_of, sdpa_gqa
 from .stage import Contexts, links_into
 
 FUSE = True  # apply fuse.py's rewrites to each decode graph (benchmarks/decode_ops.py measures both)
 KEEP = "keep"   # a ragged decoder's last input: (batch, max_len), False at the slots that hold padding
 MATH_ATTENTION = True  # compile the step's attention as math (`MathAttention`; benchmarks/step_kernels.py measures both)
-SIDE_STREAM = False  # compile a step with shared augments as `streams.SideStreamStep` (the augments on a second stream)
 
 # A decoder layer's attention over an encoder's states, by its name in transformers (BART's family, Whisper;
 # BERT's): not causal, yet a causal LM runs it only when given encoder states, which generate never passes.
@@ -257,8 +255,7 @@ class Decoder:
         `concat_projections`: `copies.ConcatWeights`, weights -> one tensor of them concatenated): the step
         compiled is rewritten by `fuse.concat_projections` over those tensors."""
         role = "prefill" if prefill else "step"
-        key = (None if cast is None else cast.key, concat is not None and not prefill,
-               SIDE_STREAM and not prefill and len(self.models) > 1)
+        key = (None if cast is None else cast.key, concat is not None and not prefill)
         made = self._compiled.get(role)
         if made is None or made[:2] != (options, key):
             graph = self.module if prefill else self.to_compile
@@ -267,10 +264,7 @@ class Decoder:
                 graph = copy.deepcopy(graph, {**memo, **cast.copies})
             if key[1]:
                 graph = _concatenated(graph, concat)
-            if key[2]:
-                compiled = streams.SideStreamStep(graph, set(self.models[:-1]), options)
-            else:
-                compiled = torch.compile(graph, **options)
+            compiled = torch.compile(graph, **options)
             if not prefill and MATH_ATTENTION:
                 compiled = MathAttention(compiled)
             made = self._compiled[role] = (dict(options), key, compiled)
