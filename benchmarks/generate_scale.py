@@ -15,8 +15,9 @@ with `--eos` as eos_token_id: a row may finish, so whether all have is checked, 
 does with a compiled step on a GPU), `compiled_eos_at_once` (the same, each check read at once: the loop waits
 for the GPU at every step), `recompute` (`cache=False`). The eos variants share `compiled`'s step; `--eos`
 should be an id the rows do not emit (each variant's `tokens` says whether they did).
-Each variant's first call is reported (it traces the decode graph, and compiles; beside `compiled`, the
-fraction of its tokens equal to `compiled`'s), its time to the first token is timed warm, then the variants
+Each variant's first call is reported (it traces the decode graph, and compiles; `compile_caches`: the
+hits and misses of torch's compile caches it made; beside `compiled`, the fraction of its tokens equal to
+`compiled`'s), its time to the first token is timed warm, then the variants
 and transformers alternate for `--rounds` rounds (a call for one token, then one for `--new`) and the medians are reported: tokens/s of the whole call (prefill included) and the
 decode rate, `new - 1` tokens over the per-round difference of the two calls (the prefill excluded). The
 JSON goes to stdout (and to `--out`, rewritten after each first call and each mode and batch, with `complete`
@@ -33,6 +34,7 @@ the `*_per_length` variants decode the same rows with a decoder per prompt lengt
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import datetime
 import json
@@ -193,6 +195,14 @@ def uncached():
         yield
 
 
+def cache_counts() -> collections.Counter:
+    """torch.compile's cache hits, misses and bypasses so far in this process (inductor's compiled graphs,
+    AOTAutograd's): with `first_call_s`, whether a first call compiled or loaded what an earlier process left."""
+    from torch._dynamo.utils import counters
+    return collections.Counter({name: n for group in ("inductor", "aot_autograd")
+                                for name, n in counters[group].items() if "cache" in name})
+
+
 def timed(fn, sync):
     sync()
     started = time.perf_counter()
@@ -274,12 +284,14 @@ def run(args, save=lambda report: None) -> dict:
                         calls[variant] = per_length(twin, calls[variant])
             first, outs = {}, {}
             for name, call in calls.items():  # the first call traces the decode graph (and compiles)
+                before = cache_counts()
                 first_s, out = timed(lambda: call(args.new), sync)
+                caches = dict(cache_counts() - before)
                 outs[name] = out[:, -args.new:]
                 call(1)  # one new token: its own (smaller) cache bucket, built here, off the clock
                 ttft_s, _ = timed(lambda: call(1), sync)
                 first[name] = {"first_call_s": round(first_s, 3), "time_to_first_token_s": round(ttft_s, 4),
-                               "tokens": int(out.shape[1] - args.prompt)}
+                               "tokens": int(out.shape[1] - args.prompt), **({"compile_caches": caches} if caches else {})}
                 if name != "compiled" and "compiled" in outs and outs[name].shape == outs["compiled"].shape:
                     first[name]["tokens_equal_to_compiled"] = round(float((outs[name] == outs["compiled"]).float().mean()), 4)
                 report["first_calls"].append({"mode": mode, "batch": batch, "variant": name, **first[name]})
