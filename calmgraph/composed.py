@@ -1,6 +1,7 @@
 """The compiled composition: one torch.fx.GraphModule, plus what it was built from."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Iterator
 
@@ -9,7 +10,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .device import dtype_constants, retarget_module
-from .errors import ModelError
+from .errors import CalmGraphError, InternalError, ModelError
 from .passes.base import CompileState, PruneReport, TapPoint
 from .plan import ROOT, Link
 from .signature import InputSignature
@@ -29,7 +30,7 @@ class ComposedModel(fx.GraphModule):
                  pruned: PruneReport, frontends: dict[str, str], signature: InputSignature,
                  taps: dict[str, list[TapPoint]], models: dict[str, nn.Module] | None = None,
                  compile_seconds: float | None = None, compile_log: list[dict] | None = None,
-                 source_dir: Path | None = None):
+                 source_dir: Path | None = None, compile_options: dict | None = None):
         super().__init__(root, graph, class_name="ComposedModel")
         self.spec = spec
         self.links = links                         # the cross-attention blocks that survived pruning
@@ -40,6 +41,7 @@ class ComposedModel(fx.GraphModule):
         self.compile_seconds = compile_seconds
         self.compile_log = list(compile_log or [])  # per pass: its name, whether it changed the graph, seconds
         self.source_dir = source_dir               # where the spec's relative source paths start
+        self.compile_options = dict(compile_options or {})   # compile's `prune`, `leaf_modules`: a cast compiles again
         # Each model as a module (the frozen alias of the user's), which generation traces again with a KV
         # cache (`generation/decode.py`). Held in a tuple so nn.Module does not adopt them: no weight counted twice.
         self._models: tuple[dict[str, nn.Module]] = (dict(models or {}),)
@@ -51,7 +53,8 @@ class ComposedModel(fx.GraphModule):
                    frontends={n: t.frontend for n, t in state.traced.items()}, signature=state.signature,
                    taps={n: t.tap_points() for n, t in state.traced.items()},
                    models={n: t.module for n, t in state.traced.items()}, compile_seconds=compile_seconds,
-                   compile_log=state.log, source_dir=state.source_dir)
+                   compile_log=state.log, source_dir=state.source_dir,
+                   compile_options={"prune": state.prune, "leaf_modules": state.leaf_modules})
 
     def __call__(self, *args, **kwargs):
         # Inputs by name before the generated forward sees them: an unknown, missing or doubled one is an
@@ -74,33 +77,59 @@ class ComposedModel(fx.GraphModule):
         return self._models[0].get(name)
 
     def _apply(self, fn, recurse=True):
-        """`.to()`, `.cuda()`, `.cpu()`...: the graph's device constants follow the parameters (`device.py`).
-        A cast of the models' weights to another floating dtype is refused where the graph holds the traced
-        dtypes as constants (torch.export's): it would break at the first product, so nothing is cast."""
-        self._check_dtype(fn)
+        """`.to()`, `.cuda()`, `.cpu()`, `.half()`...: the graph's device constants follow the parameters
+        (`device.py`). A cast of the models' weights to another floating dtype, where the graph holds the
+        traced dtypes as constants (torch.export's), compiles the composition again from cast copies of its
+        models (`_recompiled`): the cast graph would break at its first product."""
+        to = self._cast_to(fn)
+        if to is not None and dtype_constants(self):
+            self._recompiled(fn, to)
         super()._apply(fn, recurse)
         device = next((t.device for t in (*self.parameters(), *self.buffers())), None)
         if device is not None:
             retarget_module(self, device)
         return self
 
-    def _check_dtype(self, fn) -> None:
+    def _cast_to(self, fn) -> torch.dtype | None:
+        """The floating dtype `fn` casts the models' weights to, where it changes theirs."""
         frozen = next((t for name, t in self.named_parameters()
                        if t.is_floating_point() and not name.startswith(f"{ROOT}.")), None)
         if frozen is None:
-            return
+            return None
         try:   # what the call would cast to, on an empty tensor
             to = fn(torch.empty(0, dtype=frozen.dtype, device=frozen.device)).dtype
         except Exception:  # noqa: BLE001 - a function for other tensors (a wrapper's): let the call itself say
-            return
-        baked = dtype_constants(self) if to != frozen.dtype else set()
-        if baked:
-            raise ModelError(
-                f"cannot cast this composition's models from {frozen.dtype} to {to}: their graph was traced in "
-                f"{frozen.dtype} and holds its casts as constants ({', '.join(sorted(map(str, baked)))}), so it "
-                f"would not run in {to}. Compile from models in {to} instead (`model.to({to})` before "
-                "`cg.compile`, or `dtype:` in the spec) and copy the new blocks over "
-                "(`new.xattn.load_state_dict(composed.xattn.state_dict())`), or run under `torch.autocast`.")
+            return None
+        return to if to != frozen.dtype else None
+
+    def _recompiled(self, fn, to: torch.dtype) -> None:
+        """Becomes the composition compiled, with the same options, from copies of its models with `fn`
+        applied (their weights cast; the user's models keep theirs), its new blocks cast in place (the same
+        parameter objects: an optimizer over them stays valid). Hooks, training mode and attributes of its
+        own are kept. If the compile fails, it is a ModelError and nothing has changed."""
+        from .compiler import compile   # compiler imports this module
+
+        if type(self).__name__.startswith("FSDP") or any(hasattr(p, "device_mesh") for p in self.parameters()):
+            raise ModelError(f"cannot cast a sharded composition to {to}: cast it before `parallel.shard` "
+                             "(a cast compiles it again from its models)")
+        models = {name: _cast_copy(model, fn) for name, model in self._models[0].items()}
+        try:
+            new = compile(self.recorded_spec(), models=models, **self.compile_options)
+        except CalmGraphError as e:
+            raise ModelError(f"could not compile this composition again from its models cast to {to} (its graph "
+                             f"holds the traced dtypes, so a cast compiles it again); nothing was cast: {e}") from e
+        blocks = self.get_submodule(ROOT)
+        if set(new.get_submodule(ROOT).state_dict()) != set(blocks.state_dict()):
+            raise InternalError("a composition compiled again in another dtype has other new blocks")
+        blocks._apply(fn)
+        setattr(new, ROOT, blocks)
+        own = {k: v for k, v in self.__dict__.items() if k not in new.__dict__ or "hook" in k}
+        training = self.training
+        self.__dict__.clear()
+        self.__dict__.update({**new.__dict__, **own})
+        self.__class__ = new.__class__   # fx gives each GraphModule a class of its own, holding its forward
+        self.graph = new.graph           # the graph's owner is this module
+        self.train(training)
 
     def new_parameters(self) -> Iterator[nn.Parameter]:
         """The only trainable parameters: those of the cross-attention blocks."""
@@ -123,7 +152,8 @@ class ComposedModel(fx.GraphModule):
         return ComposedModel(copied, copied.graph, spec=self.spec, links=self.links, pruned=self.pruned,
                              frontends=self.frontends, signature=self.signature, taps=self.taps,
                              models=self._models[0], compile_seconds=self.compile_seconds,
-                             compile_log=self.compile_log, source_dir=self.source_dir)
+                             compile_log=self.compile_log, source_dir=self.source_dir,
+                             compile_options=self.compile_options)
 
     def recorded_spec(self) -> CompositionSpec:
         """The spec with its relative source paths made absolute (where `compile` read them from): what
@@ -170,3 +200,13 @@ class ComposedModel(fx.GraphModule):
         """Print new (trainable) over all parameters, as PEFT's `print_trainable_parameters` does."""
         from .report import trainable_parameters
         print(trainable_parameters(self))
+
+
+def _cast_copy(model: nn.Module, fn) -> nn.Module:
+    """A copy of `model` whose parameters and buffers are `fn` of its own (ties kept; frozen)."""
+    memo = {}
+    for t in (*model.parameters(), *model.buffers()):
+        if id(t) not in memo:
+            cast = fn(t.detach())
+            memo[id(t)] = nn.Parameter(cast, requires_grad=False) if isinstance(t, nn.Parameter) else cast
+    return copy.deepcopy(model, memo)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -323,30 +324,59 @@ def test_moving_the_composition_moves_the_devices_written_into_its_graph(ids):
     assert all(p.device.type == "cpu" for p in models["base"].parameters())   # the user's model stays put
 
 
-def test_casting_the_models_of_a_graph_that_holds_its_dtypes_is_refused_and_changes_nothing(ids):
-    """torch.export writes dtypes as constants too, and a norm's cast up to float32 and back to its input's
-    dtype are both float32 when traced in float32: `.to(torch.bfloat16)` gave a graph that failed at its
-    first product deep in torch. It is a ModelError saying to compile from models in that dtype, raised
-    before any tensor is cast; moving, and casting only the new blocks, still work."""
+def test_casting_a_graph_that_holds_its_dtypes_compiles_it_again(ids):
+    """torch.export writes dtypes as constants, and a norm's cast up to float32 and back to its input's dtype
+    are both float32 when traced in float32: the cast graph failed at its first product deep in torch. So a
+    cast compiles the composition again from cast copies of its models. Each cast gives what a compile from
+    models in that dtype gives, keeps the new parameters (the same objects, cast), hooks, mode and attributes
+    of its own, and leaves the user's models alone."""
+    models = {"base": DECODERS["llama"](), "kv": gpt(dim=32, depth=2)}
+    theirs = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in models.items()}
+    composed = cg.compile(spec({"name": "kv"}, edges=[every("kv", 1)]), models=models)
+    randomize_new_parameters(composed)
+    new = dict(composed.named_new_parameters())
+    calls = []
+    composed.register_forward_hook(lambda *_: calls.append(1))
+    composed.tag = "mine"
+    composed.train()
+    for dtype, cast in ((torch.bfloat16, lambda c: c.to(torch.bfloat16)), (torch.float16, lambda c: c.half()),
+                        (torch.float64, lambda c: c.double()), (torch.float32, lambda c: c.to("cpu", torch.float32))):
+        expected = {n: p.detach().to(dtype) for n, p in new.items()}
+        assert cast(composed) is composed
+        assert {p.dtype for p in composed.parameters()} == {dtype}
+        assert all(composed.get_parameter(n) is p and torch.equal(p, expected[n]) for n, p in new.items())
+        # the reference: compiled from models in that dtype (copies of the composition's own), the same blocks
+        again = cg.compile(spec({"name": "kv"}, edges=[every("kv", 1)]),
+                           models={n: copy.deepcopy(composed.traced_model(n)) for n in models})
+        again.xattn.load_state_dict(composed.xattn.state_dict())
+        with torch.no_grad():
+            out = composed(ids)
+            assert out.dtype == dtype and torch.equal(out, again(ids))
+    assert len(calls) == 4 and composed.tag == "mine" and composed.training and composed.xattn.training
+    assert not composed.base.training                                  # the frozen models stay in eval
+    for n, m in models.items():                                        # the user's: as they were
+        assert all(v.dtype == torch.float32 and torch.equal(v, theirs[n][k]) for k, v in m.state_dict().items())
+
+
+def test_a_cast_that_cannot_compile_again_changes_nothing(ids, monkeypatch):
     models = {"base": DECODERS["llama"](), "kv": gpt(dim=32, depth=2)}
     composed = cg.compile(spec({"name": "kv"}, edges=[every("kv", 1)]), models=models)
     before = {k: v.clone() for k, v in composed.state_dict().items()}
-    for cast in (lambda c: c.to(torch.bfloat16), lambda c: c.half(), lambda c: c.double(),
-                 lambda c: c.to("cpu", torch.float16)):
-        with pytest.raises(cg.errors.ModelError, match=r"from torch.float32 to torch.(b?float16|float64).*"
-                                                       r"Compile from models in"):
-            cast(composed)
+    code = composed.code
+
+    def refuse(*args, **kwargs):
+        raise cg.errors.TraceError("model 'kv' could not be traced in torch.float16")
+    monkeypatch.setattr(cg.compiler, "compile", refuse)
+    with pytest.raises(cg.errors.ModelError, match=r"cast to torch.float16.*nothing was cast.*could not be traced"):
+        composed.half()
+    next(composed.new_parameters()).device_mesh = None                 # as FSDP's DTensors have
+    with pytest.raises(cg.errors.ModelError, match=r"cannot cast a sharded composition to torch.bfloat16"):
+        composed.to(torch.bfloat16)
     after = composed.state_dict()
+    assert composed.code == code
     assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
-    assert composed.to("cpu").float() is composed                  # no dtype change: allowed
-    composed.xattn.to(torch.bfloat16)                                # the new blocks alone: allowed
+    composed.xattn.to(torch.bfloat16)                                  # the new blocks alone: no compile
     assert {p.dtype for p in composed.new_parameters()} == {torch.bfloat16}
-    # compiled from bf16 models instead, the graph runs in bf16
-    cast = {n: m.to(torch.bfloat16) for n, m in models.items()}
-    again = cg.compile(spec({"name": "kv"}, edges=[every("kv", 1)]), models=cast)
-    again.xattn.load_state_dict(composed.xattn.state_dict())
-    with torch.no_grad():
-        assert again(ids).dtype == torch.bfloat16
 
 
 def test_tap_points_list_blocks_in_order():
