@@ -352,6 +352,8 @@ def test_casting_a_graph_that_holds_its_dtypes_compiles_it_again(ids):
         with torch.no_grad():
             out = composed(ids)
             assert out.dtype == dtype and torch.equal(out, again(ids))
+        if dtype == torch.bfloat16:                                    # it decodes in that dtype too
+            assert torch.equal(composed.generate(ids, 4), again.generate(ids, 4))
     assert len(calls) == 4 and composed.tag == "mine" and composed.training and composed.xattn.training
     assert not composed.base.training                                  # the frozen models stay in eval
     for n, m in models.items():                                        # the user's: as they were
