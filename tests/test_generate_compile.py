@@ -66,6 +66,22 @@ def test_a_new_bucket_compiles_its_own_step(composed, counter):
     assert counter.frame_count > once                                    # a longer cache: new shapes
 
 
+def test_a_shorter_call_decodes_in_a_longer_decoder_kept(composed, counter, monkeypatch):
+    """A call whose bucket a kept decoder's cache exceeds by at most REUSE_LONGER times decodes in it: no
+    trace, no compile (on a GPU, minutes saved), and the tokens of recomputing. Past that factor, or with
+    no longer decoder kept, a call builds its own."""
+    prompts = prompt("bert", batch=3)
+    composed.generate(tokens((3, 5), 6), CACHE_ROUND + 4, compile_step=True, **prompts)   # a 64-slot cache
+    compiled, kept = counter.frame_count, dict(generation._entry(composed)["decoders"])
+    ids = tokens((3, 5), 7)
+    short = composed.generate(ids, 6, compile_step=True, **prompts)                        # needs 32 slots
+    assert counter.frame_count == compiled and generation._entry(composed)["decoders"].keys() == kept.keys()
+    assert torch.equal(short, composed.generate(ids, 6, cache=False, **prompts))
+    monkeypatch.setattr(generation, "REUSE_LONGER", 1)
+    assert torch.equal(composed.generate(ids, 6, compile_step=True, **prompts), short)
+    assert counter.frame_count == compiled + 1                                # a 32-slot decoder of its own
+
+
 def test_a_shared_augment_without_a_cache_makes_the_step_grow():
     """The counter does see a growing step: with a shared augment transformers does not cache (rerun over
     the sequence), every step's context is longer, and each step compiles again."""

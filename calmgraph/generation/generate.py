@@ -47,6 +47,7 @@ from .stopping import Verdicts, criteria, finish_lag, stopped
 _STAGES: WeakKeyDictionary = WeakKeyDictionary()  # composed -> (what it was split from, its stages, ...)
 CACHE_ROUND = 32    # the shortest KV cache; longer ones double (`cache_length`)
 KEEP_DECODERS = 8   # decoders (each holds its KV caches) kept per composed model
+REUSE_LONGER = 4    # a kept decoder with a cache up to this many times a call's bucket serves it (`decoder_for`)
 # torch.compile's keywords for a decode step (generate's compile_step=True): CUDA graphs (a GPU step is bound
 # by launches); coordinate-descent tuning, under which inductor runs a one-row matmul as a reduction kernel of
 # its own and tunes it (a batch-1 step 1.15-1.4x faster on an H200 than cuBLAS's); and combo kernels, which
@@ -120,12 +121,16 @@ def cache_length(length: int, positions: int | None = None) -> int:
     return bucket if positions is None or bucket <= positions else max(length, positions)
 
 
-def decoder_for(composed, batch: int, length: int, slot: int = 0, ragged: bool = False) -> Decoder:
+def decoder_for(composed, batch: int, length: int, slot: int = 0, ragged: bool = False,
+                reuse: bool = False) -> Decoder:
     """The KV-cache decode graph for `batch` rows and at least `length` positions (built once per batch
     size, cache length, device, dtype, autocast dtype and raggedness; the KEEP_DECODERS used last are kept).
     Groups of rows decoded side by side with the same batch size and cache length take slots 1, 2...: copies
     with caches of their own.
-    `ragged`: rows of several prompt lengths, left-padded (`build_decoder`)."""
+    `ragged`: rows of several prompt lengths, left-padded (`build_decoder`).
+    `reuse` (a call decoding all its rows in one decoder): a decoder kept whose cache is longer than the
+    bucket `length` needs, by at most REUSE_LONGER times, serves it (the smallest such): its trace and its
+    compiled step are reused, for attention over more (masked) cache slots."""
     weight = next(composed.parameters())
     max_len = cache_length(length, composed.signature["input_ids"].positions)
     autocast = torch.get_autocast_dtype(weight.device.type) if torch.is_autocast_enabled(weight.device.type) \
@@ -133,6 +138,10 @@ def decoder_for(composed, batch: int, length: int, slot: int = 0, ragged: bool =
     key = (batch, max_len, weight.device, weight.dtype, autocast, ragged)
     entry = _entry(composed)
     decoders = entry["decoders"]
+    if reuse and not slot and (*key, 0) not in decoders:
+        longer = [k[:-1] for k in decoders if k[0] == batch and k[2:] == (*key[2:], 0)
+                  and max_len < k[1] <= REUSE_LONGER * max_len]
+        key = min(longer, key=lambda k: k[1], default=key)
     if (*key, slot) not in decoders:
         if slot:
             decoders[(*key, slot)] = decoder_for(composed, batch, length, 0, ragged).with_own_caches()
@@ -258,7 +267,8 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     `compile_step`: run the cached decode step through `torch.compile`: True with `STEP_COMPILE` (CUDA
     graphs, coordinate-descent tuning and combo kernels), a dict with those keywords instead (e.g. `{"mode":
     "reduce-overhead"}` compiles in a third of the time and decodes slower at batch 1). Its caches are sized to
-    a bucket (`cache_length`: 32, 64, 128... positions), so it compiles once per batch size and bucket.
+    a bucket (`cache_length`: 32, 64, 128... positions), so it compiles once per batch size and bucket (a
+    call whose rows share a decoder decodes in a kept one up to REUSE_LONGER times its bucket).
     `concat_projections` (with `compile_step`): the compiled step computes each block's q/k/v, and its gate
     and up, as one product over their weights concatenated (`fuse.concat_projections`), which costs a copy of
     those weights (about 64% of a Llama's), made once per composed model; at 8 rows on an H200 the step took
@@ -521,7 +531,7 @@ class CachedSteps:
         if len(spans) > 1 and writes is None and not self.contexts.reads_sequence and ragged_ok(composed):
             width = int(lengths.max())
             try:
-                decoder_for(composed, B, width + max_new_tokens, 0, ragged=True)
+                decoder_for(composed, B, width + max_new_tokens, 0, ragged=True, reuse=True)
                 spans = [(torch.arange(B, device=packed.device), width, lengths)]   # one decoder, left-padded
             except TraceError:  # an attention the padding cannot be added to: a decoder per length
                 _entry(composed)["ragged"] = False
@@ -529,7 +539,8 @@ class CachedSteps:
             group = tuple(s[rows] if isinstance(s, torch.Tensor) and s.ndim and s.shape[0] == B else s for s in states)
             size = (len(rows), cache_length(length + max_new_tokens, positions_cap), padded is not None)
             slots[size] = slots.get(size, -1) + 1                            # side by side: caches of its own
-            decoder = decoder_for(composed, len(rows), length + max_new_tokens, slots[size], padded is not None)
+            decoder = decoder_for(composed, len(rows), length + max_new_tokens, slots[size], padded is not None,
+                                  reuse=len(spans) == 1)
             seq, keep = packed[rows, :length], ()
             if padded is not None:  # each row's prompt ends at slot `length`; no attention reads the slots before it
                 slot = torch.arange(length, device=packed.device) - (length - padded)[:, None]
