@@ -4,6 +4,8 @@ with the same batch size and bucket. Counted with dynamo's CompileCounter backen
 controls is the shapes it hands to the compiler, not inductor's kernels)."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
 
 import pytest
@@ -78,8 +80,26 @@ def test_a_shorter_call_decodes_in_a_longer_decoder_kept(composed, counter, monk
     assert counter.frame_count == compiled and generation._entry(composed)["decoders"].keys() == kept.keys()
     assert torch.equal(short, composed.generate(ids, 6, cache=False, **prompts))
     monkeypatch.setattr(generation, "REUSE_LONGER", 1)
-    assert torch.equal(composed.generate(ids, 6, compile_step=True, **prompts), short)
+    with logged() as records:
+        assert torch.equal(composed.generate(ids, 6, compile_step=True, **prompts), short)
     assert counter.frame_count == compiled + 1                                # a 32-slot decoder of its own
+    # and it says so, as a first compiled call is silent for minutes at LLM shapes
+    assert "the step for 3 rows and 32 cache slots compiles at its first call" in [r.getMessage().removeprefix("generate: ") for r in records]
+
+
+@contextlib.contextmanager
+def logged():
+    """The records calmgraph logs at INFO meanwhile."""
+    records, handler, logger = [], logging.Handler(), logging.getLogger("calmgraph")
+    handler.emit = records.append
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def test_a_shared_augment_without_a_cache_makes_the_step_grow():

@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import logging
 import operator
 import weakref
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ from ..tracing.taps import block_inputs, block_outputs
 from .fuse import concat_projections, fuse, grouped_attention, grouped_attention_of, sdpa_gqa
 from .stage import Contexts, links_into
 
+log = logging.getLogger(__name__)   # under "calmgraph"
 FUSE = True  # apply fuse.py's rewrites to each decode graph (benchmarks/decode_ops.py measures both)
 KEEP = "keep"   # a ragged decoder's last input: (batch, max_len), False at the slots that hold padding
 MATH_ATTENTION = True  # compile the step's attention as math (`MathAttention`; benchmarks/step_kernels.py measures both)
@@ -265,6 +267,9 @@ class Decoder:
             if key[1]:
                 graph = _concatenated(graph, concat)
             compiled = torch.compile(graph, **options)
+            # torch.compile works at the first call: with tuning, minutes at LLM shapes on a GPU, in silence
+            log.info("generate: the %s for %d rows and %d cache slots compiles at its first call", role,
+                     self.batch, self.max_len)
             if not prefill and MATH_ATTENTION:
                 compiled = MathAttention(compiled)
             made = self._compiled[role] = (dict(options), key, compiled)
