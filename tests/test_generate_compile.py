@@ -87,6 +87,22 @@ def test_a_shorter_call_decodes_in_a_longer_decoder_kept(composed, counter, monk
     assert "the step for 3 rows and 32 cache slots compiles at its first call" in [r.getMessage().removeprefix("generate: ") for r in records]
 
 
+def test_fewer_rows_decode_in_a_compiled_decoder_kept_for_more(composed, counter, monkeypatch):
+    """A compiled call with fewer rows than a kept decoder's (by at most PAD_ROWS times) decodes in it, the
+    rows past its own filled with copies of its first: no trace, no compile (an evaluation's last, smaller
+    batch), and the tokens of recomputing. With PAD_ROWS 1, it builds and compiles its own."""
+    composed.generate(tokens((6, 5), 8), 6, compile_step=True, **prompt("bert", batch=6))
+    compiled, kept = counter.frame_count, set(generation._entry(composed)["decoders"])
+    for batch in (5, 4):
+        ids, prompts = tokens((batch, 5), 9 + batch), prompt("bert", batch=batch)
+        out = composed.generate(ids, 6, compile_step=True, **prompts)
+        assert out.shape == (batch, 11) and torch.equal(out, composed.generate(ids, 6, cache=False, **prompts))
+    assert counter.frame_count == compiled and set(generation._entry(composed)["decoders"]) == kept
+    monkeypatch.setattr(generation, "PAD_ROWS", 1)
+    composed.generate(tokens((5, 5), 14), 6, compile_step=True, **prompt("bert", batch=5))
+    assert counter.frame_count == compiled + 1
+
+
 @contextlib.contextmanager
 def logged():
     """The records calmgraph logs at INFO meanwhile."""
@@ -152,10 +168,11 @@ def test_the_prefill_compiled_through_aot_autograd_writes_the_caches_the_steps_r
                                          **prompts), want)
 
 
-def test_more_decoders_than_dynamos_recompile_limit_each_compile_their_step(composed, counter):
+def test_more_decoders_than_dynamos_recompile_limit_each_compile_their_step(composed, counter, monkeypatch):
     """Each batch size has a decoder, and each decoder's step compiles: past dynamo's recompile limit (8
     compiled entries per code object) too, where a step sharing its wrapper's code with the others would
     run eager."""
+    monkeypatch.setattr(generation, "PAD_ROWS", 1)                      # no call decodes in another's decoder
     sizes = range(1, torch._dynamo.config.recompile_limit + 2)
     for batch in sizes:
         composed.generate(tokens((batch, 4), batch), 3, compile_step=True, **prompt("bert", batch=batch))
@@ -179,10 +196,11 @@ def _linears(graph_module) -> int:
     return sum(1 for n in graph_module.graph.nodes if n.target == torch.ops.aten.linear.default)
 
 
-def test_concat_projections_gives_the_same_tokens_over_one_copy_of_the_weights(counter):
+def test_concat_projections_gives_the_same_tokens_over_one_copy_of_the_weights(counter, monkeypatch):
     """Llama anchor and augment, shared and prompt: the compiled step computes q/k/v and gate/up as one
     product each, and gives the tokens of the eager step; decoders of two batch sizes share one copy."""
     from tests.test_generate_fuse import compose, ids_and_prompts
+    monkeypatch.setattr(generation, "PAD_ROWS", 1)                      # a decoder for each batch size
     for mode in ("shared", "prompt"):
         composed = compose("llama", mode)
         ids, extra = ids_and_prompts(mode, seed=43, length=6)

@@ -48,6 +48,7 @@ _STAGES: WeakKeyDictionary = WeakKeyDictionary()  # composed -> (what it was spl
 CACHE_ROUND = 32    # the shortest KV cache; longer ones double (`cache_length`)
 KEEP_DECODERS = 8   # decoders (each holds its KV caches) kept per composed model
 REUSE_LONGER = 4    # a kept decoder with a cache up to this many times a call's bucket serves it (`decoder_for`)
+PAD_ROWS = 2        # and, for a compiled step, one for up to this many times the call's rows
 # torch.compile's keywords for a decode step (generate's compile_step=True): CUDA graphs (a GPU step is bound
 # by launches); coordinate-descent tuning, under which inductor runs a one-row matmul as a reduction kernel of
 # its own and tunes it (a batch-1 step 1.15-1.4x faster on an H200 than cuBLAS's); and combo kernels, which
@@ -122,7 +123,7 @@ def cache_length(length: int, positions: int | None = None) -> int:
 
 
 def decoder_for(composed, batch: int, length: int, slot: int = 0, ragged: bool = False,
-                reuse: bool = False) -> Decoder:
+                reuse: bool = False, pad_rows: bool = False) -> Decoder:
     """The KV-cache decode graph for `batch` rows and at least `length` positions (built once per batch
     size, cache length, device, dtype, autocast dtype and raggedness; the KEEP_DECODERS used last are kept).
     Groups of rows decoded side by side with the same batch size and cache length take slots 1, 2...: copies
@@ -130,7 +131,9 @@ def decoder_for(composed, batch: int, length: int, slot: int = 0, ragged: bool =
     `ragged`: rows of several prompt lengths, left-padded (`build_decoder`).
     `reuse` (a call decoding all its rows in one decoder): a decoder kept whose cache is longer than the
     bucket `length` needs, by at most REUSE_LONGER times, serves it (the smallest such): its trace and its
-    compiled step are reused, for attention over more (masked) cache slots."""
+    compiled step are reused, for attention over more (masked) cache slots. With `pad_rows` too (a compiled
+    step), one kept for up to PAD_ROWS times `batch` rows serves as well (the fewest rows first): the caller
+    fills the rows past its own (`decoder.batch`) with copies of its first."""
     weight = next(composed.parameters())
     max_len = cache_length(length, composed.signature["input_ids"].positions)
     autocast = torch.get_autocast_dtype(weight.device.type) if torch.is_autocast_enabled(weight.device.type) \
@@ -139,9 +142,10 @@ def decoder_for(composed, batch: int, length: int, slot: int = 0, ragged: bool =
     entry = _entry(composed)
     decoders = entry["decoders"]
     if reuse and not slot and (*key, 0) not in decoders:
-        longer = [k[:-1] for k in decoders if k[0] == batch and k[2:] == (*key[2:], 0)
-                  and max_len < k[1] <= REUSE_LONGER * max_len]
-        key = min(longer, key=lambda k: k[1], default=key)
+        rows = PAD_ROWS * batch if pad_rows else batch
+        larger = [k[:-1] for k in decoders if batch <= k[0] <= rows and k[2:] == (*key[2:], 0)
+                  and max_len <= k[1] <= REUSE_LONGER * max_len]
+        key = min(larger, key=lambda k: k[:2], default=key)
     if (*key, slot) not in decoders:
         if slot:
             decoders[(*key, slot)] = decoder_for(composed, batch, length, 0, ragged).with_own_caches()
@@ -268,7 +272,8 @@ def generate(composed, input_ids: torch.Tensor, max_new_tokens: int | None = Non
     graphs, coordinate-descent tuning and combo kernels), a dict with those keywords instead (e.g. `{"mode":
     "reduce-overhead"}` compiles in a third of the time and decodes slower at batch 1). Its caches are sized to
     a bucket (`cache_length`: 32, 64, 128... positions), so it compiles once per batch size and bucket (a
-    call whose rows share a decoder decodes in a kept one up to REUSE_LONGER times its bucket).
+    call whose rows share a decoder decodes in a kept one up to REUSE_LONGER times its bucket, and up to
+    PAD_ROWS times its rows).
     `concat_projections` (with `compile_step`): the compiled step computes each block's q/k/v, and its gate
     and up, as one product over their weights concatenated (`fuse.concat_projections`), which costs a copy of
     those weights (about 64% of a Llama's), made once per composed model; at 8 rows on an H200 the step took
@@ -531,32 +536,35 @@ class CachedSteps:
         if len(spans) > 1 and writes is None and not self.contexts.reads_sequence and ragged_ok(composed):
             width = int(lengths.max())
             try:
-                decoder_for(composed, B, width + max_new_tokens, 0, ragged=True, reuse=True)
+                decoder_for(composed, B, width + max_new_tokens, 0, ragged=True, reuse=True,
+                            pad_rows=step_options is not None)
                 spans = [(torch.arange(B, device=packed.device), width, lengths)]   # one decoder, left-padded
             except TraceError:  # an attention the padding cannot be added to: a decoder per length
                 _entry(composed)["ragged"] = False
         for rows, length, padded in spans:         # padded: each row's length, or None
-            group = tuple(s[rows] if isinstance(s, torch.Tensor) and s.ndim and s.shape[0] == B else s for s in states)
             size = (len(rows), cache_length(length + max_new_tokens, positions_cap), padded is not None)
             slots[size] = slots.get(size, -1) + 1                            # side by side: caches of its own
             decoder = decoder_for(composed, len(rows), length + max_new_tokens, slots[size], padded is not None,
-                                  reuse=len(spans) == 1)
-            seq, keep = packed[rows, :length], ()
+                                  reuse=len(spans) == 1, pad_rows=step_options is not None)
+            # rows the decoder has past the call's: copies of its first, whose logits nobody reads
+            feed = torch.cat([rows, rows[:1].expand(decoder.batch - len(rows))])
+            group = tuple(s[feed] if isinstance(s, torch.Tensor) and s.ndim and s.shape[0] == B else s for s in states)
+            seq, keep = packed[feed, :length], ()
             if padded is not None:  # each row's prompt ends at slot `length`; no attention reads the slots before it
-                slot = torch.arange(length, device=packed.device) - (length - padded)[:, None]
+                slot = torch.arange(length, device=packed.device) - (length - padded[feed])[:, None]
                 real = slot >= 0
-                seq = packed.gather(1, slot.clamp(min=0)).masked_fill(~real, 0)
-                keep = (torch.cat([real, real.new_ones(B, decoder.max_len - length)], 1),)
+                seq = packed[feed].gather(1, slot.clamp(min=0)).masked_fill(~real, 0)
+                keep = (torch.cat([real, real.new_ones(len(feed), decoder.max_len - length)], 1),)
             ctx = self._run(self.contexts.module, seq, *group)
             # each step's position is a view of this: made on the host every step, it would be a pageable
             # copy, which waits for the device and so stops the host from running ahead of the GPU
             positions = torch.arange(length, length + max_new_tokens, device=packed.device)
             # write_mask, last: the prompt's at prefill; a new token's is 0 (made once: CUDA graphs need a fixed input)
             takes = decoder.takes_writes
-            self.groups.append({"rows": rows, "length": length, "decoder": decoder, "states": group, "seq": seq,
-                                "positions": positions,
-                                "writes": (writes[rows, :length],) if takes else (),
-                                "no_writes": (writes.new_zeros(len(rows), 1),) if takes else (),
+            self.groups.append({"rows": rows, "feed": feed, "length": length, "decoder": decoder, "states": group,
+                                "seq": seq, "positions": positions,
+                                "writes": (writes[feed, :length],) if takes else (),
+                                "no_writes": (writes.new_zeros(len(feed), 1),) if takes else (),
                                 "keep": keep,
                                 "ctx": ctx, "kv": decoder.project(ctx),            # prompt links: once
                                 "step": decoder.step if step_options is None else decoder.compiled(step_options, cast,
@@ -582,7 +590,7 @@ class CachedSteps:
             part = parts(g)
             if logits is None:
                 logits = part.new_empty(self.batch, part.shape[-1])
-            logits[g["rows"]] = part
+            logits[g["rows"]] = part[:len(g["rows"])]
         return logits
 
     @staticmethod
@@ -609,7 +617,7 @@ class CachedSteps:
 
     def next(self, token, step):
         def advance(g):
-            new = token[g["rows"], None]
+            new = token[g["feed"], None]
             if self.contexts.reads_sequence:      # a shared augment without a cache: rerun over the sequence
                 g["seq"] = torch.cat([g["seq"], new], dim=1)
                 g["ctx"] = self._run(self.contexts.module, g["seq"], *g["states"])
