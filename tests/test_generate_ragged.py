@@ -101,6 +101,20 @@ def test_a_compiled_ragged_step_gives_the_eager_tokens(mode):
     assert torch.equal(got, composed.generate(ids, 5, attention_mask=mask, **extra))
 
 
+def test_ragged_rows_decode_compiled_in_a_decoder_kept_for_more_rows():
+    """Three ragged rows after a compiled call of four decode in its decoder (`generate.PAD_ROWS`), the fourth
+    row a copy of the first, padding and all: each row's own tokens still."""
+    composed = compose("llama", "shared")
+    ids, mask, extra = ragged("shared", seed=49)
+    four, four_mask = torch.cat([ids, ids[2:]]), torch.cat([mask, mask[2:]])
+    composed.generate(four, 5, attention_mask=four_mask, compile_step={"backend": "eager"}, **extra)
+    kept = ragged_decoders(composed, 4)
+    assert kept
+    got = composed.generate(ids, 5, attention_mask=mask, compile_step={"backend": "eager"}, **extra)
+    assert ragged_decoders(composed, 4) == kept and not ragged_decoders(composed, 3)
+    assert torch.equal(got[:, -5:], alone(composed, ids, mask, extra, 5))
+
+
 def test_right_padding_decodes_ragged_too():
     composed = compose("qwen2", "shared")
     ids, _, _ = ragged("shared", seed=49)
