@@ -104,7 +104,7 @@ def test_a_compiled_ragged_step_gives_the_eager_tokens(mode):
 def test_ragged_rows_decode_compiled_in_a_decoder_kept_for_more_rows():
     """Three ragged rows after a compiled call of four decode in its decoder (`generate.PAD_ROWS`), the fourth
     row a copy of the first, padding and all: each row's own tokens still."""
-    composed = compose("llama", "shared")
+    composed = compose.__wrapped__("llama", "shared")                    # its own: no decoders of other tests
     ids, mask, extra = ragged("shared", seed=49)
     four, four_mask = torch.cat([ids, ids[2:]]), torch.cat([mask, mask[2:]])
     composed.generate(four, 5, attention_mask=four_mask, compile_step={"backend": "eager"}, **extra)
