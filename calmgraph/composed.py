@@ -109,9 +109,11 @@ class ComposedModel(fx.GraphModule):
         own are kept. If the compile fails, it is a ModelError and nothing has changed."""
         from .compiler import compile   # compiler imports this module
 
-        if type(self).__name__.startswith("FSDP") or any(hasattr(p, "device_mesh") for p in self.parameters()):
-            raise ModelError(f"cannot cast a sharded composition to {to}: cast it before `parallel.shard` "
-                             "(a cast compiles it again from its models)")
+        # FSDP2's DTensors, DeepSpeed ZeRO-3's partitioned parameters: no whole weight to compile from
+        if type(self).__name__.startswith("FSDP") or any(hasattr(p, "device_mesh") or hasattr(p, "ds_id")
+                                                         for p in self.parameters()):
+            raise ModelError(f"cannot cast a sharded composition to {to}: cast it before sharding it "
+                             "(`parallel.shard`, DeepSpeed ZeRO-3), since a cast compiles it again from its models")
         models = {name: _cast_copy(model, fn) for name, model in self._models[0].items()}
         try:
             new = compile(self.recorded_spec(), models=models, **self.compile_options)
