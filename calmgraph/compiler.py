@@ -1,6 +1,7 @@
 """`compile`: spec + models -> one fused torch.fx GraphModule, as a list of passes (`passes/`)."""
 from __future__ import annotations
 
+import functools
 import gc
 import time
 from contextlib import contextmanager
@@ -68,7 +69,8 @@ def compile(spec: CompositionSpec | str | Path | dict, models: dict[str, nn.Modu
     with unchanged(models), gc_paused():                            # a forward that writes a weight: refused
         for p in PIPELINE:
             state = p(state).state
-    return ComposedModel.from_state(state, compile_seconds=time.perf_counter() - started)
+    again = functools.partial(compile, prune=prune, leaf_modules=tuple(leaf_modules))  # what a cast calls
+    return ComposedModel.from_state(state, compile_seconds=time.perf_counter() - started, recompile=again)
 
 
 def tap_points(model: nn.Module, blocks: str | None = None, *, tap: str = "output",

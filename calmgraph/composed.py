@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.fx as fx
@@ -30,7 +30,7 @@ class ComposedModel(fx.GraphModule):
                  pruned: PruneReport, frontends: dict[str, str], signature: InputSignature,
                  taps: dict[str, list[TapPoint]], models: dict[str, nn.Module] | None = None,
                  compile_seconds: float | None = None, compile_log: list[dict] | None = None,
-                 source_dir: Path | None = None, compile_options: dict | None = None):
+                 source_dir: Path | None = None, recompile: Callable[..., "ComposedModel"] | None = None):
         super().__init__(root, graph, class_name="ComposedModel")
         self.spec = spec
         self.links = links                         # the cross-attention blocks that survived pruning
@@ -41,20 +41,21 @@ class ComposedModel(fx.GraphModule):
         self.compile_seconds = compile_seconds
         self.compile_log = list(compile_log or [])  # per pass: its name, whether it changed the graph, seconds
         self.source_dir = source_dir               # where the spec's relative source paths start
-        self.compile_options = dict(compile_options or {})   # compile's `prune`, `leaf_modules`: a cast compiles again
+        # (spec, models) -> the composition compiled again with this one's options: what a cast does (`_apply`)
+        self._recompile = recompile
         # Each model as a module (the frozen alias of the user's), which generation traces again with a KV
         # cache (`generation/decode.py`). Held in a tuple so nn.Module does not adopt them: no weight counted twice.
         self._models: tuple[dict[str, nn.Module]] = (dict(models or {}),)
 
     @classmethod
-    def from_state(cls, state: CompileState, compile_seconds: float | None = None) -> "ComposedModel":
+    def from_state(cls, state: CompileState, compile_seconds: float | None = None,
+                   recompile: Callable[..., "ComposedModel"] | None = None) -> "ComposedModel":
         """The composition a finished compile state describes (`compiler.PIPELINE`)."""
         return cls(state.module, state.module.graph, spec=state.spec, links=state.links, pruned=state.pruned,
                    frontends={n: t.frontend for n, t in state.traced.items()}, signature=state.signature,
                    taps={n: t.tap_points() for n, t in state.traced.items()},
                    models={n: t.module for n, t in state.traced.items()}, compile_seconds=compile_seconds,
-                   compile_log=state.log, source_dir=state.source_dir,
-                   compile_options={"prune": state.prune, "leaf_modules": state.leaf_modules})
+                   compile_log=state.log, source_dir=state.source_dir, recompile=recompile)
 
     def __call__(self, *args, **kwargs):
         # Inputs by name before the generated forward sees them: an unknown, missing or doubled one is an
@@ -107,16 +108,17 @@ class ComposedModel(fx.GraphModule):
         applied (their weights cast; the user's models keep theirs), its new blocks cast in place (the same
         parameter objects: an optimizer over them stays valid). Hooks, training mode and attributes of its
         own are kept. If the compile fails, it is a ModelError and nothing has changed."""
-        from .compiler import compile   # compiler imports this module
-
         # FSDP2's DTensors, DeepSpeed ZeRO-3's partitioned parameters: no whole weight to compile from
         if type(self).__name__.startswith("FSDP") or any(hasattr(p, "device_mesh") or hasattr(p, "ds_id")
                                                          for p in self.parameters()):
             raise ModelError(f"cannot cast a sharded composition to {to}: cast it before sharding it "
                              "(`parallel.shard`, DeepSpeed ZeRO-3), since a cast compiles it again from its models")
+        if self._recompile is None:
+            raise ModelError(f"cannot cast this composition to {to}: it was not made by `calmgraph.compile`, so "
+                             "there is nothing to compile it again with; compile it from models in that dtype")
         models = {name: _cast_copy(model, fn) for name, model in self._models[0].items()}
         try:
-            new = compile(self.recorded_spec(), models=models, **self.compile_options)
+            new = self._recompile(self.recorded_spec(), models)
         except CalmGraphError as e:
             raise ModelError(f"could not compile this composition again from its models cast to {to} (its graph "
                              f"holds the traced dtypes, so a cast compiles it again); nothing was cast: {e}") from e
@@ -155,7 +157,7 @@ class ComposedModel(fx.GraphModule):
                              frontends=self.frontends, signature=self.signature, taps=self.taps,
                              models=self._models[0], compile_seconds=self.compile_seconds,
                              compile_log=self.compile_log, source_dir=self.source_dir,
-                             compile_options=self.compile_options)
+                             recompile=self._recompile)
 
     def recorded_spec(self) -> CompositionSpec:
         """The spec with its relative source paths made absolute (where `compile` read them from): what

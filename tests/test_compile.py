@@ -366,9 +366,10 @@ def test_a_cast_that_cannot_compile_again_changes_nothing(ids, monkeypatch):
     before = {k: v.clone() for k, v in composed.state_dict().items()}
     code = composed.code
 
-    def refuse(*args, **kwargs):
+    def refuse(spec, models):
+        assert all(p.dtype == torch.float16 for m in models.values() for p in m.parameters())
         raise cg.errors.TraceError("model 'kv' could not be traced in torch.float16")
-    monkeypatch.setattr(cg.compiler, "compile", refuse)
+    monkeypatch.setattr(composed, "_recompile", refuse)                # compile, as a model that fails in fp16
     with pytest.raises(cg.errors.ModelError, match=r"cast to torch.float16.*nothing was cast.*could not be traced"):
         composed.half()
     marked = next(composed.new_parameters())
