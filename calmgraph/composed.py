@@ -1,7 +1,6 @@
 """The compiled composition: one torch.fx.GraphModule, plus what it was built from."""
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -16,6 +15,7 @@ from .plan import ROOT, Link
 from .signature import InputSignature
 from .sources import absolute_sources
 from .spec import CompositionSpec
+from .tracing.entry import frozen_alias
 
 
 class ComposedModel(fx.GraphModule):
@@ -116,7 +116,7 @@ class ComposedModel(fx.GraphModule):
         if self._recompile is None:
             raise ModelError(f"cannot cast this composition to {to}: it was not made by `calmgraph.compile`, so "
                              "there is nothing to compile it again with; compile it from models in that dtype")
-        models = {name: _cast_copy(model, fn) for name, model in self._models[0].items()}
+        models = {name: frozen_alias(model, fn) for name, model in self._models[0].items()}
         try:
             new = self._recompile(self.recorded_spec(), models)
         except CalmGraphError as e:
@@ -205,12 +205,3 @@ class ComposedModel(fx.GraphModule):
         from .report import trainable_parameters
         print(trainable_parameters(self))
 
-
-def _cast_copy(model: nn.Module, fn) -> nn.Module:
-    """A copy of `model` whose parameters and buffers are `fn` of its own (ties kept; frozen)."""
-    memo = {}
-    for t in (*model.parameters(), *model.buffers()):
-        if id(t) not in memo:
-            cast = fn(t.detach())
-            memo[id(t)] = nn.Parameter(cast, requires_grad=False) if isinstance(t, nn.Parameter) else cast
-    return copy.deepcopy(model, memo)

@@ -23,15 +23,18 @@ HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_al
               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
 
 
-def frozen_alias(model: nn.Module) -> nn.Module:
+def frozen_alias(model: nn.Module, apply=None) -> nn.Module:
     """A structural copy of `model` sharing its weight storage; parameters frozen, user's flags untouched.
     The copy carries none of the user's forward/backward hooks: they would run (fx) or be baked in (export)
-    inconsistently, and tracing would call them; the fused graph computes each model's plain forward."""
+    inconsistently, and tracing would call them; the fused graph computes each model's plain forward.
+    `apply` (a tensor function, as `nn.Module._apply` takes): its weights are `apply` of the model's instead
+    (a cast: new storage)."""
+    apply = apply or (lambda t: t)
     memo: dict[int, torch.Tensor] = {}
     for p in model.parameters():
-        memo[id(p)] = nn.Parameter(p.detach(), requires_grad=False)
+        memo[id(p)] = nn.Parameter(apply(p.detach()), requires_grad=False)
     for b in model.buffers():
-        memo[id(b)] = b.detach()
+        memo[id(b)] = apply(b.detach())
     alias = copy.deepcopy(model, memo)
     for module in alias.modules():  # the user's hooks stay on the user's model, not in the fused graph
         for attr in HOOK_DICTS:
