@@ -13,7 +13,7 @@ from .errors import CalmGraphError, InternalError, ModelError
 from .passes.base import CompileState, PruneReport, TapPoint
 from .plan import ROOT, Link
 from .signature import InputSignature
-from .sources import absolute_sources
+from .sources import absolute_sources, cast_sources
 from .spec import CompositionSpec
 from .tracing.entry import frozen_alias
 
@@ -107,7 +107,8 @@ class ComposedModel(fx.GraphModule):
         """Becomes the composition compiled, with the same options, from copies of its models with `fn`
         applied (their weights cast; the user's models keep theirs), its new blocks cast in place (the same
         parameter objects: an optimizer over them stays valid). Hooks, training mode and attributes of its
-        own are kept. If the compile fails, it is a ModelError and nothing has changed."""
+        own are kept; its spec names the dtype for its transformers sources (`cast_sources`), so that what it
+        saves loads in that dtype. If the compile fails, it is a ModelError and nothing has changed."""
         # FSDP2's DTensors, DeepSpeed ZeRO-3's partitioned parameters: no whole weight to compile from
         if type(self).__name__.startswith("FSDP") or any(hasattr(p, "device_mesh") or hasattr(p, "ds_id")
                                                          for p in self.parameters()):
@@ -118,7 +119,7 @@ class ComposedModel(fx.GraphModule):
                              "there is nothing to compile it again with; compile it from models in that dtype")
         models = {name: frozen_alias(model, fn) for name, model in self._models[0].items()}
         try:
-            new = self._recompile(self.recorded_spec(), models)
+            new = self._recompile(cast_sources(self.recorded_spec(), to), models)
         except CalmGraphError as e:
             raise ModelError(f"could not compile this composition again from its models cast to {to} (its graph "
                              f"holds the traced dtypes, so a cast compiles it again); nothing was cast: {e}") from e

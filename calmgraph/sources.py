@@ -1,7 +1,7 @@
 """Model sources: build the models a spec names from their `source:`, so a spec file alone is enough.
 
     source: {hf: path/to/dir}                                a transformers `save_pretrained` folder (offline)
-    source: {hf: path/to/dir, dtype: bfloat16}               ... its weights in bfloat16 (or float16, float32)
+    source: {hf: path/to/dir, dtype: bfloat16}               ... its weights in bfloat16 (or float16, float32, float64)
     source: {hf_config: {model_type: llama, ...}}            a transformers model with random weights
     source: {python: "pkg.module:factory", kwargs: {...}}    any factory returning an nn.Module
     source: {python: "models.py:factory"}                    ... or one defined in a file
@@ -23,12 +23,13 @@ import importlib.util
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import get_args
 
 import torch
 import torch.nn as nn
 
 from .errors import ModelError, Problem, SpecError
-from .spec import CompositionSpec, HfConfigSource, HfSource, ModelSpec, PythonSource, load_spec
+from .spec import CompositionSpec, Dtype, HfConfigSource, HfSource, ModelSpec, PythonSource, load_spec
 
 
 OWN_FACTORIES = "calmgraph.demo.models"  # calmgraph's model factories: built without `trust_code`
@@ -246,10 +247,25 @@ def _reason(e: Exception) -> str:
 def absolute_sources(spec: CompositionSpec, base_dir: str | Path) -> CompositionSpec:
     """`spec` with each relative source path (an `hf:` folder, a `python:` file) made absolute under `base_dir`."""
     base = Path(base_dir).expanduser().resolve()
+    return _each_source(spec, lambda source: _absolute(source, base))
+
+
+def cast_sources(spec: CompositionSpec, dtype: torch.dtype) -> CompositionSpec:
+    """`spec` with each `hf:` and `hf_config:` source's weights in `dtype`: what a cast composition records, so
+    that `cg.load` builds its models in the dtype it was saved in. A `python:` source's factory says its own."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in get_args(Dtype):
+        return spec
+    return _each_source(spec, lambda source: source.model_copy(update={"dtype": name})
+                        if isinstance(source, (HfSource, HfConfigSource)) and source.dtype != name else source)
+
+
+def _each_source(spec: CompositionSpec, change) -> CompositionSpec:
+    """`spec` with `change(source)` for each model's source (the spec itself where none changes)."""
     models = {"anchor": spec.anchor, **{i: a for i, a in enumerate(spec.augments)}}
     changed = {}
     for key, model in models.items():
-        source = _absolute(model.source, base)
+        source = change(model.source)
         if source is not model.source:
             changed[key] = model.model_copy(update={"source": source})
     if not changed:

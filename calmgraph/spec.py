@@ -122,7 +122,7 @@ Layers = Annotated[
 ]
 
 
-Dtype = Literal["float32", "bfloat16", "float16"]  # of a transformers source's weights
+Dtype = Literal["float32", "bfloat16", "float16", "float64"]  # of a transformers source's weights
 
 
 class HfSource(_Spec):

@@ -385,6 +385,46 @@ def test_a_cast_that_cannot_compile_again_changes_nothing(ids, monkeypatch):
     assert {p.dtype for p in composed.new_parameters()} == {torch.bfloat16}
 
 
+def test_a_cast_composition_saved_and_loaded_is_in_the_cast_dtype(ids, tmp_path):
+    """The spec a cast composition records names the cast dtype for its transformers sources, so `cg.load` builds
+    the models in the dtype they were saved in (it built them in the source's old one: a float32 composition)."""
+    transformers = pytest.importorskip("transformers")
+    for name, seed in (("base", 0), ("kv", 1)):
+        torch.manual_seed(seed)
+        transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+            vocab_size=VOCAB)).save_pretrained(tmp_path / name)
+    written = {"anchor": {"name": "base", "source": {"hf": str(tmp_path / "base")}},
+               "augments": [{"name": "kv", "source": {"hf": str(tmp_path / "kv")}}], "edges": [every("kv", 1)]}
+    for dtype, close in ((torch.bfloat16, 2e-2), (torch.float64, 0)):
+        composed = cg.compile(written)
+        randomize_new_parameters(composed)
+        composed.to(dtype)
+        name = str(dtype).removeprefix("torch.")
+        assert {m.source.dtype for m in composed.spec.models} == {name}
+        loaded = cg.load(composed.save_new(tmp_path / name))
+        assert {p.dtype for p in loaded.parameters()} == {dtype}
+        # the reference: the spec written with that dtype, the same blocks
+        named = {**written, "anchor": {**written["anchor"], "source": {**written["anchor"]["source"], "dtype": name}},
+                 "augments": [{**a, "source": {**a["source"], "dtype": name}} for a in written["augments"]]}
+        again = cg.compile(named)
+        again.xattn.load_state_dict(composed.xattn.state_dict())
+        with torch.no_grad():
+            assert torch.equal(loaded(ids), again(ids))
+            # bf16 near, not equal: transformers' loader keeps the rotary frequencies in float32; a cast does not
+            torch.testing.assert_close(loaded(ids), composed(ids), atol=close, rtol=close)
+    assert cg.compile(written).spec.anchor.source.dtype is None          # the spec given is unchanged
+
+
+def test_a_composition_not_made_by_compile_refuses_a_cast(ids):
+    composed = cg.compile(spec({"name": "kv"}, edges=[every("kv", 1)]),
+                          models={"base": DECODERS["llama"](), "kv": gpt(dim=32, depth=2)})
+    composed._recompile = None                                         # as one built by hand from a graph
+    with pytest.raises(cg.errors.ModelError, match=r"not made by `calmgraph.compile`.*compile it from models in that"):
+        composed.to(torch.bfloat16)
+    assert {p.dtype for p in composed.parameters()} == {torch.float32}
+
+
 def test_tap_points_list_blocks_in_order():
     points = cg.tap_points(DECODERS["llama"](dim=48, depth=3))
     assert [(p.index, p.name, p.dim) for p in points] == [(i, f"model.layers.{i}", 48) for i in range(3)]
