@@ -10,7 +10,8 @@ Both modes: the augment reading the anchor's tokens (`shared`, the paper's) and 
 (`prompt`, here the same tokens). Variants: `cached` (the KV-cache decode graph, eager), `compiled`
 (`compile_step=True`), `compiled_prefill` (the same with `compile_prefill=True`; it shares `compiled`'s
 decoders, and so its compiled step), `compiled_fused_attention` (the same step with its attention left to
-SDPA's fused kernels, `decode.MATH_ATTENTION` off, on a composition of its own), `compiled_eos` (`compiled`
+SDPA's fused kernels, `decode.MATH_ATTENTION` off, on a composition of its own), `compiled_flex_attention`
+(likewise, with `decode.FLEX_ATTENTION`: torch's flex_attention), `compiled_eos` (`compiled`
 with `--eos` as eos_token_id: a row may finish, so whether all have is checked, a few steps late as generate
 does with a compiled step on a GPU), `compiled_eos_at_once` (the same, each check read at once: the loop waits
 for the GPU at every step), `recompute` (`cache=False`). The eos variants share `compiled`'s step; `--eos`
@@ -54,6 +55,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import compile_cache  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# the variants run with `decode` flags of their own, each on a composition of its own
+FLAGS = {"compiled_fused_attention": {"MATH_ATTENTION": False}, "compiled_flex_attention": {"FLEX_ATTENTION": True}}
 
 
 def parse(argv=None):
@@ -71,8 +74,8 @@ def parse(argv=None):
     p.add_argument("--every", type=int, default=4, help="read every n-th augment block")
     p.add_argument("--modes", nargs="+", choices=["shared", "prompt"], default=["shared", "prompt"])
     p.add_argument("--variants", nargs="+",
-                   choices=["cached", "compiled", "compiled_prefill", "compiled_fused_attention", "compiled_eos",
-                            "compiled_eos_at_once", "recompute", "cached_per_length", "compiled_per_length",
+                   choices=["cached", "compiled", "compiled_prefill", "compiled_fused_attention", "compiled_flex_attention",
+                            "compiled_eos", "compiled_eos_at_once", "recompute", "cached_per_length", "compiled_per_length",
                             "compiled_alt"],
                    default=["cached", "compiled", "recompute"])
     p.add_argument("--step-options", type=json.loads, default=None, metavar="JSON",
@@ -130,17 +133,21 @@ def compose(anchor, augment, mode, every):
     return composed
 
 
-def fused_attention(composed, ids, options, extra):
-    """generate with `decode.MATH_ATTENTION` off while it runs (what it reads when its step compiles)."""
+def flagged(composed, ids, options, extra, **flags):
+    """generate with `decode`'s `flags` set while it runs (what it reads when it builds a decoder and when
+    its step compiles): `MATH_ATTENTION=False`, `FLEX_ATTENTION=True`."""
     from calmgraph.generation import decode
 
     def call(n):
-        previous, decode.MATH_ATTENTION = decode.MATH_ATTENTION, False
+        previous = {name: getattr(decode, name) for name in flags}
+        for name, value in flags.items():
+            setattr(decode, name, value)
         try:
-            with uncached():
+            with uncached() if flags.get("MATH_ATTENTION") is False else contextlib.nullcontext():
                 return composed.generate(ids, n, **options, **extra)
         finally:
-            decode.MATH_ATTENTION = previous
+            for name, value in previous.items():
+                setattr(decode, name, value)
     return call
 
 
@@ -263,6 +270,7 @@ def run(args, save=lambda report: None) -> dict:
                 options = {"cached": {"cache": True}, "compiled": {"cache": True, "compile_step": step},
                            "compiled_prefill": {"cache": True, "compile_step": step, "compile_prefill": True},
                            "compiled_fused_attention": {"cache": True, "compile_step": step},
+                           "compiled_flex_attention": {"cache": True, "compile_step": step},
                            "compiled_eos": {"cache": True, "compile_step": step, "eos_token_id": eos},
                            "compiled_eos_at_once": {"cache": True, "compile_step": step, "eos_token_id": eos},
                            "recompute": {"cache": False}, "cached_per_length": {"cache": True},
@@ -271,8 +279,9 @@ def run(args, save=lambda report: None) -> dict:
                 if "compile_step" in options and (args.concat_projections or
                                                   (variant == "compiled_alt" and args.alt_concat_projections)):
                     options = {**options, "concat_projections": True}
-                if variant == "compiled_fused_attention":  # its own decoders, compiled with the flag off
-                    calls[variant] = fused_attention(compose(anchor, augment, mode, args.every), ids, options, extra)
+                if variant in FLAGS:  # its own decoders, built and compiled with the flag
+                    calls[variant] = flagged(twin_of(composed, anchor, augment, mode, args.every), ids, options,
+                                             extra, **FLAGS[variant])
                 else:
                     calls[variant] = (lambda o: lambda n: composed.generate(ids, n, **o, **extra))(options)
                 if variant == "compiled_eos_at_once":

@@ -65,6 +65,18 @@ def test_generate_scale_alt_step_options_compile_a_second_step_beside(tmp_path):
         generate_scale.parse([*TINY, "--variants", "compiled", "--alt-concat-projections"])
 
 
+def test_generate_scale_flex_attention_variant_decodes_the_compiled_tokens(tmp_path):
+    """compiled_flex_attention: the step on a composition of its own, built and compiled with
+    `decode.FLEX_ATTENTION` (AOTAutograd's eager backend here: CPU inductor has no flex kernel for these
+    shapes), gives the compiled variant's tokens; the flag is off again after."""
+    out = tmp_path / "flex.json"
+    generate_scale.main([*TINY, "--batch", "2", "--modes", "shared", "--variants", "compiled", "compiled_flex_attention",
+                         "--step-options", '{"backend": "aot_eager"}', "--rounds", "1", "--out", str(out)])
+    flex = next(f for f in json.loads(out.read_text())["first_calls"] if f["variant"] == "compiled_flex_attention")
+    assert flex["tokens"] == 24 and flex["tokens_equal_to_compiled"] == 1.0
+    assert decode.FLEX_ATTENTION is False
+
+
 def test_generate_scale_alt_concat_projections_concatenate_the_alt_step_alone(tmp_path, monkeypatch):
     """--alt-concat-projections: compiled_alt's step computes each block's q/k/v and gate/up as one product
     each (fewer linears in the step it compiles), with the compiled step's tokens."""

@@ -389,6 +389,49 @@ def test_grouped_attention_is_sdpa_over_repeated_kv_heads(mask, queries):
         torch.testing.assert_close(got, sdpa_repeated(q, k, v, masks[mask], scale), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("mask", ["none", "bool", "bool_per_head", "additive", "two_dims"])
+def test_flex_grouped_attention_is_sdpa_over_repeated_kv_heads(mask):
+    """`flex_grouped_attention` compiled (what a step with FLEX_ATTENTION runs) against SDPA over the KV heads
+    repeated, in float32: the masks of `grouped_attention`'s test, one query a row and several; KV heads grouped
+    and not."""
+    g = torch.Generator().manual_seed(1)
+    torch._dynamo.reset()                                                        # a compile per shape and scale
+    flex = torch.compile(F.flex_grouped_attention, fullgraph=True, backend="aot_eager")
+    for queries, groups in ((1, 2), (3, 6)):
+        b, h, s, d = 2, 6, 7, 16
+        q, k, v = (torch.randn(b, heads, t, d, generator=g) for heads, t in ((h, queries), (groups, s), (groups, s)))
+        allowed = torch.rand(b, h, queries, s, generator=g) > 0.3
+        allowed[..., -1] = True                                                  # every row attends somewhere
+        masks = {"none": None, "bool": allowed[:, :1], "bool_per_head": allowed, "two_dims": allowed[0, 0],
+                 "additive": torch.randn(b, 1, queries, s, generator=g)}
+        for scale in (None, 0.3):
+            torch.testing.assert_close(flex(q, k, v, masks[mask], scale), sdpa_repeated(q, k, v, masks[mask], scale), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["shared", "prompt"])
+def test_with_flex_attention_the_compiled_step_attends_through_flex_and_keeps_the_tokens(mode, monkeypatch):
+    """With FLEX_ATTENTION (read when a decoder is built, and when its step compiles) every attention of the
+    compiled step reaches the compiler as flex_attention, the models' and the links', none as a softmax; in
+    fp32 its tokens are the eager step's."""
+    monkeypatch.setattr(decode, "FLEX_ATTENTION", True)
+    composed = compose.__wrapped__("llama", mode)                         # its decoders built with the flag
+    ids, extra = ids_and_prompts(mode, seed=42, length=6)
+    eager = composed.generate(ids, 5, cache=True, **extra)
+    from torch._dynamo.backends.common import aot_autograd
+    seen = set()
+
+    def capture(gm, _):
+        seen.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+    torch._dynamo.reset()
+    compiled = composed.generate(ids, 5, cache=True, compile_step={"backend": aot_autograd(fw_compiler=capture)},
+                                 **extra)
+    assert torch.equal(compiled, eager)
+    assert {op for op in seen if "attention" in op or "softmax" in op} == {"flex_attention"}
+    rewritten = [n.target for n in decoder_for(composed, 2, 12).to_compile.graph.nodes]
+    assert F.flex_grouped_attention in rewritten and F.grouped_attention not in rewritten
+
+
 def test_grouped_attention_in_bf16_is_transformers_eager_attention():
     """In bf16, products in bf16 and the softmax in fp32, as transformers' eager attention computes it."""
     from transformers.models.llama.modeling_llama import eager_attention_forward

@@ -61,13 +61,16 @@ from ..tracing.entry import ENTRY
 from ..tracing.frontends import exported_module, get_attr
 from ..tracing.shared import trace_shared
 from ..tracing.taps import block_inputs, block_outputs
-from .fuse import concat_projections, fuse, grouped_attention, grouped_attention_of, sdpa_gqa
+from .fuse import concat_projections, flex_grouped_attention, fuse, grouped_attention, grouped_attention_of, sdpa_gqa
 from .stage import Contexts, links_into
 
 log = logging.getLogger(__name__)   # under "calmgraph"
 FUSE = True  # apply fuse.py's rewrites to each decode graph (benchmarks/decode_ops.py measures both)
 KEEP = "keep"   # a ragged decoder's last input: (batch, max_len), False at the slots that hold padding
 MATH_ATTENTION = True  # compile the step's attention as math (`MathAttention`; benchmarks/step_kernels.py measures both)
+# ... and, where MATH_ATTENTION, as torch's flex_attention (`fuse.flex_grouped_attention`): one kernel an attention on a
+# GPU where the math is several; off until a GPU shows it faster (benchmarks/generate_scale.py compiled_flex_attention)
+FLEX_ATTENTION = False
 
 # A decoder layer's attention over an encoder's states, by its name in transformers (BART's family, Whisper;
 # BERT's): not causal, yet a causal LM runs it only when given encoder states, which generate never passes.
@@ -204,9 +207,15 @@ class LinkCache(nn.Module):
 
 
 def _math():
-    """The attention a link's block reads its keys and values with: `fuse.grouped_attention` while
-    torch.compile traces a step under `MathAttention` (the keys and values read in their dtype), else SDPA."""
-    return grouped_attention if MATH_ATTENTION and torch.compiler.is_compiling() else None
+    """The attention a link's block reads its keys and values with: `step_attention()` while torch.compile
+    traces a step under `MathAttention` (the keys and values read in their dtype), else SDPA."""
+    return step_attention() if MATH_ATTENTION and torch.compiler.is_compiling() else None
+
+
+def step_attention():
+    """The compiled step's attention over a cache: `fuse.grouped_attention`, or with FLEX_ATTENTION its
+    flex_attention twin."""
+    return flex_grouped_attention if FLEX_ATTENTION else grouped_attention
 
 
 class MathAttention:
@@ -482,7 +491,7 @@ def build_decoder(composed, anchor_stage: fx.GraphModule, contexts: Contexts, ba
     if FUSE:  # both steps read the KV caches unrepeated, each its own way (fuse.py); same root, so same caches
         module = _rewritten(module, sdpa_gqa)
         if MATH_ATTENTION:
-            to_compile = _rewritten(to_compile, grouped_attention_of)
+            to_compile = _rewritten(to_compile, functools.partial(grouped_attention_of, attention=step_attention()))
     step = module
     if writes is not None:  # a new token is never written: the steps run without the masked blocks
         step, to_compile = unwritten(module), unwritten(to_compile)

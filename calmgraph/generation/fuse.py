@@ -24,7 +24,9 @@ Two rewrites of the attention over a KV cache are applied to one step each (`dec
 - `grouped_attention`, to the step torch.compile gets, whose attention is traced as math (`MathAttention`):
   SDPA's math casts the keys and values to fp32 and repeats them to every query head, two copies of the
   whole cache a layer a step; transformers' eager attention (matmuls in the model's dtype, softmax in fp32)
-  on the query heads of each KV head, stacked as rows, reads the cache as it is.
+  on the query heads of each KV head, stacked as rows, reads the cache as it is. With
+  `decode.FLEX_ATTENTION` (off; unmeasured on a GPU), `flex_grouped_attention` instead: torch's
+  flex_attention, which inductor makes one kernel where the math is a product, a softmax and a product.
 
 `concat_projections` (generate's `concat_projections=True`) makes a compiled step's q/k/v and gate/up one
 product each, over a copy of their weights: at 8 rows, where inductor leaves each product to cuBLAS, fewer
@@ -279,9 +281,32 @@ def grouped_attention(q, k, v, mask=None, scale=None):
     return torch.matmul(probs, v).view(b, h, t, d)
 
 
-def grouped_attention_of(graph: fx.Graph) -> int:
-    """`sdpa(q, repeat_kv(k), repeat_kv(v)[, mask], scale=...)` -> `grouped_attention(q, k, v, mask, scale)`,
-    where SDPA is called with no dropout, not causal and not already grouped; the count rewritten."""
+def flex_grouped_attention(q, k, v, mask=None, scale=None):
+    """`grouped_attention` as torch's `flex_attention` (the KV heads read unrepeated, `enable_gqa`; the mask
+    read by its score_mod), for torch.compile alone: on a GPU inductor makes it one kernel (its decoding
+    kernel for few queries) where the math is several, a block (`decode.FLEX_ATTENTION`). Scores and the
+    softmax in fp32, online; a row that attends to nothing is zeros. Eager, flex_attention is slow math."""
+    from torch.nn.attention.flex_attention import flex_attention
+    score_mod = None if mask is None else _score_mod(mask, q.shape[0], q.shape[2], k.shape[2])
+    return flex_attention(q, k, v, score_mod=score_mod, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _score_mod(mask, b: int, t: int, s: int):
+    """flex_attention's score_mod reading `mask` (bool: True attends; or additive), broadcastable to (b, h, t, s)."""
+    mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
+    one_head = mask.shape[1] == 1
+    mask = mask.expand(b, mask.shape[1], t, s)
+
+    def score_mod(score, b, h, i, j):
+        m = mask[b, 0 if one_head else h, i, j]
+        return torch.where(m, score, float("-inf")) if m.dtype == torch.bool else score + m
+    return score_mod
+
+
+def grouped_attention_of(graph: fx.Graph, attention=grouped_attention) -> int:
+    """`sdpa(q, repeat_kv(k), repeat_kv(v)[, mask], scale=...)` -> `attention(q, k, v, mask, scale)`
+    (`grouped_attention`, or `flex_grouped_attention`), where SDPA is called with no dropout, not causal and not
+    already grouped; the count rewritten."""
     count = 0
     for node in list(graph.nodes):
         if not _is(node, aten.scaled_dot_product_attention.default) or len(node.args) < 3:
@@ -295,7 +320,7 @@ def grouped_attention_of(graph: fx.Graph) -> int:
         if k is None or v is None or k[1] != v[1] or k[1] < 2:
             continue
         with graph.inserting_before(node):
-            grouped = graph.call_function(grouped_attention, (node.args[0], k[0], v[0], given.get("attn_mask"),
+            grouped = graph.call_function(attention, (node.args[0], k[0], v[0], given.get("attn_mask"),
                                                               given.get("scale")))
         _replace(node, grouped)
         graph.erase_node(node)
@@ -365,4 +390,4 @@ def fuse(graph: fx.Graph, root: nn.Module, ids: fx.Node, position: fx.Node, trac
 
 
 __all__ = ["fuse", "drop_noop_casts", "fuse_rms_norm", "read_positions", "roll_rotary", "sdpa_gqa",
-           "grouped_attention", "grouped_attention_of", "projection_groups", "concat_projections"]
+           "grouped_attention", "flex_grouped_attention", "grouped_attention_of", "projection_groups", "concat_projections"]
