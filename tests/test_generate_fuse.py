@@ -405,7 +405,11 @@ def test_flex_grouped_attention_is_sdpa_over_repeated_kv_heads(mask):
         masks = {"none": None, "bool": allowed[:, :1], "bool_per_head": allowed, "two_dims": allowed[0, 0],
                  "additive": torch.randn(b, 1, queries, s, generator=g)}
         for scale in (None, 0.3):
-            torch.testing.assert_close(flex(q, k, v, masks[mask], scale), sdpa_repeated(q, k, v, masks[mask], scale), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(flex(q, k, v, masks[mask], scale), sdpa_repeated(q, k, v, masks[mask], scale),
+                                       rtol=1e-5, atol=1e-5)
+    got = flex(q.bfloat16(), k, v, masks[mask])                                 # a query in another dtype (autocast)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, sdpa_repeated(q.bfloat16().float(), k, v, masks[mask], None), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["shared", "prompt"])

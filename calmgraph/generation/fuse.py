@@ -288,7 +288,9 @@ def flex_grouped_attention(q, k, v, mask=None, scale=None):
     softmax in fp32, online; a row that attends to nothing is zeros. Eager, flex_attention is slow math."""
     from torch.nn.attention.flex_attention import flex_attention
     score_mod = None if mask is None else _score_mod(mask, q.shape[0], q.shape[2], k.shape[2])
-    return flex_attention(q, k, v, score_mod=score_mod, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    # one dtype, the cache's (under autocast a query may be in another): flex_attention takes no mix
+    return flex_attention(q.to(k.dtype), k, v.to(k.dtype), score_mod=score_mod, scale=scale,
+                          enable_gqa=k.shape[1] != q.shape[1])
 
 
 def _score_mod(mask, b: int, t: int, s: int):
