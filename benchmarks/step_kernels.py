@@ -4,10 +4,12 @@ generate_scale.py's models.
 
     python benchmarks/step_kernels.py --mode shared --batch 1 --out benchmarks/results/decode_kernels_gpu.json
     python benchmarks/step_kernels.py --mode shared --batch 1 --fused-attention    # the step as traced
+    python benchmarks/step_kernels.py --mode shared --batch 1 --flex-attention     # decode.FLEX_ATTENTION
 
 A token's share is the difference between a 48-token and a 16-token call, over 32, so that the prefill
 and the call's own set-up cancel; each call is one torch.profiler trace (CUDA activity only).
-`--fused-attention` compiles the step without `decode.MathAttention` (SDPA picks its fused kernel).
+`--fused-attention` compiles the step without `decode.MathAttention` (SDPA picks its fused kernel);
+`--flex-attention` with `decode.FLEX_ATTENTION` (its attention as torch's flex_attention).
 `--step-options` replaces STEP_COMPILE (e.g. `'{"options": {..., "max_autotune_gemm": true}}'`).
 `--linear-as` measures candidates for steps of several rows, whose products inductor leaves as cuBLAS calls:
 `bmm`, each linear of the step as a batched product of one row per batch entry, against the weight broadcast
@@ -41,13 +43,13 @@ import compile_cache  # noqa: E402
 import generate_scale as gs  # noqa: E402 - the same models and composition
 from calmgraph.generation import decode  # noqa: E402
 
-KINDS = {"attention": ("cudnn", "fmha", "flash", "attention"),
+KINDS = {"attention": ("cudnn", "fmha", "flash", "attention", "flex_decoding"),
          "gemm": ("gemv", "gemm", "nvjet", "cutlass", "sm90", "splitk")}
 
 
 def kind(name: str) -> str:
     lower = name.lower()
-    if lower.startswith("triton"):
+    if lower.startswith("triton") and "flex" not in lower:   # a flex_attention template kernel is attention
         return "triton"
     return next((k for k, marks in KINDS.items() if any(m in lower for m in marks)), "other")
 
@@ -150,6 +152,7 @@ def main(argv=None):
     p.add_argument("--mode", choices=["shared", "prompt"], default="shared")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--fused-attention", action="store_true", help="compile the step without MathAttention")
+    p.add_argument("--flex-attention", action="store_true", help="compile the step with decode.FLEX_ATTENTION")
     p.add_argument("--step-options", type=json.loads, default=None, metavar="JSON", help="compile_step (default True)")
     p.add_argument("--linear-as", choices=sorted(REWRITES), help="each linear of the step as a one-row bmm, or a sum")
     p.add_argument("--concat-projections", action="store_true",
@@ -161,7 +164,9 @@ def main(argv=None):
                    help="save torch.compile's caches here after the first call")
     args = p.parse_args(argv)
     loaded = compile_cache.load(args.load_cache)
-    decode.MATH_ATTENTION = not args.fused_attention
+    if args.fused_attention and args.flex_attention:
+        p.error("--fused-attention and --flex-attention are two attentions of the step: give one")
+    decode.MATH_ATTENTION, decode.FLEX_ATTENTION = not args.fused_attention, args.flex_attention
     if args.linear_as and args.concat_projections:
         p.error("--linear-as and --concat-projections are two rewrites of the same linears: give one")
     if args.linear_as:
@@ -196,7 +201,7 @@ def main(argv=None):
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-        "mode": args.mode, "batch": args.batch, "attention": "fused" if args.fused_attention else "math",
+        "mode": args.mode, "batch": args.batch, "attention": "fused" if args.fused_attention else "flex" if args.flex_attention else "math",
         "compile_step": "STEP_COMPILE" if args.step_options is None else args.step_options,
         "linear_as": args.linear_as, "concat_projections": args.concat_projections,
         "fraction_of_tokens_equal_to_eager": same,
