@@ -70,8 +70,9 @@ def test_generate_scale_flex_attention_variant_decodes_the_compiled_tokens(tmp_p
     `decode.FLEX_ATTENTION` (AOTAutograd's eager backend here: CPU inductor has no flex kernel for these
     shapes), gives the compiled variant's tokens; the flag is off again after."""
     out = tmp_path / "flex.json"
-    generate_scale.main([*TINY, "--batch", "2", "--modes", "shared", "--variants", "compiled", "compiled_flex_attention",
-                         "--step-options", '{"backend": "aot_eager"}', "--rounds", "1", "--out", str(out)])
+    generate_scale.main([*TINY, "--batch", "2", "--modes", "shared", "--variants", "compiled",
+                         "compiled_flex_attention", "--step-options", '{"backend": "aot_eager"}', "--rounds", "1",
+                         "--out", str(out)])
     flex = next(f for f in json.loads(out.read_text())["first_calls"] if f["variant"] == "compiled_flex_attention")
     assert flex["tokens"] == 24 and flex["tokens_equal_to_compiled"] == 1.0
     assert decode.FLEX_ATTENTION is False

@@ -392,4 +392,5 @@ def fuse(graph: fx.Graph, root: nn.Module, ids: fx.Node, position: fx.Node, trac
 
 
 __all__ = ["fuse", "drop_noop_casts", "fuse_rms_norm", "read_positions", "roll_rotary", "sdpa_gqa",
-           "grouped_attention", "flex_grouped_attention", "grouped_attention_of", "projection_groups", "concat_projections"]
+           "grouped_attention", "flex_grouped_attention", "grouped_attention_of", "projection_groups",
+           "concat_projections"]
