@@ -24,7 +24,8 @@ decode rate, `new - 1` tokens over the per-round difference of the two calls (th
 JSON goes to stdout (and to `--out`, rewritten after each first call and each mode and batch, with `complete`
 false until the end); a line per first call and per result to stderr as it comes. `--load-cache` and
 `--save-cache` carry torch.compile's caches between processes (`compile_cache.py`). `--concat-projections`
-passes `concat_projections=True` with every `compile_step`.
+passes `concat_projections=True` with every `compile_step`; `--prefill-options`, the `compiled_prefill`
+variant's `compile_prefill`.
 `compiled_alt`: the step compiled with `--alt-step-options` instead, on a second composition (decoders of its
 own), timed beside `compiled` in the same rounds; `--alt-concat-projections` gives it `concat_projections=True`
 alone (`--alt-step-options true`: the same compile options, so the pair measures the concatenation).
@@ -84,6 +85,9 @@ def parse(argv=None):
     p.add_argument("--alt-step-options", type=json.loads, default=None, metavar="JSON",
                    help="the compiled_alt variant's compile_step: the step compiled another way, on a twin composition, "
                         "timed beside compiled")
+    p.add_argument("--prefill-options", type=json.loads, default=None, metavar="JSON",
+                   help='the compiled_prefill variant\'s compile_prefill (default true: PREFILL_COMPILE), e.g. '
+                        '\'{"options": {"triton.cudagraphs": true}}\' (a CUDA graph for the one prompt length)')
     p.add_argument("--concat-projections", action="store_true",
                    help="concat_projections=True with every compile_step (a copy of those weights)")
     p.add_argument("--alt-concat-projections", action="store_true",
@@ -234,6 +238,7 @@ def run(args, save=lambda report: None) -> dict:
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "compile_step": "STEP_COMPILE" if args.step_options is None else args.step_options,
         "alt_step_options": args.alt_step_options,
+        "compile_prefill": "PREFILL_COMPILE" if args.prefill_options is None else args.prefill_options,
         "concat_projections": args.concat_projections,
         "alt_concat_projections": args.alt_concat_projections,
         "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -268,7 +273,9 @@ def run(args, save=lambda report: None) -> dict:
             for variant in args.variants:
                 step = True if args.step_options is None else args.step_options
                 options = {"cached": {"cache": True}, "compiled": {"cache": True, "compile_step": step},
-                           "compiled_prefill": {"cache": True, "compile_step": step, "compile_prefill": True},
+                           "compiled_prefill": {"cache": True, "compile_step": step,
+                                                "compile_prefill": True if args.prefill_options is None
+                                                else args.prefill_options},
                            "compiled_fused_attention": {"cache": True, "compile_step": step},
                            "compiled_flex_attention": {"cache": True, "compile_step": step},
                            "compiled_eos": {"cache": True, "compile_step": step, "eos_token_id": eos},

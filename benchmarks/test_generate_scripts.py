@@ -78,6 +78,24 @@ def test_generate_scale_flex_attention_variant_decodes_the_compiled_tokens(tmp_p
     assert decode.FLEX_ATTENTION is False
 
 
+def test_generate_scale_prefill_options_compile_the_prefill_so(tmp_path, monkeypatch):
+    """--prefill-options: the compiled_prefill variant's prefill is compiled with them (here dynamo's eager
+    backend, counted), recorded in the report, with the compiled variant's tokens."""
+    import torch._dynamo.testing
+    counter = torch._dynamo.testing.CompileCounter()
+    registry = torch._dynamo.backends.registry                     # a backend by name, as JSON can give one
+    monkeypatch.setitem(registry._BACKENDS, "counted", None)
+    monkeypatch.setitem(registry._COMPILER_FNS, "counted", counter)
+    out = tmp_path / "prefill.json"
+    generate_scale.main([*TINY, "--batch", "2", "--modes", "prompt", "--variants", "compiled", "compiled_prefill",
+                         "--step-options", '{"backend": "eager"}', "--prefill-options", '{"backend": "counted"}',
+                         "--rounds", "1", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["compile_prefill"] == {"backend": "counted"} and counter.frame_count >= 1
+    prefill = next(f for f in report["first_calls"] if f["variant"] == "compiled_prefill")
+    assert prefill["tokens"] == 24 and prefill["tokens_equal_to_compiled"] == 1.0
+
+
 def test_generate_scale_alt_concat_projections_concatenate_the_alt_step_alone(tmp_path, monkeypatch):
     """--alt-concat-projections: compiled_alt's step computes each block's q/k/v and gate/up as one product
     each (fewer linears in the step it compiles), with the compiled step's tokens."""
