@@ -293,11 +293,12 @@ def flex_grouped_attention(q, k, v, mask=None, scale=None):
                           enable_gqa=k.shape[1] != q.shape[1])
 
 
-def _score_mod(mask, b: int, t: int, s: int):
-    """flex_attention's score_mod reading `mask` (bool: True attends; or additive), broadcastable to (b, h, t, s)."""
+def _score_mod(mask, batch: int, queries: int, keys: int):
+    """flex_attention's score_mod reading `mask` (bool: True attends; or additive), broadcastable to
+    (batch, heads, queries, keys), of one head or every head."""
     mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
     one_head = mask.shape[1] == 1
-    mask = mask.expand(b, mask.shape[1], t, s)
+    mask = mask.expand(batch, mask.shape[1], queries, keys)
 
     def score_mod(score, b, h, i, j):
         m = mask[b, 0 if one_head else h, i, j]
@@ -323,7 +324,7 @@ def grouped_attention_of(graph: fx.Graph, attention=grouped_attention) -> int:
             continue
         with graph.inserting_before(node):
             grouped = graph.call_function(attention, (node.args[0], k[0], v[0], given.get("attn_mask"),
-                                                              given.get("scale")))
+                                                      given.get("scale")))
         _replace(node, grouped)
         graph.erase_node(node)
         count += 1
