@@ -6,10 +6,6 @@ The composed model is stood in for by `ToyComposed`, which has the compiled mode
 import hashlib
 import json
 import math
-import os
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,8 +16,8 @@ import torch.nn as nn
 import calmgraph.train as train_mod
 from calmgraph.errors import InputError
 from calmgraph.train import FineTuner, TrainConfig, list_checkpoints, next_token_loss, warmup_cosine
+from tests.torchrun import finish, launch
 
-ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 13
 
 
@@ -285,20 +281,7 @@ def test_an_input_with_another_batch_size_is_refused():
 def test_two_processes_shard_the_data_and_agree(tmp_path):
     # torchrun sets RANK / WORLD_SIZE / MASTER_ADDR; Accelerate on the CPU then uses gloo. (`accelerate
     # launch --cpu` hands multi-CPU runs to mpirun, which CI machines lack.)
-    with socket.socket() as s:  # a free port (torchrun's static rendezvous does not take port 0)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), str(Path(__file__)), str(tmp_path)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
-        out, _ = proc.communicate()
-    assert proc.returncode == 0, out[-3000:]
+    launch("test_train.py", tmp_path, timeout=120)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     seen = [set(r["seen"]) for r in ranks]
     assert seen[0] and seen[1] and not seen[0] & seen[1]  # different shards
@@ -329,3 +312,4 @@ def _worker(out_dir: str) -> None:
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+    finish()
