@@ -67,8 +67,8 @@ def test_generate_scale_alt_step_options_compile_a_second_step_beside(tmp_path):
 
 def test_generate_scale_flex_attention_variant_decodes_the_compiled_tokens(tmp_path):
     """compiled_flex_attention: the step on a composition of its own, built and compiled with
-    `decode.FLEX_ATTENTION` (AOTAutograd's eager backend here: CPU inductor has no flex kernel for these
-    shapes), gives the compiled variant's tokens; the flag is off again after."""
+    `decode.FLEX_ATTENTION` (AOTAutograd's eager backend here: CPU inductor cannot lower this flex_attention),
+    gives the compiled variant's tokens; the flag is off again after."""
     out = tmp_path / "flex.json"
     generate_scale.main([*TINY, "--batch", "2", "--modes", "shared", "--variants", "compiled",
                          "compiled_flex_attention", "--step-options", '{"backend": "aot_eager"}', "--rounds", "1",
