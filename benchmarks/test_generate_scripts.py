@@ -96,6 +96,13 @@ def test_generate_scale_prefill_options_compile_the_prefill_so(tmp_path, monkeyp
     assert prefill["tokens"] == 24 and prefill["tokens_equal_to_compiled"] == 1.0
 
 
+def test_step_kernels_refuses_two_attentions_at_once(capsys):
+    """--fused-attention and --flex-attention name two attentions of the step: refused before any model is built."""
+    with pytest.raises(SystemExit):
+        step_kernels.main(["--fused-attention", "--flex-attention"])
+    assert "--fused-attention and --flex-attention are two attentions of the step: give one" in capsys.readouterr().err
+
+
 def test_generate_scale_alt_concat_projections_concatenate_the_alt_step_alone(tmp_path, monkeypatch):
     """--alt-concat-projections: compiled_alt's step computes each block's q/k/v and gate/up as one product
     each (fewer linears in the step it compiles), with the compiled step's tokens."""
