@@ -16,7 +16,8 @@ with `--eos` as eos_token_id: a row may finish, so whether all have is checked, 
 does with a compiled step on a GPU), `compiled_eos_at_once` (the same, each check read at once: the loop waits
 for the GPU at every step), `recompute` (`cache=False`). The eos variants share `compiled`'s step; `--eos`
 should be an id the rows do not emit (each variant's `tokens` says whether they did).
-Each variant's first call is reported (it traces the decode graph, and compiles; `compile_caches`: the
+Each variant's first call is reported (it traces the decode graph, and compiles; one that raises is reported
+with its `error` and left out of the rounds; `compile_caches`: the
 hits and misses of torch's compile caches it made; beside `compiled`, the fraction of its tokens equal to
 `compiled`'s), its time to the first token is timed warm, then the variants
 and transformers alternate for `--rounds` rounds (a call for one token, then one for `--new`) and the medians are reported: tokens/s of the whole call (prefill included) and the
@@ -299,9 +300,19 @@ def run(args, save=lambda report: None) -> dict:
                     if variant.endswith("_per_length"):
                         calls[variant] = per_length(twin, calls[variant])
             first, outs = {}, {}
-            for name, call in calls.items():  # the first call traces the decode graph (and compiles)
+            for name, call in list(calls.items()):  # the first call traces the decode graph (and compiles)
                 before = cache_counts()
-                first_s, out = timed(lambda: call(args.new), sync)
+                try:
+                    first_s, out = timed(lambda: call(args.new), sync)
+                except Exception as error:  # a variant that cannot compile here is reported, not the run's end
+                    if name == "transformers_anchor_alone":
+                        raise
+                    del calls[name]
+                    report["first_calls"].append({"mode": mode, "batch": batch, "variant": name,
+                                                  "error": f"{type(error).__name__}: {error}"[:2000]})
+                    print(json.dumps(report["first_calls"][-1]), file=sys.stderr)
+                    save(report)
+                    continue
                 caches = dict(cache_counts() - before)
                 outs[name] = out[:, -args.new:]
                 call(1)  # one new token: its own (smaller) cache bucket, built here, off the clock

@@ -78,6 +78,25 @@ def test_generate_scale_flex_attention_variant_decodes_the_compiled_tokens(tmp_p
     assert decode.FLEX_ATTENTION is False
 
 
+def test_a_variant_whose_first_call_fails_is_reported_and_the_rest_are_timed(tmp_path, monkeypatch):
+    """A variant that cannot compile on the card (here one whose call raises) leaves its error in first_calls
+    and no result; the other variants are still timed, and the report is complete."""
+    def broken(*args, **flags):
+        def call(n):
+            raise RuntimeError("no kernel choice for these shapes")
+        return call
+    monkeypatch.setattr(generate_scale, "flagged", broken)
+    out = tmp_path / "broken.json"
+    generate_scale.main([*TINY, "--batch", "2", "--modes", "shared", "--variants", "cached",
+                         "compiled_flex_attention", "--rounds", "1", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["complete"]
+    failed = [f for f in report["first_calls"] if "error" in f]
+    assert failed == [{"mode": "shared", "batch": 2, "variant": "compiled_flex_attention",
+                       "error": "RuntimeError: no kernel choice for these shapes"}]
+    assert [r["variant"] for r in report["results"]] == ["transformers_anchor_alone", "cached"]
+
+
 def test_generate_scale_prefill_options_compile_the_prefill_so(tmp_path, monkeypatch):
     """--prefill-options: the compiled_prefill variant's prefill is compiled with them (here dynamo's eager
     backend, counted), recorded in the report, with the compiled variant's tokens."""
