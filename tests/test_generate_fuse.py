@@ -415,23 +415,32 @@ def test_flex_grouped_attention_is_sdpa_over_repeated_kv_heads(mask):
 @pytest.mark.parametrize("mode", ["shared", "prompt"])
 def test_with_flex_attention_the_compiled_step_attends_through_flex_and_keeps_the_tokens(mode, monkeypatch):
     """With FLEX_ATTENTION (read when a decoder is built, and when its step compiles) every attention of the
-    compiled step reaches the compiler as flex_attention, the models' and the links', none as a softmax; in
-    fp32 its tokens are the eager step's."""
+    compiled step reaches the compiler as flex_attention, the models' and the links', none as a softmax, all
+    with one block mask, inputs of the step (none built in it: no fills, no sort); in fp32 its tokens are the
+    eager step's."""
     monkeypatch.setattr(decode, "FLEX_ATTENTION", True)
+    monkeypatch.setattr(F, "_NOOP_BLOCK_MASKS", {})
     composed = compose.__wrapped__("llama", mode)                         # its decoders built with the flag
     ids, extra = ids_and_prompts(mode, seed=42, length=6)
     eager = composed.generate(ids, 5, cache=True, **extra)
     from torch._dynamo.backends.common import aot_autograd
-    seen = set()
+    seen, block_masks = set(), []
 
     def capture(gm, _):
         seen.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        for n in gm.graph.nodes:   # a block mask: its lengths, tensors, block sizes and mask_mod's graph
+            if "flex_attention" in str(n.target):
+                block_masks.append([(a.op, a.name) for a in n.args[4][2:-3] if isinstance(a, torch.fx.Node)])
         return gm
     torch._dynamo.reset()
     compiled = composed.generate(ids, 5, cache=True, compile_step={"backend": aot_autograd(fw_compiler=capture)},
                                  **extra)
     assert torch.equal(compiled, eager)
     assert {op for op in seen if "attention" in op or "softmax" in op} == {"flex_attention"}
+    assert not {op for op in seen if "sort" in op or "ones" in op or "index_put" in op}
+    assert block_masks[0] and {op for op, _ in block_masks[0]} == {"placeholder"}   # the step's inputs,
+    assert all(m == block_masks[0] for m in block_masks)                              # every attention's
+    assert list(F._NOOP_BLOCK_MASKS) == ["cpu"]
     rewritten = [n.target for n in decoder_for(composed, 2, 12).to_compile.graph.nodes]
     assert F.flex_grouped_attention in rewritten and F.grouped_attention not in rewritten
 

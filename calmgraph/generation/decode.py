@@ -61,7 +61,8 @@ from ..tracing.entry import ENTRY
 from ..tracing.frontends import exported_module, get_attr
 from ..tracing.shared import trace_shared
 from ..tracing.taps import block_inputs, block_outputs
-from .fuse import concat_projections, flex_grouped_attention, fuse, grouped_attention, grouped_attention_of, sdpa_gqa
+from .fuse import (concat_projections, flex_grouped_attention, fuse, grouped_attention, grouped_attention_of,
+                   noop_block_mask, sdpa_gqa)
 from .stage import Contexts, links_into
 
 log = logging.getLogger(__name__)   # under "calmgraph"
@@ -275,6 +276,8 @@ class Decoder:
                 graph = copy.deepcopy(graph, {**memo, **cast.copies})
             if key[1]:
                 graph = _concatenated(graph, concat)
+            if not prefill and MATH_ATTENTION and FLEX_ATTENTION:
+                noop_block_mask(next(graph.buffers()).device)   # made here, eagerly: read by every attention
             compiled = torch.compile(graph, **options)
             # torch.compile works at the first call: with tuning, minutes at LLM shapes on a GPU, in silence
             log.info("generate: the %s for %d rows and %d cache slots compiles at its first call", role,

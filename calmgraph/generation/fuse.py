@@ -290,7 +290,28 @@ def flex_grouped_attention(q, k, v, mask=None, scale=None):
     score_mod = None if mask is None else _score_mod(mask, q.shape[0], q.shape[2], k.shape[2])
     # one dtype, the cache's (under autocast a query may be in another): flex_attention takes no mix
     return flex_attention(q.to(k.dtype), k, v.to(k.dtype), score_mod=score_mod, scale=scale,
-                          enable_gqa=k.shape[1] != q.shape[1])
+                          block_mask=_NOOP_BLOCK_MASKS.get(str(q.device)), enable_gqa=k.shape[1] != q.shape[1])
+
+
+_NOOP_BLOCK_MASKS = {}   # str(device) -> BlockMask (`noop_block_mask`)
+
+
+def noop_block_mask(device) -> None:
+    """Make, outside any trace, the block mask `flex_grouped_attention` passes on `device`: flex_attention's
+    own for no mask (one block as long as any sequence; the mask is the score_mod's). Left to flex_attention,
+    each call in a compiled step builds it again: a few small kernels an attention (fills, a sort) where this
+    one is a graph input, the same for every attention, at a fixed address (nothing copied into a CUDA graph)."""
+    from torch.nn.attention.flex_attention import _LARGE_SPARSE_BLOCK_SIZE, BlockMask
+    key = str(torch.device(device))
+    if key in _NOOP_BLOCK_MASKS:
+        return
+    ones, zeros = (make((1, 1, 1, 1)[:n], dtype=torch.int32, device=device)
+                   for make, n in ((torch.ones, 3), (torch.zeros, 4)))
+    made = BlockMask.from_kv_blocks(ones, zeros, BLOCK_SIZE=_LARGE_SPARSE_BLOCK_SIZE, seq_lengths=(1, 1))
+    for tensor in made.as_tuple():
+        if isinstance(tensor, torch.Tensor):
+            torch._dynamo.mark_static_address(tensor)
+    _NOOP_BLOCK_MASKS[key] = made
 
 
 def _score_mod(mask, batch: int, queries: int, keys: int):
