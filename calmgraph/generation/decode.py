@@ -70,7 +70,8 @@ FUSE = True  # apply fuse.py's rewrites to each decode graph (benchmarks/decode_
 KEEP = "keep"   # a ragged decoder's last input: (batch, max_len), False at the slots that hold padding
 MATH_ATTENTION = True  # compile the step's attention as math (`MathAttention`; benchmarks/step_kernels.py measures both)
 # ... and, where MATH_ATTENTION, as torch's flex_attention (`fuse.flex_grouped_attention`): one kernel an attention on a
-# GPU where the math is several; off until a GPU shows it faster (benchmarks/generate_scale.py compiled_flex_attention)
+# GPU where the math is several; off: the step ran 0.82x (batch 1) and 0.85x (batch 8) as fast on an H100, untuned
+# (benchmarks/generate_scale.py compiled_flex_attention; docs/generate_scale_history.md, section 12)
 FLEX_ATTENTION = False
 
 # A decoder layer's attention over an encoder's states, by its name in transformers (BART's family, Whisper;
