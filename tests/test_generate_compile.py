@@ -156,6 +156,23 @@ def test_the_prefill_compiles_once_for_every_prompt_length(composed, counter):
         assert torch.equal(out, generate(*call))
 
 
+def test_a_prefill_of_static_shapes_compiles_at_two_prompt_lengths_then_none(composed, monkeypatch):
+    """compile_prefill without `dynamic` (what a CUDA-graphed prefill takes, docs/generation.md): compiled for
+    the first prompt length, once more, with dynamic shapes, at the second (torch's automatic dynamic shapes),
+    then not again; the prompt augment's stage, whose prompt keeps its length, once. The tokens are eager's."""
+    prefill, step, prompts = CompileCounter(), CompileCounter(), prompt("bert", batch=2)
+    monkeypatch.setattr(generation, "STEP_COMPILE", {"backend": step})
+    torch._dynamo.reset()
+    options = {"compile_step": True, "compile_prefill": {"backend": prefill}}
+    counts = []
+    for length, seed in ((5, 1), (9, 2), (7, 3), (6, 4)):
+        ids = tokens((2, length), seed)
+        got = composed.generate(ids, 8, **options, **prompts)
+        counts.append(prefill.frame_count)
+        assert torch.equal(got, composed.generate(ids, 8, **prompts))
+    assert counts == [2, 3, 3, 3] and step.frame_count == 1              # the stage and the prefill; then dynamic
+
+
 def test_the_prefill_compiled_through_aot_autograd_writes_the_caches_the_steps_read(composed):
     """Functionalized (aot_eager: AOTAutograd without inductor's code), the prefill still writes the KV
     caches in place, which the steps then read: the same tokens as eager, with and without a compiled step."""
