@@ -29,7 +29,9 @@ passes `concat_projections=True` with every `compile_step`; `--prefill-options`,
 variant's `compile_prefill`.
 `compiled_alt`: the step compiled with `--alt-step-options` instead, on a second composition (decoders of its
 own), timed beside `compiled` in the same rounds; `--alt-concat-projections` gives it `concat_projections=True`
-alone (`--alt-step-options true`: the same compile options, so the pair measures the concatenation).
+alone (`--alt-step-options true`: the same compile options, so the pair measures the concatenation), and
+`--alt-prefill-options` a `compile_prefill` (e.g. `compiled_prefill` with a CUDA-graphed prefill beside
+`compiled_alt` with the dynamic one, the same step options for both).
 `--ragged N`: row i's prompt is `--prompt` - i * N tokens, left-padded (an attention mask; transformers' run
 gets it too), which generate decodes in one decoder where the models allow (`generation.generate.ragged_ok`);
 the `*_per_length` variants decode the same rows with a decoder per prompt length, as generate did before.
@@ -89,6 +91,8 @@ def parse(argv=None):
     p.add_argument("--prefill-options", type=json.loads, default=None, metavar="JSON",
                    help='the compiled_prefill variant\'s compile_prefill (default true: PREFILL_COMPILE), e.g. '
                         '\'{"options": {"triton.cudagraphs": true}}\' (a CUDA graph for the one prompt length)')
+    p.add_argument("--alt-prefill-options", type=json.loads, default=None, metavar="JSON",
+                   help="the compiled_alt variant's compile_prefill (default: none, an eager prefill)")
     p.add_argument("--concat-projections", action="store_true",
                    help="concat_projections=True with every compile_step (a copy of those weights)")
     p.add_argument("--alt-concat-projections", action="store_true",
@@ -105,8 +109,10 @@ def parse(argv=None):
     args = p.parse_args(argv)
     if ("compiled_alt" in args.variants) != (args.alt_step_options is not None):
         p.error("the compiled_alt variant and --alt-step-options come together: give both or neither")
-    if args.alt_concat_projections and "compiled_alt" not in args.variants:
-        p.error("--alt-concat-projections changes the compiled_alt variant: add it to --variants")
+    for given, flag in ((args.alt_concat_projections, "--alt-concat-projections"),
+                        (args.alt_prefill_options is not None, "--alt-prefill-options")):
+        if given and "compiled_alt" not in args.variants:
+            p.error(f"{flag} changes the compiled_alt variant: add it to --variants")
     last, most = max(args.batch) - 1, (args.prompt - 1) // max(max(args.batch) - 1, 1)
     if not 0 <= args.ragged <= most:
         why = "is not a number of tokens" if args.ragged < 0 else \
@@ -242,6 +248,7 @@ def run(args, save=lambda report: None) -> dict:
         "compile_prefill": "PREFILL_COMPILE" if args.prefill_options is None else args.prefill_options,
         "concat_projections": args.concat_projections,
         "alt_concat_projections": args.alt_concat_projections,
+        "alt_prefill_options": args.alt_prefill_options,
         "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or "cpu",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -283,7 +290,9 @@ def run(args, save=lambda report: None) -> dict:
                            "compiled_eos_at_once": {"cache": True, "compile_step": step, "eos_token_id": eos},
                            "recompute": {"cache": False}, "cached_per_length": {"cache": True},
                            "compiled_per_length": {"cache": True, "compile_step": step},
-                           "compiled_alt": {"cache": True, "compile_step": args.alt_step_options}}[variant]
+                           "compiled_alt": {"cache": True, "compile_step": args.alt_step_options,
+                                            **({} if args.alt_prefill_options is None
+                                               else {"compile_prefill": args.alt_prefill_options})}}[variant]
                 if "compile_step" in options and (args.concat_projections or
                                                   (variant == "compiled_alt" and args.alt_concat_projections)):
                     options = {**options, "concat_projections": True}

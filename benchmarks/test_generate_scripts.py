@@ -115,6 +115,33 @@ def test_generate_scale_prefill_options_compile_the_prefill_so(tmp_path, monkeyp
     assert prefill["tokens"] == 24 and prefill["tokens_equal_to_compiled"] == 1.0
 
 
+def test_generate_scale_alt_prefill_options_compile_the_alt_prefill_alone(tmp_path, capsys):
+    """--alt-prefill-options: compiled_alt's prefill compiled so (here dynamo's eager backend, counted), beside
+    compiled_prefill's own options, each on its own composition; the tokens are compiled's. Without compiled_alt
+    among the variants it is refused, naming the flag."""
+    import torch._dynamo.testing
+    counters = {"prefill": torch._dynamo.testing.CompileCounter(), "alt": torch._dynamo.testing.CompileCounter()}
+    registry = torch._dynamo.backends.registry
+    with pytest.MonkeyPatch.context() as patch:
+        for name, counter in counters.items():
+            patch.setitem(registry._BACKENDS, f"counted_{name}", None)
+            patch.setitem(registry._COMPILER_FNS, f"counted_{name}", counter)
+        out = tmp_path / "alt_prefill.json"
+        generate_scale.main([*TINY, "--batch", "2", "--modes", "shared", "--variants", "compiled", "compiled_prefill",
+                             "compiled_alt", "--step-options", '{"backend": "eager"}', "--alt-step-options",
+                             '{"backend": "eager"}', "--prefill-options", '{"backend": "counted_prefill"}',
+                             "--alt-prefill-options", '{"backend": "counted_alt"}', "--rounds", "1", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["alt_prefill_options"] == {"backend": "counted_alt"}
+    assert counters["prefill"].frame_count >= 1 and counters["alt"].frame_count >= 1
+    for name in ("compiled_prefill", "compiled_alt"):
+        first = next(f for f in report["first_calls"] if f["variant"] == name)
+        assert first["tokens"] == 24 and first["tokens_equal_to_compiled"] == 1.0
+    with pytest.raises(SystemExit):
+        generate_scale.parse([*TINY, "--variants", "compiled", "--alt-prefill-options", "true"])
+    assert "--alt-prefill-options changes the compiled_alt variant" in capsys.readouterr().err
+
+
 def test_step_kernels_refuses_two_attentions_at_once(capsys):
     """--fused-attention and --flex-attention name two attentions of the step: refused before any model is built."""
     with pytest.raises(SystemExit):
