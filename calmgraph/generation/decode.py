@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import itertools
 import logging
 import operator
 import weakref
@@ -278,7 +279,8 @@ class Decoder:
             if key[1]:
                 graph = _concatenated(graph, concat)
             if not prefill and MATH_ATTENTION and FLEX_ATTENTION:
-                noop_block_mask(next(graph.buffers()).device)   # made here, eagerly: read by every attention
+                # made here, eagerly, where the step's caches are: read by every attention
+                noop_block_mask(next(itertools.chain(graph.buffers(), graph.parameters())).device)
             compiled = torch.compile(graph, **options)
             # torch.compile works at the first call: with tuning, minutes at LLM shapes on a GPU, in silence
             log.info("generate: the %s for %d rows and %d cache slots compiles at its first call", role,
