@@ -302,13 +302,12 @@ def noop_block_mask(device) -> None:
     own for no mask (one block as long as any sequence; the mask is the score_mod's). Left to flex_attention,
     each call in a compiled step builds it again: a few small kernels an attention (fills, a sort) where this
     one is a graph input, the same for every attention, at a fixed address (nothing copied into a CUDA graph)."""
-    from torch.nn.attention.flex_attention import _LARGE_SPARSE_BLOCK_SIZE, BlockMask
+    from torch.nn.attention.flex_attention import _create_empty_block_mask
     key = str(torch.device(device))
     if key in _NOOP_BLOCK_MASKS:
         return
-    ones, zeros = (make((1, 1, 1, 1)[:n], dtype=torch.int32, device=device)
-                   for make, n in ((torch.ones, 3), (torch.zeros, 4)))
-    made = BlockMask.from_kv_blocks(ones, zeros, BLOCK_SIZE=_LARGE_SPARSE_BLOCK_SIZE, seq_lengths=(1, 1))
+    where = torch.empty(0, device=device)   # flex_attention's own default, made for this device
+    made = _create_empty_block_mask(where, where)
     for tensor in made.as_tuple():
         if isinstance(tensor, torch.Tensor):
             torch._dynamo.mark_static_address(tensor)
