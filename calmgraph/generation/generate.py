@@ -59,8 +59,8 @@ STEP_COMPILE = {"options": {"triton.cudagraphs": True, "coordinate_descent_tunin
 # torch.compile's keywords for the prefill (generate's compile_prefill=True): one compile for every prompt
 # length. It runs the prompt through fused kernels rather than the eager graph's several hundred ops, which on
 # a GPU are bound by their launches. Under CUDA graphs ({"options": {"triton.cudagraphs": True}}) the first
-# token came 4x sooner than eager's on an H100, at the cost of a second compile and a graph per prompt length
-# (docs/generation.md); not yet timed beside this default.
+# token came 2.6x sooner than with this on an H200 at batch 1, but a 128-token call gained only 1.02-1.03x, for
+# a second compile and a graph per prompt length (docs/generation.md): an option, not the default.
 PREFILL_COMPILE = {"dynamic": True}
 COMPILE_KEYWORDS = ("backend", "mode", "options", "dynamic", "fullgraph")
 
