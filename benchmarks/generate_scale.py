@@ -11,7 +11,8 @@ Both modes: the augment reading the anchor's tokens (`shared`, the paper's) and 
 (`compile_step=True`), `compiled_prefill` (the same with `compile_prefill=True`; it shares `compiled`'s
 decoders, and so its compiled step), `compiled_fused_attention` (the same step with its attention left to
 SDPA's fused kernels, `decode.MATH_ATTENTION` off, on a composition of its own), `compiled_flex_attention`
-(likewise, with `decode.FLEX_ATTENTION`: torch's flex_attention), `compiled_eos` (`compiled`
+(likewise, with `decode.FLEX_ATTENTION`: torch's flex_attention), `compiled_scale_past_products` (likewise,
+with `decode.SCALE_PAST_PRODUCTS`: each RMSNorm's scale applied past its products), `compiled_eos` (`compiled`
 with `--eos` as eos_token_id: a row may finish, so whether all have is checked, a few steps late as generate
 does with a compiled step on a GPU), `compiled_eos_at_once` (the same, each check read at once: the loop waits
 for the GPU at every step), `recompute` (`cache=False`). The eos variants share `compiled`'s step; `--eos`
@@ -60,7 +61,8 @@ import compile_cache  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # the variants run with `decode` flags of their own, each on a composition of its own
-FLAGS = {"compiled_fused_attention": {"MATH_ATTENTION": False}, "compiled_flex_attention": {"FLEX_ATTENTION": True}}
+FLAGS = {"compiled_fused_attention": {"MATH_ATTENTION": False}, "compiled_flex_attention": {"FLEX_ATTENTION": True},
+         "compiled_scale_past_products": {"SCALE_PAST_PRODUCTS": True}}
 
 
 def parse(argv=None):
@@ -79,7 +81,7 @@ def parse(argv=None):
     p.add_argument("--modes", nargs="+", choices=["shared", "prompt"], default=["shared", "prompt"])
     p.add_argument("--variants", nargs="+",
                    choices=["cached", "compiled", "compiled_prefill", "compiled_fused_attention",
-                            "compiled_flex_attention", "compiled_eos", "compiled_eos_at_once", "recompute",
+                            "compiled_flex_attention", "compiled_scale_past_products", "compiled_eos", "compiled_eos_at_once", "recompute",
                             "cached_per_length", "compiled_per_length", "compiled_alt"],
                    default=["cached", "compiled", "recompute"])
     p.add_argument("--step-options", type=json.loads, default=None, metavar="JSON",
@@ -146,7 +148,7 @@ def compose(anchor, augment, mode, every):
 
 def flagged(composed, ids, options, extra, **flags):
     """generate with `decode`'s `flags` set while it runs (what it reads when it builds a decoder and when
-    its step compiles): `MATH_ATTENTION=False`, `FLEX_ATTENTION=True`."""
+    its step compiles): `MATH_ATTENTION=False`, `FLEX_ATTENTION=True`, `SCALE_PAST_PRODUCTS=True`."""
     from calmgraph.generation import decode
 
     def call(n):
@@ -286,6 +288,7 @@ def run(args, save=lambda report: None) -> dict:
                                                 else args.prefill_options},
                            "compiled_fused_attention": {"cache": True, "compile_step": step},
                            "compiled_flex_attention": {"cache": True, "compile_step": step},
+                           "compiled_scale_past_products": {"cache": True, "compile_step": step},
                            "compiled_eos": {"cache": True, "compile_step": step, "eos_token_id": eos},
                            "compiled_eos_at_once": {"cache": True, "compile_step": step, "eos_token_id": eos},
                            "recompute": {"cache": False}, "cached_per_length": {"cache": True},

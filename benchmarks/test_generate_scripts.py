@@ -78,6 +78,19 @@ def test_generate_scale_flex_attention_variant_decodes_the_compiled_tokens(tmp_p
     assert decode.FLEX_ATTENTION is False
 
 
+def test_generate_scale_scale_past_products_variant_decodes_the_compiled_tokens(tmp_path):
+    """compiled_scale_past_products: the step built with `decode.SCALE_PAST_PRODUCTS` on a composition of its
+    own gives the compiled variant's tokens (fp32); the flag is off again after."""
+    out = tmp_path / "scaled.json"
+    generate_scale.main([*TINY, "--batch", "2", "--modes", "shared", "--variants", "compiled",
+                         "compiled_scale_past_products", "--step-options", '{"backend": "aot_eager"}', "--rounds",
+                         "1", "--out", str(out)])
+    scaled = next(f for f in json.loads(out.read_text())["first_calls"]
+                  if f["variant"] == "compiled_scale_past_products")
+    assert scaled["tokens"] == 24 and scaled["tokens_equal_to_compiled"] == 1.0
+    assert decode.SCALE_PAST_PRODUCTS is False
+
+
 def test_a_variant_whose_first_call_fails_is_reported_and_the_rest_are_timed(tmp_path, monkeypatch):
     """A variant that cannot compile on the card (here one whose call raises) leaves its error in first_calls
     and no result; the other variants are still timed, and the report is complete."""

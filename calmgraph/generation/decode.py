@@ -63,7 +63,7 @@ from ..tracing.frontends import exported_module, get_attr
 from ..tracing.shared import trace_shared
 from ..tracing.taps import block_inputs, block_outputs
 from .fuse import (concat_projections, flex_grouped_attention, fuse, grouped_attention, grouped_attention_of,
-                   noop_block_mask, sdpa_gqa)
+                   noop_block_mask, scale_past_products, sdpa_gqa)
 from .stage import Contexts, links_into
 
 log = logging.getLogger(__name__)   # under "calmgraph"
@@ -74,6 +74,13 @@ MATH_ATTENTION = True  # compile the step's attention as math (`MathAttention`; 
 # GPU where the math is several; off: the step ran 0.82x (batch 1) and 0.85x (batch 8) as fast on an H100, untuned
 # (benchmarks/generate_scale.py compiled_flex_attention; docs/generate_scale_history.md, section 12)
 FLEX_ATTENTION = False
+# the compiled step's RMSNorms scaled past the products that read them (`fuse.scale_past_products`), so that a
+# one-row product does not wait for the norm's own kernel. A probe of 16 Llama MLP blocks on an H100, with the
+# norm's weight folded into a copy of the product's (this rewrite multiplies the input instead: no copy): 48 ->
+# 32 kernels, 0.80x (0.25B-shaped) and 0.96x (1.1B-shaped) the time (decode_kernels_gpu.json,
+# `norm_scale_after_product`). Off until a whole step is timed with it (generate_scale.py
+# compiled_scale_past_products). A step under autocast keeps its norms (they are not fused to `rms_norm`).
+SCALE_PAST_PRODUCTS = False
 
 # A decoder layer's attention over an encoder's states, by its name in transformers (BART's family, Whisper;
 # BERT's): not causal, yet a causal LM runs it only when given encoder states, which generate never passes.
@@ -498,6 +505,8 @@ def build_decoder(composed, anchor_stage: fx.GraphModule, contexts: Contexts, ba
         module = _rewritten(module, sdpa_gqa)
         if MATH_ATTENTION:
             to_compile = _rewritten(to_compile, functools.partial(grouped_attention_of, attention=step_attention()))
+        if SCALE_PAST_PRODUCTS:
+            to_compile = _rewritten(to_compile, functools.partial(scale_past_products, root=to_compile))
     step = module
     if writes is not None:  # a new token is never written: the steps run without the masked blocks
         step, to_compile = unwritten(module), unwritten(to_compile)

@@ -31,7 +31,9 @@ Two rewrites of the attention over a KV cache are applied to one step each (`dec
 
 `concat_projections` (generate's `concat_projections=True`) makes a compiled step's q/k/v and gate/up one
 product each, over a copy of their weights: at 8 rows, where inductor leaves each product to cuBLAS, fewer
-and larger calls.
+and larger calls. `scale_past_products` (with `decode.SCALE_PAST_PRODUCTS`, off until timed in a whole step)
+applies each RMSNorm's per-row scale to the products that read it rather than to their input, so that a
+compiled one-row step need not run the norm as a kernel of its own before them.
 """
 from __future__ import annotations
 
@@ -384,6 +386,72 @@ def concat_projections(graph: fx.Graph, weight, concatenated) -> int:
     return len(groups)
 
 
+def _norm_and_weight(norm: fx.Node, root: nn.Module):
+    """For `aten.rms_norm(x, [d], w, eps)` (w folded in, or None) or its one reader `mul(g, norm)`, g a 1-D
+    weight of x's dtype: (what the products read, the weight or None), else None."""
+    x, shape, weight, _ = norm.args
+    if _val(x) is None or list(shape) != [_val(x).shape[-1]]:
+        return None
+    out = norm
+    if weight is None and len(norm.users) == 1:
+        (user,) = norm.users
+        if _is(user, aten.mul.Tensor) and len(user.args) == 2:
+            weight, out = (user.args[0] if user.args[1] is norm else user.args[1]), user
+    if weight is not None:
+        w = attrgetter(weight.target)(root) if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
+        if not (isinstance(w, torch.Tensor) and w.ndim == 1 and w.dtype == _val(x).dtype
+                and w.shape[0] == _val(x).shape[-1]):
+            return None
+    return (out, weight) if _val(out) is not None else None
+
+
+def scale_past_products(graph: fx.Graph, root: nn.Module) -> int:
+    """`linear(rms_norm(x) * g, W, b)` -> `linear(x * g, W) * rsqrt(mean(x ** 2, -1) + eps) + b`, where every
+    reader of the norm is a linear: a row's scale factors out of its products (exact up to rounding; in bf16
+    as many roundings, in other places). The products then no longer wait for the norm's sum
+    of squares, which a compiled one-row step computes beside them rather than as a kernel of its own
+    (`decode.SCALE_PAST_PRODUCTS`). `root` holds the weights; the count of norms rewritten."""
+    count = 0
+    for norm in list(graph.nodes):
+        if not _is(norm, aten.rms_norm.default) or len(norm.args) != 4 or norm.kwargs:
+            continue
+        found = _norm_and_weight(norm, root)
+        if found is None:
+            continue
+        out, weight = found
+        # its readers, through slices that keep every row (transformers' `hidden[:, -n:]` before the LM head)
+        whole = [n for n in out.users if _is(n, aten.slice.Tensor) and _val(n) is not None
+                 and _val(n).shape == _val(out).shape]
+        linears = [n for r in out.users for n in (r.users if r in whole else (r,))]
+        if not linears or not all(_is(n, aten.linear.default) and len(n.args) in (2, 3) and not n.kwargs
+                                  and _val(n) is not None and (n.args[0] is out or n.args[0] in whole)
+                                  for n in linears):
+            continue
+        x, eps = norm.args[0], norm.args[3]
+        wide = torch.promote_types(_val(x).dtype, torch.float32)   # what the norm computes in
+        with graph.inserting_before(out.next):
+            xw = graph.call_function(aten.to.dtype, (x, wide)) if wide != _val(x).dtype else x
+            square = graph.call_function(aten.pow.Tensor_Scalar, (xw, 2))
+            mean = graph.call_function(aten.mean.dim, (square, [-1], True))
+            scale = graph.call_function(aten.rsqrt.default, (graph.call_function(aten.add.Tensor, (mean, eps)),))
+            weighted = x if weight is None else graph.call_function(aten.mul.Tensor, (x, weight))
+        for linear in linears:
+            with graph.inserting_before(linear):
+                product = graph.call_function(aten.linear.default, (weighted, linear.args[1]))
+                scaled = graph.call_function(aten.mul.Tensor, (product, scale))
+                if len(linear.args) == 3 and linear.args[2] is not None:    # the bias after the scale
+                    scaled = graph.call_function(aten.add.Tensor, (scaled, linear.args[2]))
+                if wide != _val(linear).dtype:
+                    scaled = graph.call_function(aten.to.dtype, (scaled, _val(linear).dtype))
+            _replace(linear, scaled)
+            graph.erase_node(linear)
+        for node in (*whole, *dict.fromkeys((out, norm))):   # out is norm where the weight is the norm's
+            if not node.users:
+                graph.erase_node(node)
+        count += 1
+    return count
+
+
 def common_views(graph: fx.Graph) -> None:
     """One node per distinct view of a node (`unsqueeze(cos, 1)` is made again in every layer), so that what
     is derived from it once per model stays once per model."""
@@ -415,4 +483,4 @@ def fuse(graph: fx.Graph, root: nn.Module, ids: fx.Node, position: fx.Node, trac
 
 __all__ = ["fuse", "drop_noop_casts", "fuse_rms_norm", "read_positions", "roll_rotary", "sdpa_gqa",
            "grouped_attention", "flex_grouped_attention", "grouped_attention_of", "projection_groups",
-           "concat_projections"]
+           "concat_projections", "scale_past_products"]
