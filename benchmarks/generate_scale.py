@@ -81,8 +81,9 @@ def parse(argv=None):
     p.add_argument("--modes", nargs="+", choices=["shared", "prompt"], default=["shared", "prompt"])
     p.add_argument("--variants", nargs="+",
                    choices=["cached", "compiled", "compiled_prefill", "compiled_fused_attention",
-                            "compiled_flex_attention", "compiled_scale_past_products", "compiled_eos", "compiled_eos_at_once", "recompute",
-                            "cached_per_length", "compiled_per_length", "compiled_alt"],
+                            "compiled_flex_attention", "compiled_scale_past_products", "compiled_eos",
+                            "compiled_eos_at_once", "recompute", "cached_per_length", "compiled_per_length",
+                            "compiled_alt"],
                    default=["cached", "compiled", "recompute"])
     p.add_argument("--step-options", type=json.loads, default=None, metavar="JSON",
                    help='the compiled variant\'s compile_step (default true: STEP_COMPILE), e.g. '

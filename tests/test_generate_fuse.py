@@ -363,7 +363,8 @@ def test_a_norm_read_other_than_by_products_keeps_its_scale():
 @pytest.mark.parametrize("anchor", ["llama", "qwen2"])
 def test_with_scale_past_products_the_compiled_step_has_no_norm_and_keeps_the_tokens(anchor, mode, monkeypatch):
     """With SCALE_PAST_PRODUCTS (read when a decoder is built) the step torch.compile gets computes no RMSNorm
-    (each scaled past its products), the eager step keeps them; in float32 its tokens are the eager step's."""
+    (each scaled past its products), the eager step keeps them; in float32 its logits are the eager step's to a
+    sum's rounding, and its tokens equal them."""
     monkeypatch.setattr(decode, "SCALE_PAST_PRODUCTS", True)
     composed = compose.__wrapped__(anchor, mode)                          # its decoders built with the flag
     ids, extra = ids_and_prompts(mode, seed=42, length=6)
@@ -371,6 +372,9 @@ def test_with_scale_past_products_the_compiled_step_has_no_norm_and_keeps_the_to
     decoder = decoder_for(composed, 2, 12)
     norms = lambda gm: sum(n.target == aten.rms_norm.default for n in gm.graph.nodes)
     assert norms(decoder.to_compile) == 0 and norms(decoder.module) > 0
+    logits_ids, logits_extra = ids_and_prompts(mode)
+    torch.testing.assert_close(compiled_steps(composed, logits_ids, logits_extra),
+                               steps(composed, logits_ids, logits_extra), rtol=1e-5, atol=1e-5)
     from torch._dynamo.backends.common import aot_autograd
     torch._dynamo.reset()
     compiled = composed.generate(ids, 5, cache=True, compile_step={"backend": aot_autograd(fw_compiler=lambda gm, _: gm)},
