@@ -130,14 +130,18 @@ def _fold_weight(graph: fx.Graph, root: nn.Module, norm: fx.Node) -> None:
     if not _is(user, aten.mul.Tensor) or len(user.args) != 2:
         return
     weight = user.args[0] if user.args[1] is norm else user.args[1]
-    w = attrgetter(weight.target)(root) if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
-    if not (isinstance(w, torch.Tensor) and w.ndim == 1
-            and w.dtype == _val(norm).dtype and w.shape[0] == _val(norm).shape[-1]):
+    if not _is_norm_weight(weight, _val(norm), root):
         return
     norm.args = (*norm.args[:2], weight, norm.args[3])
     norm.meta["val"] = _val(user)
     user.replace_all_uses_with(norm)
     graph.erase_node(user)
+
+
+def _is_norm_weight(weight, normed: torch.Tensor, root: nn.Module) -> bool:
+    """Whether `weight` reads a 1-D attribute of `root` with the dtype and width of `normed`, a norm's output."""
+    w = attrgetter(weight.target)(root) if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
+    return isinstance(w, torch.Tensor) and w.ndim == 1 and w.dtype == normed.dtype and w.shape[0] == normed.shape[-1]
 
 
 def _counters(graph: fx.Graph, position: fx.Node) -> set[fx.Node]:
@@ -397,11 +401,8 @@ def _norm_and_weight(norm: fx.Node, root: nn.Module):
         (user,) = norm.users
         if _is(user, aten.mul.Tensor) and len(user.args) == 2:
             weight, out = (user.args[0] if user.args[1] is norm else user.args[1]), user
-    if weight is not None:
-        w = attrgetter(weight.target)(root) if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
-        if not (isinstance(w, torch.Tensor) and w.ndim == 1 and w.dtype == _val(x).dtype
-                and w.shape[0] == _val(x).shape[-1]):
-            return None
+    if weight is not None and not _is_norm_weight(weight, _val(x), root):
+        return None
     return (out, weight) if _val(out) is not None else None
 
 
